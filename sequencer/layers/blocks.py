@@ -1,0 +1,57 @@
+"""Sequencer blocks and the layers around them. Tensors are NHWC."""
+from functools import partial
+from typing import Callable
+
+import torch
+from timm.layers import DropPath, Mlp
+from torch import nn
+
+default_norm = partial(nn.LayerNorm, eps=1e-6)
+
+
+class SequencerBlock(nn.Module):
+    """x + DropPath(mixer(LN(x))); x + DropPath(MLP(LN(x))). ``mixer`` builds the token mixer from the width."""
+
+    def __init__(
+            self,
+            dim: int,
+            mixer: Callable[[int], nn.Module],
+            mlp_ratio: float = 3.0,
+            norm_layer: Callable[[int], nn.Module] = default_norm,
+            act_layer: Callable[..., nn.Module] = nn.GELU,
+            drop: float = 0.,
+            drop_path: float = 0.,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.rnn_tokens = mixer(dim)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
+        x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
+        return x
+
+
+class Downsample2D(nn.Module):
+    """Strided convolution between stages, NHWC in and out."""
+
+    def __init__(self, input_dim: int, output_dim: int, patch_size: int):
+        super().__init__()
+        self.down = nn.Conv2d(input_dim, output_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class Shuffle(nn.Module):
+    """Randomly permutes the tokens of every image during training (the vanilla Sequencer's ablation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        B, H, W, C = x.shape
+        perm = torch.randperm(H * W, device=x.device)
+        return x.reshape(B, H * W, C)[:, perm].reshape(B, H, W, C)

@@ -1,0 +1,149 @@
+"""Token mixing with recurrent networks: BiLSTM2D (and its GRU / tanh-RNN siblings) and the 1D mixer.
+
+Tensors are NHWC. ``RNN2D`` runs a vertical RNN down every column and a horizontal RNN along every
+row, then unites them (``union``: 'cat', 'add', 'vertical' or 'horizontal') and, ``with_fc``, fuses the
+result back to the channel width with a Linear layer. The recurrent weights live in ordinary
+``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` modules (``rnn_v`` / ``rnn_h``), so checkpoints of the reference
+code and of timm load unchanged whichever engine computes the recurrence.
+"""
+from typing import Optional
+
+import torch
+from torch import nn
+
+RNN_CLASSES = {'lstm': nn.LSTM, 'gru': nn.GRU, 'rnn': nn.RNN}
+UNIONS = ('cat', 'add', 'vertical', 'horizontal')
+ENGINES = ('auto', 'native', 'fused')
+
+
+def _rnn_class(rnn_layer: str):
+    if rnn_layer not in RNN_CLASSES:
+        raise ValueError(f"rnn_layer must be one of {sorted(RNN_CLASSES)}, got {rnn_layer!r}")
+    return RNN_CLASSES[rnn_layer]
+
+
+class RNN2D(nn.Module):
+    """Vertical + horizontal (bi)directional RNN over an NHWC token grid (the paper's BiLSTM2D)."""
+
+    def __init__(
+            self,
+            input_size: int,
+            hidden_size: int,
+            num_layers: int = 1,
+            bias: bool = True,
+            bidirectional: bool = True,
+            union: str = 'cat',
+            with_fc: bool = True,
+            rnn_layer: str = 'lstm',
+    ):
+        super().__init__()
+        if union not in UNIONS:
+            raise ValueError(f"union must be one of {UNIONS}, got {union!r}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        self.union = union
+        self.with_fc = with_fc
+        self.rnn_layer = rnn_layer
+        self.output_size = 2 * hidden_size if bidirectional else hidden_size
+        self.with_vertical = union != 'horizontal'
+        self.with_horizontal = union != 'vertical'
+        union_size = 2 * self.output_size if union == 'cat' else self.output_size
+        if not with_fc and union_size != input_size:
+            raise ValueError(
+                f"with_fc=False needs the RNN output width to equal the channel width, but union={union!r} "
+                f"with hidden_size={hidden_size} (bidirectional={bidirectional}) gives {union_size} "
+                f"channels for input width {input_size}")
+        cls = _rnn_class(rnn_layer)
+        make = lambda: cls(input_size, hidden_size, num_layers, batch_first=True, bias=bias,
+                           bidirectional=bidirectional)
+        self.rnn_v = make() if self.with_vertical else None
+        self.rnn_h = make() if self.with_horizontal else None
+        self.fc = nn.Linear(union_size, input_size) if with_fc else None
+        self.engine = 'auto'
+
+    def extra_repr(self) -> str:
+        return f"union={self.union!r}, with_fc={self.with_fc}, engine={self.engine!r}"
+
+    def resolved_engine(self) -> str:
+        """The engine that will run: 'fused' where it applies (single-layer LSTM), else 'native'."""
+        fusable = self.rnn_layer == 'lstm' and self.num_layers == 1
+        if self.engine == 'fused' and not fusable:
+            return 'native'  # GRU / RNN / stacked layers fall back to the native kernels
+        if self.engine == 'auto':
+            return 'fused' if fusable and _fused_available() else 'native'
+        return self.engine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resolved_engine() == 'fused':
+            from .fused_lstm import fused_rnn2d
+            y = fused_rnn2d(self, x)
+        else:
+            y = self._forward_native(x)
+        if self.fc is not None:
+            y = self.fc(y)
+        return y
+
+    def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        v = h = None
+        if self.rnn_v is not None:
+            v, _ = self.rnn_v(x.permute(0, 2, 1, 3).reshape(B * W, H, C))
+            v = v.reshape(B, W, H, -1).permute(0, 2, 1, 3)
+        if self.rnn_h is not None:
+            h, _ = self.rnn_h(x.reshape(B * H, W, C))
+            h = h.reshape(B, H, W, -1)
+        if v is None:
+            return h
+        if h is None:
+            return v
+        return torch.cat([v, h], dim=-1) if self.union == 'cat' else v + h
+
+
+class RNN1D(nn.Module):
+    """One (bi)directional RNN over the flattened token sequence (the vanilla Sequencer's mixer)."""
+
+    def __init__(
+            self,
+            input_size: int,
+            hidden_size: int,
+            num_layers: int = 1,
+            bias: bool = True,
+            bidirectional: bool = True,
+            rnn_layer: str = 'lstm',
+    ):
+        super().__init__()
+        out = 2 * hidden_size if bidirectional else hidden_size
+        if out != input_size:
+            raise ValueError(
+                f"the vanilla Sequencer needs the RNN output width to equal the channel width, but "
+                f"hidden_size={hidden_size} (bidirectional={bidirectional}) gives {out} channels for "
+                f"input width {input_size}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bidirectional = bidirectional
+        self.rnn_layer = rnn_layer
+        self.rnn = _rnn_class(rnn_layer)(input_size, hidden_size, num_layers, batch_first=True, bias=bias,
+                                          bidirectional=bidirectional)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        y, _ = self.rnn(x.reshape(B, H * W, C))
+        return y.reshape(B, H, W, -1)
+
+
+_FUSED_OK: Optional[bool] = None
+
+
+def _fused_available() -> bool:
+    """Whether the fused engine module is importable (it is part of the package)."""
+    global _FUSED_OK
+    if _FUSED_OK is None:
+        try:
+            from . import fused_lstm  # noqa: F401
+            _FUSED_OK = True
+        except ImportError:
+            _FUSED_OK = False
+    return _FUSED_OK

@@ -1,0 +1,164 @@
+"""The model table: every architecture of the paper and its reference code, as data.
+
+A row names its parent and says only how it differs. ``list_models``, ``create_model``, the ``sequencer
+models`` command, the README's model table and the tests are all derived from ``MODELS``.
+"""
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._features import FeatureGetterNet
+from torch import nn
+
+from ..errors import UserError
+from .sequencer import Sequencer2D, VanillaSequencer
+
+RELEASE_URL = 'https://github.com/okojoalg/sequencer/releases/download/weights/{}.pth'
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: type
+    args: Dict
+    params_m: float                     # parameter count (millions) reported for the architecture
+    description: str
+    top1: Optional[float] = None        # ImageNet-1K top-1 reported in the paper
+    weights: Tuple[str, ...] = ()       # published weight sources, tried in order
+    input_size: Tuple[int, int, int] = (3, 224, 224)
+    crop_pct: float = 0.875
+
+    @property
+    def pretrained_cfg(self) -> Dict:
+        return dict(
+            architecture=self.name, url=next((w for w in self.weights if w.startswith('http')), ''),
+            hf_hub_id=next((w[len('hf-hub:'):] for w in self.weights if w.startswith('hf-hub:')), None),
+            num_classes=1000, input_size=self.input_size, pool_size=None, crop_pct=self.crop_pct,
+            interpolation='bicubic', crop_mode='center', fixed_input_size=False,
+            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='stem.proj', classifier='head.fc')
+
+
+def _published(name: str) -> Tuple[str, ...]:
+    return RELEASE_URL.format(name), f'hf-hub:timm/{name}.in1k'
+
+
+_S = dict(layers=(4, 3, 8, 3), patch_sizes=(7, 2, 1, 1), embed_dims=(192, 384, 384, 384),
+          hidden_sizes=(48, 96, 96, 96), mlp_ratios=(3.0, 3.0, 3.0, 3.0))
+_V = dict(layers=(4, 3, 8, 3), patch_sizes=(14, 1, 1, 1), embed_dims=(384, 384, 384, 384),
+          hidden_sizes=(192, 192, 192, 192), mlp_ratios=(3.0, 3.0, 3.0, 3.0))
+_H2X = dict(hidden_sizes=(96, 192, 192, 192))
+_392 = dict(input_size=(3, 392, 392), crop_pct=1.0)
+
+# name, parent, params (M), description, changes to the parent's constructor args, other fields
+_TABLE = [
+    ('sequencer2d_s', None, 27.65, 'Sequencer2D-S', _S, dict(top1=82.3, weights=_published('sequencer2d_s'))),
+    ('sequencer2d_m', 'sequencer2d_s', 38.31, 'Sequencer2D-M', dict(layers=(4, 3, 14, 3)),
+     dict(top1=82.8, weights=_published('sequencer2d_m'))),
+    ('sequencer2d_l', 'sequencer2d_s', 54.30, 'Sequencer2D-L', dict(layers=(8, 8, 16, 4)),
+     dict(top1=83.4, weights=_published('sequencer2d_l'))),
+    ('sequencer2d_s_392', 'sequencer2d_s', 27.65, 'Sequencer2D-S at 392 px (224 px weights)', {},
+     dict(_392, weights=_published('sequencer2d_s'))),
+    ('sequencer2d_m_392', 'sequencer2d_m', 38.31, 'Sequencer2D-M at 392 px (224 px weights)', {},
+     dict(_392, weights=_published('sequencer2d_m'))),
+    ('sequencer2d_l_392', 'sequencer2d_l', 54.30, 'Sequencer2D-L at 392 px (224 px weights; paper: 84.6 fine-tuned)',
+     {}, dict(_392, weights=_published('sequencer2d_l'))),
+    ('sequencer2d_s_unidirectional', 'sequencer2d_s', 20.99, 'ablation: forward-only LSTMs',
+     dict(bidirectional=False), {}),
+    ('sequencer2d_s_add', 'sequencer2d_s', 26.55, 'ablation: vertical + horizontal summed, not concatenated',
+     dict(union='add'), {}),
+    ('sequencer2d_s_h2x', 'sequencer2d_s', 45.40, 'ablation: hidden sizes doubled', _H2X, {}),
+    ('sequencer2d_s_without_fc', 'sequencer2d_s', 25.43, 'ablation: no fusing Linear after BiLSTM2D',
+     dict(with_fc=False), {}),
+    ('sequencer2d_vertical', 'sequencer2d_s', 27.65, 'ablation: vertical BiLSTM only (hidden doubled, no fc)',
+     dict(_H2X, union='vertical', with_fc=False), {}),
+    ('sequencer2d_s_horizontal', 'sequencer2d_s', 27.65, 'ablation: horizontal BiLSTM only (hidden doubled, no fc)',
+     dict(_H2X, union='horizontal', with_fc=False), {}),
+    ('gru_sequencer2d_s', 'sequencer2d_s', 24.87, 'option: GRU instead of LSTM', dict(rnn_layer='gru'), {}),
+    ('rnn_sequencer2d_s', 'sequencer2d_s', 19.32, 'option: tanh RNN instead of LSTM', dict(rnn_layer='rnn'), {}),
+    ('sequencer2d_l_d4_3x', 'sequencer2d_l', 96.25, 'option: Sequencer2D-L with widths 256/512, hidden 64/128',
+     dict(embed_dims=(256, 512, 512, 512), hidden_sizes=(64, 128, 128, 128)), {}),
+    ('v_sequencer_s', None, 33.02, 'vanilla Sequencer: one BiLSTM over all tokens, 14 px patches', _V, {}),
+    ('v_sequencer_s_h', 'v_sequencer_s', 27.65, 'vanilla Sequencer, hierarchical widths as Sequencer2D-S',
+     dict(patch_sizes=(7, 2, 1, 1), embed_dims=(192, 384, 384, 384), hidden_sizes=(96, 192, 192, 192)), {}),
+    ('v_sequencer_s_pe', 'v_sequencer_s', 33.11, 'vanilla Sequencer with an absolute position embedding',
+     dict(ape=True), {}),
+]
+
+
+def _build_table() -> Dict[str, ModelSpec]:
+    specs: Dict[str, ModelSpec] = {}
+    for name, parent, params, desc, changes, extra in _TABLE:
+        if parent is None:
+            family, args = (VanillaSequencer if name.startswith('v_') else Sequencer2D), dict(changes)
+        else:
+            family, args = specs[parent].family, {**specs[parent].args, **changes}
+        specs[name] = ModelSpec(name=name, family=family, args=args, params_m=params, description=desc, **extra)
+    return specs
+
+
+MODELS: Dict[str, ModelSpec] = _build_table()
+
+
+class UnknownModelError(UserError):
+    pass
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `sequencer models`"
+        raise UnknownModelError(f"unknown model {name!r}{hint}")
+    return MODELS[name]
+
+
+def list_models(pattern: str = '*', pretrained: bool = False) -> List[str]:
+    """Model names matching a glob ``pattern``; ``pretrained=True`` keeps those with published weights."""
+    return [n for n, s in MODELS.items() if fnmatch.fnmatch(n, pattern) and (s.weights or not pretrained)]
+
+
+def create_model(
+        name: str,
+        pretrained: bool = False,
+        checkpoint_path: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        features_only: bool = False,
+        out_indices: Optional[Sequence[int]] = None,
+        rnn_engine: Optional[str] = None,
+        **overrides,
+) -> nn.Module:
+    """Build a model from the table.
+
+    Args:
+        name: a name from ``list_models()``.
+        pretrained: load the published ImageNet-1K weights (reference release first, timm's hub copy second);
+            with another ``num_classes`` the head is left freshly initialised.
+        checkpoint_path: a local path, URL or ``hf-hub:`` id in any supported layout, loaded strictly.
+        num_classes: classifier width (default 1000; 0 gives a model without head).
+        features_only: return a backbone whose forward gives NCHW maps of the ``out_indices`` stages
+            (all four by default).
+        rnn_engine: 'auto' | 'native' | 'fused' (see ``set_rnn_engine``).
+        **overrides: any constructor argument of the family (drop_path_rate, img_size, ...).
+    """
+    from .weights import load_checkpoint, load_pretrained  # weights does I/O; import on use
+    spec = get_spec(name)
+    args = {**spec.args, **overrides}
+    if num_classes is not None:
+        args['num_classes'] = num_classes
+    if spec.family is VanillaSequencer:
+        args.setdefault('img_size', spec.input_size[-1])
+    model = spec.family(**args)
+    model.pretrained_cfg = spec.pretrained_cfg
+    model.default_cfg = model.pretrained_cfg
+    if rnn_engine is not None:
+        model.set_rnn_engine(rnn_engine)
+    if pretrained:
+        load_pretrained(model, spec)
+    if checkpoint_path:
+        load_checkpoint(model, checkpoint_path)
+    if features_only:
+        model = FeatureGetterNet(model, out_indices=tuple(out_indices) if out_indices is not None else (0, 1, 2, 3),
+                                 output_fmt='NCHW')
+        model.pretrained_cfg = spec.pretrained_cfg
+    return model

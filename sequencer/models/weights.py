@@ -1,0 +1,191 @@
+"""Weight files: reading them safely, recognising their layout, converting, loading.
+
+Layouts recognised (after unwrapping a training checkpoint's ``state_dict`` / ``model`` /
+``state_dict_ema`` and a DDP ``module.`` prefix):
+
+* the reference code's: ``blocks.{stage}.{i}...``, the downsample as ``blocks.{stage}.{depth}.down``,
+  ``head.weight``;
+* timm's, which is also this project's own: ``stages.{stage}.blocks.{i}...``,
+  ``stages.{stage}.downsample.down``, ``head.fc.weight``.
+
+Pickled files are opened with ``weights_only=True``: they cannot execute code when loaded.
+"""
+import hashlib
+import os
+import re
+from typing import Dict, Iterable, Optional, Tuple
+from urllib.parse import urlparse
+
+import torch
+
+from ..errors import UserError
+from torch import nn
+
+__all__ = ['CheckpointError', 'load_checkpoint', 'load_pretrained', 'read_state_dict', 'convert_state_dict',
+           'resolve_path']
+
+_WRAPPERS = ('state_dict', 'model', 'state_dict_ema', 'model_ema')
+
+
+class CheckpointError(UserError):
+    """A weight file that cannot be read or does not fit the model; the message is one line."""
+
+
+def resolve_path(path_or_url: str, check_hash: Optional[str] = None) -> str:
+    """A local file for a path, an http(s) URL (via the torch hub cache) or an ``hf-hub:org/name`` id."""
+    if path_or_url.startswith('hf-hub:'):
+        from huggingface_hub import hf_hub_download
+        repo = path_or_url[len('hf-hub:'):]
+        errors = []
+        for filename in ('model.safetensors', 'pytorch_model.bin'):
+            try:
+                return hf_hub_download(repo, filename)
+            except Exception as e:  # offline, missing file, unknown repo
+                errors.append(f"{filename}: {type(e).__name__}")
+        raise CheckpointError(f"{path_or_url}: could not fetch weights from the Hugging Face hub ({'; '.join(errors)})")
+    if path_or_url.startswith(('http://', 'https://')):
+        name = os.path.basename(urlparse(path_or_url).path)
+        cached = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+        if not os.path.exists(cached):
+            os.makedirs(os.path.dirname(cached), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(path_or_url, cached, hash_prefix=None, progress=True)
+            except Exception as e:
+                raise CheckpointError(f"{path_or_url}: download failed ({type(e).__name__}: {e})") from None
+        if check_hash:
+            _check_sha256(cached, check_hash)
+        return cached
+    if not os.path.isfile(path_or_url):
+        raise CheckpointError(f"{path_or_url}: no such checkpoint file")
+    return path_or_url
+
+
+def _check_sha256(path: str, expected: str):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    if not h.hexdigest().startswith(expected):
+        raise CheckpointError(f"{path}: sha256 {h.hexdigest()[:12]} does not match the published {expected}")
+
+
+def read_file(path: str) -> Dict:
+    """The raw object of a .safetensors / .pth / .pt / .bin file; pickles are read with weights_only=True."""
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            msg = 'it holds Python objects that would execute code when unpickled; refusing to load it'
+        raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from None
+
+
+def unwrap(obj, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensor dict inside a training checkpoint (``state_dict_ema`` first when ``use_ema``)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"expected a dict of tensors, found {type(obj).__name__}")
+    order = ('state_dict_ema', 'model_ema') + _WRAPPERS if use_ema else _WRAPPERS
+    for key in order:
+        if isinstance(obj.get(key), dict) and obj[key]:
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise CheckpointError("no tensors found")
+    if all(k.startswith('module.') for k in sd):
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_state_dict(path_or_url: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    path = resolve_path(path_or_url)
+    try:
+        return unwrap(read_file(path), use_ema=use_ema)
+    except CheckpointError as e:
+        if str(e).startswith(path):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+_REF_DOWN = re.compile(r'^blocks\.(\d+)\.\d+\.down\.')
+_REF_BLOCK = re.compile(r'^blocks\.(\d+)\.(\d+)\.')
+
+
+def convert_state_dict(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Any recognised layout -> this project's (timm's) layout."""
+    if not any(k.startswith('blocks.') for k in sd):
+        return dict(sd)  # already timm / project layout
+    out = {}
+    for k, v in sd.items():
+        k = _REF_DOWN.sub(lambda m: f'stages.{int(m.group(1)) + 1}.downsample.down.', k)
+        k = _REF_BLOCK.sub(r'stages.\1.blocks.\2.', k)
+        if k in ('head.weight', 'head.bias'):
+            k = 'head.fc.' + k.split('.')[1]
+        out[k] = v
+    return out
+
+
+def _summarise(keys: Iterable[str], limit: int = 6) -> str:
+    keys = list(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def _fit(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Adapt what may legitimately differ: a position embedding trained at another resolution."""
+    pos = getattr(model, 'absolute_pos_embed', None)
+    if isinstance(pos, torch.Tensor) and 'absolute_pos_embed' in sd and sd['absolute_pos_embed'].shape != pos.shape:
+        from .sequencer import resample_pos_embed
+        sd['absolute_pos_embed'] = resample_pos_embed(sd['absolute_pos_embed'], pos.shape[1:3])
+    return sd
+
+
+def load_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool = True, source: str = 'state dict',
+                    reset_head: bool = False) -> Tuple[list, list]:
+    """Load a converted state dict; strict mismatches raise one line naming the model and the keys.
+
+    ``reset_head`` drops head weights whose shape differs (fine-tuning to another number of classes).
+    """
+    sd = _fit(model, convert_state_dict(sd))
+    own = model.state_dict()
+    if reset_head:
+        sd = {k: v for k, v in sd.items() if not (k.startswith('head.') and (k not in own or own[k].shape != v.shape))}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in sd and not (reset_head and k.startswith('head.'))]
+    unexpected = [k for k in sd if k not in own]
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+    if wrong or (strict and (missing or unexpected)):
+        parts = [f"{label}: {_summarise(keys)}" for label, keys in
+                 (('wrong shape', wrong), ('missing', missing), ('unexpected', unexpected)) if keys]
+        raise CheckpointError(f"{source} does not fit {name}: " + '; '.join(parts))
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    return missing, unexpected
+
+
+def load_checkpoint(model: nn.Module, path_or_url: str, strict: bool = True, use_ema: bool = False,
+                    reset_head: bool = False) -> nn.Module:
+    """Load weights in any recognised layout and format from a path, URL or ``hf-hub:`` id into ``model``."""
+    sd = read_state_dict(path_or_url, use_ema=use_ema)
+    load_state_dict(model, sd, strict=strict, source=path_or_url, reset_head=reset_head)
+    return model
+
+
+def load_pretrained(model: nn.Module, spec) -> nn.Module:
+    """The published weights of ``spec``: the reference release first, timm's hub copy second."""
+    if not spec.weights:
+        raise CheckpointError(f"{spec.name}: no published weights (models with weights: "
+                              f"sequencer2d_s, sequencer2d_m, sequencer2d_l and their _392 variants)")
+    errors = []
+    for source in spec.weights:
+        try:
+            sd = read_state_dict(source)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        head = model.get_classifier()
+        load_state_dict(model, sd, source=source, reset_head=not isinstance(head, nn.Linear) or head.out_features != 1000)
+        return model
+    raise CheckpointError(f"{spec.name}: published weights unavailable: " + ' | '.join(errors))

@@ -1,0 +1,32 @@
+import os
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # read when huggingface_hub is imported
+
+import huggingface_hub.constants as hf_constants  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _offline_caches(tmp_path, monkeypatch):
+    """Every test gets empty torch-hub and Hugging Face caches and no network for the hub."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hf_home' / 'hub'))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_home' / 'hub'))
+    torch.hub.set_dir(str(tmp_path / 'torch_home' / 'hub'))
+    yield
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Give every parameter non-trivial random values (the zero-initialised head included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture
+def rand_state():
+    return randomize

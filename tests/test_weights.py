@@ -1,0 +1,203 @@
+"""Weight loading: every layout and format, URLs through the hub cache, hf-hub ids, clear errors."""
+import os
+import pickle
+import re
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import sequencer
+from sequencer import CheckpointError, create_model, load_checkpoint
+from sequencer.models import weights as W
+
+from conftest import randomize
+
+LAYERS = (1, 2, 1, 1)  # a small Sequencer2D-S-shaped model keeps these tests fast
+
+
+def small(**kw):
+    return create_model('sequencer2d_s', layers=LAYERS, **kw).eval()
+
+
+def to_reference_layout(sd, layers=LAYERS):
+    """This project's keys -> the reference code's keys, written out independently of the loader."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r'stages\.(\d+)\.downsample\.down\.(.*)', k)
+        if m:
+            i = int(m.group(1))
+            k = f'blocks.{i - 1}.{layers[i - 1]}.down.{m.group(2)}'
+        else:
+            k = re.sub(r'^stages\.(\d+)\.blocks\.(\d+)\.', r'blocks.\1.\2.', k)
+            k = k.replace('head.fc.', 'head.')
+        out[k] = v
+    return out
+
+
+@pytest.fixture
+def trained():
+    model = randomize(small(), seed=3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+    return model, x, y
+
+
+def check(model, x, y):
+    with torch.no_grad():
+        assert torch.allclose(model(x), y, atol=1e-6)
+
+
+@pytest.mark.parametrize('ext', ['.pth', '.pt', '.bin', '.safetensors'])
+@pytest.mark.parametrize('layout', ['reference', 'project'])
+def test_layouts_and_formats(tmp_path, trained, ext, layout):
+    model, x, y = trained
+    sd = model.state_dict()
+    if layout == 'reference':
+        sd = to_reference_layout(sd)
+        assert 'blocks.0.0.rnn_tokens.rnn_v.weight_ih_l0' in sd and 'blocks.0.1.down.weight' in sd
+        assert 'head.weight' in sd
+    path = str(tmp_path / f'w{ext}')
+    if ext == '.safetensors':
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    else:
+        torch.save(sd, path)
+    check(load_checkpoint(small(), path), x, y)
+
+
+def test_timm_layout_from_timm_model(tmp_path):
+    ref = randomize(timm.create_model('sequencer2d_s'), seed=5).eval()
+    path = str(tmp_path / 'timm.safetensors')
+    save_file(ref.state_dict(), path)
+    ours = load_checkpoint(create_model('sequencer2d_s').eval(), path)
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), atol=1e-5)
+
+
+@pytest.mark.parametrize('wrapper', ['state_dict', 'model', 'state_dict_ema'])
+def test_training_checkpoints(tmp_path, trained, wrapper):
+    model, x, y = trained
+    sd = {f'module.{k}': v for k, v in to_reference_layout(model.state_dict()).items()}
+    torch.save({wrapper: sd, 'epoch': 3, 'arch': 'sequencer2d_s', 'optimizer': {'state': {}}}, tmp_path / 'ckpt.pth')
+    check(load_checkpoint(small(), str(tmp_path / 'ckpt.pth')), x, y)
+
+
+def test_use_ema_prefers_ema_weights(tmp_path, trained):
+    model, x, y = trained
+    other = randomize(small(), seed=9).state_dict()
+    torch.save({'state_dict': other, 'state_dict_ema': model.state_dict()}, tmp_path / 'c.pth')
+    check(load_checkpoint(small(), str(tmp_path / 'c.pth'), use_ema=True), x, y)
+
+
+def test_url_served_from_the_hub_cache(trained):
+    model, x, y = trained
+    cache = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(cache)
+    torch.save(model.state_dict(), os.path.join(cache, 'mine.pth'))
+    check(load_checkpoint(small(), 'https://example.invalid/releases/mine.pth'), x, y)
+
+
+def _put_in_hf_cache(repo, filename, tensors):
+    root = os.path.join(os.environ['HF_HUB_CACHE'], 'models--' + repo.replace('/', '--'))
+    rev = 'a' * 40
+    os.makedirs(os.path.join(root, 'snapshots', rev))
+    os.makedirs(os.path.join(root, 'refs'))
+    with open(os.path.join(root, 'refs', 'main'), 'w') as f:
+        f.write(rev)
+    save_file(tensors, os.path.join(root, 'snapshots', rev, filename))
+
+
+def test_hf_hub_id_from_the_cache(trained):
+    model, x, y = trained
+    _put_in_hf_cache('someone/tiny-seq', 'model.safetensors', model.state_dict())
+    check(load_checkpoint(small(), 'hf-hub:someone/tiny-seq'), x, y)
+
+
+def test_pretrained_uses_the_reference_release(monkeypatch):
+    ref = randomize(create_model('sequencer2d_s'), seed=11).eval()
+    cache = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(cache)
+    torch.save(to_reference_layout(ref.state_dict(), layers=(4, 3, 8, 3)), os.path.join(cache, 'sequencer2d_s.pth'))
+    model = create_model('sequencer2d_s', pretrained=True).eval()
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-6)
+    tuned = create_model('sequencer2d_s', pretrained=True, num_classes=10)
+    assert tuned.get_classifier().out_features == 10
+    assert torch.equal(tuned.stem.proj.weight, ref.stem.proj.weight)
+    assert torch.count_nonzero(tuned.get_classifier().weight) == 0  # a fresh head
+
+
+def test_pretrained_falls_back_to_timm_hub_copy(monkeypatch):
+    ref = randomize(timm.create_model('sequencer2d_m'), seed=12).eval()
+    _put_in_hf_cache('timm/sequencer2d_m.in1k', 'model.safetensors', ref.state_dict())
+
+    def no_network(*args, **kwargs):
+        raise OSError('network unreachable')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    model = create_model('sequencer2d_m', pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+
+
+def test_pretrained_unavailable_names_every_source(monkeypatch):
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
+    with pytest.raises(CheckpointError, match=r'sequencer2d_s: published weights unavailable: .*sequencer2d_s.pth.*hf-hub'):
+        create_model('sequencer2d_s', pretrained=True)
+    with pytest.raises(CheckpointError, match='gru_sequencer2d_s: no published weights'):
+        create_model('gru_sequencer2d_s', pretrained=True)
+
+
+def test_mismatch_lists_keys_and_names_the_model(tmp_path, trained):
+    model, _, _ = trained
+    torch.save(model.state_dict(), tmp_path / 'small.pth')
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(create_model('sequencer2d_s_add', layers=LAYERS), str(tmp_path / 'small.pth'))
+    msg = str(e.value)
+    assert 'does not fit sequencer2d_s_add' in msg and 'wrong shape' in msg and 'rnn_tokens.fc.weight' in msg
+    assert '\n' not in msg
+    with pytest.raises(CheckpointError, match=r'missing: stages\.1\.blocks\.1'):
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith('stages.1.blocks.1.')}
+        torch.save(sd, tmp_path / 'partial.pth')
+        load_checkpoint(small(), str(tmp_path / 'partial.pth'))
+    # non-strict loading tolerates missing keys
+    missing_ok = load_checkpoint(small(), str(tmp_path / 'partial.pth'), strict=False)
+    assert torch.equal(missing_ok.stem.proj.weight, model.stem.proj.weight)
+
+
+def test_corrupt_truncated_and_missing_files(tmp_path, trained):
+    model, _, _ = trained
+    good = tmp_path / 'good.pth'
+    torch.save(model.state_dict(), good)
+    data = good.read_bytes()
+    (tmp_path / 'trunc.pth').write_bytes(data[: len(data) // 2])
+    (tmp_path / 'empty.safetensors').write_bytes(b'')
+    for name in ('trunc.pth', 'empty.safetensors'):
+        with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / name)) + ': not a readable checkpoint'):
+            load_checkpoint(small(), str(tmp_path / name))
+    with pytest.raises(CheckpointError, match='no such checkpoint file'):
+        load_checkpoint(small(), str(tmp_path / 'nope.pth'))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ('echo pwned',))
+
+
+def test_pickles_that_execute_code_are_refused(tmp_path):
+    path = tmp_path / 'evil.pth'
+    with open(path, 'wb') as f:
+        pickle.dump({'state_dict': Exploit()}, f)
+    with pytest.raises(CheckpointError, match='execute code'):
+        load_checkpoint(small(), str(path))
+
+
+def test_position_embedding_is_resampled_on_load(tmp_path):
+    src = create_model('v_sequencer_s_pe', layers=(1, 1, 1, 1), img_size=224)
+    torch.save(src.state_dict(), tmp_path / 'pe.pth')
+    dst = load_checkpoint(create_model('v_sequencer_s_pe', layers=(1, 1, 1, 1), img_size=392), str(tmp_path / 'pe.pth'))
+    assert dst.absolute_pos_embed.shape == (1, 28, 28, 384)
