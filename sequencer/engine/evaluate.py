@@ -1,0 +1,57 @@
+"""Evaluation: top-1 / top-5 / loss over a loader, on one process or summed over all DDP ranks."""
+import time
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """torch.autocast for ``amp_dtype`` on ``device`` (a no-op context when amp_dtype is None)."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+@torch.no_grad()
+def evaluate(
+        model: nn.Module,
+        loader,
+        device: torch.device = torch.device('cpu'),
+        amp_dtype: Optional[torch.dtype] = None,
+        class_index: Optional[torch.Tensor] = None,
+        log_every: int = 0,
+        log=print,
+) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``.
+
+    ``class_index`` restricts the logits to a subset of the outputs (e.g. the 200 classes of
+    ImageNet-A / -R): targets then index into that subset. Under torch.distributed the counts of all
+    ranks are summed, so every rank returns the same figures.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    start = time.time()
+    for step, (images, target) in enumerate(loader):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        if class_index is not None:
+            logits = logits[:, class_index.to(device)]
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        hit = topk == target[:, None]
+        totals += torch.stack([
+            F.cross_entropy(logits, target, reduction='sum').double(),
+            hit[:, :1].sum().double(), hit.sum().double(), torch.tensor(float(target.numel()), device=device,
+                                                                          dtype=torch.float64)])
+        if log_every and (step + 1) % log_every == 0:
+            n = totals[3].item()
+            log(f"eval [{step + 1}/{len(loader)}] top1 {100 * totals[1].item() / n:.2f} "
+                f"({n / (time.time() - start):.1f} img/s)")
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, top1, top5, count = totals.tolist()
+    count = max(count, 1.0)
+    return {'loss': loss / count, 'top1': 100 * top1 / count, 'top5': 100 * top5 / count, 'count': int(count)}
