@@ -32,7 +32,10 @@ def evaluate(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
     start = time.time()
-    for step, (images, target) in enumerate(loader):
+    for step, batch in enumerate(loader):
+        images, target = batch[0], batch[1]  # loaders may add a third item (skipped-sample count)
+        if images is None:
+            continue
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(images)

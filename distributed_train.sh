@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Usage: ./distributed_train.sh NUM_PROC [train.py flags...]
+# Launches NUM_PROC training processes on this machine with torchrun (DDP: nccl on GPU, gloo on CPU).
+# For several machines call torchrun yourself (see the README, "Distributed training").
+set -euo pipefail
+if [ $# -lt 1 ] || ! [[ "$1" =~ ^[0-9]+$ ]]; then
+  echo "usage: $0 NUM_PROC [train flags...]" >&2
+  exit 2
+fi
+NUM_PROC=$1
+shift
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x "$HERE/.venv/bin/python" ]; then PY="$HERE/.venv/bin/python"; else PY=python3; fi
+fi
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NUM_PROC" "$HERE/train.py" "$@"

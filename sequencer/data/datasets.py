@@ -1,0 +1,205 @@
+"""Datasets for training and evaluation.
+
+Datasets come from timm's ``create_dataset`` (folders, torch/cifar10, torch/cifar100, ...) or torchvision
+(Oxford Flowers-102, Stanford Cars). ``Samples`` wraps any of them so that
+
+* every sample's augmentation is seeded from (seed, epoch, index): the same images and augmentations
+  whatever the number of workers or processes, and a resumed run sees exactly what an uninterrupted one
+  would have seen;
+* an unreadable image fails with one line naming the file, or is skipped and counted (``bad_samples``),
+  instead of being silently replaced by the next one.
+"""
+import os
+import random
+import signal
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..errors import UserError
+
+TORCHVISION_SETS = {'flowers102': 'Flowers102', 'stanford_cars': 'StanfordCars'}
+_SPLITS = {'flowers102': {'train': 'train', 'validation': 'val', 'val': 'val', 'test': 'test'},
+           'stanford_cars': {'train': 'train', 'validation': 'test', 'val': 'test', 'test': 'test'}}
+
+
+class BadSampleError(UserError):
+    pass
+
+
+def _open_image(path) -> Image.Image:
+    img = Image.open(path)
+    img.load()
+    return img.convert('RGB')
+
+
+def build_dataset(name: str, root: str, split: str, training: bool, class_map: str = '', download: bool = False):
+    """A dataset without transform: a folder (ImageFolder layout), a torchvision transfer set, or timm's types."""
+    name = name or ''
+    key = name.lower().replace('torch/', '')
+    if key in TORCHVISION_SETS:
+        import torchvision.datasets as tvd
+        if not os.path.isdir(root):
+            raise UserError(f"{root}: data directory does not exist")
+        try:
+            return getattr(tvd, TORCHVISION_SETS[key])(root, split=_SPLITS[key].get(split, split), download=download)
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            raise UserError(f"{root}: cannot read {key} split {split!r} ({str(e).splitlines()[0]})") from None
+    if not name.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) and not os.path.isdir(root or ''):
+        raise UserError(f"{root or '(no data path given)'}: data directory does not exist")
+    if not name and not _has_split(root, split):
+        raise UserError(f"{root}: no {split!r} split folder found (expected {os.path.join(root, _split_hint(split))}/)")
+    try:
+        ds = create_dataset(name, root=root, split=split, is_training=training, class_map=class_map,
+                            download=download)
+    except (FileNotFoundError, RuntimeError, AssertionError, ValueError, OSError) as e:
+        raise UserError(f"{root}: cannot read split {split!r} ({str(e).splitlines()[0]})") from None
+    if len(ds) == 0:
+        raise UserError(f"{root}: split {split!r} holds no images")
+    return ds
+
+
+def _split_hint(split: str) -> str:
+    return 'val' if split in ('validation', 'val', 'valid', 'eval', 'evaluation') else split
+
+
+def _has_split(root: str, split: str) -> bool:
+    names = {'train': ('train', 'training'),
+             'val': ('val', 'valid', 'validation', 'eval', 'evaluation')}.get(_split_hint(split), (split,))
+    return any(os.path.isdir(os.path.join(root, n)) for n in names) or not any(
+        os.path.isdir(os.path.join(root, n)) for n in ('train', 'val', 'validation'))
+
+
+def num_classes_of(ds) -> Optional[int]:
+    reader = getattr(ds, 'reader', None)
+    if reader is not None and getattr(reader, 'class_to_idx', None):
+        return len(reader.class_to_idx)
+    for attr in ('classes', 'class_to_idx'):
+        if getattr(ds, attr, None):
+            return len(getattr(ds, attr))
+    return None
+
+
+def class_names_of(ds) -> Optional[list]:
+    reader = getattr(ds, 'reader', None)
+    mapping = getattr(reader, 'class_to_idx', None) or getattr(ds, 'class_to_idx', None)
+    if mapping:
+        return [k for k, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+    return list(getattr(ds, 'classes', []) or []) or None
+
+
+class Samples(Dataset):
+    """Seeded, explicit-error view of a dataset: ``(image_tensor, target)`` or ``None`` for a skipped sample."""
+
+    def __init__(self, dataset, transform, seed: int = 0, bad_samples: str = 'fail'):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.bad_samples = bad_samples
+        reader = getattr(dataset, 'reader', None)
+        self._samples = getattr(reader, 'samples', None)  # timm folder reader: [(path, target), ...]
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _load(self, index):
+        if self._samples is not None:
+            path, target = self._samples[index]
+            try:
+                img = _open_image(path)
+            except Exception as e:  # PIL raises many types for broken files
+                raise BadSampleError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+            return img, target, path
+        img, target = self.dataset[index]
+        if not isinstance(img, Image.Image):
+            img = Image.fromarray(np.asarray(img))
+        return img.convert('RGB'), target, f"sample {index}"
+
+    def __getitem__(self, index):
+        try:
+            img, target, where = self._load(index)
+        except BadSampleError:
+            if self.bad_samples == 'skip':
+                return None
+            raise
+        if self.transform is None:
+            return img, target
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
+        random.seed(s)
+        np.random.seed(s % 2 ** 32)
+        torch.manual_seed(s)
+        try:
+            return self.transform(img), target
+        except Exception as e:
+            raise BadSampleError(f"{where}: cannot be transformed ({type(e).__name__}: {e})") from None
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+class ShardSampler(Sampler):
+    """This process's share of an epoch: a permutation seeded by (seed, epoch) when shuffling, split
+    round-robin over ``world_size`` processes, optionally starting after ``skip`` batches' worth."""
+
+    def __init__(self, n: int, world_size: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True, batch_size: int = 1):
+        self.n, self.world, self.rank, self.shuffle, self.seed = n, world_size, rank, shuffle, seed
+        self.drop_last, self.batch_size = drop_last, batch_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0):
+        self.epoch, self.skip = epoch, skip_batches
+
+    def indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.drop_last:  # every process gets the same whole number of batches
+            per = len(order) // (self.world * self.batch_size) * self.batch_size
+            order = order[:per * self.world]
+        mine = order[self.rank::self.world]
+        return mine[self.skip * self.batch_size:]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+    def __len__(self):
+        return len(self.indices())
+
+
+def collate_skipping(batch):
+    """Default collation, dropping skipped (None) samples; returns (images, targets, number skipped)."""
+    kept = [b for b in batch if b is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return None, None, skipped
+    images, targets = torch.utils.data.default_collate(kept)
+    return images, targets, skipped
+
+
+def _seed_worker(worker_id):
+    # Ctrl-C goes to the whole process group: let the main process handle it (save, then stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the sample seeding above makes augmentation independent of this; keep library RNGs distinct anyway
+    s = torch.initial_seed() % 2 ** 32
+    random.seed(s)
+    np.random.seed(s)
+
+
+def make_loader(samples: Samples, sampler: ShardSampler, batch_size: int, workers: int, pin_memory: bool = False):
+    return DataLoader(samples, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_skipping, pin_memory=pin_memory, drop_last=sampler.drop_last,
+                      worker_init_fn=_seed_worker, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(sampler.seed))

@@ -1,0 +1,210 @@
+"""Command-line arguments of ``train`` and ``validate``: timm's train.py / validate.py flags, same names and
+meanings, so the reference README's command lines run verbatim. ``-c FILE.yaml`` sets defaults from a
+recipe; flags given on the command line win."""
+import argparse
+import ast
+from typing import List, Optional, Tuple
+
+import yaml
+
+from ..errors import UserError
+
+
+class ParseKwargs(argparse.Action):
+    """``--model-kwargs layers='(1,1,2,1)' union=add`` -> dict (values parsed as Python literals when possible)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kw = dict(getattr(namespace, self.dest) or {})
+        for value in values:
+            if '=' not in value:
+                raise argparse.ArgumentError(self, f"expected key=value, got {value!r}")
+            key, raw = value.split('=', 1)
+            try:
+                kw[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                kw[key] = raw
+        setattr(namespace, self.dest, kw)
+
+
+def _data_args(parser, training: bool):
+    g = parser.add_argument_group('Dataset')
+    g.add_argument('data', nargs='?', metavar='DIR', help='dataset root (ImageFolder layout: train/ and val/ with '
+                   'one folder per class)')
+    g.add_argument('--data-dir', default=None, help='dataset root (alternative to the positional DIR)')
+    g.add_argument('--dataset', '-d', default='', help="dataset type: '' for a folder, torch/cifar10, "
+                   "torch/cifar100, flowers102, stanford_cars, or any type timm's create_dataset knows")
+    if training:
+        g.add_argument('--train-split', default='train', help='training split (default: train)')
+        g.add_argument('--val-split', default='validation', help="validation split; 'validation' finds val/ "
+                       "(default: validation)")
+    else:
+        g.add_argument('--split', default='validation', help="split to evaluate (default: validation, finds val/)")
+    g.add_argument('--dataset-download', action='store_true', help='download torch/* datasets if missing')
+    g.add_argument('--class-map', default='', help='file mapping class folder names to indices')
+    g.add_argument('-j', '--workers', type=int, default=4, help='data loading processes (default: 4)')
+
+
+def _model_args(parser, training: bool):
+    g = parser.add_argument_group('Model')
+    g.add_argument('--model', default='sequencer2d_s', help='model name (see `sequencer models`)')
+    g.add_argument('--pretrained', action='store_true', help='start from the published ImageNet-1K weights')
+    g.add_argument('--pretrained-path', default=None, help='load pretrained weights from this file instead '
+                   '(head replaced when --num-classes differs)')
+    g.add_argument('--num-classes', type=int, default=None, help='classes of the head (default: the dataset\'s)')
+    g.add_argument('--gp', default=None, help='global pool type (default: avg)')
+    g.add_argument('--img-size', type=int, default=None, help='image size (default: the model\'s)')
+    g.add_argument('--in-chans', type=int, default=None, help='image channels')
+    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+                   help='input dimensions C H W, e.g. 3 392 392 (default: the model\'s)')
+    g.add_argument('--crop-pct', default=None, type=float, help='evaluation crop fraction')
+    g.add_argument('--mean', type=float, nargs='+', default=None, help='override the mean pixel value')
+    g.add_argument('--std', type=float, nargs='+', default=None, help='override the pixel std')
+    g.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s)')
+    g.add_argument('-b', '--batch-size', type=int, default=128 if training else 256,
+                   help='batch size per process')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='extra model arguments, e.g. layers="(1,1,2,1)" hidden_sizes="(8,16,16,16)"')
+    g.add_argument('--rnn-engine', default=None, choices=['auto', 'native', 'fused'],
+                   help='how the recurrences run (default: auto)')
+    g.add_argument('--amp', '--native-amp', dest='amp', action='store_true',
+                   help='mixed precision with torch.amp (fp16 with loss scaling on GPU; bf16 autocast on CPU)')
+    g.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
+                   help='autocast dtype (default: float16 on GPU, bfloat16 on CPU)')
+    g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None,
+                   help='compile the model with torch.compile (backend, default inductor)')
+    g.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    g.add_argument('--log-interval', type=int, default=50, help='batches between log lines')
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='sequencer train', description='Train or fine-tune a Sequencer model (timm train.py flags).',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe setting default values')
+    _data_args(parser, training=True)
+    _model_args(parser, training=True)
+    g = parser.add_argument_group('Initialisation and resuming')
+    g.add_argument('--initial-checkpoint', default='', help='load these weights (any supported layout) first')
+    g.add_argument('--resume', default='', help="resume a run from this checkpoint ('auto': the newest valid "
+                   "checkpoint of the output folder)")
+    g.add_argument('--no-resume-opt', action='store_true', help='do not restore optimizer state when resuming')
+    g.add_argument('--start-epoch', type=int, default=None, help='override the starting epoch')
+    g.add_argument('--grad-checkpointing', action='store_true', help='recompute blocks in backward (less memory)')
+    g.add_argument('--grad-accum-steps', type=int, default=1, help='batches accumulated per optimizer step')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, help='eval batch size')
+    g = parser.add_argument_group('Optimizer')
+    g.add_argument('--opt', default='sgd', help='optimizer (timm name: adamw, sgd, lamb, ...)')
+    g.add_argument('--opt-eps', type=float, default=None)
+    g.add_argument('--opt-betas', type=float, nargs='+', default=None)
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
+    g.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'])
+    g.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+    g = parser.add_argument_group('Learning rate schedule')
+    g.add_argument('--sched', default='cosine', help='scheduler (timm name: cosine, step, plateau, ...)')
+    g.add_argument('--sched-on-updates', action='store_true', help='step the schedule every optimizer update')
+    g.add_argument('--lr', type=float, default=None, help='learning rate (default: lr-base scaled by batch)')
+    g.add_argument('--lr-base', type=float, default=0.1, help='lr for a global batch of --lr-base-size')
+    g.add_argument('--lr-base-size', type=int, default=256)
+    g.add_argument('--lr-base-scale', default='', choices=['', 'linear', 'sqrt'],
+                   help="lr scaling with batch size (default: sqrt for adam-like, linear otherwise)")
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None)
+    g.add_argument('--lr-noise-pct', type=float, default=0.67)
+    g.add_argument('--lr-noise-std', type=float, default=1.0)
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0)
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5)
+    g.add_argument('--lr-cycle-limit', type=int, default=1)
+    g.add_argument('--lr-k-decay', type=float, default=1.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0)
+    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--epoch-repeats', type=float, default=0.)
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
+    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-prefix', action='store_true')
+    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--patience-epochs', type=int, default=10)
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    g = parser.add_argument_group('Augmentation and regularisation')
+    g.add_argument('--no-aug', action='store_true', help='no training augmentation at all')
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], help='random-resized-crop scale')
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--aa', default=None, help="AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
+    g.add_argument('--aug-repeats', type=float, default=0)
+    g.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    g.add_argument('--remode', default='pixel', help='random erasing mode')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--resplit', action='store_true')
+    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0: off)')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', default='batch')
+    g.add_argument('--mixup-off-epoch', type=int, default=0)
+    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', default='random')
+    g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
+    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (grows linearly)')
+    g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-force-cpu', action='store_true')
+    g = parser.add_argument_group('Output')
+    g.add_argument('--output', default='', help='output root (default: ./output/train)')
+    g.add_argument('--experiment', default='', help='run folder name (default: date-model-size)')
+    g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
+    g.add_argument('--checkpoint-hist', type=int, default=10, help='best checkpoints kept')
+    g.add_argument('--log-tensorboard', action='store_true', help='also write TensorBoard event files')
+    g.add_argument('--pin-mem', action='store_true')
+    g.add_argument('--no-prefetcher', action='store_true', help='accepted for compatibility (no effect)')
+    g.add_argument('--bad-samples', default='fail', choices=['fail', 'skip'],
+                   help='unreadable images: fail naming the file, or skip and count them')
+    g.add_argument('--nonfinite', default='stop', choices=['stop', 'skip'],
+                   help='non-finite loss: stop keeping the last good checkpoint, or skip the step')
+    g.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def build_validate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='sequencer validate', description='Evaluate a Sequencer model: top-1, top-5, loss.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file setting default values')
+    _data_args(parser, training=False)
+    _model_args(parser, training=False)
+    parser.add_argument('--checkpoint', default='', help='weights to evaluate (any supported layout)')
+    parser.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
+    parser.add_argument('--results-file', default='', help='write the results to this .csv or .json file')
+    parser.add_argument('--bad-samples', default='fail', choices=['fail', 'skip'], help=argparse.SUPPRESS)
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, str]:
+    """Parse ``argv``; a ``-c`` recipe sets defaults first. Returns the args and the YAML text of all values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('-c', '--config', default='')
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        try:
+            with open(known.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise UserError(f"{known.config}: cannot read recipe ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{known.config}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{known.config}: a recipe must be a mapping of option: value")
+        valid = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            raise UserError(f"{known.config}: unknown option(s) {', '.join(unknown)}")
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(argv)
+    args.data_dir = args.data_dir or args.data
+    return args, yaml.safe_dump({k: v for k, v in sorted(vars(args).items())}, default_flow_style=False)

@@ -1,0 +1,55 @@
+"""The embedded demo: a small Sequencer2D trained and validated on real handwritten digits, on the CPU,
+through the same ``train`` / ``validate`` code as ImageNet. No download.
+
+Equivalent command line (after the digits are written to output/demo/digits):
+
+    sequencer train output/demo/digits --model sequencer2d_s --model-kwargs layers='(1,1,1,1)'
+        patch_sizes='(4,2,1,1)' embed_dims='(64,128,128,128)' hidden_sizes='(16,32,32,32)'
+        --img-size 32 --crop-pct 1.0 --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 -b 32 -j 0 --opt adamw
+        --lr 2e-3 --weight-decay 0.05 --epochs 12 --warmup-epochs 1 --sched cosine --smoothing 0.1
+        --scale 0.75 1.0 --hflip 0 --color-jitter 0 --output output/demo --experiment digits-run
+"""
+import argparse
+import os
+import time
+
+from ..data.demo import write_digits
+from . import train as train_mod
+from . import validate as validate_mod
+from .args import build_train_parser, build_validate_parser, parse
+
+MODEL = ['--model', 'sequencer2d_s', '--model-kwargs', 'layers=(1,1,1,1)', 'patch_sizes=(4,2,1,1)',
+         'embed_dims=(64,128,128,128)', 'hidden_sizes=(16,32,32,32)']
+DATA = ['--img-size', '32', '--crop-pct', '1.0', '--mean', '0.5', '0.5', '0.5', '--std', '0.5', '0.5', '0.5']
+RECIPE = ['-b', '32', '-j', '0', '--opt', 'adamw', '--lr', '2e-3', '--weight-decay', '0.05', '--epochs', '12',
+          '--warmup-epochs', '1', '--sched', 'cosine', '--smoothing', '0.1', '--scale', '0.75', '1.0',
+          '--hflip', '0', '--color-jitter', '0', '--log-interval', '20']
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog='sequencer demo', description=__doc__.split('\n\n')[0])
+    p.add_argument('--output', default=os.path.join('output', 'demo'), help='where data and the run go')
+    p.add_argument('--epochs', type=int, default=None, help='override the recipe\'s 12 epochs')
+    a = p.parse_args(argv)
+    t0 = time.time()
+    data = write_digits(os.path.join(a.output, 'digits'))
+    experiment = 'digits-run'
+    extra = ['--epochs', str(a.epochs)] if a.epochs else []
+    args, _ = parse(build_train_parser(), [data, *MODEL, *DATA, *RECIPE, *extra, '--output', a.output,
+                                           '--experiment', experiment])
+    folder = os.path.join(a.output, experiment)
+    if os.path.exists(os.path.join(folder, 'last.pth.tar')):
+        args.resume = 'auto'  # a finished run stays finished; an interrupted one continues
+    result = train_mod.train(args)
+    best = os.path.join(folder, 'model_best.pth.tar')
+    vargs, _ = parse(build_validate_parser(), [data, *MODEL, *DATA, '--checkpoint', best, '-b', '64', '-j', '0',
+                                               '--results-file', os.path.join(folder, 'validation.json')])
+    val = validate_mod.validate(vargs)
+    minutes = (time.time() - t0) / 60
+    print('\n== Sequencer demo: handwritten digits, CPU ==')
+    print(f"validation top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%  ({val['images']} images)")
+    print(f"time              {minutes:.1f} min")
+    print(f"best checkpoint   {best}")
+    print(f"training curves   {os.path.join(folder, 'train_curve.png')}")
+    print(f"summary           {os.path.join(folder, 'summary.csv')}")
+    return 0 if not result.get('interrupted') else 1

@@ -1,0 +1,277 @@
+"""What the inference-side commands (erf, resolution, robustness, predict, export) share: building a model
+with its weights from command-line arguments, finding and reading images, and naming classes.
+
+Weights come from ``--checkpoint`` (any layout ``sequencer.load_checkpoint`` reads) or ``--pretrained``
+(the published ImageNet-1K weights). With a training checkpoint, ``--model`` may be left out (the
+checkpoint's ``arch`` is used) and the head width is taken from the checkpoint, so a fine-tuned model
+needs no ``--num-classes``.
+"""
+import argparse
+import ast
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models import create_model
+from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
+
+__all__ = ['add_model_arguments', 'build_model', 'model_from_args', 'resolve_device', 'list_images', 'load_image',
+           'class_names', 'LoadedModel']
+
+
+class KeyValue(argparse.Action):
+    """``--model-kwargs layers='(1,1,1,1)' union=add`` -> dict; values are Python literals where they parse."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kw = dict(getattr(namespace, self.dest) or {})
+        for value in values:
+            if '=' not in value:
+                raise argparse.ArgumentError(self, f"expected key=value, got {value!r}")
+            key, raw = value.split('=', 1)
+            try:
+                kw[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                kw[key] = raw
+        setattr(namespace, self.dest, kw)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False, device: bool = True):
+    """``--model``, ``--checkpoint``, ``--pretrained``, ``--use-ema``, ``--num-classes``, ``--model-kwargs``
+    (and ``--device``). With ``multiple``, ``--model`` and ``--checkpoint`` take several values."""
+    g = parser.add_argument_group('Model and weights')
+    if multiple:
+        g.add_argument('--model', nargs='+', default=[], metavar='NAME',
+                       help='model name(s) (see `sequencer models`); one name with several checkpoints compares '
+                            'the checkpoints, several names pair with the checkpoints in order')
+        g.add_argument('--checkpoint', nargs='+', default=[], metavar='PATH',
+                       help="weights for each model (any supported layout; 'none' for a model's published "
+                            "weights with --pretrained, or its initial weights without)")
+        g.add_argument('--labels', nargs='+', default=[], metavar='LABEL',
+                       help='legend labels, one per model/checkpoint (default: the model name and checkpoint file)')
+    else:
+        g.add_argument('--model', '-m', default=None, metavar='NAME',
+                       help="model name (see `sequencer models`; default: the checkpoint's 'arch')")
+        g.add_argument('--checkpoint', default=None, metavar='PATH',
+                       help='weights to load: a file in any supported layout, URL or hf-hub: id')
+    g.add_argument('--pretrained', action='store_true',
+                   help='load the published ImageNet-1K weights (where no checkpoint is given)')
+    g.add_argument('--use-ema', action='store_true', help="use a training checkpoint's EMA weights")
+    g.add_argument('--num-classes', type=int, default=None,
+                   help='classifier width (default: from the checkpoint, else 1000)')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValue, metavar='KEY=VALUE',
+                   help="constructor arguments of a custom configuration, e.g. layers='(1,1,1,1)' "
+                        "(default: those recorded in the training checkpoint's args)")
+    if device:
+        g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
+    return g
+
+
+def resolve_device(name: Optional[str] = None) -> torch.device:
+    if not name:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{name!r}: not a device (use cpu or cuda)") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f"{name}: CUDA is not available on this machine")
+    return device
+
+
+class LoadedModel:
+    """A model in eval mode and what is known about its weights (``meta``: the training checkpoint's
+    ``arch``, ``epoch``, ``args``, ``class_names`` where present)."""
+
+    def __init__(self, model: nn.Module, name: str, checkpoint: Optional[str], meta: Dict):
+        self.model, self.name, self.checkpoint, self.meta = model, name, checkpoint, meta
+
+    @property
+    def label(self) -> str:
+        if not self.checkpoint:
+            return self.name
+        return f"{self.name} ({os.path.basename(self.checkpoint.rstrip('/'))})"
+
+
+def _head_width(sd: Dict[str, torch.Tensor]) -> Optional[int]:
+    w = convert_state_dict(sd).get('head.fc.weight')
+    if w is not None:
+        return int(w.shape[0])
+    return 0 if not any(k.startswith('head.') for k in convert_state_dict(sd)) else None
+
+
+def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """The state dict of a weight file and the metadata of a training checkpoint (empty for plain weights)."""
+    local = resolve_path(path)
+    obj = read_file(local)
+    if use_ema and not (isinstance(obj, dict) and any(isinstance(obj.get(k), dict) and obj[k]
+                                                       for k in ('state_dict_ema', 'model_ema'))):
+        raise CheckpointError(f"{path}: --use-ema given but the file holds no EMA weights")
+    try:
+        sd = unwrap(obj, use_ema=use_ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    meta = {k: obj[k] for k in ('arch', 'epoch', 'args', 'metric', 'class_names') if isinstance(obj, dict) and k in obj}
+    return sd, meta
+
+
+def _args_of(meta: Dict) -> Dict:
+    args = meta.get('args')
+    return args if isinstance(args, dict) else {}
+
+
+def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pretrained: bool = False,
+                num_classes: Optional[int] = None, use_ema: bool = False, model_kwargs: Optional[Dict] = None,
+                device: torch.device = torch.device('cpu'), log=print) -> LoadedModel:
+    """A model in eval mode with its weights; every user mistake raises ``UserError`` with one line."""
+    if checkpoint and checkpoint.lower() == 'none':
+        checkpoint = None
+    sd, meta = read_checkpoint(checkpoint, use_ema=use_ema) if checkpoint else (None, {})
+    run_args = _args_of(meta)
+    name = name or meta.get('arch') or run_args.get('model')
+    if not name:
+        raise UserError("--model is required (the checkpoint does not say which architecture it holds)")
+    kwargs = dict(run_args.get('model_kwargs') or {}) if isinstance(run_args.get('model_kwargs'), dict) else {}
+    kwargs.update(model_kwargs or {})
+    if num_classes is None and sd is not None:
+        num_classes = _head_width(sd)
+    try:
+        model = create_model(name, pretrained=pretrained and sd is None, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise UserError(f"{name}: bad model arguments {kwargs} ({e})") from None
+    if sd is not None:
+        load_state_dict(model, sd, source=checkpoint)
+    elif not pretrained and log is not None:
+        log(f"note: {name} has neither --checkpoint nor --pretrained: using its randomly initialised weights")
+    return LoadedModel(model.to(device).eval(), name, checkpoint, meta)
+
+
+def model_from_args(args: argparse.Namespace, device: Optional[torch.device] = None, log=print) -> LoadedModel:
+    return build_model(args.model, args.checkpoint, pretrained=args.pretrained, num_classes=args.num_classes,
+                       use_ema=args.use_ema, model_kwargs=args.model_kwargs,
+                       device=device or resolve_device(getattr(args, 'device', None)), log=log)
+
+
+def models_from_args(args: argparse.Namespace, device: torch.device, log=print) -> List[Tuple[str, LoadedModel]]:
+    """(label, model) pairs for ``add_model_arguments(multiple=True)``: one model with several checkpoints,
+    or several models each with its own checkpoint (or none)."""
+    names, ckpts = list(args.model), list(args.checkpoint)
+    if not names and not ckpts:
+        raise UserError("give at least one --model (or --checkpoint)")
+    if len(names) <= 1 and len(ckpts) > 1:
+        names = names * len(ckpts) if names else [None] * len(ckpts)
+    elif not ckpts:
+        ckpts = [None] * len(names)
+    elif not names:
+        names = [None] * len(ckpts)
+    if len(names) != len(ckpts):
+        raise UserError(f"{len(names)} models but {len(ckpts)} checkpoints: give one checkpoint per model "
+                        f"(or 'none'), or one model with several checkpoints")
+    out = []
+    for name, ckpt in zip(names, ckpts):
+        lm = build_model(name, ckpt, pretrained=args.pretrained, num_classes=args.num_classes, use_ema=args.use_ema,
+                         model_kwargs=args.model_kwargs, device=device, log=log)
+        out.append(lm)
+    labels = list(args.labels) if args.labels else [lm.label for lm in out]
+    if len(labels) != len(out):
+        raise UserError(f"{len(labels)} labels for {len(out)} models")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"labels must differ: {', '.join(labels)} (use --labels)")
+    return list(zip(labels, out))
+
+
+# ---- images ---------------------------------------------------------------------------------------------
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm')
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r'(\d+)', s)]
+
+
+def list_images(paths: Sequence[str]) -> List[str]:
+    """Image files named in ``paths``, folders searched recursively (sorted naturally, hidden files skipped)."""
+    found = []
+    for path in paths:
+        if os.path.isfile(path):
+            found.append(path)
+        elif os.path.isdir(path):
+            inner = []
+            for root, dirs, files in os.walk(path, followlinks=True):
+                dirs[:] = [d for d in dirs if not d.startswith('.')]
+                inner += [os.path.join(root, f) for f in files
+                          if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
+            if not inner:
+                raise UserError(f"{path}: no images ({', '.join(IMG_EXTENSIONS)}) in this folder")
+            found += sorted(inner, key=_natural_key)
+        else:
+            raise UserError(f"{path}: no such file or directory")
+    if not found:
+        raise UserError("no images given")
+    return found
+
+
+def load_image(path: str):
+    """An RGB PIL image; an unreadable file raises ``UserError`` naming it."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert('RGB')
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+# ---- class names ----------------------------------------------------------------------------------------
+def read_class_map(path: str) -> List[str]:
+    """Class names from a timm class-map file: one name per line, the line number being the index
+    (``name index`` pairs are also read)."""
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"{path}: cannot read class map ({e.strerror})") from None
+    pairs = [line.rsplit(None, 1) for line in lines]
+    if lines and all(len(p) == 2 and p[1].isdigit() for p in pairs):
+        names = [''] * (max(int(p[1]) for p in pairs) + 1)
+        for name, idx in pairs:
+            names[int(idx)] = name
+        return names
+    return lines
+
+
+def _run_class_names(loaded: LoadedModel) -> Optional[List[str]]:
+    names = loaded.meta.get('class_names') or _args_of(loaded.meta).get('class_names')
+    if isinstance(names, (list, tuple)) and names:
+        return [str(n) for n in names]
+    candidates = []
+    class_map = _args_of(loaded.meta).get('class_map')
+    if isinstance(class_map, str) and class_map:
+        candidates.append(class_map)
+    if loaded.checkpoint and os.path.isfile(loaded.checkpoint):
+        run_dir = os.path.dirname(os.path.abspath(loaded.checkpoint))
+        candidates += [os.path.join(run_dir, f) for f in ('class_names.txt', 'class_map.txt', 'classes.txt')]
+    for path in candidates:
+        if os.path.isfile(path):
+            return read_class_map(path)
+    return None
+
+
+def class_names(loaded: LoadedModel, class_map: Optional[str] = None) -> List[str]:
+    """Names of the model's outputs: ``class_map`` if given, else the run's (checkpoint ``class_names``,
+    a class map named in its args, or class_names.txt / class_map.txt beside it), else ImageNet-1K's
+    names for a 1000-way head, else 'class <i>'."""
+    n = getattr(loaded.model, 'num_classes', 0)
+    names = read_class_map(class_map) if class_map else _run_class_names(loaded)
+    if names is not None:
+        if len(names) != n:
+            source = class_map or 'the run'
+            raise UserError(f"{source}: {len(names)} class names for a model with {n} outputs")
+        return names
+    if n == 1000:
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(',')[0] for i in range(1000)]
+    return [f'class {i}' for i in range(n)]
