@@ -9,12 +9,23 @@ from .errors import UserError
 # name -> (module, one-line help)
 COMMANDS = {
     'models': ('sequencer.models.table', 'list every model: parameters, FLOPs, paper top-1, published weights'),
+    'benchmark': ('sequencer.analysis.benchmark', 'throughput, latency and peak memory; --compare-timm times timm alongside'),
+}
+
+
+# commands with parsers of their own (timm's flag sets, YAML recipes): name -> (module with main(argv), help)
+OWN_PARSER = {
+    'demo': ('sequencer.engine.demo', 'train and validate a small Sequencer2D on an embedded digits dataset (CPU, minutes)'),
+    'train': ('sequencer.engine.train', 'train or fine-tune (timm train.py flags; -c recipe.yaml)'),
+    'validate': ('sequencer.engine.validate', 'evaluate top-1 / top-5 / loss (timm validate.py flags)'),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sequencer', description='Sequencer: Deep LSTM for Image Classification.')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for name, (_, help_) in OWN_PARSER.items():
+        sub.add_parser(name, help=help_, add_help=False)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module)
@@ -24,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in OWN_PARSER:
+        try:
+            return importlib.import_module(OWN_PARSER[argv[0]][0]).main(argv[1:]) or 0
+        except UserError as e:
+            print(f"sequencer {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
