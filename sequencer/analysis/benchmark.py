@@ -1,0 +1,578 @@
+"""Throughput, latency and peak memory of a model, optionally side by side with timm's implementation.
+
+``sequencer benchmark`` (and the root ``benchmark.py``) measures inference (forward under ``no_grad``)
+and training (zero_grad, forward, cross-entropy, backward, SGD step) on random inputs for any model of
+the table, batch size, input size, precision (fp32 or fp16 / bf16 autocast), torch.compile on or off,
+RNN engine and gradient checkpointing.
+
+With ``--compare-timm`` timm's model of the same architecture is built, given exactly the same weights,
+and the two are timed *alternately*: every measured iteration runs one step of each, the order swapping
+from one iteration to the next, so that noise from other processes on a shared machine falls on both
+alike. The result is printed as the ratio ours / timm.
+
+Figures reported per model and mode:
+
+* ``img_per_s``: images per second over the measured steps (batch * steps / total step time);
+* ``latency_ms_median`` / ``latency_ms_p90``: per-step wall time;
+* ``peak_mem_mb``: on CUDA the maximum allocated memory during one step (weights included); on CPU the
+  increase of the process's resident set during one step, measured by resetting the kernel's RSS
+  high-water mark (``/proc/self/clear_refs``) after returning freed heap memory to the system
+  (``malloc_trim``), then reading ``VmHWM``;
+* ``gmacs_per_img`` (forward multiply-accumulates, recurrences included, see ``count_flops``) and the
+  achieved ``gmac_per_s``: forward MACs for inference, 3x forward MACs for training (forward + backward
+  for inputs and weights; the recomputation of gradient checkpointing is not counted as useful work);
+* with ``--matmul-peak``, the machine's measured matrix-multiply peak (the fastest of repeated large
+  GEMMs in the benchmark's precision, probed before and after the model steps) and ``fraction_of_peak`` = achieved FLOP/s (2 per MAC) / peak FLOP/s.
+
+Results go to stdout as a table, and with ``--results-file`` to CSV or JSON (by extension, written
+atomically).
+"""
+import argparse
+import csv
+import ctypes
+import ctypes.util
+import datetime
+import gc
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+MODES = ('infer', 'train', 'both')
+OURS, TIMM = 'sequencer', 'timm'
+
+
+# ---- arguments --------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument('--model', '-m', default='sequencer2d_s', help="a model name from `sequencer models` "
+                        "(default: sequencer2d_s)")
+    parser.add_argument('--mode', choices=MODES, default='both',
+                        help='infer: forward under no_grad; train: zero_grad + forward + loss + backward + SGD step; '
+                             'both (default)')
+    parser.add_argument('--batch-size', '-b', type=int, default=8, help='images per step (default 8)')
+    parser.add_argument('--img-size', type=int, default=None,
+                        help="square input side in pixels (default: the model's input size, e.g. 224)")
+    parser.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'), default=None,
+                        help='full input size, for non-square inputs or other channel counts; overrides --img-size')
+    parser.add_argument('--num-classes', type=int, default=1000, help='classifier width (default 1000)')
+    parser.add_argument('--layers', default=None, metavar='N,N,N,N',
+                        help='blocks per stage, overriding the model\'s (e.g. 1,1,1,1 for a quick smoke run)')
+    parser.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32',
+                        help='fp32 (default), or fp16 / bf16 mixed precision through torch.autocast; the weights '
+                             'stay fp32')
+    parser.add_argument('--compile', action='store_true', help='run the model(s) through torch.compile')
+    parser.add_argument('--compile-mode', default=None,
+                        help="torch.compile mode ('default', 'reduce-overhead', 'max-autotune', ...); implies --compile")
+    parser.add_argument('--rnn-engine', choices=('auto', 'native', 'fused'), default=None,
+                        help="how our model runs its recurrences (default: the model's default, 'auto'); timm's "
+                             "model always runs nn.LSTM")
+    parser.add_argument('--grad-checkpointing', action='store_true',
+                        help='recompute every block in the backward pass (both models with --compare-timm)')
+    parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='cpu (default) or cuda')
+    parser.add_argument('--num-threads', type=int, default=None,
+                        help='CPU threads for torch (torch.set_num_threads; default: torch\'s own choice)')
+    parser.add_argument('--warmup', type=int, default=3,
+                        help='untimed steps per model and mode before measuring (default 3; compilation happens here)')
+    parser.add_argument('--iters', type=int, default=20, help='measured steps per model and mode (default 20)')
+    parser.add_argument('--compare-timm', action='store_true',
+                        help="also build timm's model of the same architecture with identical weights and time both "
+                             "alternately in this one run; prints the ratio ours / timm")
+    parser.add_argument('--matmul-peak', action='store_true',
+                        help='measure the machine\'s matrix-multiply peak (a large GEMM in the benchmark precision) '
+                             'and report achieved FLOP/s as a fraction of it')
+    parser.add_argument('--matmul-size', type=int, default=None,
+                        help='side of the square GEMM of --matmul-peak (default 2048 on CPU, 8192 on CUDA)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory step')
+    parser.add_argument('--seed', type=int, default=0, help='seed for weights and inputs (default 0)')
+    parser.add_argument('--results-file', default=None,
+                        help='also write the results to this .csv or .json file (atomically)')
+    parser.add_argument('--quiet', '-q', action='store_true', help='no progress lines on stderr')
+
+
+def _check_args(args) -> Tuple[int, int, int]:
+    """Validate what argparse cannot; return the input size (C, H, W)."""
+    for name in ('batch_size', 'iters'):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.num_threads is not None and args.num_threads < 1:
+        raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
+    if args.matmul_size is not None and args.matmul_size < 16:
+        raise UserError(f"--matmul-size must be at least 16, got {args.matmul_size}")
+    if args.num_classes < 0:
+        raise UserError(f"--num-classes must be 0 or more, got {args.num_classes}")
+    if args.mode in ('train', 'both') and args.num_classes == 0:
+        raise UserError("training needs a classifier: --num-classes 0 works only with --mode infer")
+    if args.results_file and os.path.splitext(args.results_file)[1].lower() not in ('.csv', '.json'):
+        raise UserError(f"--results-file {args.results_file}: the name must end in .csv or .json")
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available to torch on this machine")
+    if args.rnn_engine == 'fused' and not _fused_engine_available():
+        raise UserError("--rnn-engine fused: the fused RNN engine is not available in this installation")
+    from ..models.registry import get_spec
+    spec = get_spec(args.model)  # unknown names: one line with suggestions
+    if args.input_size is not None:
+        size = tuple(args.input_size)
+    elif args.img_size is not None:
+        size = (spec.input_size[0], args.img_size, args.img_size)
+    else:
+        size = tuple(spec.input_size)
+    if min(size) < 1:
+        raise UserError(f"input size must be positive, got {size}")
+    return size
+
+
+def _parse_layers(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        layers = tuple(int(t) for t in text.replace(' ', '').split(',') if t)
+    except ValueError:
+        raise UserError(f"--layers {text!r}: expected comma-separated integers such as 1,1,1,1") from None
+    if not layers or min(layers) < 1:
+        raise UserError(f"--layers {text!r}: every stage needs at least one block")
+    return layers
+
+
+def _fused_engine_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec('sequencer.layers.fused_lstm') is not None
+
+
+# ---- models -----------------------------------------------------------------------------------------
+
+def build_ours(args, input_size, overrides: Dict) -> nn.Module:
+    from ..models.registry import create_model
+    try:
+        model = create_model(args.model, num_classes=args.num_classes, rnn_engine=args.rnn_engine,
+                             in_chans=input_size[0], **overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"{args.model}: cannot build with {overrides or 'these settings'}: {e}") from None
+    return model
+
+
+def timm_name_for(name: str) -> str:
+    """timm's model of the same architecture: the same name, or a table row with identical constructor args
+    (the ``_392`` rows share their 224 px parent's architecture)."""
+    import timm
+    from ..models.registry import MODELS, get_spec
+    available = set(timm.list_models('sequencer*'))
+    if name in available:
+        return name
+    spec = get_spec(name)
+    for other, s in MODELS.items():
+        if other in available and s.family is spec.family and s.args == spec.args:
+            return other
+    raise UserError(f"--compare-timm: timm has no model with the architecture of {name} "
+                    f"(timm offers {', '.join(sorted(available)) or 'no Sequencer models'})")
+
+
+def build_timm(args, ours: nn.Module, input_size, overrides: Dict) -> Tuple[nn.Module, str]:
+    """timm's model of the same architecture, loaded with ``ours``' weights (strict: every key must match)."""
+    import timm
+    from ..models.weights import CheckpointError, load_state_dict
+    name = timm_name_for(args.model)
+    kwargs = dict(overrides)
+    if 'layers' in kwargs:
+        kwargs['layers'] = list(kwargs['layers'])
+    other = timm.create_model(name, pretrained=False, num_classes=args.num_classes, in_chans=input_size[0], **kwargs)
+    # our layout is timm's: load timm's random init into ours through our checked loader, so both hold the same
+    try:
+        load_state_dict(ours, other.state_dict(), source=f"timm's {name}")
+    except CheckpointError as e:
+        raise UserError(f"--compare-timm: {e}") from None
+    return other, name
+
+
+def _resolved_engine(model: nn.Module) -> str:
+    from ..layers import RNN2D
+    engines = sorted({m.resolved_engine() for m in model.modules() if isinstance(m, RNN2D)})
+    return '+'.join(engines) if engines else 'native'
+
+
+# ---- measurement ------------------------------------------------------------------------------------
+
+def _sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == 'fp32':
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+
+
+def _check_precision(device: torch.device, precision: str):
+    """Fail with one line where this torch / device cannot autocast to the requested type."""
+    if precision == 'fp32':
+        return
+    if device.type == 'cuda' and precision == 'bf16' and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this CUDA device does not support bfloat16")
+    try:
+        with _autocast(device, precision):
+            a = torch.ones(4, 4, device=device)
+            y = a @ a
+        if y.dtype != PRECISIONS[precision]:
+            raise RuntimeError(f"autocast produced {y.dtype}")
+    except RuntimeError as e:
+        raise UserError(f"--precision {precision}: torch {torch.__version__} cannot autocast to {precision} "
+                        f"on {device.type} ({e})") from None
+
+
+class Step:
+    """One model's inference or training step on a fixed random batch."""
+
+    def __init__(self, model: nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor, precision: str,
+                 compile_mode: Optional[str], compile_: bool):
+        self.model, self.mode, self.x, self.target, self.precision = model, mode, x, target, precision
+        self.fn = torch.compile(model, mode=compile_mode) if compile_ else model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if mode == 'train' else None
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def prepare(self):
+        self.model.train(self.mode == 'train')
+
+    def __call__(self):
+        if self.mode == 'infer':
+            with torch.no_grad(), _autocast(self.x.device, self.precision):
+                return self.fn(self.x)
+        self.optimizer.zero_grad(set_to_none=True)
+        with _autocast(self.x.device, self.precision):
+            loss = self.loss_fn(self.fn(self.x), self.target)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+
+class Progress:
+    """Occasional progress lines on stderr (at most one per ``every`` seconds)."""
+
+    def __init__(self, quiet: bool, every: float = 10.0):
+        self.quiet, self.every, self.last = quiet, every, time.perf_counter()
+
+    def say(self, text: str, force: bool = False):
+        now = time.perf_counter()
+        if not self.quiet and (force or now - self.last >= self.every):
+            print(f"benchmark: {text}", file=sys.stderr, flush=True)
+            self.last = now
+
+
+def run_interleaved(steps: Dict[str, Step], warmup: int, iters: int, device: torch.device,
+                    progress: Progress, label: str) -> Dict[str, List[float]]:
+    """Warm up, then time ``iters`` steps of every model, one of each per iteration, swapping the order
+    every iteration. Returns the per-step wall times in seconds."""
+    names = list(steps)
+    for s in steps.values():
+        s.prepare()
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            steps[name]()
+            _sync(device)
+        progress.say(f"{label}: warm-up {i + 1}/{warmup} ({time.perf_counter() - t0:.0f} s)")
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for i in range(iters):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+        progress.say(f"{label}: step {i + 1}/{iters}, median so far " + ', '.join(
+            f"{n} {statistics.median(t) * 1e3:.0f} ms" for n, t in times.items()))
+    return times
+
+
+class _CpuPeakRss:
+    """Peak resident-set increase of this process across a block of work (Linux).
+
+    Freed heap memory is first handed back to the system (``malloc_trim``) and the kernel's high-water
+    mark reset (writing 5 to ``/proc/self/clear_refs``), so that ``VmHWM - VmRSS(before)`` is the block's
+    own peak. Without ``clear_refs`` the growth of ``ru_maxrss`` is used, which only sees new maxima of
+    the process."""
+
+    def __init__(self):
+        self._trim = None
+        path = ctypes.util.find_library('c')
+        if path:
+            try:
+                self._trim = ctypes.CDLL(path).malloc_trim
+            except (OSError, AttributeError):
+                self._trim = None
+        self.resettable = self._reset_hwm()
+        self.method = ('cpu-rss: VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS before the step'
+                       if self.resettable else 'cpu-rss: growth of getrusage ru_maxrss (new process maxima only)')
+
+    @staticmethod
+    def _status_kb(field: str) -> int:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+        raise OSError(field)
+
+    def _reset_hwm(self) -> bool:
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+            self._status_kb('VmHWM')
+            return True
+        except OSError:
+            return False
+
+    def _maxrss_kb(self) -> int:
+        import resource
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r // 1024 if sys.platform == 'darwin' else r
+
+    def measure(self, fn: Callable[[], object]) -> float:
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+        if self.resettable:
+            self._reset_hwm()
+            before = self._status_kb('VmRSS')
+            fn()
+            return max(self._status_kb('VmHWM') - before, 0) / 1024
+        before = self._maxrss_kb()
+        fn()
+        return max(self._maxrss_kb() - before, 0) / 1024
+
+
+def peak_memory_mb(step: Step, device: torch.device, cpu_probe: Optional[_CpuPeakRss]) -> float:
+    step.prepare()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = step()
+        torch.cuda.synchronize(device)
+        del out
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+    def work():
+        out = step()
+        del out
+    return cpu_probe.measure(work)
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, progress: Progress,
+                        min_seconds: float = 2.0) -> float:
+    """GFLOP/s of the fastest of several ``size`` x ``size`` GEMMs (2 * size^3 FLOPs each), repeated for
+    at least ``min_seconds``. The benchmark probes twice, before and after the model steps, and keeps the
+    higher figure."""
+    g = torch.Generator(device='cpu').manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=g).to(device=device, dtype=dtype)
+    progress.say(f"matmul peak: {size}x{size} {str(dtype).replace('torch.', '')} GEMM", force=True)
+    torch.mm(a, b)
+    _sync(device)
+    best, spent, runs = float('inf'), 0.0, 0
+    while runs < 3 or (spent < min_seconds and runs < 50):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        dt = time.perf_counter() - start
+        best, spent, runs = min(best, dt), spent + dt, runs + 1
+    return 2 * size ** 3 / best / 1e9
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# ---- environment and output -------------------------------------------------------------------------
+
+def environment(device: torch.device) -> Dict:
+    import timm
+    from .. import __version__
+    cpu = platform.processor() or ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), cpu)
+    except OSError:
+        pass
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+               sequencer=__version__, torch=torch.__version__, timm=timm.__version__,
+               python=platform.python_version(), cpu=cpu, cpu_count=os.cpu_count(),
+               torch_threads=torch.get_num_threads(), device=device.type,
+               device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu)
+    return env
+
+
+FIELDS = ('model', 'impl', 'timm_model', 'mode', 'device', 'precision', 'batch_size', 'input_size', 'compile',
+          'rnn_engine', 'grad_checkpointing', 'threads', 'warmup', 'iters', 'img_per_s', 'latency_ms_median',
+          'latency_ms_p90', 'latency_ms_mean', 'peak_mem_mb', 'memory_method', 'gmacs_per_img', 'gmac_per_s',
+          'gflop_per_s', 'matmul_peak_gflop_s', 'fraction_of_peak', 'ratio_vs_timm', 'ratio_vs_timm_median',
+          'torch', 'timm', 'python', 'cpu', 'device_name', 'date')
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ''
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def write_results(path: str, rows: List[Dict], env: Dict):
+    from ..engine.io import write_text
+    if path.lower().endswith('.json'):
+        write_text(path, json.dumps({'environment': env, 'results': rows}, indent=2) + '\n')
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction='ignore', lineterminator='\n')
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _fmt(r.get(k)) for k in FIELDS})
+    write_text(path, buf.getvalue())
+
+
+def summary(rows: List[Dict]) -> str:
+    cols = [('impl', 'impl', '{}'), ('mode', 'mode', '{}'), ('img/s', 'img_per_s', '{:.2f}'),
+            ('median ms', 'latency_ms_median', '{:.1f}'), ('p90 ms', 'latency_ms_p90', '{:.1f}'),
+            ('peak MB', 'peak_mem_mb', '{:.0f}'), ('GMAC/s', 'gmac_per_s', '{:.1f}'),
+            ('of peak', 'fraction_of_peak', '{:.0%}')]
+    table = [[c[0] for c in cols]]
+    for r in rows:
+        table.append([fmt.format(r[k]) if r.get(k) is not None else '-' for _, k, fmt in cols])
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    lines = ['  '.join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip()
+             for line in table]
+    for r in rows:
+        if r.get('ratio_vs_timm') is not None:
+            lines.append(f"{r['mode']}: ours / timm = {r['ratio_vs_timm']:.3f}x throughput "
+                         f"({r['ratio_vs_timm_median']:.3f}x by median step time)")
+    return '\n'.join(lines)
+
+
+# ---- the command ------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    input_size = _check_args(args)
+    layers = _parse_layers(args.layers)
+    overrides = {'layers': layers} if layers is not None else {}
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    _check_precision(device, args.precision)
+    compile_ = args.compile or args.compile_mode is not None
+    progress = Progress(args.quiet)
+    env = environment(device)
+
+    torch.manual_seed(args.seed)
+    ours = build_ours(args, input_size, overrides)
+    models = {OURS: ours}
+    timm_name = None
+    if args.compare_timm:
+        models[TIMM], timm_name = build_timm(args, ours, input_size, overrides)
+    from .flops import count_flops
+    macs = count_flops(ours, input_size)
+    engine = _resolved_engine(ours)
+    for m in models.values():
+        m.to(device)
+        if args.grad_checkpointing:
+            m.set_grad_checkpointing(True)
+
+    peak = None
+    if args.matmul_peak:
+        size = args.matmul_size or (8192 if device.type == 'cuda' else 2048)
+        peak = measure_matmul_peak(device, PRECISIONS[args.precision], size, progress)
+        progress.say(f"matmul peak: {peak:.1f} GFLOP/s", force=True)
+
+    g = torch.Generator(device='cpu').manual_seed(args.seed)
+    x = torch.randn(args.batch_size, *input_size, generator=g).to(device)
+    target = torch.randint(0, max(args.num_classes, 1), (args.batch_size,), generator=g).to(device)
+    cpu_probe = _CpuPeakRss() if device.type == 'cpu' and not args.no_memory else None
+    mem_method = None if args.no_memory else ('cuda-max-allocated' if device.type == 'cuda' else cpu_probe.method)
+
+    rows = []
+    for mode in (('infer', 'train') if args.mode == 'both' else (args.mode,)):
+        steps = {name: Step(m, mode, x, target, args.precision, args.compile_mode, compile_)
+                 for name, m in models.items()}
+        progress.say(f"{mode}: {args.model} batch {args.batch_size}, {' vs '.join(steps)}, "
+                     f"{args.warmup} warm-up + {args.iters} measured steps each", force=True)
+        times = run_interleaved(steps, args.warmup, args.iters, device, progress, mode)
+        mems = {}
+        if not args.no_memory:
+            for name, s in steps.items():
+                mems[name] = peak_memory_mb(s, device, cpu_probe)
+        work = macs * (3 if mode == 'train' else 1)
+        for name, ts in times.items():
+            mean = sum(ts) / len(ts)
+            ips = args.batch_size / mean
+            row = dict(model=args.model, impl=name, timm_model=timm_name, mode=mode, device=device.type,
+                       precision=args.precision, batch_size=args.batch_size,
+                       input_size='x'.join(map(str, input_size)), compile=compile_,
+                       rnn_engine=engine if name == OURS else 'nn.LSTM', grad_checkpointing=args.grad_checkpointing,
+                       threads=torch.get_num_threads(), warmup=args.warmup, iters=args.iters,
+                       img_per_s=ips, latency_ms_median=statistics.median(ts) * 1e3,
+                       latency_ms_p90=_percentile(ts, 0.9) * 1e3, latency_ms_mean=mean * 1e3,
+                       peak_mem_mb=mems.get(name), memory_method=mem_method,
+                       gmacs_per_img=macs / 1e9, gmac_per_s=ips * work / 1e9, gflop_per_s=2 * ips * work / 1e9,
+                       matmul_peak_gflop_s=peak,
+                       fraction_of_peak=(2 * ips * work / 1e9 / peak) if peak else None,
+                       ratio_vs_timm=None, ratio_vs_timm_median=None,
+                       **{k: env[k] for k in ('torch', 'timm', 'python', 'cpu', 'device_name', 'date')})
+            rows.append(row)
+        if TIMM in times:
+            ours_row, timm_row = rows[-len(times)], rows[-1]
+            ours_row['ratio_vs_timm'] = ours_row['img_per_s'] / timm_row['img_per_s']
+            ours_row['ratio_vs_timm_median'] = timm_row['latency_ms_median'] / ours_row['latency_ms_median']
+        del steps
+        gc.collect()
+
+    if args.matmul_peak:  # a second probe: on a shared machine the first may have met a busy moment
+        peak2 = measure_matmul_peak(device, PRECISIONS[args.precision], size, progress)
+        progress.say(f"matmul peak, second probe: {peak2:.1f} GFLOP/s", force=True)
+        if peak2 > peak:
+            peak = peak2
+            for r in rows:
+                r['matmul_peak_gflop_s'] = peak
+                r['fraction_of_peak'] = r['gflop_per_s'] / peak
+
+    print(f"{args.model}  input {'x'.join(map(str, input_size))}  batch {args.batch_size}  {args.precision}  "
+          f"{device.type} ({env['device_name']}, {torch.get_num_threads()} threads)  compile={compile_}  "
+          f"engine={engine}  grad_checkpointing={args.grad_checkpointing}  {macs / 1e9:.2f} GMACs/img"
+          + (f"  matmul peak {peak:.1f} GFLOP/s" if peak else ''))
+    if timm_name:
+        print(f"compared with timm's {timm_name} (same weights), timed alternately")
+    if mem_method:
+        print(f"peak memory: {mem_method}")
+    print(summary(rows))
+    if args.results_file:
+        write_results(args.results_file, rows, env)
+        print(f"results written to {args.results_file}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the root ``benchmark.py``: the same options as ``sequencer benchmark``."""
+    parser = argparse.ArgumentParser(prog='benchmark.py', description=__doc__.split('\n\n')[0])
+    add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return run(args) or 0
+    except UserError as e:
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,95 @@
+"""`sequencer benchmark`: results files with every field, timm compared in one run, one-line errors.
+
+Runs on a tiny configuration (one block per stage, 28 px inputs) and never asserts on speed."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sequencer.analysis.benchmark import FIELDS, timm_name_for
+from sequencer.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--layers', '1,1,1,1', '--img-size', '28', '--batch-size', '2', '--warmup', '0', '--iters', '2',
+        '--num-threads', '2', '-q']
+POSITIVE = ('img_per_s', 'latency_ms_median', 'latency_ms_p90', 'latency_ms_mean', 'gmacs_per_img', 'gmac_per_s',
+            'gflop_per_s')
+
+
+def test_csv_with_timm_comparison_and_matmul_peak(tmp_path, capsys):
+    out = tmp_path / 'bench.csv'
+    assert main(['benchmark', *TINY, '--compare-timm', '--matmul-peak', '--matmul-size', '256',
+                 '--results-file', str(out)]) == 0
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == FIELDS
+    assert [(r['impl'], r['mode']) for r in rows] == [
+        ('sequencer', 'infer'), ('timm', 'infer'), ('sequencer', 'train'), ('timm', 'train')]
+    for r in rows:
+        assert r['model'] == 'sequencer2d_s' and r['timm_model'] == 'sequencer2d_s'
+        assert r['input_size'] == '3x28x28' and r['batch_size'] == '2' and r['threads'] == '2'
+        for k in POSITIVE + ('matmul_peak_gflop_s', 'fraction_of_peak'):
+            assert float(r[k]) > 0, k
+        assert float(r['peak_mem_mb']) >= 0 and r['memory_method']
+        assert float(r['latency_ms_p90']) >= float(r['latency_ms_median'])
+    # the same forward MACs for both; training counts forward + backward as 3x
+    assert rows[0]['gmacs_per_img'] == rows[1]['gmacs_per_img']
+    ours = [r for r in rows if r['impl'] == 'sequencer']
+    assert all(float(r['ratio_vs_timm']) > 0 and float(r['ratio_vs_timm_median']) > 0 for r in ours)
+    assert all(r['ratio_vs_timm'] == '' for r in rows if r['impl'] == 'timm')
+    printed = capsys.readouterr().out
+    assert 'infer: ours / timm = ' in printed and 'train: ours / timm = ' in printed
+    assert f'results written to {out}' in printed
+
+
+def test_json_training_with_checkpointing_and_autocast(tmp_path):
+    out = tmp_path / 'bench.json'
+    assert main(['benchmark', *TINY, '--mode', 'train', '--grad-checkpointing', '--precision', 'bf16',
+                 '--rnn-engine', 'native', '--iters', '1', '--results-file', str(out)]) == 0
+    with open(out) as f:
+        data = json.load(f)
+    assert {'torch', 'timm', 'python', 'cpu', 'date'} <= set(data['environment'])
+    (row,) = data['results']
+    assert set(FIELDS) <= set(row)
+    assert (row['mode'], row['impl'], row['precision'], row['rnn_engine']) == ('train', 'sequencer', 'bf16', 'native')
+    assert row['grad_checkpointing'] is True and row['compile'] is False
+    assert row['ratio_vs_timm'] is None and row['fraction_of_peak'] is None
+    for k in POSITIVE:
+        assert row[k] > 0, k
+    assert row['peak_mem_mb'] >= 0
+    # 3x the forward MACs of one image, times images per second
+    assert row['gmac_per_s'] == pytest.approx(3 * row['gmacs_per_img'] * row['img_per_s'])
+    assert not [p for p in os.listdir(tmp_path) if p != 'bench.json']  # no temporary file left behind
+
+
+def test_timm_counterpart_of_each_model():
+    assert timm_name_for('sequencer2d_m') == 'sequencer2d_m'
+    assert timm_name_for('sequencer2d_l_392') == 'sequencer2d_l'  # same architecture, other input size
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch-size', '0'], '--batch-size must be at least 1, got 0'),
+    (['--iters', '0'], '--iters must be at least 1, got 0'),
+    (['--model', 'sequencer2d_x'], "unknown model 'sequencer2d_x'"),
+    (['--results-file', 'out.txt'], 'the name must end in .csv or .json'),
+    (['--layers', '1,x'], "--layers '1,x': expected comma-separated integers"),
+    (['--layers', '1,1'], 'sequencer2d_s: cannot build with'),
+    (['--model', 'v_sequencer_s', '--compare-timm', '--layers', '1,1,1,1'],
+     'timm has no model with the architecture of v_sequencer_s'),
+    (['--mode', 'train', '--num-classes', '0'], 'training needs a classifier'),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    assert main(['benchmark', '--img-size', '56', '--iters', '1', '--warmup', '0', '-q', *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith('sequencer benchmark: error: ') and message in err
+
+
+def test_root_script_is_the_same_command(tmp_path):
+    proc = subprocess.run([sys.executable, 'benchmark.py', '--model', 'resnet50'], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["benchmark.py: error: unknown model 'resnet50'; see `sequencer models`"]
