@@ -9,6 +9,13 @@ from .errors import UserError
 # name -> (module, one-line help)
 COMMANDS = {
     'models': ('sequencer.models.table', 'list every model: parameters, FLOPs, paper top-1, published weights'),
+    'erf': ('sequencer.analysis.erf', 'effective receptive field of each stage: heatmaps (PNG) and arrays (.npy)'),
+    'resolution': ('sequencer.analysis.resolution', 'top-1 at several test resolutions, one plot for several models'),
+    'robustness': ('sequencer.analysis.robustness', 'ImageNet-C mCE, ImageNet-A / -R / -Sketch / V2 top-1: one table'),
+    'avg-checkpoints': ('sequencer.engine.avg_checkpoints', 'average the weights of the last / best N checkpoints of a run'),
+    'clean-checkpoint': ('sequencer.engine.clean_checkpoint', 'training checkpoint -> weights-only safetensors named with its sha256'),
+    'predict': ('sequencer.export.predict', 'top-k classes of images, with class names (text or JSON)'),
+    'export': ('sequencer.export.export', 'ONNX or TorchScript file, checked against PyTorch'),
     'benchmark': ('sequencer.analysis.benchmark', 'throughput, latency and peak memory; --compare-timm times timm alongside'),
 }
 

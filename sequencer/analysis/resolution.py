@@ -1,0 +1,138 @@
+"""Resolution adaptability (the paper's test-resolution study): one set of weights evaluated at several input
+resolutions without retraining. Sequencer2D has no position embedding and its LSTMs run over however many
+tokens there are, so any resolution is a valid input; the vanilla Sequencer's position embedding (if any)
+is resampled.
+
+Each resolution uses the model's evaluation transform (bicubic resize to size / crop_pct, centre crop to
+size) with only the size changed.
+"""
+import argparse
+import csv
+import io
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..engine.io import atomic_open, write_text, write_with
+from ..engine.loading import add_model_arguments, models_from_args, resolve_device
+from ..errors import UserError
+
+__all__ = ['sweep', 'plot_sweep', 'FIELDS']
+
+FIELDS = ('label', 'model', 'checkpoint', 'img_size', 'top1', 'top5', 'loss', 'count')
+
+
+def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'validation', batch_size: int = 64,
+          workers: int = 2, device: torch.device = torch.device('cpu'), crop_pct: Optional[float] = None,
+          amp_dtype: Optional[torch.dtype] = None, log=print) -> List[Dict]:
+    """top-1 / top-5 / loss of ``model`` on ``data_dir`` at each of ``sizes`` (one dict per size)."""
+    from ..data import create_eval_dataset, create_eval_loader, data_config
+    from ..engine.evaluate import evaluate
+
+    dataset = create_eval_dataset(data_dir, split)
+    results = []
+    for size in sizes:
+        if size < 8:
+            raise UserError(f"--sizes: {size} px is too small")
+        cfg = data_config(model, img_size=size, crop_pct=crop_pct)
+        dataset.transform = None  # the loader factory installs the transform for this size
+        loader = create_eval_loader(dataset, cfg, batch_size=batch_size, workers=workers, device=device)
+        r = evaluate(model, loader, device=device, amp_dtype=amp_dtype)
+        results.append(dict(img_size=size, **r))
+        if log is not None:
+            log(f"  {size:4d} px: top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}  loss {r['loss']:.4f}  "
+                f"({r['count']} images)")
+    return results
+
+
+def plot_sweep(rows: Sequence[Dict], path: str, native: Optional[Dict[str, int]] = None, title: str = ''):
+    """top-1 against resolution, one line per label; a dotted vertical line marks each model's native size."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = list(dict.fromkeys(r['label'] for r in rows))
+    for label in labels:
+        pts = sorted((r['img_size'], r['top1']) for r in rows if r['label'] == label)
+        line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=label)
+        if native and label in native:
+            ax.axvline(native[label], color=line.get_color(), linestyle=':', linewidth=1)
+    ax.set_xlabel('test resolution (px)')
+    ax.set_ylabel('top-1 accuracy (%)')
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=120, bbox_inches='tight')
+    plt.close(fig)
+    write_with(path, lambda f: f.write(buf.getvalue()))
+
+
+def write_csv(rows: Sequence[Dict], path: str):
+    with atomic_open(path, 'w') as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction='ignore')
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f'{r[k]:.4f}' if isinstance(r[k], float) else r[k]) for k in FIELDS})
+
+
+def markdown(rows: Sequence[Dict]) -> str:
+    """A table: one row per label, one column per resolution (top-1)."""
+    sizes = sorted({r['img_size'] for r in rows})
+    labels = list(dict.fromkeys(r['label'] for r in rows))
+    top1 = {(r['label'], r['img_size']): r['top1'] for r in rows}
+    lines = ['| model | ' + ' | '.join(f'{s} px' for s in sizes) + ' |', '|---|' + '---|' * len(sizes)]
+    for label in labels:
+        cells = [f"{top1[(label, s)]:.2f}" if (label, s) in top1 else '' for s in sizes]
+        lines.append(f"| {label} | " + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+# ---- command --------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.description = (
+        "Resolution adaptability: evaluate the same weights at several test resolutions, without retraining "
+        "(top-1, top-5, loss per size). Several models, or one model with several checkpoints, go on one "
+        "plot. Writes resolution.csv (one row per model and size), resolution.md (top-1 table) and "
+        "resolution.png (top-1 against resolution; dotted lines mark each model's native size).")
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.add_argument('data', metavar='DATA', help='evaluation images in ImageFolder layout (DATA/val/<class>/* '
+                        'or DATA/<class>/*)')
+    add_model_arguments(parser, multiple=True)
+    parser.add_argument('--sizes', type=int, nargs='+', required=True, metavar='PX',
+                        help='test resolutions, e.g. 128 160 192 224 256 320 384')
+    parser.add_argument('--split', default='validation', help="split folder to use if DATA has several")
+    parser.add_argument('--crop-pct', type=float, default=None, help="centre-crop fraction (default: the model's)")
+    parser.add_argument('-b', '--batch-size', type=int, default=64)
+    parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
+    parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
+                        help='evaluate under autocast with this dtype (default: float32)')
+    parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
+    amp = getattr(torch, args.amp_dtype) if args.amp_dtype else None
+    models = models_from_args(args, device)
+    sizes = sorted(set(args.sizes))
+    rows, native = [], {}
+    for label, lm in models:
+        print(f"resolution: {label}")
+        native[label] = lm.model.pretrained_cfg['input_size'][-1]
+        for r in sweep(lm.model, args.data, sizes, split=args.split, batch_size=args.batch_size,
+                       workers=args.workers, device=device, crop_pct=args.crop_pct, amp_dtype=amp):
+            rows.append(dict(label=label, model=lm.name, checkpoint=lm.checkpoint or '', **r))
+        lm.model.cpu()
+    os.makedirs(args.output, exist_ok=True)
+    write_csv(rows, os.path.join(args.output, 'resolution.csv'))
+    table = markdown(rows)
+    write_text(os.path.join(args.output, 'resolution.md'), table)
+    plot_sweep(rows, os.path.join(args.output, 'resolution.png'), native=native,
+               title=f"top-1 against test resolution ({os.path.basename(os.path.abspath(args.data))})")
+    print(table, end='')
+    print(f"resolution: wrote resolution.csv, resolution.md, resolution.png to {args.output}")
+    return 0

@@ -1,0 +1,181 @@
+"""Deployment formats: ONNX (run with onnxruntime) and TorchScript, each checked against the PyTorch model.
+
+The recurrences are exported from the native engine (``torch.nn.LSTM`` / ``GRU`` / ``RNN``), which both
+exporters translate into ONNX's own LSTM / GRU / RNN operators. ONNX files have a dynamic batch axis;
+the spatial size is fixed at export time (``--img-size``). After writing, the file is loaded back and
+run on a random batch of another size; the largest absolute difference from the PyTorch logits is
+reported and must be within the tolerance (1e-4 by default) or the export fails.
+"""
+import argparse
+import io
+import os
+import warnings
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..engine.io import write_with
+from ..engine.loading import add_model_arguments, model_from_args
+from ..errors import UserError
+
+__all__ = ['export_onnx', 'export_torchscript', 'verify_onnx', 'verify_torchscript', 'ExportError']
+
+FORMATS = ('onnx', 'torchscript')
+
+
+class ExportError(UserError):
+    """The exported file does not reproduce the model's outputs, or the exporter failed."""
+
+
+def _prepare(model: nn.Module) -> nn.Module:
+    model = model.eval().cpu().float()
+    if hasattr(model, 'set_rnn_engine'):
+        model.set_rnn_engine('native')
+    return model
+
+
+def _input(model: nn.Module, img_size: Optional[int], batch: int, seed: int = 0) -> torch.Tensor:
+    size = img_size or model.pretrained_cfg['input_size'][-1]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, getattr(model, 'in_chans', 3), size, size, generator=g)
+
+
+def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, opset: int = 18,
+                dynamo: bool = True) -> Dict:
+    """Write ``model`` as ONNX with a dynamic batch axis (input 'input' NCHW float32, output 'logits').
+
+    ``dynamo=True`` uses torch.export (the supported exporter); ``False`` the TorchScript-based one.
+    Returns a dict with the exporter used and the opset written.
+    """
+    if opset < 17:
+        raise UserError(f"--opset {opset}: ONNX opset 17 or newer is needed (LayerNormalization)")
+    model = _prepare(model)
+    x = _input(model, img_size, batch=2)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try:
+            if dynamo:
+                program = torch.onnx.export(
+                    model, (x,), input_names=['input'], output_names=['logits'], opset_version=opset, dynamo=True,
+                    dynamic_shapes=({0: torch.export.Dim('batch', min=1, max=4096)},), verbose=False)
+                buf.write(program.model_proto.SerializeToString())
+            else:
+                torch.onnx.export(model, (x,), buf, input_names=['input'], output_names=['logits'],
+                                  opset_version=opset, dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}},
+                                  dynamo=False)
+        except ImportError as e:
+            raise ExportError(f"ONNX export needs the export extra (pip install 'sequencer[export]'): {e}") from None
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"ONNX export failed ({type(e).__name__}: {first[:300]})") from None
+    data = buf.getvalue()
+    write_with(path, lambda f: f.write(data))
+    import onnx
+    proto = onnx.load_from_string(data)
+    onnx.checker.check_model(proto)
+    written = max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))
+    return dict(exporter='dynamo' if dynamo else 'torchscript-based', opset=written, size=x.shape[-1])
+
+
+def verify_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, batches: Sequence[int] = (1, 3)) -> float:
+    """Largest absolute difference between onnxruntime's and PyTorch's logits over random batches."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ExportError(f"verifying ONNX needs onnxruntime (pip install 'sequencer[export]'): {e}") from None
+    model = _prepare(model)
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    name = session.get_inputs()[0].name
+    worst = 0.0
+    for i, b in enumerate(batches):
+        x = _input(model, img_size, batch=b, seed=1 + i)
+        with torch.no_grad():
+            ref = model(x)
+        out = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        if out.shape != ref.shape:
+            raise ExportError(f"{path}: onnxruntime gives shape {tuple(out.shape)} for batch {b}, PyTorch "
+                              f"{tuple(ref.shape)}")
+        worst = max(worst, (out - ref).abs().max().item())
+    return worst
+
+
+def export_torchscript(model: nn.Module, path: str, img_size: Optional[int] = None) -> Dict:
+    """Write ``model`` as TorchScript (traced on the native RNN engine; any batch size)."""
+    model = _prepare(model)
+    x = _input(model, img_size, batch=2)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')
+        try:
+            traced = torch.jit.trace(model, x, check_trace=False)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"TorchScript trace failed ({type(e).__name__}: {first[:300]})") from None
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    data = buf.getvalue()
+    write_with(path, lambda f: f.write(data))
+    return dict(exporter='torch.jit.trace', size=x.shape[-1])
+
+
+def verify_torchscript(model: nn.Module, path: str, img_size: Optional[int] = None,
+                       batches: Sequence[int] = (1, 3)) -> float:
+    model = _prepare(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        loaded = torch.jit.load(path, map_location='cpu')
+    worst = 0.0
+    for i, b in enumerate(batches):
+        x = _input(model, img_size, batch=b, seed=1 + i)
+        with torch.no_grad():
+            worst = max(worst, (loaded(x) - model(x)).abs().max().item())
+    return worst
+
+
+# ---- command --------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.description = (
+        "Export a model for deployment. onnx: an ONNX file (opset >= 17, dynamic batch axis, input 'input' "
+        "N x 3 x S x S float32 normalised as for evaluation, output 'logits'); torchscript: a traced "
+        "TorchScript file (torch.jit.load). The file is loaded back and run on random batches of 1 and 3 "
+        "images (onnxruntime for ONNX); the largest absolute difference from the PyTorch logits is printed "
+        "and must be within --tolerance, or the command fails.")
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    add_model_arguments(parser, device=False)
+    parser.add_argument('--format', required=True, choices=FORMATS, help='output format')
+    parser.add_argument('--output', '-o', required=True, metavar='FILE', help='output file (.onnx / .pt)')
+    parser.add_argument('--img-size', type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument('--opset', type=int, default=18, help='ONNX opset (17 or newer)')
+    parser.add_argument('--exporter', default='dynamo', choices=['dynamo', 'torchscript'],
+                        help="ONNX exporter: torch.export ('dynamo', the supported one) or the older "
+                             "TorchScript-based one (faster)")
+    parser.add_argument('--tolerance', type=float, default=1e-4, help='largest allowed absolute difference')
+    parser.add_argument('--no-verify', action='store_true', help='skip loading the file back and comparing')
+
+
+def run(args) -> int:
+    loaded = model_from_args(args, device=torch.device('cpu'))
+    model = loaded.model
+    print(f"export: {loaded.label} -> {args.output} ({args.format})")
+    if args.format == 'onnx':
+        info = export_onnx(model, args.output, img_size=args.img_size, opset=args.opset,
+                           dynamo=args.exporter == 'dynamo')
+        print(f"export: wrote {args.output} (ONNX opset {info['opset']}, {info['exporter']} exporter, "
+              f"input N x {getattr(model, 'in_chans', 3)} x {info['size']} x {info['size']})")
+        verify = verify_onnx
+    else:
+        info = export_torchscript(model, args.output, img_size=args.img_size)
+        print(f"export: wrote {args.output} (TorchScript, input N x {getattr(model, 'in_chans', 3)} x "
+              f"{info['size']} x {info['size']})")
+        verify = verify_torchscript
+    if args.no_verify:
+        return 0
+    diff = verify(model, args.output, img_size=args.img_size)
+    runtime = 'onnxruntime' if args.format == 'onnx' else 'torch.jit.load'
+    if not diff <= args.tolerance:
+        os.unlink(args.output)  # a file that does not reproduce the model is not left behind
+        raise ExportError(f"{args.output}: {runtime} differs from PyTorch by {diff:.3g} (> tolerance "
+                          f"{args.tolerance:g}); file removed")
+    print(f"export: verified with {runtime}: max |difference| {diff:.3g} <= {args.tolerance:g} (batches of 1 and 3)")
+    return 0
