@@ -1,0 +1,339 @@
+"""The fused engine of ``RNN2D``: all LSTM directions of a BiLSTM2D computed together.
+
+``fused_rnn2d(module, x)`` returns exactly what ``module._forward_native(x)`` returns (the united output,
+before ``module.fc``) for single-layer LSTMs, from the same ``nn.LSTM`` parameters, so checkpoints and
+state_dicts do not depend on the engine.
+
+How it computes, for D directions (up to four: vertical / horizontal x forward / backward) of hidden
+size ``h`` over an NHWC input ``x`` of shape (B, H, W, C):
+
+* **One input GEMM.** The input weights of all directions are stacked into one (D*4h, C) matrix with
+  ``b_ih + b_hh`` folded into its bias, and ``x`` (viewed as (B*H*W, C), no copy) is multiplied once:
+  ``xp`` of shape (B*H*W, D*4h). Row ``token * D + d`` of ``xp`` viewed as (B*H*W*D, 4h) holds the input
+  gates of direction ``d`` at that token.
+* **One batched step for all directions.** The recurrent state is (D, N, h): direction ``d`` holds its
+  N independent sequences (N = B*W columns for the vertical directions, B*H rows for the horizontal
+  ones). A precomputed index table ``rows[t]`` maps step ``t`` of every sequence of every direction to
+  its token row, with the reversed directions reading ``T - 1 - t`` -- index arithmetic, no flipped or
+  permuted copies of the activations. Each step gathers its input gates (one ``index_select``), adds
+  ``h @ W_hh`` for all directions with one ``baddbmm``, applies the cell in a handful of element-wise
+  ops, and scatters ``h`` straight into the output tensor (one ``index_copy_``), which therefore comes
+  out in the ``cat`` layout (B, H, W, D*h) with no permute or concatenation. When H != W the shorter
+  axis is padded: its missing steps and sequences read a zero row and write a scratch row, and their
+  gradients are exactly zero.
+* **Hand-written backward.** Only the (dh, dc) recursion runs step by step (one gather of the output
+  gradient, one ``baddbmm`` for ``dG @ W_hh`` and element-wise ops per step). The gate gradients of all
+  steps are collected in token order, so the input gradient and ``dW_ih`` are one GEMM each over all
+  tokens, the bias gradient one reduction, and ``dW_hh`` one batched GEMM over all time steps.
+
+Internally the gates are ordered (i, f, o, g) and the g rows of the weights are scaled by -2, so that a
+single sigmoid over all gates gives i, f, o and ``s = sigmoid(-2 a)``, from which ``tanh(a) = 1 - 2 s``;
+``tanh(c)`` is computed the same way. (On CPU ``sigmoid`` is several times faster than ``tanh``.) The
+results agree with ``nn.LSTM`` to float32 rounding (about 1e-6).
+
+Numerics under autocast: the input projection runs in the autocast dtype (as a Linear layer would);
+the recurrence (state, cell, recurrent matmul) runs in float32; the output is returned in the autocast
+dtype, which is what ``nn.LSTM`` returns under autocast. Gradients are computed in float32 and returned
+in the dtypes of the input and the parameters.
+
+On CUDA with Triton available the forward recurrence runs in one Triton kernel (``triton_lstm``) that
+keeps ``W_hh`` on chip for the whole sequence; the backward is the torch code below.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+# internal gate order (i, f, o, g) taken from nn.LSTM's (i, f, g, o); the map is its own inverse
+_GATE_ORDER = (0, 1, 3, 2)
+_G_SCALE = -2.0
+
+
+def _directions(module: nn.Module) -> List[Tuple[nn.LSTM, bool, bool]]:
+    """(lstm, vertical, reverse) of every direction, in the channel order of the native output."""
+    dirs = []
+    for rnn, vertical in ((module.rnn_v, True), (module.rnn_h, False)):
+        if rnn is None:
+            continue
+        dirs.append((rnn, vertical, False))
+        if rnn.bidirectional:
+            dirs.append((rnn, vertical, True))
+    return dirs
+
+
+def _params(rnn: nn.LSTM, reverse: bool) -> List[Optional[torch.Tensor]]:
+    sfx = '_l0_reverse' if reverse else '_l0'
+    return [getattr(rnn, 'weight_ih' + sfx), getattr(rnn, 'weight_hh' + sfx),
+            getattr(rnn, 'bias_ih' + sfx, None), getattr(rnn, 'bias_hh' + sfx, None)]
+
+
+# ---- the index plan -------------------------------------------------------------------------------------
+
+def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index tables of the recurrence over a (B, H, W) grid for the directions ``kinds`` ((vertical, reverse)).
+
+    rows (T, D*N): the token row ``token * D + d`` read and written by step t of sequence n of direction d
+    (T, N: the longest sequence and the largest number of sequences over the directions). Steps and
+    sequences that a direction lacks (H != W) point to row ``B*H*W*D``: a zero row of the input gates and a
+    scratch row of the output.
+    prev (B*H*W*D,): for every token row, the row holding the same direction's hidden state one step
+    earlier, or ``B*H*W*D`` (a zero row) at the first step.
+    """
+    D = len(kinds)
+    T = max(H if v else W for v, _ in kinds)
+    N = max(B * W if v else B * H for v, _ in kinds)
+    R = B * H * W * D
+    t = torch.arange(T, device=device).view(T, 1)
+    n = torch.arange(N, device=device).view(1, N)
+    b3 = torch.arange(B, device=device).view(B, 1, 1)
+    i3 = torch.arange(H, device=device).view(1, H, 1)
+    j3 = torch.arange(W, device=device).view(1, 1, W)
+    rows, prev = [], []
+    for d, (vertical, reverse) in enumerate(kinds):
+        L, M = (H, W) if vertical else (W, H)   # steps per sequence, sequences per image
+        s = (L - 1 - t) if reverse else t       # reversed directions: index arithmetic, no flip
+        b, k = n // M, n % M
+        token = (b * H + s) * W + k if vertical else (b * H + k) * W + s
+        valid = (t < L) & (n < B * M)
+        rows.append(torch.where(valid, token * D + d, torch.full_like(token, R)))
+        step = -1 if not reverse else 1         # where the previous step of this direction was
+        pi, pj = (i3 + step, j3) if vertical else (i3, j3 + step)
+        ok = (pi >= 0) & (pi < H) & (pj >= 0) & (pj < W)
+        ptoken = (b3 * H + pi) * W + pj
+        prev.append(torch.where(ok, ptoken * D + d, torch.full_like(ptoken, R)).expand(B, H, W).reshape(-1))
+    return torch.stack(rows, 1).reshape(T, D * N), torch.stack(prev, 1).reshape(R)
+
+
+_PLANS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _plan(B, H, W, kinds, device):
+    if torch.compiler.is_compiling():
+        return _build_plan(B, H, W, kinds, device)
+    key = (B, H, W, kinds, str(device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 64:
+            _PLANS.clear()
+        plan = _PLANS[key] = _build_plan(B, H, W, kinds, device)
+    return plan
+
+
+# ---- weights in the internal layout --------------------------------------------------------------------
+
+def _gate_scale(hidden: int, device, dtype) -> torch.Tensor:
+    s = torch.ones(4, 1, device=device, dtype=dtype)
+    s[3] = _G_SCALE
+    return s
+
+
+def _to_internal(w: torch.Tensor, hidden: int) -> torch.Tensor:
+    """(4h, ...) in nn.LSTM gate order -> (4h, ...) in the internal order with the g rows scaled."""
+    w4 = w.reshape(4, hidden, -1)[list(_GATE_ORDER)]
+    return (w4 * _gate_scale(hidden, w.device, w.dtype).view(4, 1, 1)).reshape(w.shape)
+
+
+def _from_internal(g: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Gradient w.r.t. an internal (4h, ...) tensor -> gradient w.r.t. the nn.LSTM parameter."""
+    g4 = (g.reshape(4, hidden, -1) * _gate_scale(hidden, g.device, g.dtype).view(4, 1, 1))
+    return g4[list(_GATE_ORDER)].reshape(g.shape)
+
+
+# ---- the recurrence, torch implementation ---------------------------------------------------------------
+
+def _recurrence_torch(xp_rows, w_hh_t, rows, D, N, hidden, out_rows, save):
+    """Run all steps. xp_rows (R, 4h) input gates by token row; w_hh_t (D, h, 4h) internal recurrent weights.
+
+    Writes h of every step into out_rows (R, h). With ``save`` returns what the backward needs:
+    act (T, D, N, 4h) gate activations, cs (T, D, N, h) cell states and sc (T, D, N, h) sigmoid(-2c).
+    """
+    T = rows.shape[0]
+    G = 4 * hidden
+    dev, dt = xp_rows.device, xp_rows.dtype
+    new = lambda *shape: torch.empty(*shape, device=dev, dtype=dt)
+    if save:
+        act, cs, sc = new(T, D, N, G), new(T, D, N, hidden), new(T, D, N, hidden)
+    else:
+        gates_buf, sc_buf = new(D, N, G), new(D, N, hidden)
+        c_bufs = (new(D, N, hidden), new(D, N, hidden))
+    h_bufs = (new(D, N, hidden), new(D, N, hidden))
+    h_prev = c_prev = None
+    for t in range(T):
+        g = act[t] if save else gates_buf
+        torch.index_select(xp_rows, 0, rows[t], out=g.view(D * N, G))
+        if h_prev is not None:
+            g.baddbmm_(h_prev, w_hh_t)                                # + h @ W_hh, all directions
+        g.sigmoid_()
+        i, f, o, s = g[..., :hidden], g[..., hidden:2 * hidden], g[..., 2 * hidden:3 * hidden], g[..., 3 * hidden:]
+        c = cs[t] if save else c_bufs[t % 2]
+        if c_prev is None:
+            torch.addcmul(i, i, s, value=-2.0, out=c)                  # c = i g, g = 1 - 2 s
+        else:
+            torch.addcmul(torch.addcmul(i, f, c_prev), i, s, value=-2.0, out=c)  # c = f c + i g
+        sct = sc[t] if save else sc_buf
+        torch.mul(c, -2.0, out=sct)
+        sct.sigmoid_()                                                # tanh(c) = 1 - 2 sigmoid(-2c)
+        h = h_bufs[t % 2]
+        torch.addcmul(o, o, sct, value=-2.0, out=h)                   # h = o tanh(c)
+        out_rows.index_copy_(0, rows[t], h.view(D * N, hidden))
+        h_prev, c_prev = h, c
+    return (act, cs, sc) if save else None
+
+
+def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, D, N, hidden, dxp_rows):
+    """BPTT of the (dh, dc) recursion; writes the internal gate gradients of every step into dxp_rows (R, 4h).
+
+    gy_rows (R, h) output gradient by token row; w_hh (D, 4h, h) internal recurrent weights.
+    """
+    T = rows.shape[0]
+    G = 4 * hidden
+    dev, dt = gy_rows.device, gy_rows.dtype
+    new = lambda *shape: torch.empty(*shape, device=dev, dtype=dt)
+    dh, dD = new(D, N, hidden), new(D, N, G)
+    dG_bufs = (new(D, N, G), new(D, N, G))
+    dc_next = dG_next = None
+    for t in range(T - 1, -1, -1):
+        torch.index_select(gy_rows, 0, rows[t], out=dh.view(D * N, hidden))
+        if dG_next is not None:
+            dh.baddbmm_(dG_next, w_hh)                                # + dG_{t+1} @ W_hh
+        a = act[t]
+        i, f, s = a[..., :hidden], a[..., hidden:2 * hidden], a[..., 3 * hidden:]
+        o = a[..., 2 * hidden:3 * hidden]
+        sct = sc[t]
+        # dc = dc_next + dh o (1 - tanh(c)^2), with 1 - tanh(c)^2 = 4 sc (1 - sc)
+        q = torch.addcmul(sct, sct, sct, value=-1.0)
+        p = dh * o
+        dc = p.mul_(q).mul_(4.0) if dc_next is None else torch.addcmul(dc_next, p, q, value=4.0)
+        # gradients w.r.t. the activations (i, f, o, s_g) ...
+        torch.addcmul(dh, dh, sct, value=-2.0, out=dD[..., 2 * hidden:3 * hidden])   # do = dh tanh(c)
+        m2dc = dc * -2.0
+        torch.addcmul(dc, m2dc, s, out=dD[..., :hidden])                            # di = dc g
+        if t > 0:
+            torch.mul(dc, cs[t - 1], out=dD[..., hidden:2 * hidden])                 # df = dc c_prev
+        else:
+            dD[..., hidden:2 * hidden].zero_()
+        torch.mul(m2dc, i, out=dD[..., 3 * hidden:])                                 # ds_g = -2 dc i
+        dc_next = dc.mul_(f)
+        # ... and through the sigmoids: dG = dD s (1 - s)
+        u = dD.mul_(a)
+        dGt = dG_bufs[t % 2]
+        torch.addcmul(u, u, a, value=-1.0, out=dGt)
+        dxp_rows.index_copy_(0, rows[t], dGt.view(D * N, G))
+        dG_next = dGt
+
+
+class _FusedLSTM2D(torch.autograd.Function):
+    """Autograd function over x (B, H, W, C) and the flat list of (w_ih, w_hh, b_ih, b_hh) per direction."""
+
+    @staticmethod
+    def forward(ctx, x, kinds, hidden, out_dtype, mm_dtype, *params):
+        B, H, W, C = x.shape
+        D = len(kinds)
+        G = 4 * hidden
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32   # recurrence dtype
+        with torch.autocast(x.device.type, enabled=False):
+            rows, prev = _plan(B, H, W, kinds, x.device)
+            T, DN = rows.shape
+            N = DN // D
+            has_bias = params[2] is not None
+            w_ih = torch.cat([_to_internal(params[4 * d].to(cdt), hidden) for d in range(D)])       # (D*4h, C)
+            w_hh = torch.stack([_to_internal(params[4 * d + 1].to(cdt), hidden) for d in range(D)])  # (D, 4h, h)
+            bias = torch.cat([_to_internal((params[4 * d + 2] + params[4 * d + 3]).to(cdt), hidden)
+                              for d in range(D)]) if has_bias else None
+            R = B * H * W * D
+            x2 = x.reshape(B * H * W, C)
+            # one extra row: zero input for the padded steps, and later the zero "previous h"
+            xp_buf = torch.empty(R + 1, G, device=x.device, dtype=cdt)
+            xp = xp_buf[:R].view(B * H * W, D * G)
+            if mm_dtype == cdt and x2.dtype == cdt:
+                if bias is None:
+                    torch.mm(x2, w_ih.t(), out=xp)
+                else:
+                    torch.addmm(bias, x2, w_ih.t(), out=xp)
+            else:
+                xp.copy_(torch.nn.functional.linear(x2.to(mm_dtype), w_ih.to(mm_dtype),
+                                                    None if bias is None else bias.to(mm_dtype)))
+            xp_buf[R:].zero_()
+            y_buf = torch.empty(R + 1, hidden, device=x.device, dtype=cdt)
+            save = any(ctx.needs_input_grad)
+            if x.is_cuda and _triton_ok():
+                from .triton_lstm import lstm_recurrence_triton
+                saved = lstm_recurrence_triton(xp_buf, w_hh, rows, D, N, hidden, y_buf, save)
+            else:
+                saved = _recurrence_torch(xp_buf, w_hh.transpose(1, 2), rows, D, N, hidden, y_buf, save)
+            del xp_buf, xp
+            y_buf[R:].zero_()  # the scratch row of padded steps becomes the zero "previous h" of the backward
+            y = y_buf[:R].view(B, H, W, D * hidden)
+            if save:
+                act, cs, sc = saved
+                ctx.save_for_backward(x, w_ih, w_hh, rows, prev, act, cs, sc, y_buf)
+                ctx.meta = (kinds, hidden, has_bias, cdt, [p.dtype if p is not None else None for p in params])
+            y = y.to(out_dtype) if out_dtype != cdt else y.clone()
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w_ih, w_hh, rows, prev, act, cs, sc, y_buf = ctx.saved_tensors
+        kinds, hidden, has_bias, cdt, dtypes = ctx.meta
+        B, H, W, C = x.shape
+        D = len(kinds)
+        G = 4 * hidden
+        T, DN = rows.shape
+        N = DN // D
+        R = B * H * W * D
+        BHW = B * H * W
+        with torch.autocast(x.device.type, enabled=False):
+            gy_buf = torch.empty(R + 1, hidden, device=x.device, dtype=cdt)
+            gy_buf[:R].view(gy.shape).copy_(gy)
+            gy_buf[R:].zero_()
+            dxp_buf = torch.empty(R + 1, G, device=x.device, dtype=cdt)
+            _backward_torch(gy_buf, act, cs, sc, w_hh, rows, D, N, hidden, dxp_buf)
+            dxp = dxp_buf[:R].view(BHW, D * G)
+            x2 = x.reshape(BHW, C).to(cdt)
+            dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw_ih = torch.mm(dxp.t(), x2)                                                 # (D*4h, C)
+            h_prev = y_buf.index_select(0, prev).view(BHW, D, hidden)                     # h_{t-1} by token
+            dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1))  # (D, 4h, h)
+            db = dxp.sum(0) if has_bias else None
+            grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
+            for d in range(D):
+                grads[4 * d] = _from_internal(dw_ih[d * G:(d + 1) * G], hidden).to(dtypes[4 * d])
+                grads[4 * d + 1] = _from_internal(dw_hh[d], hidden).to(dtypes[4 * d + 1])
+                if has_bias:
+                    gb = _from_internal(db[d * G:(d + 1) * G], hidden)
+                    grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
+                    grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
+        return (dx, None, None, None, None, *grads)
+
+
+_TRITON_OK: Optional[bool] = None
+
+
+def _triton_ok() -> bool:
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            from . import triton_lstm  # noqa: F401
+            _TRITON_OK = triton_lstm.available()
+        except Exception:
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+def fused_rnn2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The united output of ``module`` (an ``RNN2D`` of single-layer LSTMs) for NHWC ``x``, before ``fc``."""
+    dirs = _directions(module)
+    kinds = tuple((vertical, reverse) for _, vertical, reverse in dirs)
+    params = [p for rnn, _, reverse in dirs for p in _params(rnn, reverse)]
+    if torch.is_autocast_enabled(x.device.type):
+        out_dtype = mm_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
+        mm_dtype = torch.float32
+    if x.dtype == torch.float64:  # double precision throughout (gradient checks)
+        mm_dtype = torch.float64
+    y = _FusedLSTM2D.apply(x, kinds, module.hidden_size, out_dtype, mm_dtype, *params)
+    if module.union == 'add':
+        B, H, W, _ = x.shape
+        y = y.view(B, H, W, 2, -1).sum(3)
+    return y
