@@ -14,6 +14,7 @@ is evaluated restricted to it.
 """
 import argparse
 import csv
+import functools
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -44,10 +45,15 @@ FOLDER_BENCHMARKS = (('imagenet_a', 'ImageNet-A'), ('imagenet_r', 'ImageNet-R'),
                      ('imagenet_sketch', 'ImageNet-Sketch'), ('imagenetv2', 'ImageNetV2'))
 
 
+@functools.lru_cache(maxsize=1)
+def _wnid_index() -> Dict[str, int]:
+    from timm.data import ImageNetInfo
+    return {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+
+
 def imagenet_class_index(folder_names: Sequence[str]) -> torch.Tensor:
     """ImageNet-1K output index of each class folder: a wnid ('n01440764') or a class index ('0'..'999')."""
-    from timm.data import ImageNetInfo
-    wnids = {w: i for i, w in enumerate(ImageNetInfo().label_names())}
+    wnids = _wnid_index()
     out = []
     for name in folder_names:
         if name in wnids:
@@ -80,7 +86,7 @@ def mce(ces: Dict[str, Dict]) -> Dict[str, float]:
         raise UserError("no corruptions to average")
     n = len(ces)
     return dict(mce=100 * sum(c['ce'] for c in ces.values()) / n,
-                mean_error=100 * sum(c['error'] for c in ces.values()) / n, corruptions=n)
+                mean_error=100 * sum(c['error'] for c in ces.values()) / n, num_corruptions=n)
 
 
 def _loader(path: str, cfg: Dict, batch_size: int, workers: int, device: torch.device):
@@ -118,13 +124,17 @@ def evaluate_imagenet_c(model: nn.Module, root: str, cfg: Dict, corruptions: Seq
     ``UserError`` unless ``allow_partial`` (then only those found are averaged, and the result says so)."""
     if not os.path.isdir(root):
         raise UserError(f"{root}: ImageNet-C folder does not exist")
-    errors, found, missing = {}, {}, []
+    missing = [f"{name}/{sev}" for name in corruptions for sev in severities
+               if not os.path.isdir(os.path.join(root, name, str(sev)))]
+    if missing and not allow_partial:
+        raise UserError(f"{root}: missing {len(missing)} corruption/severity folder(s) ({', '.join(missing[:4])}"
+                        f"{' ...' if len(missing) > 4 else ''}); --allow-partial averages those present")
+    errors, found = {}, {}
     for name in corruptions:
         errs, sevs = [], []
         for sev in severities:
             path = os.path.join(root, name, str(sev))
             if not os.path.isdir(path):
-                missing.append(f"{name}/{sev}")
                 continue
             r = evaluate_folder(model, path, cfg, batch_size, workers, device, amp_dtype)
             errs.append(1 - r['top1'] / 100)
@@ -133,16 +143,14 @@ def evaluate_imagenet_c(model: nn.Module, root: str, cfg: Dict, corruptions: Seq
                 log(f"  {name:18s} severity {sev}: error {100 * errs[-1]:6.2f}% ({r['count']} images)")
         if errs:
             errors[name], found[name] = errs, sevs
-    if missing and not allow_partial:
-        raise UserError(f"{root}: missing {len(missing)} corruption/severity folder(s) ({', '.join(missing[:4])}"
-                        f"{' ...' if len(missing) > 4 else ''}); --allow-partial averages those present")
     if not errors:
         raise UserError(f"{root}: none of the ImageNet-C corruption folders ({', '.join(corruptions[:3])}, ...) "
                         f"found")
     ces = corruption_errors(errors)
     for name in ces:
         ces[name]['severities'] = found[name]
-    return dict(corruptions=ces, **mce(ces), complete=not missing)
+    complete = not missing and set(ces) == set(CORRUPTIONS) and all(len(c['errors']) == 5 for c in ces.values())
+    return dict(corruptions=ces, **mce(ces), complete=complete)
 
 
 # ---- tables ---------------------------------------------------------------------------------------------
@@ -151,7 +159,8 @@ def summary_rows(results: Dict) -> List[Dict]:
     rows = []
     c = results.get('imagenet_c')
     if c:
-        note = '' if c['complete'] else f"partial: {c['corruptions']} corruption(s) found"
+        note = '' if c['complete'] else (f"partial: {c['num_corruptions']} of the 15 corruptions, not comparable to "
+                                         f"a full mCE")
         rows.append(dict(benchmark='ImageNet-C', metric='mCE (lower is better)', value=c['mce'], note=note))
         rows.append(dict(benchmark='ImageNet-C', metric='mean top-1 error, unnormalised', value=c['mean_error'],
                          note=note))
@@ -233,7 +242,7 @@ def run(args) -> int:
                                                     batch_size=args.batch_size, workers=args.workers, device=device,
                                                     amp_dtype=amp, allow_partial=args.allow_partial)
         c = results['imagenet_c']
-        print(f"  mCE {c['mce']:.2f}%  (unnormalised mean error {c['mean_error']:.2f}%, {c['corruptions']} corruptions)")
+        print(f"  mCE {c['mce']:.2f}%  (unnormalised mean error {c['mean_error']:.2f}%, {c['num_corruptions']} corruptions)")
     cfg = data_config(model, img_size=args.img_size, crop_pct=args.crop_pct)
     for key, display in FOLDER_BENCHMARKS:
         if key in benches:

@@ -23,7 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-    print("avg-checkpoints: averaging")
     sha, used = average_checkpoints(args.run, args.output, last=args.last, best=args.best, use_ema=args.use_ema,
                                     lower_is_better=args.lower_is_better)
     print(f"avg-checkpoints: wrote {args.output} (mean of {len(used)} checkpoints, sha256 {sha[:8]})")

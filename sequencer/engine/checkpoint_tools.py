@@ -162,6 +162,8 @@ def average_checkpoints(paths: Sequence[str], output: str, last: Optional[int] =
     """Average the chosen checkpoints' weights into ``output``; returns (sha256, the checkpoints used)."""
     chosen = select_checkpoints(find_checkpoints(paths), last=last, best=best, lower_is_better=lower_is_better)
     sds, arch = [], None
+    if log is not None:
+        log(f"averaging {len(chosen)} checkpoint(s){' (EMA weights)' if use_ema else ''}:")
     for c in chosen:
         obj = _read(c.path)
         if use_ema and not isinstance(obj.get('state_dict_ema'), dict):

@@ -112,8 +112,8 @@ def export_torchscript(model: nn.Module, path: str, img_size: Optional[int] = No
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ExportError(f"TorchScript trace failed ({type(e).__name__}: {first[:300]})") from None
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
     data = buf.getvalue()
     write_with(path, lambda f: f.write(data))
     return dict(exporter='torch.jit.trace', size=x.shape[-1])
