@@ -71,7 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32',
                         help='fp32 (default), or fp16 / bf16 mixed precision through torch.autocast; the weights '
                              'stay fp32')
-    parser.add_argument('--compile', action='store_true', help='run the model(s) through torch.compile')
+    parser.add_argument('--compile', action='store_true',
+                        help='run the model(s) through torch.compile (dynamic=False: the benchmark\'s shapes are '
+                             'fixed; compilation happens in the warm-up steps)')
     parser.add_argument('--compile-mode', default=None,
                         help="torch.compile mode ('default', 'reduce-overhead', 'max-autotune', ...); implies --compile")
     parser.add_argument('--rnn-engine', choices=('auto', 'native', 'fused'), default=None,
@@ -240,7 +242,7 @@ class Step:
     def __init__(self, model: nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor, precision: str,
                  compile_mode: Optional[str], compile_: bool):
         self.model, self.mode, self.x, self.target, self.precision = model, mode, x, target, precision
-        self.fn = torch.compile(model, mode=compile_mode) if compile_ else model
+        self.fn = torch.compile(model, mode=compile_mode, dynamic=False) if compile_ else model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if mode == 'train' else None
         self.loss_fn = nn.CrossEntropyLoss()
 
