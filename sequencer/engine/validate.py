@@ -42,6 +42,10 @@ def validate(args) -> Dict:
     log = Log(d.main)
     if not args.data_dir and not args.dataset.startswith('torch/'):
         raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
+    if args.results_file and not args.results_file.endswith(('.csv', '.json')):
+        raise UserError(f"--results-file {args.results_file}: use a .csv or .json file name")
+    if not args.checkpoint and not args.pretrained:
+        args.pretrained = True  # as timm's validate.py: with no checkpoint, evaluate the published weights
     amp_dtype = amp_dtype_for(args, d.device, log)
     ds = build_dataset(args.dataset, args.data_dir, args.split, False, args.class_map, args.dataset_download)
     meta = _checkpoint_meta(args.checkpoint)

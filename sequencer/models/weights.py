@@ -33,6 +33,7 @@ class CheckpointError(UserError):
 
 def resolve_path(path_or_url: str, check_hash: Optional[str] = None) -> str:
     """A local file for a path, an http(s) URL (via the torch hub cache) or an ``hf-hub:org/name`` id."""
+    path_or_url = os.fspath(path_or_url)
     if path_or_url.startswith('hf-hub:'):
         from huggingface_hub import hf_hub_download
         repo = path_or_url[len('hf-hub:'):]
@@ -71,6 +72,7 @@ def _check_sha256(path: str, expected: str):
 
 def read_file(path: str) -> Dict:
     """The raw object of a .safetensors / .pth / .pt / .bin file; pickles are read with weights_only=True."""
+    path = os.fspath(path)
     try:
         if path.endswith('.safetensors'):
             from safetensors.torch import load_file

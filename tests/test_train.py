@@ -1,0 +1,223 @@
+"""Training and validation: the reference README's command lines, DDP, exact resume, outputs."""
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sequencer import create_model
+from sequencer.models.weights import read_file
+
+from imagedata import make_image_folder
+from test_weights import to_reference_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--model', 'sequencer2d_s', '--model-kwargs', 'layers=(1,1,1,1)', 'patch_sizes=(4,2,1,1)',
+        'embed_dims=(16,32,32,32)', 'hidden_sizes=(4,8,8,8)', '--img-size', '32']
+
+
+def run(cmd, cwd, timeout=600, check=True):
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def publish(name, layers):
+    """Serve `--pretrained` for `name` from the torch hub cache, in the reference repo's layout."""
+    model = create_model(name)
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(folder, exist_ok=True)
+    torch.save(to_reference_layout(model.state_dict(), layers=layers), os.path.join(folder, f'{name}.pth'))
+    return model
+
+
+def the_run(cwd):
+    runs = os.listdir(os.path.join(cwd, 'output', 'train'))
+    assert len(runs) == 1
+    return os.path.join(cwd, 'output', 'train', runs[0])
+
+
+def summary(folder):
+    with open(os.path.join(folder, 'summary.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+def weights(path):
+    return read_file(path)['state_dict']
+
+
+def test_seed_command_1_from_scratch_ddp(tmp_path):
+    data = make_image_folder(tmp_path / 'imagenet', classes=3, train_per_class=2, val_per_class=1)
+    run([os.path.join(ROOT, 'distributed_train.sh'), '2', data, '--model', 'sequencer2d_s', '-b', '2', '-j', '0',
+         '--opt', 'adamw', '--epochs', '1', '--sched', 'cosine', '--native-amp', '--img-size', '224', '--drop-path',
+         '0.1', '--lr', '2e-3', '--weight-decay', '0.05', '--remode', 'pixel', '--reprob', '0.25', '--aa',
+         'rand-m9-mstd0.5-inc1', '--smoothing', '0.1', '--mixup', '0.8', '--cutmix', '1.0', '--warmup-lr', '1e-6',
+         '--warmup-epochs', '20'], cwd=tmp_path)
+    folder = the_run(tmp_path)
+    for name in ('args.yaml', 'summary.csv', 'log.txt', 'train_curve.png', 'last.pth.tar', 'model_best.pth.tar',
+                 'checkpoint-0.pth.tar'):
+        assert os.path.isfile(os.path.join(folder, name)), name
+    rows = summary(folder)
+    assert [r['epoch'] for r in rows] == ['0']
+    assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
+    assert float(rows[0]['lr']) == pytest.approx(1e-6)  # the lr used in epoch 0: the warm-up start
+    log = open(os.path.join(folder, 'log.txt')).read()
+    assert 'global batch 4' in log and '2 process(es)' in log
+    ckpt = read_file(os.path.join(folder, 'last.pth.tar'))
+    assert ckpt['num_classes'] == 3 and ckpt['args']['mixup'] == 0.8 and ckpt['args']['aa'] == 'rand-m9-mstd0.5-inc1'
+    # command 4 on the checkpoint just written
+    proc = run([sys.executable, os.path.join(ROOT, 'validate.py'), data, '--model', 'sequencer2d_s', '-b', '16',
+                '--input-size', '3', '224', '224', '--amp', '--checkpoint', os.path.join(folder, 'last.pth.tar'),
+                '--results-file', str(tmp_path / 'val.json')], cwd=tmp_path)
+    import json
+    res = json.load(open(tmp_path / 'val.json'))
+    assert res['images'] == 3 and 0 <= res['top1'] <= 100 and res['img_size'] == 224
+    assert 'top-1' in proc.stdout
+
+
+def test_seed_command_2_finetune_392(tmp_path):
+    publish('sequencer2d_l', layers=(8, 8, 16, 4))
+    data = make_image_folder(tmp_path / 'imagenet', classes=2, train_per_class=2, val_per_class=1)
+    run([os.path.join(ROOT, 'distributed_train.sh'), '2', data, '--model', 'sequencer2d_l', '--pretrained', '-b',
+         '2', '-j', '0', '--opt', 'adamw', '--epochs', '1', '--sched', 'cosine', '--native-amp', '--input-size', '3',
+         '392', '392', '--img-size', '392', '--crop-pct', '1.0', '--drop-path', '0.4', '--lr', '5e-5',
+         '--weight-decay', '1e-8', '--remode', 'pixel', '--reprob', '0.25', '--aa', 'rand-m9-mstd0.5-inc1',
+         '--smoothing', '0.1', '--mixup', '0.8', '--cutmix', '1.0', '--warmup-epochs', '0', '--cooldown-epochs',
+         '0'], cwd=tmp_path)
+    folder = the_run(tmp_path)
+    assert 'input (3, 392, 392)' in open(os.path.join(folder, 'log.txt')).read()
+    ckpt = read_file(os.path.join(folder, 'last.pth.tar'))
+    assert ckpt['num_classes'] == 2 and ckpt['state_dict']['head.fc.weight'].shape == (2, 384)
+    assert float(summary(folder)[0]['lr']) == pytest.approx(5e-5, rel=1e-3)
+
+
+def test_seed_command_3_transfer_10_classes(tmp_path):
+    published = publish('sequencer2d_s', layers=(4, 3, 8, 3))
+    data = make_image_folder(tmp_path / 'cifar10', classes=10, train_per_class=1, val_per_class=1, size=(32, 32))
+    run([os.path.join(ROOT, 'distributed_train.sh'), '2', data, '--model', 'sequencer2d_s', '-b', '2', '-j', '0',
+         '--num-classes', '10', '--pretrained', '--opt', 'adamw', '--epochs', '1', '--sched', 'cosine',
+         '--native-amp', '--img-size', '224', '--clip-grad', '1', '--drop-path', '0.1', '--lr', '0.0001',
+         '--weight-decay', '1e-4', '--remode', 'pixel', '--aa', 'rand-m9-mstd0.5-inc1', '--smoothing', '0.1',
+         '--mixup', '0.8', '--cutmix', '1.0', '--warmup-lr', '1e-6', '--warmup-epochs', '5'], cwd=tmp_path)
+    folder = the_run(tmp_path)
+    sd = read_file(os.path.join(folder, 'last.pth.tar'))['state_dict']
+    assert sd['head.fc.weight'].shape == (10, 384)
+    # started from the published weights: after two small steps the stem is still close to them
+    assert torch.allclose(sd['stem.proj.weight'], published.stem.proj.weight, atol=1e-2)
+    assert not torch.equal(sd['stem.proj.weight'], published.stem.proj.weight)
+
+
+def test_seed_command_4_validate_published_weights(tmp_path):
+    publish('sequencer2d_s', layers=(4, 3, 8, 3))
+    data = make_image_folder(tmp_path / 'imagenet', classes=2, train_per_class=1, val_per_class=2)
+    proc = run([sys.executable, os.path.join(ROOT, 'validate.py'), data, '--model', 'sequencer2d_s', '-b', '16',
+                '--input-size', '3', '224', '224', '--amp'], cwd=tmp_path)
+    assert 'published weights' in proc.stdout and '4 images' in proc.stdout
+    assert re.search(r'top-1 \d+\.\d+', proc.stdout)
+
+
+def _train_tiny(tmp_path, data, experiment, *extra, nproc=1, batch=4, epochs=2):
+    cmd = ([os.path.join(ROOT, 'distributed_train.sh'), str(nproc)] if nproc > 1 else
+           [sys.executable, os.path.join(ROOT, 'train.py')])
+    return run(cmd + [data, *TINY, '-b', str(batch), '--epochs', str(epochs), '--opt', 'adamw', '--lr', '1e-2',
+                      '--warmup-epochs', '1', '--seed', '7', '--output', str(tmp_path / 'runs'),
+                      '--experiment', experiment, *extra], cwd=tmp_path)
+
+
+def test_ddp_matches_single_process_with_the_same_global_batch(tmp_path):
+    data = make_image_folder(tmp_path / 'data', classes=4, train_per_class=4, val_per_class=2, size=(36, 36))
+    _train_tiny(tmp_path, data, 'one', '-j', '0', nproc=1, batch=4)
+    _train_tiny(tmp_path, data, 'two', '-j', '0', nproc=2, batch=2)
+    a = weights(tmp_path / 'runs' / 'one' / 'last.pth.tar')
+    b = weights(tmp_path / 'runs' / 'two' / 'last.pth.tar')
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+    ra, rb = summary(tmp_path / 'runs' / 'one'), summary(tmp_path / 'runs' / 'two')
+    for x, y in zip(ra, rb):
+        assert float(x['train_loss']) == pytest.approx(float(y['train_loss']), abs=1e-4)
+        assert float(x['eval_loss']) == pytest.approx(float(y['eval_loss']), abs=1e-4)
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_resume_from_an_epoch_checkpoint_is_exact(tmp_path, workers):
+    data = make_image_folder(tmp_path / 'data', classes=3, train_per_class=4, val_per_class=2, size=(36, 36))
+    _train_tiny(tmp_path, data, 'full', '-j', workers, '--mixup', '0.5', '--drop-path', '0.1', epochs=3)
+    full = tmp_path / 'runs' / 'full'
+    assert sorted(n for n in os.listdir(full) if n.startswith('checkpoint-')) == [
+        'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
+    _train_tiny(tmp_path, data, 'resumed', '-j', workers, '--mixup', '0.5', '--drop-path', '0.1', epochs=3,
+                *['--resume', str(full / 'checkpoint-0.pth.tar')])
+    resumed = tmp_path / 'runs' / 'resumed'
+    a, b = weights(full / 'last.pth.tar'), weights(resumed / 'last.pth.tar')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert open(full / 'summary.csv').read() == open(resumed / 'summary.csv').read()
+
+
+def test_sigterm_saves_and_resume_auto_continues_exactly(tmp_path):
+    data = make_image_folder(tmp_path / 'data', classes=3, train_per_class=8, val_per_class=2, size=(36, 36))
+    common = [data, *TINY, '-b', '2', '--epochs', '2', '--opt', 'adamw', '--lr', '1e-2', '--seed', '3', '-j', '0',
+              '--output', str(tmp_path / 'runs'), '--log-interval', '1']
+    run([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--experiment', 'ref'], cwd=tmp_path)
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--experiment', 'cut'],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = ''
+    for line in proc.stdout:  # interrupt once training is under way in epoch 0
+        out += line
+        if line.startswith('epoch 0 [2/'):
+            proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    assert proc.returncode == 0, out
+    assert 'SIGTERM: saved' in out and '--resume auto' in out
+    cut = tmp_path / 'runs' / 'cut'
+    assert os.path.isfile(cut / 'recovery.pth.tar')
+    proc = run([sys.executable, os.path.join(ROOT, 'train.py'), *common, '--experiment', 'cut', '--resume', 'auto'],
+               cwd=tmp_path)
+    assert 'resumed from' in proc.stdout
+    a, b = weights(tmp_path / 'runs' / 'ref' / 'last.pth.tar'), weights(cut / 'last.pth.tar')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert open(tmp_path / 'runs' / 'ref' / 'summary.csv').read() == open(cut / 'summary.csv').read()
+
+
+def test_recipe_file_and_demo_dataset(tmp_path):
+    from sequencer.data.demo import write_digits
+    root = write_digits(str(tmp_path / 'digits'))
+    assert len(os.listdir(os.path.join(root, 'train'))) == 10
+    n_train = sum(len(files) for _, _, files in os.walk(os.path.join(root, 'train')))
+    n_val = sum(len(files) for _, _, files in os.walk(os.path.join(root, 'val')))
+    assert n_train + n_val == 1797 and n_val == pytest.approx(359, abs=5)
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('opt: adamw\nlr: 0.003\nepochs: 1\nsmoothing: 0.0\nbatch_size: 64\nworkers: 0\n')
+    from sequencer.engine.args import build_train_parser, parse
+    args, _ = parse(build_train_parser(), ['-c', str(recipe), root, '--lr', '0.01'])
+    assert (args.opt, args.lr, args.epochs, args.batch_size, args.data_dir) == ('adamw', 0.01, 1, 64, root)
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    from sequencer.cli import main
+    data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=1, val_per_class=1, size=(36, 36))
+    cases = [
+        (['train', str(tmp_path / 'missing'), *TINY], 'data directory does not exist'),
+        (['train', data, '--model', 'sequencer2d_x'], "unknown model 'sequencer2d_x'; did you mean"),
+        (['train', data, *TINY, '-b', '64'], 'larger than the 2 training images'),
+        (['train', data, *TINY, '-b', '2', '--opt', 'nosuchopt'], '--opt nosuchopt'),
+        (['validate', data, *TINY, '--checkpoint', str(tmp_path / 'none.pth')], 'no such checkpoint file'),
+        (['train', data, *TINY[:-1], '4', '-b', '2'], 'smaller than the model\'s total patch size'),
+    ]
+    for argv, message in cases:
+        out = ['--output', str(tmp_path / 'out')] if argv[0] == 'train' else []
+        assert main([*argv, '-j', '0', *out]) == 2, argv
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (argv, err)
+    # argparse's own errors (unknown flags or choices) also exit 2
+    proc = run([sys.executable, '-m', 'sequencer.cli', 'train', data, '--sched-on-updatez'], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and 'unrecognized arguments' in proc.stderr
