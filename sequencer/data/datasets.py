@@ -1,7 +1,7 @@
 """Datasets for training and evaluation.
 
-Datasets come from timm's ``create_dataset`` (folders, torch/cifar10, torch/cifar100, ...) or torchvision
-(Oxford Flowers-102, Stanford Cars). ``Samples`` wraps any of them so that
+Datasets come from timm's ``create_dataset`` (folders, torch/cifar10, torch/cifar100, ...) or the readers of
+``transfer.py`` (Oxford Flowers-102, Stanford Cars). ``Samples`` wraps any of them so that
 
 * every sample's augmentation is seeded from (seed, epoch, index): the same images and augmentations
   whatever the number of workers or processes, and a resumed run sees exactly what an uninterrupted one
@@ -21,11 +21,7 @@ from timm.data import create_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UserError
-
-TORCHVISION_SETS = {'flowers102': 'Flowers102', 'stanford_cars': 'StanfordCars'}
-_SPLITS = {'flowers102': {'train': 'train', 'validation': 'val', 'val': 'val', 'test': 'test'},
-           'stanford_cars': {'train': 'train', 'validation': 'test', 'val': 'test', 'test': 'test'}}
-
+from .transfer import TRANSFER_SETS
 
 class BadSampleError(UserError):
     pass
@@ -38,17 +34,14 @@ def _open_image(path) -> Image.Image:
 
 
 def build_dataset(name: str, root: str, split: str, training: bool, class_map: str = '', download: bool = False):
-    """A dataset without transform: a folder (ImageFolder layout), a torchvision transfer set, or timm's types."""
+    """A dataset without transform: a folder (ImageFolder layout), a transfer set (flowers102, stanford_cars),
+    or any type timm's ``create_dataset`` knows (torch/cifar10, torch/cifar100, ...)."""
     name = name or ''
     key = name.lower().replace('torch/', '')
-    if key in TORCHVISION_SETS:
-        import torchvision.datasets as tvd
-        if not os.path.isdir(root):
+    if key in TRANSFER_SETS:
+        if not os.path.isdir(root or ''):
             raise UserError(f"{root}: data directory does not exist")
-        try:
-            return getattr(tvd, TORCHVISION_SETS[key])(root, split=_SPLITS[key].get(split, split), download=download)
-        except (RuntimeError, FileNotFoundError, ValueError) as e:
-            raise UserError(f"{root}: cannot read {key} split {split!r} ({str(e).splitlines()[0]})") from None
+        return TRANSFER_SETS[key](root, split)
     if not name.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) and not os.path.isdir(root or ''):
         raise UserError(f"{root or '(no data path given)'}: data directory does not exist")
     if not name and not _has_split(root, split):
