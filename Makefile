@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/sequencer models
+	$(BIN)/sequencer demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

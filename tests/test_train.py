@@ -221,3 +221,40 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     # argparse's own errors (unknown flags or choices) also exit 2
     proc = run([sys.executable, '-m', 'sequencer.cli', 'train', data, '--sched-on-updatez'], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and 'unrecognized arguments' in proc.stderr
+
+
+SEED_1 = ('-b 256 -j 8 --opt adamw --epochs 300 --sched cosine --native-amp --img-size 224 --drop-path 0.1 --lr 2e-3 '
+          '--weight-decay 0.05 --remode pixel --reprob 0.25 --aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --mixup 0.8 '
+          '--cutmix 1.0 --warmup-lr 1e-6 --warmup-epochs 20')
+SEED_2 = ('--pretrained -b 64 -j 8 --opt adamw --epochs 30 --sched cosine --native-amp --input-size 3 392 392 '
+          '--img-size 392 --crop-pct 1.0 --drop-path 0.4 --lr 5e-5 --weight-decay 1e-8 --remode pixel --reprob 0.25 '
+          '--aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --mixup 0.8 --cutmix 1.0 --warmup-epochs 0 --cooldown-epochs 0')
+SEED_3 = ('-b 128 -j 4 --num-classes 10 --dataset torch/cifar10 --pretrained --opt adamw --epochs 200 --sched cosine '
+          '--native-amp --img-size 224 --clip-grad 1 --drop-path 0.1 --lr 0.0001 --weight-decay 1e-4 --remode pixel '
+          '--aa rand-m9-mstd0.5-inc1 --smoothing 0.1 --mixup 0.8 --cutmix 1.0 --warmup-lr 1e-6 --warmup-epochs 5')
+RECIPES = {
+    'sequencer2d_s_in1k': '--model sequencer2d_s ' + SEED_1,
+    'sequencer2d_m_in1k': '--model sequencer2d_m ' + SEED_1.replace('--drop-path 0.1', '--drop-path 0.2'),
+    'sequencer2d_l_in1k': '--model sequencer2d_l ' + SEED_1.replace('--drop-path 0.1', '--drop-path 0.4'),
+    'sequencer2d_l_392_ft': '--model sequencer2d_l ' + SEED_2,
+    'sequencer2d_s_cifar10': '--model sequencer2d_s ' + SEED_3,
+    'sequencer2d_s_cifar100': '--model sequencer2d_s ' + SEED_3.replace('--num-classes 10 --dataset torch/cifar10',
+                                                                       '--num-classes 100 --dataset torch/cifar100'),
+    'sequencer2d_s_flowers102': '--model sequencer2d_s ' + SEED_3.replace('--num-classes 10 --dataset torch/cifar10',
+                                                                         '--num-classes 102 --dataset flowers102'),
+    'sequencer2d_s_cars': '--model sequencer2d_s ' + SEED_3.replace('--num-classes 10 --dataset torch/cifar10',
+                                                                   '--num-classes 196 --dataset stanford_cars'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(RECIPES))
+def test_recipes_equal_the_command_lines(name):
+    from sequencer.engine.args import build_train_parser, parse
+    path = os.path.join(ROOT, 'configs', f'{name}.yaml')
+    from_recipe, _ = parse(build_train_parser(), ['-c', path, '/data'])
+    from_flags, _ = parse(build_train_parser(), ['/data', *RECIPES[name].split()])
+    a, b = vars(from_recipe), vars(from_flags)
+    a.pop('config'), b.pop('config')
+    assert a == b
+    readme = open(os.path.join(ROOT, 'README.md')).read()
+    assert f'configs/{name}.yaml' in readme
