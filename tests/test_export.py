@@ -33,6 +33,8 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(tmp_path, trained, capsys
     assert main(['export', '--checkpoint', ckpt, '--format', 'onnx', '--img-size', '42', '--output', str(out)]) == 0
     assert 'verified with onnxruntime' in capsys.readouterr().out
     proto = onnx.load(str(out))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta['img_size'] == '42' and json.loads(meta['mean']) == pytest.approx([0.485, 0.456, 0.406])
     assert max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')) >= 17
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value  # a symbolic (dynamic) batch axis
@@ -122,6 +124,24 @@ def test_predict_class_names_of_the_run_and_class_map(tmp_path, capsys):
     other.write_text('ant\nbee\n')
     assert main(['predict', img, '--checkpoint', ckpt, '--class-map', str(other), '--img-size', '32']) == 2
     assert '2 class names for a model with 3 outputs' in capsys.readouterr().err
+
+
+def test_a_runs_recorded_preprocessing_and_class_names_are_used(tmp_path):
+    """A checkpoint as the training loop writes it: architecture arguments, class names and the data
+    settings of the run travel with it, so no --model-kwargs / --img-size / --mean are needed."""
+    from sequencer.engine.loading import build_model, class_names
+    model = tiny_model(num_classes=3)
+    ckpt = save_training_checkpoint(str(tmp_path / 'last.pth.tar'), model, model_kwargs={}, class_names=['a', 'b', 'c'],
+                                    args={'model': 'sequencer2d_s', 'img_size': 40, 'mean': [0.5] * 3,
+                                          'std': [0.25] * 3, 'crop_pct': 1.0, 'interpolation': 'bilinear'})
+    torch.save(dict(torch.load(ckpt, weights_only=True), model_kwargs=dict(TINY)), ckpt)
+    loaded = build_model(checkpoint=ckpt, log=None)
+    assert loaded.name == 'sequencer2d_s' and loaded.model.num_classes == 3
+    cfg = loaded.data_config()
+    assert cfg['input_size'] == (3, 40, 40) and cfg['mean'] == (0.5, 0.5, 0.5) and cfg['std'] == (0.25, 0.25, 0.25)
+    assert cfg['crop_pct'] == 1.0 and cfg['interpolation'] == 'bilinear'
+    assert loaded.data_config(img_size=64, crop_pct=0.9)['input_size'] == (3, 64, 64)
+    assert class_names(loaded) == ['a', 'b', 'c']
 
 
 def test_predict_user_errors(tmp_path, capsys):

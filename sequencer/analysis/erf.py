@@ -146,7 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('data', metavar='DATA', help='an image folder (ImageFolder layout or plain images, '
                         'searched recursively) or image files')
     add_model_arguments(parser)
-    parser.add_argument('--img-size', type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument('--img-size', type=int, default=None,
+                        help="input resolution (default: the run's training resolution, else the model's)")
     parser.add_argument('--num-images', '-k', type=int, default=32, help='images used (the first K, sorted)')
     parser.add_argument('--stages', type=int, nargs='+', default=None,
                         help='stages to analyse (default: all)')
@@ -155,7 +156,6 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def run(args) -> int:
     import timm.data
-    from ..data import data_config
 
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
@@ -165,7 +165,7 @@ def run(args) -> int:
     model = loaded.model
     if not hasattr(model, 'forward_intermediates'):
         raise UserError(f"{loaded.name}: no forward_intermediates; ERF needs a Sequencer model")
-    cfg = data_config(model, img_size=args.img_size)
+    cfg = loaded.data_config(img_size=args.img_size)
     transform = timm.data.create_transform(**cfg, is_training=False)
     stages = args.stages if args.stages is not None else list(range(_stage_count(model)))
     size = cfg['input_size'][-1]

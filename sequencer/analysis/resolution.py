@@ -3,14 +3,14 @@ resolutions without retraining. Sequencer2D has no position embedding and its LS
 tokens there are, so any resolution is a valid input; the vanilla Sequencer's position embedding (if any)
 is resampled.
 
-Each resolution uses the model's evaluation transform (bicubic resize to size / crop_pct, centre crop to
-size) with only the size changed.
+Each resolution uses the evaluation transform (resize to size / crop_pct, centre crop to size) with only the
+size changed; a training checkpoint's recorded mean, std, crop_pct and interpolation are kept.
 """
 import argparse
 import csv
 import io
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,8 +26,12 @@ FIELDS = ('label', 'model', 'checkpoint', 'img_size', 'top1', 'top5', 'loss', 'c
 
 def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'validation', batch_size: int = 64,
           workers: int = 2, device: torch.device = torch.device('cpu'), crop_pct: Optional[float] = None,
-          amp_dtype: Optional[torch.dtype] = None, log=print) -> List[Dict]:
-    """top-1 / top-5 / loss of ``model`` on ``data_dir`` at each of ``sizes`` (one dict per size)."""
+          amp_dtype: Optional[torch.dtype] = None, config: Optional[Callable[[int], Dict]] = None,
+          log=print) -> List[Dict]:
+    """top-1 / top-5 / loss of ``model`` on ``data_dir`` at each of ``sizes`` (one dict per size).
+
+    ``config(size)`` gives the data config at a size (default: the model's evaluation transform at that size).
+    """
     from ..data import create_eval_dataset, create_eval_loader, data_config
     from ..engine.evaluate import evaluate
 
@@ -36,7 +40,7 @@ def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'v
     for size in sizes:
         if size < 8:
             raise UserError(f"--sizes: {size} px is too small")
-        cfg = data_config(model, img_size=size, crop_pct=crop_pct)
+        cfg = config(size) if config is not None else data_config(model, img_size=size, crop_pct=crop_pct)
         dataset.transform = None  # the loader factory installs the transform for this size
         loader = create_eval_loader(dataset, cfg, batch_size=batch_size, workers=workers, device=device)
         r = evaluate(model, loader, device=device, amp_dtype=amp_dtype)
@@ -122,9 +126,10 @@ def run(args) -> int:
     rows, native = [], {}
     for label, lm in models:
         print(f"resolution: {label}")
-        native[label] = lm.model.pretrained_cfg['input_size'][-1]
+        native[label] = lm.img_size
         for r in sweep(lm.model, args.data, sizes, split=args.split, batch_size=args.batch_size,
-                       workers=args.workers, device=device, crop_pct=args.crop_pct, amp_dtype=amp):
+                       workers=args.workers, device=device, amp_dtype=amp,
+                       config=lambda size, lm=lm: lm.data_config(img_size=size, crop_pct=args.crop_pct)):
             rows.append(dict(label=label, model=lm.name, checkpoint=lm.checkpoint or '', **r))
         lm.model.cpu()
     os.makedirs(args.output, exist_ok=True)

@@ -208,7 +208,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                    help='ImageNet-C corruptions to evaluate (default: all 15)')
     g.add_argument('--allow-partial', action='store_true',
                    help='average the ImageNet-C folders present instead of failing on missing ones')
-    parser.add_argument('--img-size', type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument('--img-size', type=int, default=None,
+                        help="input resolution (default: the run's training resolution, else the model's)")
     parser.add_argument('--crop-pct', type=float, default=None,
                         help="centre-crop fraction for A / R / Sketch / V2 (default: the model's; ImageNet-C uses 1.0)")
     parser.add_argument('-b', '--batch-size', type=int, default=64)
@@ -219,7 +220,6 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-    from ..data import data_config
     benches = {k: getattr(args, k) for k, _ in FOLDER_BENCHMARKS if getattr(args, k)}
     if not args.imagenet_c and not benches:
         raise UserError("give at least one of --imagenet-c, --imagenet-a, --imagenet-r, --imagenet-sketch, "
@@ -237,13 +237,13 @@ def run(args) -> int:
     results = {}
     if args.imagenet_c:
         print(f"robustness: ImageNet-C ({args.imagenet_c})")
-        cfg = data_config(model, img_size=args.img_size, crop_pct=1.0)
+        cfg = loaded.data_config(img_size=args.img_size, crop_pct=1.0)
         results['imagenet_c'] = evaluate_imagenet_c(model, args.imagenet_c, cfg, corruptions=args.corruptions,
                                                     batch_size=args.batch_size, workers=args.workers, device=device,
                                                     amp_dtype=amp, allow_partial=args.allow_partial)
         c = results['imagenet_c']
         print(f"  mCE {c['mce']:.2f}%  (unnormalised mean error {c['mean_error']:.2f}%, {c['num_corruptions']} corruptions)")
-    cfg = data_config(model, img_size=args.img_size, crop_pct=args.crop_pct)
+    cfg = loaded.data_config(img_size=args.img_size, crop_pct=args.crop_pct)
     for key, display in FOLDER_BENCHMARKS:
         if key in benches:
             print(f"robustness: {display} ({benches[key]})")

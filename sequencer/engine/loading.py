@@ -90,6 +90,23 @@ class LoadedModel:
         self.model, self.name, self.checkpoint, self.meta = model, name, checkpoint, meta
 
     @property
+    def img_size(self) -> int:
+        """The run's training resolution where the checkpoint records it, else the model's default."""
+        args = _args_of(self.meta)
+        size = args.get('img_size') or (args.get('input_size') or [None])[-1]
+        return int(size) if isinstance(size, (int, float)) and size else int(self.model.pretrained_cfg['input_size'][-1])
+
+    def data_config(self, img_size: Optional[int] = None, crop_pct: Optional[float] = None) -> Dict:
+        """The evaluation transform: explicit arguments first, then the run's (mean, std, crop_pct,
+        interpolation, resolution recorded in a training checkpoint), then the model's defaults."""
+        from ..data import data_config
+        args = _args_of(self.meta)
+        run = {k: args.get(k) for k in ('mean', 'std', 'crop_pct', 'interpolation') if args.get(k)}
+        if crop_pct is not None:
+            run['crop_pct'] = crop_pct
+        return data_config(self.model, img_size=img_size or self.img_size, **run)
+
+    @property
     def label(self) -> str:
         if not self.checkpoint:
             return self.name
@@ -114,7 +131,8 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.T
         sd = unwrap(obj, use_ema=use_ema)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    meta = {k: obj[k] for k in ('arch', 'epoch', 'args', 'metric', 'class_names') if isinstance(obj, dict) and k in obj}
+    keys = ('arch', 'epoch', 'args', 'metric', 'class_names', 'model_kwargs', 'num_classes')
+    meta = {k: obj[k] for k in keys if isinstance(obj, dict) and obj.get(k) is not None}
     return sd, meta
 
 
@@ -134,7 +152,8 @@ def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pr
     name = name or meta.get('arch') or run_args.get('model')
     if not name:
         raise UserError("--model is required (the checkpoint does not say which architecture it holds)")
-    kwargs = dict(run_args.get('model_kwargs') or {}) if isinstance(run_args.get('model_kwargs'), dict) else {}
+    recorded = meta.get('model_kwargs', run_args.get('model_kwargs'))
+    kwargs = dict(recorded) if isinstance(recorded, dict) else {}
     kwargs.update(model_kwargs or {})
     if num_classes is None and sd is not None:
         num_classes = _head_width(sd)

@@ -4,10 +4,12 @@ The recurrences are exported from the native engine (``torch.nn.LSTM`` / ``GRU``
 exporters translate into ONNX's own LSTM / GRU / RNN operators. ONNX files have a dynamic batch axis;
 the spatial size is fixed at export time (``--img-size``). After writing, the file is loaded back and
 run on a random batch of another size; the largest absolute difference from the PyTorch logits is
-reported and must be within the tolerance (1e-4 by default) or the export fails.
+reported and must be within the tolerance (1e-4 by default) or the export fails. An ONNX file records the
+preprocessing it expects (mean, std, resolution, crop_pct, interpolation) in its metadata_props.
 """
 import argparse
 import io
+import json
 import os
 import warnings
 from typing import Dict, Optional, Sequence
@@ -42,10 +44,11 @@ def _input(model: nn.Module, img_size: Optional[int], batch: int, seed: int = 0)
 
 
 def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, opset: int = 18,
-                dynamo: bool = True) -> Dict:
+                dynamo: bool = True, metadata: Optional[Dict[str, str]] = None) -> Dict:
     """Write ``model`` as ONNX with a dynamic batch axis (input 'input' NCHW float32, output 'logits').
 
     ``dynamo=True`` uses torch.export (the supported exporter); ``False`` the TorchScript-based one.
+    ``metadata`` is stored in the file's metadata_props (e.g. the preprocessing it expects).
     Returns a dict with the exporter used and the opset written.
     """
     if opset < 17:
@@ -70,11 +73,14 @@ def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, ops
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ExportError(f"ONNX export failed ({type(e).__name__}: {first[:300]})") from None
-    data = buf.getvalue()
-    write_with(path, lambda f: f.write(data))
     import onnx
-    proto = onnx.load_from_string(data)
+    proto = onnx.load_from_string(buf.getvalue())
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(key), str(value)
     onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    write_with(path, lambda f: f.write(data))
     written = max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))
     return dict(exporter='dynamo' if dynamo else 'torchscript-based', opset=written, size=x.shape[-1])
 
@@ -145,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     add_model_arguments(parser, device=False)
     parser.add_argument('--format', required=True, choices=FORMATS, help='output format')
     parser.add_argument('--output', '-o', required=True, metavar='FILE', help='output file (.onnx / .pt)')
-    parser.add_argument('--img-size', type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument('--img-size', type=int, default=None,
+                        help="input resolution (default: the run's training resolution, else the model's)")
     parser.add_argument('--opset', type=int, default=18, help='ONNX opset (17 or newer)')
     parser.add_argument('--exporter', default='dynamo', choices=['dynamo', 'torchscript'],
                         help="ONNX exporter: torch.export ('dynamo', the supported one) or the older "
@@ -157,10 +164,15 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run(args) -> int:
     loaded = model_from_args(args, device=torch.device('cpu'))
     model = loaded.model
+    args.img_size = args.img_size or loaded.img_size
+    cfg = loaded.data_config(img_size=args.img_size)
     print(f"export: {loaded.label} -> {args.output} ({args.format})")
     if args.format == 'onnx':
+        meta = dict(architecture=loaded.name, img_size=args.img_size, mean=list(cfg['mean']), std=list(cfg['std']),
+                    crop_pct=cfg['crop_pct'], interpolation=cfg['interpolation'], num_classes=model.num_classes)
         info = export_onnx(model, args.output, img_size=args.img_size, opset=args.opset,
-                           dynamo=args.exporter == 'dynamo')
+                           dynamo=args.exporter == 'dynamo', metadata={k: json.dumps(v) if isinstance(v, list) else v
+                                                                       for k, v in meta.items()})
         print(f"export: wrote {args.output} (ONNX opset {info['opset']}, {info['exporter']} exporter, "
               f"input N x {getattr(model, 'in_chans', 3)} x {info['size']} x {info['size']})")
         verify = verify_onnx
@@ -178,4 +190,7 @@ def run(args) -> int:
         raise ExportError(f"{args.output}: {runtime} differs from PyTorch by {diff:.3g} (> tolerance "
                           f"{args.tolerance:g}); file removed")
     print(f"export: verified with {runtime}: max |difference| {diff:.3g} <= {args.tolerance:g} (batches of 1 and 3)")
+    print(f"export: inputs are RGB in [0, 1] normalised with mean {tuple(round(m, 4) for m in cfg['mean'])} and std "
+          f"{tuple(round(s, 4) for s in cfg['std'])}, resized and centre-cropped to {args.img_size} px "
+          f"(crop_pct {cfg['crop_pct']}, {cfg['interpolation']})")
     return 0

@@ -20,13 +20,17 @@ __all__ = ['predict']
 
 @torch.no_grad()
 def predict(model: nn.Module, paths: Sequence[str], names: Sequence[str], topk: int = 5, batch_size: int = 32,
-            img_size: Optional[int] = None, device: torch.device = torch.device('cpu'), log=None) -> List[Dict]:
-    """One dict per image: {'image': path, 'topk': [{'index', 'label', 'prob'}, ...]} (probabilities 0-1)."""
+            img_size: Optional[int] = None, device: torch.device = torch.device('cpu'), cfg: Optional[Dict] = None,
+            log=None) -> List[Dict]:
+    """One dict per image: {'image': path, 'topk': [{'index', 'label', 'prob'}, ...]} (probabilities 0-1).
+
+    ``cfg``: the data config (default: the model's evaluation transform at ``img_size``).
+    """
     import timm.data
     from ..data import data_config
 
     model.eval()
-    transform = timm.data.create_transform(**data_config(model, img_size=img_size), is_training=False)
+    transform = timm.data.create_transform(**(cfg or data_config(model, img_size=img_size)), is_training=False)
     k = min(topk, len(names))
     if k < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
@@ -55,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--topk', '-k', type=int, default=5, help='classes per image')
     parser.add_argument('--class-map', default=None, metavar='FILE',
                         help='class names, one per line in output-index order (timm class-map format)')
-    parser.add_argument('--img-size', type=int, default=None, help="input resolution (default: the model's)")
+    parser.add_argument('--img-size', type=int, default=None,
+                        help="input resolution (default: the run's training resolution, else the model's)")
     parser.add_argument('-b', '--batch-size', type=int, default=32)
     parser.add_argument('--json', action='store_true', help='print a JSON list, one entry per image')
 
@@ -67,8 +72,8 @@ def run(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr))
     loaded = model_from_args(args, device=device, log=log)
     names = class_names(loaded, args.class_map)
-    results = predict(loaded.model, paths, names, topk=args.topk, batch_size=args.batch_size, img_size=args.img_size,
-                      device=device, log=log)
+    results = predict(loaded.model, paths, names, topk=args.topk, batch_size=args.batch_size, device=device,
+                      cfg=loaded.data_config(img_size=args.img_size), log=log)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
