@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         try:
             return importlib.import_module(OWN_PARSER[argv[0]][0]).main(argv[1:]) or 0
         except UserError as e:
-            print(f"sequencer {argv[0]}: error: {e}", file=sys.stderr)
+            print(f"sequencer {argv[0]}: error: {one_line(e)}", file=sys.stderr)
             return 2
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     try:
         return importlib.import_module(args._module).run(args) or 0
     except UserError as e:
-        print(f"sequencer {args.command}: error: {e}", file=sys.stderr)
+        print(f"sequencer {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

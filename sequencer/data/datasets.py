@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import create_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -27,10 +27,41 @@ class BadSampleError(UserError):
     pass
 
 
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+
+
 def _open_image(path) -> Image.Image:
-    img = Image.open(path)
-    img.load()
-    return img.convert('RGB')
+    """An RGB image: EXIF orientation applied; grayscale, CMYK, RGBA, palette and 16-bit converted.
+    Truncated files, non-images and decompression bombs raise (PIL's limit on pixel count applies)."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit: keep the high byte, not a clipped copy
+            arr = np.asarray(img, dtype=np.uint32 if img.mode == 'I' else np.uint16)
+            img = Image.fromarray((arr >> (8 if arr.max() > 255 else 0)).astype(np.uint8), mode='L')
+        elif img.mode == 'P' and 'transparency' in img.info:
+            img = img.convert('RGBA')
+        return img.convert('RGB')
+
+
+def check_image_folder(root: str, split_dir: str, class_map: str = ''):
+    """Empty class folders and class-map entries without a folder are errors naming them."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    for name in classes:
+        folder = os.path.join(split_dir, name)
+        if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(folder) for f in files):
+            raise UserError(f"{folder}: empty class folder (no {'/'.join(IMAGE_EXTENSIONS)} images)")
+    if class_map and classes:
+        path = class_map if os.path.exists(class_map) else os.path.join(root, class_map)
+        if not os.path.isfile(path):
+            raise UserError(f"{class_map}: class map file not found")
+        if path.endswith('.txt'):
+            with open(path, encoding='utf-8') as f:
+                names = [line.strip() for line in f if line.strip()]
+            missing = [n for n in names if n not in classes]
+            if missing:
+                raise UserError(f"{class_map}: names class {missing[0]!r} which has no folder in {split_dir}"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''))
 
 
 def build_dataset(name: str, root: str, split: str, training: bool, class_map: str = '', download: bool = False):
@@ -44,8 +75,12 @@ def build_dataset(name: str, root: str, split: str, training: bool, class_map: s
         return TRANSFER_SETS[key](root, split)
     if not name.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) and not os.path.isdir(root or ''):
         raise UserError(f"{root or '(no data path given)'}: data directory does not exist")
-    if not name and not _has_split(root, split):
-        raise UserError(f"{root}: no {split!r} split folder found (expected {os.path.join(root, _split_hint(split))}/)")
+    if not name:
+        split_dir = _split_dir(root, split)
+        if split_dir is None:
+            raise UserError(f"{root}: no {split!r} split folder found (expected "
+                            f"{os.path.join(root, _split_hint(split))}/)")
+        check_image_folder(root, split_dir, class_map)
     try:
         ds = create_dataset(name, root=root, split=split, is_training=training, class_map=class_map,
                             download=download)
@@ -60,11 +95,17 @@ def _split_hint(split: str) -> str:
     return 'val' if split in ('validation', 'val', 'valid', 'eval', 'evaluation') else split
 
 
-def _has_split(root: str, split: str) -> bool:
+def _split_dir(root: str, split: str) -> Optional[str]:
+    """The folder timm will read for ``split``: its synonym folder, or ``root`` itself when no split
+    folders exist at all (a plain class-folder tree); None when the split is missing."""
     names = {'train': ('train', 'training'),
              'val': ('val', 'valid', 'validation', 'eval', 'evaluation')}.get(_split_hint(split), (split,))
-    return any(os.path.isdir(os.path.join(root, n)) for n in names) or not any(
-        os.path.isdir(os.path.join(root, n)) for n in ('train', 'val', 'validation'))
+    for n in names:
+        if os.path.isdir(os.path.join(root, n)):
+            return os.path.join(root, n)
+    if any(os.path.isdir(os.path.join(root, n)) for n in ('train', 'training', 'val', 'validation', 'test')):
+        return None
+    return root
 
 
 def num_classes_of(ds) -> Optional[int]:

@@ -160,6 +160,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--experiment', default='', help='run folder name (default: date-model-size)')
     g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
     g.add_argument('--checkpoint-hist', type=int, default=10, help='best checkpoints kept')
+    g.add_argument('--recovery-interval', type=int, default=0,
+                   help='also save recovery.pth.tar every N batches within an epoch (0: off)')
     g.add_argument('--log-tensorboard', action='store_true', help='also write TensorBoard event files')
     g.add_argument('--pin-mem', action='store_true')
     g.add_argument('--no-prefetcher', action='store_true', help='accepted for compatibility (no effect)')

@@ -339,11 +339,15 @@ def train(args) -> Dict:
         raise UserError(f"input size {data_cfg['input_size'][1:]} is smaller than the model's total patch size "
                         f"{patch} ({args.model})")
     model.to(d.device)
-    train_tf = create_transform(
-        data_cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        interpolation=args.train_interpolation, mean=data_cfg['mean'], std=data_cfg['std'],
-        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    try:
+        train_tf = create_transform(
+            data_cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
+            hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+            interpolation=args.train_interpolation, mean=data_cfg['mean'], std=data_cfg['std'],
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise UserError(f"--aa {args.aa}: not a valid augmentation policy ({e})" if args.aa else
+                        f"invalid augmentation settings ({e})") from None
     eval_tf = create_transform(
         data_cfg['input_size'], is_training=False, interpolation=data_cfg['interpolation'],
         mean=data_cfg['mean'], std=data_cfg['std'], crop_pct=data_cfg['crop_pct'],
@@ -524,6 +528,9 @@ def train(args) -> Dict:
                 if d.world > 1 and at_boundary:
                     stop['signal'] = stop['signal'] or (None if d.all_max(1.0 if stop['signal'] else 0.0) == 0
                                                         else 'SIGTERM')
+                if d.main and args.recovery_interval and at_boundary and (step + 1) % args.recovery_interval == 0 \
+                        and not stop['signal']:
+                    keeper.save_recovery(state(epoch, step + 1, part=(loss_sum, loss_count)))
                 if stop['signal'] and at_boundary:
                     if d.main:
                         keeper.save_recovery(state(epoch, step + 1, part=(loss_sum, loss_count)))

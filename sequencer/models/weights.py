@@ -162,7 +162,12 @@ def load_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool 
     if wrong or (strict and (missing or unexpected)):
         parts = [f"{label}: {_summarise(keys)}" for label, keys in
                  (('wrong shape', wrong), ('missing', missing), ('unexpected', unexpected)) if keys]
-        raise CheckpointError(f"{source} does not fit {name}: " + '; '.join(parts))
+        hint = ''
+        if wrong and all(w.startswith('head.') for w in wrong) and 'head.fc.weight' in sd and 'head.fc.weight' in own:
+            hint = (f" (the checkpoint's head has {sd['head.fc.weight'].shape[0]} classes, the model's "
+                    f"{own['head.fc.weight'].shape[0]}: set the number of classes to match, or load it as "
+                    f"pretrained weights to get a new head)")
+        raise CheckpointError(f"{source} does not fit {name}: " + '; '.join(parts) + hint)
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return missing, unexpected
 
