@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory step')
     parser.add_argument('--seed', type=int, default=0, help='seed for weights and inputs (default 0)')
     parser.add_argument('--results-file', default=None,
-                        help='also write the results to this .csv or .json file (atomically)')
+                        help='also write the results to this .csv or .json file (atomically, after each mode)')
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress lines on stderr')
 
 
@@ -543,6 +543,8 @@ def run(args) -> int:
             ours_row['ratio_vs_timm_median'] = timm_row['latency_ms_median'] / ours_row['latency_ms_median']
         del steps
         gc.collect()
+        if args.results_file:  # partial results survive an interrupted long run
+            write_results(args.results_file, rows, env)
 
     if args.matmul_peak:  # a second probe: on a shared machine the first may have met a busy moment
         peak2 = measure_matmul_peak(device, PRECISIONS[args.precision], size, progress)
