@@ -46,11 +46,13 @@ def _prepare(model: nn.Module) -> nn.Module:
     return model
 
 
-def erf_sums(model: nn.Module, images, stages: Sequence[int], log=None, log_every: int = 8) -> Dict[int, np.ndarray]:
+def erf_sums(model: nn.Module, images, stages: Sequence[int], log=None, log_seconds: float = 10.0,
+             total: Optional[int] = None) -> Dict[int, np.ndarray]:
     """Per stage, the ReLU'd input gradient of the summed centre features, summed over images and channels.
 
     ``images``: an iterable of (3, H, W) tensors, already transformed; every image is its own batch of one.
-    Returns float64 arrays of shape (H, W) (before the log).
+    Returns float64 arrays of shape (H, W) (before the log). ``log`` gets a progress line at most every
+    ``log_seconds`` (``total``: the number of images, for the message).
     """
     _prepare(model)
     n_stages = _stage_count(model)
@@ -61,6 +63,7 @@ def erf_sums(model: nn.Module, images, stages: Sequence[int], log=None, log_ever
     device = next(model.parameters()).device
     sums: Dict[int, torch.Tensor] = {}
     count, start = 0, time.time()
+    last_log = start
     for img in images:
         x = img.unsqueeze(0).to(device).requires_grad_(True)
         feats = model.forward_intermediates(x, indices=stages, intermediates_only=True, stop_early=True)
@@ -71,8 +74,10 @@ def erf_sums(model: nn.Module, images, stages: Sequence[int], log=None, log_ever
             contrib = torch.relu(grad).sum(dim=(0, 1)).double().cpu()
             sums[stage] = sums[stage] + contrib if stage in sums else contrib
         count += 1
-        if log is not None and log_every and count % log_every == 0:
-            log(f"erf: {count} images ({count / (time.time() - start):.1f} img/s)")
+        now = time.time()
+        if log is not None and (now - last_log >= log_seconds or count == total):
+            last_log = now
+            log(f"erf: {count}{f'/{total}' if total else ''} images ({count / (now - start):.2f} img/s)")
     if count == 0:
         raise UserError("no images to compute the ERF from")
     return {s: sums[s].numpy() for s in stages}
@@ -170,7 +175,7 @@ def run(args) -> int:
     stages = args.stages if args.stages is not None else list(range(_stage_count(model)))
     size = cfg['input_size'][-1]
     print(f"erf: {loaded.label}, {len(paths)} images at {size} px, stages {stages}")
-    sums = erf_sums(model, (transform(load_image(p)) for p in paths), stages, log=print)
+    sums = erf_sums(model, (transform(load_image(p)) for p in paths), stages, log=print, total=len(paths))
     maps = {s: erf_map(v) for s, v in sums.items()}
     os.makedirs(args.output, exist_ok=True)
     for s, m in maps.items():

@@ -27,7 +27,7 @@ FIELDS = ('label', 'model', 'checkpoint', 'img_size', 'top1', 'top5', 'loss', 'c
 def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'validation', batch_size: int = 64,
           workers: int = 2, device: torch.device = torch.device('cpu'), crop_pct: Optional[float] = None,
           amp_dtype: Optional[torch.dtype] = None, config: Optional[Callable[[int], Dict]] = None,
-          log=print) -> List[Dict]:
+          log=print, log_every: int = 0) -> List[Dict]:
     """top-1 / top-5 / loss of ``model`` on ``data_dir`` at each of ``sizes`` (one dict per size).
 
     ``config(size)`` gives the data config at a size (default: the model's evaluation transform at that size).
@@ -43,7 +43,8 @@ def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'v
         cfg = config(size) if config is not None else data_config(model, img_size=size, crop_pct=crop_pct)
         dataset.transform = None  # the loader factory installs the transform for this size
         loader = create_eval_loader(dataset, cfg, batch_size=batch_size, workers=workers, device=device)
-        r = evaluate(model, loader, device=device, amp_dtype=amp_dtype)
+        r = evaluate(model, loader, device=device, amp_dtype=amp_dtype, log_every=log_every if log else 0,
+                     log=lambda msg: log(f'  {size:4d} px: {msg}'))
         results.append(dict(img_size=size, **r))
         if log is not None:
             log(f"  {size:4d} px: top-1 {r['top1']:6.2f}  top-5 {r['top5']:6.2f}  loss {r['loss']:.4f}  "
@@ -115,20 +116,23 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
     parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
                         help='evaluate under autocast with this dtype (default: float32)')
+    parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines (0: none)')
     parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
 
 
 def run(args) -> int:
+    sizes = sorted(set(args.sizes))
+    if sizes[0] < 8:
+        raise UserError(f"--sizes: {sizes[0]} px is too small")
     device = resolve_device(args.device)
     amp = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     models = models_from_args(args, device)
-    sizes = sorted(set(args.sizes))
     rows, native = [], {}
     for label, lm in models:
         print(f"resolution: {label}")
         native[label] = lm.img_size
         for r in sweep(lm.model, args.data, sizes, split=args.split, batch_size=args.batch_size,
-                       workers=args.workers, device=device, amp_dtype=amp,
+                       workers=args.workers, device=device, amp_dtype=amp, log_every=args.log_interval,
                        config=lambda size, lm=lm: lm.data_config(img_size=size, crop_pct=args.crop_pct)):
             rows.append(dict(label=label, model=lm.name, checkpoint=lm.checkpoint or '', **r))
         lm.model.cpu()

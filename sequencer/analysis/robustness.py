@@ -103,7 +103,8 @@ def _loader(path: str, cfg: Dict, batch_size: int, workers: int, device: torch.d
 
 
 def evaluate_folder(model: nn.Module, path: str, cfg: Dict, batch_size: int = 64, workers: int = 2,
-                    device: torch.device = torch.device('cpu'), amp_dtype=None) -> Dict[str, float]:
+                    device: torch.device = torch.device('cpu'), amp_dtype=None, log_every: int = 0,
+                    log=print) -> Dict[str, float]:
     """top-1 / top-5 on an ImageNet-class folder, the 1000-way logits restricted to the classes it holds."""
     from ..engine.evaluate import evaluate
     if getattr(model, 'num_classes', 1000) != 1000:
@@ -111,7 +112,8 @@ def evaluate_folder(model: nn.Module, path: str, cfg: Dict, batch_size: int = 64
                         f"{model.num_classes} outputs")
     loader, index, n = _loader(path, cfg, batch_size, workers, device)
     restrict = None if torch.equal(index, torch.arange(1000)) else index
-    r = evaluate(model, loader, device=device, amp_dtype=amp_dtype, class_index=restrict)
+    r = evaluate(model, loader, device=device, amp_dtype=amp_dtype, class_index=restrict, log_every=log_every,
+                 log=lambda msg: log(f'  {msg}'))
     r['classes'] = len(index)
     return r
 
@@ -216,6 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
     parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
                         help='evaluate under autocast with this dtype (default: float32)')
+    parser.add_argument('--log-interval', type=int, default=50,
+                        help='batches between progress lines on A / R / Sketch / V2 (0: none)')
     parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
 
 
@@ -247,7 +251,8 @@ def run(args) -> int:
     for key, display in FOLDER_BENCHMARKS:
         if key in benches:
             print(f"robustness: {display} ({benches[key]})")
-            results[key] = evaluate_folder(model, benches[key], cfg, args.batch_size, args.workers, device, amp)
+            results[key] = evaluate_folder(model, benches[key], cfg, args.batch_size, args.workers, device, amp,
+                                           log_every=args.log_interval)
             print(f"  top-1 {results[key]['top1']:.2f}%  top-5 {results[key]['top5']:.2f}%  "
                   f"({results[key]['count']} images, {results[key]['classes']} classes)")
 
