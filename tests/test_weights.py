@@ -201,3 +201,14 @@ def test_position_embedding_is_resampled_on_load(tmp_path):
     torch.save(src.state_dict(), tmp_path / 'pe.pth')
     dst = load_checkpoint(create_model('v_sequencer_s_pe', layers=(1, 1, 1, 1), img_size=392), str(tmp_path / 'pe.pth'))
     assert dst.absolute_pos_embed.shape == (1, 28, 28, 384)
+
+
+def test_sha256_is_checked_when_given(tmp_path, trained):
+    import hashlib
+    model, x, y = trained
+    path = tmp_path / 'w.pth'
+    torch.save(model.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    check(load_checkpoint(small(), str(path), sha256=digest[:10]), x, y)
+    with pytest.raises(CheckpointError, match='does not match the expected'):
+        load_checkpoint(small(), str(path), sha256='0' * 10)

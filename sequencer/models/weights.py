@@ -58,6 +58,8 @@ def resolve_path(path_or_url: str, check_hash: Optional[str] = None) -> str:
         return cached
     if not os.path.isfile(path_or_url):
         raise CheckpointError(f"{path_or_url}: no such checkpoint file")
+    if check_hash:
+        _check_sha256(path_or_url, check_hash)
     return path_or_url
 
 
@@ -67,7 +69,7 @@ def _check_sha256(path: str, expected: str):
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     if not h.hexdigest().startswith(expected):
-        raise CheckpointError(f"{path}: sha256 {h.hexdigest()[:12]} does not match the published {expected}")
+        raise CheckpointError(f"{path}: sha256 {h.hexdigest()[:12]} does not match the expected {expected}")
 
 
 def read_file(path: str) -> Dict:
@@ -102,8 +104,8 @@ def unwrap(obj, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def read_state_dict(path_or_url: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    path = resolve_path(path_or_url)
+def read_state_dict(path_or_url: str, use_ema: bool = False, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    path = resolve_path(path_or_url, check_hash=sha256)
     try:
         return unwrap(read_file(path), use_ema=use_ema)
     except CheckpointError as e:
@@ -173,9 +175,13 @@ def load_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool 
 
 
 def load_checkpoint(model: nn.Module, path_or_url: str, strict: bool = True, use_ema: bool = False,
-                    reset_head: bool = False) -> nn.Module:
-    """Load weights in any recognised layout and format from a path, URL or ``hf-hub:`` id into ``model``."""
-    sd = read_state_dict(path_or_url, use_ema=use_ema)
+                    reset_head: bool = False, sha256: Optional[str] = None) -> nn.Module:
+    """Load weights in any recognised layout and format from a path, URL or ``hf-hub:`` id into ``model``.
+
+    ``sha256`` (a hex prefix) is checked before the file is read; ``reset_head`` keeps the model's own
+    head where the checkpoint's has another shape.
+    """
+    sd = read_state_dict(path_or_url, use_ema=use_ema, sha256=sha256)
     load_state_dict(model, sd, strict=strict, source=path_or_url, reset_head=reset_head)
     return model
 
