@@ -49,24 +49,6 @@ _GATE_ORDER = (0, 1, 3, 2)
 _G_SCALE = -2.0
 
 
-def _directions(module: nn.Module) -> List[Tuple[nn.LSTM, bool, bool]]:
-    """(lstm, vertical, reverse) of every direction, in the channel order of the native output."""
-    dirs = []
-    for rnn, vertical in ((module.rnn_v, True), (module.rnn_h, False)):
-        if rnn is None:
-            continue
-        dirs.append((rnn, vertical, False))
-        if rnn.bidirectional:
-            dirs.append((rnn, vertical, True))
-    return dirs
-
-
-def _params(rnn: nn.LSTM, reverse: bool) -> List[Optional[torch.Tensor]]:
-    sfx = '_l0_reverse' if reverse else '_l0'
-    return [getattr(rnn, 'weight_ih' + sfx), getattr(rnn, 'weight_hh' + sfx),
-            getattr(rnn, 'bias_ih' + sfx, None), getattr(rnn, 'bias_hh' + sfx, None)]
-
-
 # ---- the index plan -------------------------------------------------------------------------------------
 
 def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +174,7 @@ def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, D, N, hidden, dxp_rows):
     dh, dD = new(D, N, hidden), new(D, N, G)
     dG_bufs = (new(D, N, G), new(D, N, G))
     dc_next = dG_next = None
+    compiling = torch.compiler.is_compiling()
     for t in range(T - 1, -1, -1):
         torch.index_select(gy_rows, 0, rows[t], out=dh.view(D * N, hidden))
         if dG_next is not None:
@@ -205,14 +188,18 @@ def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, D, N, hidden, dxp_rows):
         p = dh * o
         dc = p.mul_(q).mul_(4.0) if dc_next is None else torch.addcmul(dc_next, p, q, value=4.0)
         # gradients w.r.t. the activations (i, f, o, s_g) ...
-        torch.addcmul(dh, dh, sct, value=-2.0, out=dD[..., 2 * hidden:3 * hidden])   # do = dh tanh(c)
         m2dc = dc * -2.0
-        torch.addcmul(dc, m2dc, s, out=dD[..., :hidden])                            # di = dc g
-        if t > 0:
-            torch.mul(dc, cs[t - 1], out=dD[..., hidden:2 * hidden])                 # df = dc c_prev
+        if compiling:  # torch.compile cannot trace out= into slices: the same in functional form
+            df = dc * cs[t - 1] if t > 0 else torch.zeros_like(dc)
+            dD = torch.cat([torch.addcmul(dc, m2dc, s), df, torch.addcmul(dh, dh, sct, value=-2.0), m2dc * i], -1)
         else:
-            dD[..., hidden:2 * hidden].zero_()
-        torch.mul(m2dc, i, out=dD[..., 3 * hidden:])                                 # ds_g = -2 dc i
+            torch.addcmul(dc, m2dc, s, out=dD[..., :hidden])                              # di = dc g
+            if t > 0:
+                torch.mul(dc, cs[t - 1], out=dD[..., hidden:2 * hidden])                  # df = dc c_prev
+            else:
+                dD[..., hidden:2 * hidden].zero_()
+            torch.addcmul(dh, dh, sct, value=-2.0, out=dD[..., 2 * hidden:3 * hidden])    # do = dh tanh(c)
+            torch.mul(m2dc, i, out=dD[..., 3 * hidden:])                                  # ds_g = -2 dc i
         dc_next = dc.mul_(f)
         # ... and through the sigmoids: dG = dD s (1 - s)
         u = dD.mul_(a)
@@ -322,9 +309,7 @@ def _triton_ok() -> bool:
 
 def fused_rnn2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The united output of ``module`` (an ``RNN2D`` of single-layer LSTMs) for NHWC ``x``, before ``fc``."""
-    dirs = _directions(module)
-    kinds = tuple((vertical, reverse) for _, vertical, reverse in dirs)
-    params = [p for rnn, _, reverse in dirs for p in _params(rnn, reverse)]
+    kinds, params = module._lstm_params()
     if torch.is_autocast_enabled(x.device.type):
         out_dtype = mm_dtype = torch.get_autocast_dtype(x.device.type)
     else:

@@ -62,6 +62,7 @@ class RNN2D(nn.Module):
         self.rnn_h = make() if self.with_horizontal else None
         self.fc = nn.Linear(union_size, input_size) if with_fc else None
         self.engine = 'auto'
+        self._lstm_params()
 
     def extra_repr(self) -> str:
         return f"union={self.union!r}, with_fc={self.with_fc}, engine={self.engine!r}"
@@ -74,6 +75,26 @@ class RNN2D(nn.Module):
         if self.engine == 'auto':
             return 'fused' if fusable and _fused_available() else 'native'
         return self.engine
+
+    def _lstm_params(self):
+        """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine.
+
+        Directions come in the channel order of the native output (vertical before horizontal, forward
+        before backward). The references are kept as a plain attribute, refreshed on every eager call,
+        because torch.compile cannot trace through ``nn.LSTM`` modules themselves.
+        """
+        if not torch.compiler.is_compiling():
+            kinds, params = [], []
+            for rnn, vertical in ((self.rnn_v, True), (self.rnn_h, False)):
+                if rnn is None:
+                    continue
+                for reverse in ((False, True) if rnn.bidirectional else (False,)):
+                    sfx = '_l0_reverse' if reverse else '_l0'
+                    kinds.append((vertical, reverse))
+                    params += [getattr(rnn, 'weight_ih' + sfx), getattr(rnn, 'weight_hh' + sfx),
+                               getattr(rnn, 'bias_ih' + sfx, None), getattr(rnn, 'bias_hh' + sfx, None)]
+            self.__dict__['_lstm_refs'] = (tuple(kinds), tuple(params))
+        return self._lstm_refs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.resolved_engine() == 'fused':
