@@ -67,14 +67,23 @@ class RNN2D(nn.Module):
     def extra_repr(self) -> str:
         return f"union={self.union!r}, with_fc={self.with_fc}, engine={self.engine!r}"
 
-    def resolved_engine(self) -> str:
-        """The engine that will run: 'fused' where it applies (single-layer LSTM), else 'native'."""
+    def resolved_engine(self, x: Optional[torch.Tensor] = None) -> str:
+        """The engine that runs for input ``x`` (or, without ``x``, for the module's device) right now.
+
+        'native' and 'fused' are taken as set, except that GRU / tanh-RNN / stacked (num_layers > 1)
+        recurrences always run natively (the fused engine covers single-layer LSTMs). 'auto' follows what
+        was measured to be faster (see ``auto_engine``): it depends on the device, on whether gradients
+        are being computed, on the dtype and on autocast.
+        """
         fusable = self.rnn_layer == 'lstm' and self.num_layers == 1
-        if self.engine == 'fused' and not fusable:
-            return 'native'  # GRU / RNN / stacked layers fall back to the native kernels
-        if self.engine == 'auto':
-            return 'fused' if fusable and _fused_available() else 'native'
-        return self.engine
+        if not fusable:
+            return 'native'
+        if self.engine != 'auto':
+            return self.engine
+        ref = x if x is not None else self._lstm_refs[1][0]
+        grad = torch.is_grad_enabled() and (ref.requires_grad or any(
+            p is not None and p.requires_grad for p in self._lstm_refs[1]))
+        return auto_engine(ref.device.type, grad, ref.dtype, torch.is_autocast_enabled(ref.device.type))
 
     def _lstm_params(self):
         """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine.
@@ -97,7 +106,7 @@ class RNN2D(nn.Module):
         return self._lstm_refs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resolved_engine() == 'fused':
+        if self.resolved_engine(x) == 'fused':
             from .fused_lstm import fused_rnn2d
             y = fused_rnn2d(self, x)
         else:
@@ -155,16 +164,24 @@ class RNN1D(nn.Module):
         return y.reshape(B, H, W, -1)
 
 
-_FUSED_OK: Optional[bool] = None
+def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool) -> str:
+    """The engine 'auto' picks, from measurements of Sequencer2D-S (see the README's "Fused RNN engine").
+
+    * CPU, float32 / float64, no autocast, gradients required (training): 'fused' -- its backward turns
+      the per-step weight-gradient work into a few large GEMMs and is about twice as fast as the native
+      (oneDNN) LSTM backward.
+    * CPU inference (no gradients): 'fused' -- one GEMM for the input projections of all four directions
+      and no permute / concatenation copies.
+    * CPU under autocast (bfloat16): 'native' -- oneDNN runs the whole LSTM in bfloat16, while the fused
+      engine keeps its recurrence in float32.
+    * CUDA: 'native' (cuDNN). The fused engine (Triton forward kernel, torch backward) is selectable
+      with ``set_rnn_engine('fused')`` but has not been timed on a GPU, so 'auto' does not choose it.
+    * Anything else (other devices, float16 / bfloat16 weights): 'native'.
+    """
+    if device_type == 'cpu' and not autocast and dtype in (torch.float32, torch.float64):
+        return 'fused' if (grad or _CPU_INFERENCE_FUSED) else 'native'
+    return 'native'
 
 
-def _fused_available() -> bool:
-    """Whether the fused engine module is importable (it is part of the package)."""
-    global _FUSED_OK
-    if _FUSED_OK is None:
-        try:
-            from . import fused_lstm  # noqa: F401
-            _FUSED_OK = True
-        except ImportError:
-            _FUSED_OK = False
-    return _FUSED_OK
+# whether 'auto' uses the fused engine for CPU inference (measured: see auto_engine)
+_CPU_INFERENCE_FUSED = True
