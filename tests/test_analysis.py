@@ -242,3 +242,21 @@ def test_robustness_user_errors(tmp_path, capsys):
     # partial ImageNet-C is averaged on request, and the table says it is partial
     assert main(args + ['--imagenet-c', str(c_root), '--allow-partial']) == 0
     assert 'partial: 1 of the 15 corruptions' in (tmp_path / 'o' / 'robustness.md').read_text()
+
+
+@pytest.mark.parametrize('command,words', [
+    ('erf', ['log10(x + 1)', 'erf_stage<i>.npy', 'erf.png']),
+    ('resolution', ['resolution.csv', 'resolution.png', 'without retraining']),
+    ('robustness', ['mCE', 'AlexNet', 'robustness.md', 'restricted']),
+    ('avg-checkpoints', ['--last', '--best', "'metric'"]),
+    ('clean-checkpoint', ['sha256', 'safetensors', '--use-ema']),
+    ('predict', ['--topk', '--json', 'ImageNet-1K']),
+    ('export', ['onnxruntime', 'opset', 'torchscript', '--tolerance']),
+])
+def test_every_command_explains_itself(capsys, command, words):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, '--help'])
+    assert exit_.value.code == 0
+    out = ' '.join(capsys.readouterr().out.split())
+    for word in words:
+        assert word in out, word

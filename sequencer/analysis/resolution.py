@@ -104,19 +104,18 @@ def add_arguments(parser: argparse.ArgumentParser):
         "(top-1, top-5, loss per size). Several models, or one model with several checkpoints, go on one "
         "plot. Writes resolution.csv (one row per model and size), resolution.md (top-1 table) and "
         "resolution.png (top-1 against resolution; dotted lines mark each model's native size).")
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument('data', metavar='DATA', help='evaluation images in ImageFolder layout (DATA/val/<class>/* '
                         'or DATA/<class>/*)')
     add_model_arguments(parser, multiple=True)
     parser.add_argument('--sizes', type=int, nargs='+', required=True, metavar='PX',
                         help='test resolutions, e.g. 128 160 192 224 256 320 384')
-    parser.add_argument('--split', default='validation', help="split folder to use if DATA has several")
+    parser.add_argument('--split', default='validation', help="split folder to use if DATA has several (default: %(default)s, which finds val/)")
     parser.add_argument('--crop-pct', type=float, default=None, help="centre-crop fraction (default: the model's)")
-    parser.add_argument('-b', '--batch-size', type=int, default=64)
-    parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
+    parser.add_argument('-b', '--batch-size', type=int, default=64, help='batch size (default: %(default)s)')
+    parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes (default: %(default)s)')
     parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
                         help='evaluate under autocast with this dtype (default: float32)')
-    parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines (0: none)')
+    parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines, 0 for none (default: %(default)s)')
     parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
 
 

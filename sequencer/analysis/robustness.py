@@ -198,7 +198,6 @@ def add_arguments(parser: argparse.ArgumentParser):
         "the 1000-way logits restricted to those classes. ImageNet-Sketch (wnid folders) and ImageNetV2 "
         "(folders 0..999): top-1. Writes robustness.csv and robustness.md (one summary table), "
         "imagenet_c.csv (per corruption and severity) and robustness.json (everything).")
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     add_model_arguments(parser)
     g = parser.add_argument_group('Benchmarks (give at least one)')
     g.add_argument('--imagenet-c', metavar='DIR', help='ImageNet-C root (<corruption>/<severity>/<wnid>/*)')
@@ -214,12 +213,12 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="input resolution (default: the run's training resolution, else the model's)")
     parser.add_argument('--crop-pct', type=float, default=None,
                         help="centre-crop fraction for A / R / Sketch / V2 (default: the model's; ImageNet-C uses 1.0)")
-    parser.add_argument('-b', '--batch-size', type=int, default=64)
-    parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes')
+    parser.add_argument('-b', '--batch-size', type=int, default=64, help='batch size (default: %(default)s)')
+    parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes (default: %(default)s)')
     parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
                         help='evaluate under autocast with this dtype (default: float32)')
     parser.add_argument('--log-interval', type=int, default=50,
-                        help='batches between progress lines on A / R / Sketch / V2 (0: none)')
+                        help='batches between progress lines on A / R / Sketch / V2, 0 for none (default: %(default)s)')
     parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
 
 

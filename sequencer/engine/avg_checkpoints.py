@@ -11,7 +11,6 @@ def add_arguments(parser: argparse.ArgumentParser):
         "the N highest epochs, --best N the N best by the checkpoints' 'metric' (eval top-1 unless the run ranked "
         "by loss: then add --lower-is-better; summary.csv fills in a missing metric). Writes weights only: "
         "safetensors, or a plain state dict for a .pth/.pt/.bin --output.")
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument('run', nargs='+', metavar='RUN', help='run folder or checkpoint files')
     which = parser.add_mutually_exclusive_group()
     which.add_argument('--last', type=int, default=None, metavar='N', help='average the N most recent epochs')

@@ -10,7 +10,6 @@ def add_arguments(parser: argparse.ArgumentParser):
         "weights with --use-ema), in this project's (timm's) layout, as safetensors named "
         "<name>-<first 8 hex digits of its sha256>.safetensors, ready to publish and to load with "
         "--checkpoint or sequencer.load_checkpoint.")
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument('checkpoint', metavar='CHECKPOINT', help='training checkpoint (.pth.tar, .pth, ...)')
     parser.add_argument('--output', '-o', required=True, metavar='FILE_OR_DIR',
                         help="output name (e.g. out/sequencer2d_s.safetensors) or folder (then named after the "

@@ -147,17 +147,16 @@ def add_arguments(parser: argparse.ArgumentParser):
         "TorchScript file (torch.jit.load). The file is loaded back and run on random batches of 1 and 3 "
         "images (onnxruntime for ONNX); the largest absolute difference from the PyTorch logits is printed "
         "and must be within --tolerance, or the command fails.")
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     add_model_arguments(parser, device=False)
     parser.add_argument('--format', required=True, choices=FORMATS, help='output format')
     parser.add_argument('--output', '-o', required=True, metavar='FILE', help='output file (.onnx / .pt)')
     parser.add_argument('--img-size', type=int, default=None,
                         help="input resolution (default: the run's training resolution, else the model's)")
-    parser.add_argument('--opset', type=int, default=18, help='ONNX opset (17 or newer)')
+    parser.add_argument('--opset', type=int, default=18, help='ONNX opset, 17 or newer (default: %(default)s)')
     parser.add_argument('--exporter', default='dynamo', choices=['dynamo', 'torchscript'],
                         help="ONNX exporter: torch.export ('dynamo', the supported one) or the older "
-                             "TorchScript-based one (faster)")
-    parser.add_argument('--tolerance', type=float, default=1e-4, help='largest allowed absolute difference')
+                             "TorchScript-based one, faster (default: %(default)s)")
+    parser.add_argument('--tolerance', type=float, default=1e-4, help='largest allowed absolute difference (default: %(default)s)')
     parser.add_argument('--no-verify', action='store_true', help='skip loading the file back and comparing')
 
 

@@ -53,15 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser):
         "Classify images: print the top-k classes of each image with their probabilities. Class names are "
         "ImageNet-1K's for a 1000-class model, or the run's (from the checkpoint or a class map beside it), "
         "or those of --class-map. --json prints a JSON list with one entry per image instead.")
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR', help='image files or folders (searched recursively)')
     add_model_arguments(parser)
-    parser.add_argument('--topk', '-k', type=int, default=5, help='classes per image')
+    parser.add_argument('--topk', '-k', type=int, default=5, help='classes per image (default: %(default)s)')
     parser.add_argument('--class-map', default=None, metavar='FILE',
                         help='class names, one per line in output-index order (timm class-map format)')
     parser.add_argument('--img-size', type=int, default=None,
                         help="input resolution (default: the run's training resolution, else the model's)")
-    parser.add_argument('-b', '--batch-size', type=int, default=32)
+    parser.add_argument('-b', '--batch-size', type=int, default=32, help='batch size (default: %(default)s)')
     parser.add_argument('--json', action='store_true', help='print a JSON list, one entry per image')
 
 
