@@ -86,8 +86,9 @@ class LoadedModel:
     """A model in eval mode and what is known about its weights (``meta``: the training checkpoint's
     ``arch``, ``epoch``, ``args``, ``class_names`` where present)."""
 
-    def __init__(self, model: nn.Module, name: str, checkpoint: Optional[str], meta: Dict):
+    def __init__(self, model: nn.Module, name: str, checkpoint: Optional[str], meta: Dict, pretrained: bool = False):
         self.model, self.name, self.checkpoint, self.meta = model, name, checkpoint, meta
+        self.pretrained = pretrained and not checkpoint
 
     @property
     def img_size(self) -> int:
@@ -109,7 +110,7 @@ class LoadedModel:
     @property
     def label(self) -> str:
         if not self.checkpoint:
-            return self.name
+            return f"{self.name} ({'published' if self.pretrained else 'initial'} weights)"
         return f"{self.name} ({os.path.basename(self.checkpoint.rstrip('/'))})"
 
 
@@ -165,7 +166,7 @@ def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pr
         load_state_dict(model, sd, source=checkpoint)
     elif not pretrained and log is not None:
         log(f"note: {name} has neither --checkpoint nor --pretrained: using its randomly initialised weights")
-    return LoadedModel(model.to(device).eval(), name, checkpoint, meta)
+    return LoadedModel(model.to(device).eval(), name, checkpoint, meta, pretrained=pretrained)
 
 
 def model_from_args(args: argparse.Namespace, device: Optional[torch.device] = None, log=print) -> LoadedModel:
