@@ -51,7 +51,7 @@ _G_SCALE = -2.0
 
 # ---- the index plan -------------------------------------------------------------------------------------
 
-def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], device):
     """Index tables of the recurrence over a (B, H, W) grid for the directions ``kinds`` ((vertical, reverse)).
 
     rows (T, D*N): the token row ``token * D + d`` read and written by step t of sequence n of direction d
@@ -60,6 +60,7 @@ def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], de
     scratch row of the output.
     prev (B*H*W*D,): for every token row, the row holding the same direction's hidden state one step
     earlier, or ``B*H*W*D`` (a zero row) at the first step.
+    padded: whether any step or sequence is missing (only when H != W and both axes are present).
     """
     D = len(kinds)
     T = max(H if v else W for v, _ in kinds)
@@ -71,6 +72,7 @@ def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], de
     i3 = torch.arange(H, device=device).view(1, H, 1)
     j3 = torch.arange(W, device=device).view(1, 1, W)
     rows, prev = [], []
+    padded = any((H if v else W) != T or (B * W if v else B * H) != N for v, _ in kinds)
     for d, (vertical, reverse) in enumerate(kinds):
         L, M = (H, W) if vertical else (W, H)   # steps per sequence, sequences per image
         s = (L - 1 - t) if reverse else t       # reversed directions: index arithmetic, no flip
@@ -83,10 +85,10 @@ def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], de
         ok = (pi >= 0) & (pi < H) & (pj >= 0) & (pj < W)
         ptoken = (b3 * H + pi) * W + pj
         prev.append(torch.where(ok, ptoken * D + d, torch.full_like(ptoken, R)).expand(B, H, W).reshape(-1))
-    return torch.stack(rows, 1).reshape(T, D * N), torch.stack(prev, 1).reshape(R)
+    return torch.stack(rows, 1).reshape(T, D * N), torch.stack(prev, 1).reshape(R), padded
 
 
-_PLANS: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+_PLANS: Dict[tuple, tuple] = {}
 
 
 def _plan(B, H, W, kinds, device):
@@ -126,25 +128,28 @@ def _from_internal(g: torch.Tensor, hidden: int) -> torch.Tensor:
 def _recurrence_torch(xp_rows, w_hh_t, rows, D, N, hidden, out_rows, save):
     """Run all steps. xp_rows (R, 4h) input gates by token row; w_hh_t (D, h, 4h) internal recurrent weights.
 
-    Writes h of every step into out_rows (R, h). With ``save`` returns what the backward needs:
-    act (T, D, N, 4h) gate activations, cs (T, D, N, h) cell states and sc (T, D, N, h) sigmoid(-2c).
+    The input gates are gathered into step order once (one ``index_select``), every step then updates its
+    slice in place, and the hidden states of all steps are scattered into out_rows (R, h) at the end (one
+    ``index_copy_``): the loop itself runs seven ops per step. With ``save`` returns what the backward
+    needs: act (T, D, N, 4h) gate activations, cs (T, D, N, h) cell states and sc (T, D, N, h)
+    sigmoid(-2c).
     """
     T = rows.shape[0]
     G = 4 * hidden
     dev, dt = xp_rows.device, xp_rows.dtype
     new = lambda *shape: torch.empty(*shape, device=dev, dtype=dt)
+    act = xp_rows.index_select(0, rows.view(-1)).view(T, D, N, G)   # input gates in step order
+    hs = new(T, D, N, hidden)
     if save:
-        act, cs, sc = new(T, D, N, G), new(T, D, N, hidden), new(T, D, N, hidden)
+        cs, sc = new(T, D, N, hidden), new(T, D, N, hidden)
     else:
-        gates_buf, sc_buf = new(D, N, G), new(D, N, hidden)
+        sc_buf = new(D, N, hidden)
         c_bufs = (new(D, N, hidden), new(D, N, hidden))
-    h_bufs = (new(D, N, hidden), new(D, N, hidden))
     h_prev = c_prev = None
     for t in range(T):
-        g = act[t] if save else gates_buf
-        torch.index_select(xp_rows, 0, rows[t], out=g.view(D * N, G))
+        g = act[t]
         if h_prev is not None:
-            g.baddbmm_(h_prev, w_hh_t)                                # + h @ W_hh, all directions
+            g.baddbmm_(h_prev, w_hh_t)                                # + h @ W_hh, all directions at once
         g.sigmoid_()
         i, f, o, s = g[..., :hidden], g[..., hidden:2 * hidden], g[..., 2 * hidden:3 * hidden], g[..., 3 * hidden:]
         c = cs[t] if save else c_bufs[t % 2]
@@ -155,30 +160,33 @@ def _recurrence_torch(xp_rows, w_hh_t, rows, D, N, hidden, out_rows, save):
         sct = sc[t] if save else sc_buf
         torch.mul(c, -2.0, out=sct)
         sct.sigmoid_()                                                # tanh(c) = 1 - 2 sigmoid(-2c)
-        h = h_bufs[t % 2]
+        h = hs[t]
         torch.addcmul(o, o, sct, value=-2.0, out=h)                   # h = o tanh(c)
-        out_rows.index_copy_(0, rows[t], h.view(D * N, hidden))
         h_prev, c_prev = h, c
+    out_rows.index_copy_(0, rows.view(-1), hs.view(-1, hidden))
     return (act, cs, sc) if save else None
 
 
 def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, D, N, hidden, dxp_rows):
     """BPTT of the (dh, dc) recursion; writes the internal gate gradients of every step into dxp_rows (R, 4h).
 
-    gy_rows (R, h) output gradient by token row; w_hh (D, 4h, h) internal recurrent weights.
+    gy_rows (R, h) output gradient by token row; w_hh (D, 4h, h) internal recurrent weights. The output
+    gradient is gathered into step order once and the gate gradients scattered back once.
     """
     T = rows.shape[0]
     G = 4 * hidden
     dev, dt = gy_rows.device, gy_rows.dtype
     new = lambda *shape: torch.empty(*shape, device=dev, dtype=dt)
-    dh, dD = new(D, N, hidden), new(D, N, G)
-    dG_bufs = (new(D, N, G), new(D, N, G))
+    gys = gy_rows.index_select(0, rows.view(-1)).view(T, D, N, hidden)   # output gradient in step order
+    dD = new(D, N, G)
+    dGs = new(T, D, N, G)
     dc_next = dG_next = None
     compiling = torch.compiler.is_compiling()
     for t in range(T - 1, -1, -1):
-        torch.index_select(gy_rows, 0, rows[t], out=dh.view(D * N, hidden))
         if dG_next is not None:
-            dh.baddbmm_(dG_next, w_hh)                                # + dG_{t+1} @ W_hh
+            dh = torch.baddbmm(gys[t], dG_next, w_hh)                 # dy_t + dG_{t+1} @ W_hh
+        else:
+            dh = gys[t]
         a = act[t]
         i, f, s = a[..., :hidden], a[..., hidden:2 * hidden], a[..., 3 * hidden:]
         o = a[..., 2 * hidden:3 * hidden]
@@ -203,10 +211,10 @@ def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, D, N, hidden, dxp_rows):
         dc_next = dc.mul_(f)
         # ... and through the sigmoids: dG = dD s (1 - s)
         u = dD.mul_(a)
-        dGt = dG_bufs[t % 2]
+        dGt = dGs[t]
         torch.addcmul(u, u, a, value=-1.0, out=dGt)
-        dxp_rows.index_copy_(0, rows[t], dGt.view(D * N, G))
         dG_next = dGt
+    dxp_rows.index_copy_(0, rows.view(-1), dGs.view(-1, G))
 
 
 class _FusedLSTM2D(torch.autograd.Function):
@@ -219,7 +227,7 @@ class _FusedLSTM2D(torch.autograd.Function):
         G = 4 * hidden
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32   # recurrence dtype
         with torch.autocast(x.device.type, enabled=False):
-            rows, prev = _plan(B, H, W, kinds, x.device)
+            rows, prev, padded = _plan(B, H, W, kinds, x.device)
             T, DN = rows.shape
             N = DN // D
             has_bias = params[2] is not None
@@ -229,7 +237,7 @@ class _FusedLSTM2D(torch.autograd.Function):
                               for d in range(D)]) if has_bias else None
             R = B * H * W * D
             x2 = x.reshape(B * H * W, C)
-            # one extra row: zero input for the padded steps, and later the zero "previous h"
+            # one extra row: the zero input gates of padded steps
             xp_buf = torch.empty(R + 1, G, device=x.device, dtype=cdt)
             xp = xp_buf[:R].view(B * H * W, D * G)
             if mm_dtype == cdt and x2.dtype == cdt:
@@ -241,27 +249,31 @@ class _FusedLSTM2D(torch.autograd.Function):
                 xp.copy_(torch.nn.functional.linear(x2.to(mm_dtype), w_ih.to(mm_dtype),
                                                     None if bias is None else bias.to(mm_dtype)))
             xp_buf[R:].zero_()
-            y_buf = torch.empty(R + 1, hidden, device=x.device, dtype=cdt)
+            # the output in the native 'cat' layout; padded steps write one scratch row past the end
+            y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=cdt)
+            out_rows = torch.empty(R + 1, hidden, device=x.device, dtype=cdt) if padded else y.view(R, hidden)
             save = any(ctx.needs_input_grad)
             if x.is_cuda and _triton_ok():
                 from .triton_lstm import lstm_recurrence_triton
-                saved = lstm_recurrence_triton(xp_buf, w_hh, rows, D, N, hidden, y_buf, save)
+                saved = lstm_recurrence_triton(xp_buf, w_hh, rows, D, N, hidden, out_rows, save)
             else:
-                saved = _recurrence_torch(xp_buf, w_hh.transpose(1, 2), rows, D, N, hidden, y_buf, save)
+                saved = _recurrence_torch(xp_buf, w_hh.transpose(1, 2), rows, D, N, hidden, out_rows, save)
             del xp_buf, xp
-            y_buf[R:].zero_()  # the scratch row of padded steps becomes the zero "previous h" of the backward
-            y = y_buf[:R].view(B, H, W, D * hidden)
+            if padded:
+                y.view(R, hidden).copy_(out_rows[:R])
             if save:
                 act, cs, sc = saved
-                ctx.save_for_backward(x, w_ih, w_hh, rows, prev, act, cs, sc, y_buf)
-                ctx.meta = (kinds, hidden, has_bias, cdt, [p.dtype if p is not None else None for p in params])
-            y = y.to(out_dtype) if out_dtype != cdt else y.clone()
+                ctx.save_for_backward(x, w_ih, w_hh, rows, prev, act, cs, sc, y)
+                ctx.meta = (kinds, hidden, has_bias, padded, cdt,
+                            [p.dtype if p is not None else None for p in params])
+            if out_dtype != cdt:
+                y = y.to(out_dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, w_ih, w_hh, rows, prev, act, cs, sc, y_buf = ctx.saved_tensors
-        kinds, hidden, has_bias, cdt, dtypes = ctx.meta
+        x, w_ih, w_hh, rows, prev, act, cs, sc, y = ctx.saved_tensors
+        kinds, hidden, has_bias, padded, cdt, dtypes = ctx.meta
         B, H, W, C = x.shape
         D = len(kinds)
         G = 4 * hidden
@@ -270,16 +282,17 @@ class _FusedLSTM2D(torch.autograd.Function):
         R = B * H * W * D
         BHW = B * H * W
         with torch.autocast(x.device.type, enabled=False):
-            gy_buf = torch.empty(R + 1, hidden, device=x.device, dtype=cdt)
-            gy_buf[:R].view(gy.shape).copy_(gy)
-            gy_buf[R:].zero_()
+            gy = gy.to(cdt).reshape(R, hidden)
+            if padded:  # padded steps read a zero row
+                gy = torch.cat([gy, gy.new_zeros(1, hidden)])
             dxp_buf = torch.empty(R + 1, G, device=x.device, dtype=cdt)
-            _backward_torch(gy_buf, act, cs, sc, w_hh, rows, D, N, hidden, dxp_buf)
+            _backward_torch(gy.contiguous(), act, cs, sc, w_hh, rows, D, N, hidden, dxp_buf)
             dxp = dxp_buf[:R].view(BHW, D * G)
             x2 = x.reshape(BHW, C).to(cdt)
             dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
             dw_ih = torch.mm(dxp.t(), x2)                                                 # (D*4h, C)
-            h_prev = y_buf.index_select(0, prev).view(BHW, D, hidden)                     # h_{t-1} by token
+            yz = torch.cat([y.view(R, hidden), y.new_zeros(1, hidden)])                    # + a zero row
+            h_prev = yz.index_select(0, prev).view(BHW, D, hidden)                         # h_{t-1} by token
             dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1))  # (D, 4h, h)
             db = dxp.sum(0) if has_bias else None
             grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
