@@ -85,7 +85,14 @@ def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, ops
     return dict(exporter='dynamo' if dynamo else 'torchscript-based', opset=written, size=x.shape[-1])
 
 
-def verify_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, batches: Sequence[int] = (1, 3)) -> float:
+def _warn_if_constant(ref: torch.Tensor, log=print):
+    if ref.abs().max().item() < 1e-6 and log is not None:
+        log("export: note: the model's logits are all zero (an untrained head), so the comparison below checks "
+            "little of the network; export trained weights to check it fully")
+
+
+def verify_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, batches: Sequence[int] = (1, 3),
+                log=None) -> float:
     """Largest absolute difference between onnxruntime's and PyTorch's logits over random batches."""
     try:
         import onnxruntime as ort
@@ -99,6 +106,8 @@ def verify_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, bat
         x = _input(model, img_size, batch=b, seed=1 + i)
         with torch.no_grad():
             ref = model(x)
+        if i == 0:
+            _warn_if_constant(ref, log)
         out = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
         if out.shape != ref.shape:
             raise ExportError(f"{path}: onnxruntime gives shape {tuple(out.shape)} for batch {b}, PyTorch "
@@ -126,7 +135,7 @@ def export_torchscript(model: nn.Module, path: str, img_size: Optional[int] = No
 
 
 def verify_torchscript(model: nn.Module, path: str, img_size: Optional[int] = None,
-                       batches: Sequence[int] = (1, 3)) -> float:
+                       batches: Sequence[int] = (1, 3), log=None) -> float:
     model = _prepare(model)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
@@ -135,7 +144,10 @@ def verify_torchscript(model: nn.Module, path: str, img_size: Optional[int] = No
     for i, b in enumerate(batches):
         x = _input(model, img_size, batch=b, seed=1 + i)
         with torch.no_grad():
-            worst = max(worst, (loaded(x) - model(x)).abs().max().item())
+            ref = model(x)
+            if i == 0:
+                _warn_if_constant(ref, log)
+            worst = max(worst, (loaded(x) - ref).abs().max().item())
     return worst
 
 
@@ -182,7 +194,7 @@ def run(args) -> int:
         verify = verify_torchscript
     if args.no_verify:
         return 0
-    diff = verify(model, args.output, img_size=args.img_size)
+    diff = verify(model, args.output, img_size=args.img_size, log=print)
     runtime = 'onnxruntime' if args.format == 'onnx' else 'torch.jit.load'
     if not diff <= args.tolerance:
         os.unlink(args.output)  # a file that does not reproduce the model is not left behind
