@@ -149,16 +149,26 @@ def test_ddp_matches_single_process_with_the_same_global_batch(tmp_path):
 @pytest.mark.parametrize('workers', ['0', '2'])
 def test_resume_from_an_epoch_checkpoint_is_exact(tmp_path, workers):
     data = make_image_folder(tmp_path / 'data', classes=3, train_per_class=4, val_per_class=2, size=(36, 36))
-    _train_tiny(tmp_path, data, 'full', '-j', workers, '--mixup', '0.5', '--drop-path', '0.1', epochs=3)
+    _train_tiny(tmp_path, data, 'full', '-j', workers, '--mixup', '0.5', '--drop-path', '0.1', '--model-ema',
+                '--model-ema-decay', '0.9', epochs=3)
     full = tmp_path / 'runs' / 'full'
     assert sorted(n for n in os.listdir(full) if n.startswith('checkpoint-')) == [
         'checkpoint-0.pth.tar', 'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
-    _train_tiny(tmp_path, data, 'resumed', '-j', workers, '--mixup', '0.5', '--drop-path', '0.1', epochs=3,
-                *['--resume', str(full / 'checkpoint-0.pth.tar')])
+    _train_tiny(tmp_path, data, 'resumed', '-j', workers, '--mixup', '0.5', '--drop-path', '0.1', '--model-ema',
+                '--model-ema-decay', '0.9', epochs=3, *['--resume', str(full / 'checkpoint-0.pth.tar')])
     resumed = tmp_path / 'runs' / 'resumed'
-    a, b = weights(full / 'last.pth.tar'), weights(resumed / 'last.pth.tar')
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = read_file(full / 'last.pth.tar'), read_file(resumed / 'last.pth.tar')
+    for key in ('state_dict', 'state_dict_ema'):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert open(full / 'summary.csv').read() == open(resumed / 'summary.csv').read()
+    assert 'eval_ema_top1' in open(full / 'summary.csv').readline()
+    if workers == '0':  # validate the EMA weights of the run, CSV results
+        run([sys.executable, os.path.join(ROOT, 'validate.py'), data, *TINY, '--checkpoint',
+             str(full / 'last.pth.tar'), '--use-ema', '-j', '0', '--results-file', str(tmp_path / 'r.csv')],
+            cwd=tmp_path)
+        rows = list(csv.DictReader(open(tmp_path / 'r.csv')))
+        assert len(rows) == 1 and int(rows[0]['images']) == 6
+        assert float(rows[0]['top1']) == pytest.approx(float(summary(full)[-1]['eval_ema_top1']), abs=1e-3)
 
 
 def test_sigterm_saves_and_resume_auto_continues_exactly(tmp_path):
