@@ -1,6 +1,6 @@
 """Tiny models, checkpoints and JPEG folders for the analysis, checkpoint-tool and export tests."""
 import os
-from typing import Dict, Sequence
+from typing import Dict
 
 import numpy as np
 import torch

@@ -12,8 +12,8 @@ import sequencer
 from sequencer.analysis import erf, resolution, robustness
 from sequencer.cli import main
 
-from analysis_helpers import (IMAGENET_A_WNIDS, TINY, TINY_ARGS, WNIDS, constant_head, image_folder,
-                              save_training_checkpoint, tiny_model, write_image)
+from analysis_helpers import (IMAGENET_A_WNIDS, TINY_ARGS, WNIDS, constant_head, image_folder, save_training_checkpoint,
+                              tiny_model)
 
 
 def _read_csv(path):

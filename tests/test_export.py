@@ -11,9 +11,9 @@ import torch
 
 import sequencer
 from sequencer.cli import main
-from sequencer.export import ExportError, export_onnx, verify_onnx
+from sequencer.export import export_onnx, verify_onnx
 
-from analysis_helpers import TINY, TINY_ARGS, WNIDS, constant_head, image_folder, save_training_checkpoint, tiny_model
+from analysis_helpers import TINY, TINY_ARGS, constant_head, image_folder, save_training_checkpoint, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
