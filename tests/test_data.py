@@ -98,3 +98,19 @@ def test_shard_sampler_splits_a_shared_permutation():
     assert one.indices() == full[4:]
     one.set_epoch(1)
     assert one.indices() != full
+
+
+def test_atomic_writes_leave_no_temporary_files_and_normal_permissions(tmp_path):
+    from sequencer.engine.io import save_torch, write_text
+    write_text(str(tmp_path / 'a.txt'), 'one')
+    save_torch({'x': torch.ones(2)}, str(tmp_path / 'b.pth'))
+    with pytest.raises(RuntimeError):
+        from sequencer.engine.io import atomic_open
+        with atomic_open(str(tmp_path / 'a.txt')) as f:
+            f.write('half')
+            raise RuntimeError('crash while writing')
+    assert (tmp_path / 'a.txt').read_text() == 'one'  # the old file survives a failed write
+    assert sorted(os.listdir(tmp_path)) == ['a.txt', 'b.pth']
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / 'a.txt').st_mode & 0o777 == 0o666 & ~mask
