@@ -7,7 +7,6 @@ checkpoint's ``arch`` is used) and the head width is taken from the checkpoint, 
 needs no ``--num-classes``.
 """
 import argparse
-import ast
 import os
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -16,27 +15,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .args import ParseKwargs
 from ..models import create_model
 from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
 
 __all__ = ['add_model_arguments', 'build_model', 'model_from_args', 'resolve_device', 'list_images', 'load_image',
            'class_names', 'LoadedModel']
-
-
-class KeyValue(argparse.Action):
-    """``--model-kwargs layers='(1,1,1,1)' union=add`` -> dict; values are Python literals where they parse."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kw = dict(getattr(namespace, self.dest) or {})
-        for value in values:
-            if '=' not in value:
-                raise argparse.ArgumentError(self, f"expected key=value, got {value!r}")
-            key, raw = value.split('=', 1)
-            try:
-                kw[key] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                kw[key] = raw
-        setattr(namespace, self.dest, kw)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False, device: bool = True):
@@ -62,7 +46,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False,
     g.add_argument('--use-ema', action='store_true', help="use a training checkpoint's EMA weights")
     g.add_argument('--num-classes', type=int, default=None,
                    help='classifier width (default: from the checkpoint, else 1000)')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValue, metavar='KEY=VALUE',
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help="constructor arguments of a custom configuration, e.g. layers='(1,1,1,1)' "
                         "(default: those recorded in the training checkpoint's args)")
     if device:

@@ -98,19 +98,26 @@ def verify_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, bat
         import onnxruntime as ort
     except ImportError as e:
         raise ExportError(f"verifying ONNX needs onnxruntime (pip install 'sequencer[export]'): {e}") from None
-    model = _prepare(model)
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
+    return _max_difference(model, lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0]),
+                           path, 'onnxruntime', img_size, batches, log)
+
+
+def _max_difference(model: nn.Module, exported, path: str, runtime: str, img_size: Optional[int],
+                    batches: Sequence[int], log) -> float:
+    """Largest absolute difference between ``exported(x)`` and the PyTorch logits over random batches."""
+    model = _prepare(model)
     worst = 0.0
     for i, b in enumerate(batches):
         x = _input(model, img_size, batch=b, seed=1 + i)
         with torch.no_grad():
             ref = model(x)
+            out = exported(x)
         if i == 0:
             _warn_if_constant(ref, log)
-        out = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
         if out.shape != ref.shape:
-            raise ExportError(f"{path}: onnxruntime gives shape {tuple(out.shape)} for batch {b}, PyTorch "
+            raise ExportError(f"{path}: {runtime} gives shape {tuple(out.shape)} for batch {b}, PyTorch "
                               f"{tuple(ref.shape)}")
         worst = max(worst, (out - ref).abs().max().item())
     return worst
@@ -136,19 +143,11 @@ def export_torchscript(model: nn.Module, path: str, img_size: Optional[int] = No
 
 def verify_torchscript(model: nn.Module, path: str, img_size: Optional[int] = None,
                        batches: Sequence[int] = (1, 3), log=None) -> float:
-    model = _prepare(model)
+    """Largest absolute difference between the TorchScript file's and PyTorch's logits over random batches."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         loaded = torch.jit.load(path, map_location='cpu')
-    worst = 0.0
-    for i, b in enumerate(batches):
-        x = _input(model, img_size, batch=b, seed=1 + i)
-        with torch.no_grad():
-            ref = model(x)
-            if i == 0:
-                _warn_if_constant(ref, log)
-            worst = max(worst, (loaded(x) - ref).abs().max().item())
-    return worst
+    return _max_difference(model, loaded, path, 'TorchScript', img_size, batches, log)
 
 
 # ---- command --------------------------------------------------------------------------------------------
