@@ -1,6 +1,7 @@
 """Time Sequencer2D with the fused RNN engine against timm's sequencer2d (native nn.LSTM), alternately.
 
     .venv/bin/python scripts/time_fused.py --model sequencer2d_s --batch-size 8 --threads 2 --rounds 7
+    .venv/bin/python scripts/time_fused.py --threads 1 --clock process   # CPU time, for a busy machine
 
 Both models get the same weights. Each round times one step of every contestant in turn (after warm-up),
 so slow phases of a shared machine hit all of them alike; the printed ratio is the median over rounds of
@@ -8,6 +9,7 @@ timm's step time divided by ours (higher is better for us). Modes: 'infer' (no_g
 and 'train' (forward + backward of the summed logits, train mode).
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -39,8 +41,12 @@ def main():
     ap.add_argument('--warmup', type=int, default=2)
     ap.add_argument('--modes', default='infer,train')
     ap.add_argument('--engines', default='fused', help="engines of our model to time, e.g. 'fused,native'")
+    ap.add_argument('--clock', default='wall', choices=('wall', 'process'),
+                    help="'wall': elapsed time; 'process': CPU time of this process (with --threads 1, the "
+                         "work itself, little affected by other jobs on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == 'wall' else time.process_time
     torch.manual_seed(0)
     ref = timm.create_model(args.model)
     contestants = {'timm': ref}
@@ -50,7 +56,8 @@ def main():
         contestants[engine] = ours.set_rnn_engine(engine)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     print(f"torch {torch.__version__}, timm {timm.__version__}, {args.model}, batch {args.batch_size}, "
-          f"{args.img_size}px, fp32, {args.threads} threads, {time.strftime('%Y-%m-%d')}")
+          f"{args.img_size}px, fp32, {args.threads} threads, {args.clock} clock, {time.strftime('%Y-%m-%d')}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     for mode in args.modes.split(','):
         steps = {}
         for name, model in contestants.items():
@@ -61,9 +68,9 @@ def main():
         times = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, step in steps.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 step()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
         for name in steps:
             if name == 'timm':
                 continue

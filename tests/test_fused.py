@@ -205,14 +205,14 @@ _INTERPRETER_CHECK = textwrap.dedent('''
     B, H, W, hid = 2, 3, 5, 8          # H != W: padded steps and sequences
     kinds = ((True, False), (True, True), (False, False), (False, True))
     D, G = len(kinds), 4 * hid
-    rows, prev = fl._build_plan(B, H, W, kinds, 'cpu')
+    rows, inv, prev, padded = fl._build_plan(B, H, W, kinds, "cpu")
     T, DN = rows.shape
     N, R = DN // D, B * H * W * D
     xp = torch.randn(R + 1, G)
     xp[R] = 0
     w = torch.randn(D, G, hid) * 0.3
     y_ref, y_tri = torch.zeros(R + 1, hid), torch.zeros(R + 1, hid)
-    ref = fl._recurrence_torch(xp, w.transpose(1, 2), rows, D, N, hid, y_ref, True)
+    ref = fl._recurrence_torch(xp, w.transpose(1, 2), rows, inv, D, N, hid, y_ref[:R], True)
     tri = lstm_recurrence_triton(xp, w, rows, D, N, hid, y_tri, True, block_n=16)
     errs = [(y_ref[:R] - y_tri[:R]).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(ref, tri)]
     print('MAXERR', max(errs), 'ABSMAX', y_ref.abs().max().item())

@@ -15,14 +15,14 @@ size ``h`` over an NHWC input ``x`` of shape (B, H, W, C):
   N independent sequences (N = B*W columns for the vertical directions, B*H rows for the horizontal
   ones). A precomputed index table ``rows[t]`` maps step ``t`` of every sequence of every direction to
   its token row, with the reversed directions reading ``T - 1 - t`` -- index arithmetic, no flipped or
-  permuted copies of the activations. Each step gathers its input gates (one ``index_select``), adds
-  ``h @ W_hh`` for all directions with one ``baddbmm``, applies the cell in a handful of element-wise
-  ops, and scatters ``h`` straight into the output tensor (one ``index_copy_``), which therefore comes
-  out in the ``cat`` layout (B, H, W, D*h) with no permute or concatenation. When H != W the shorter
-  axis is padded: its missing steps and sequences read a zero row and write a scratch row, and their
-  gradients are exactly zero.
-* **Hand-written backward.** Only the (dh, dc) recursion runs step by step (one gather of the output
-  gradient, one ``baddbmm`` for ``dG @ W_hh`` and element-wise ops per step). The gate gradients of all
+  permuted copies. The input gates are gathered into step order once (one ``index_select``); each step
+  then adds ``h @ W_hh`` for all directions with one ``baddbmm`` and applies the cell in six element-wise
+  ops; the hidden states come back to token order with one more gather, straight into the output
+  tensor, which therefore is in the ``cat`` layout (B, H, W, D*h) with no permute or concatenation.
+  When H != W the shorter axis is padded: its missing steps and sequences read a zero row, their
+  results are never gathered back, and their gradients are exactly zero.
+* **Hand-written backward.** Only the (dh, dc) recursion runs step by step (the output gradient gathered
+  into step order once; per step one ``baddbmm`` for ``dG @ W_hh`` and element-wise ops). The gate gradients of all
   steps are collected in token order, so the input gradient and ``dW_ih`` are one GEMM each over all
   tokens, the bias gradient one reduction, and ``dW_hh`` one batched GEMM over all time steps.
 
@@ -60,6 +60,8 @@ def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], de
     scratch row of the output.
     prev (B*H*W*D,): for every token row, the row holding the same direction's hidden state one step
     earlier, or ``B*H*W*D`` (a zero row) at the first step.
+    inv (B*H*W*D,): the inverse of ``rows``: for every token row, its position ``(t * D + d) * N + n`` in
+    step order (so results in step order are brought back to token order with a gather, not a scatter).
     padded: whether any step or sequence is missing (only when H != W and both axes are present).
     """
     D = len(kinds)
@@ -85,7 +87,10 @@ def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], de
         ok = (pi >= 0) & (pi < H) & (pj >= 0) & (pj < W)
         ptoken = (b3 * H + pi) * W + pj
         prev.append(torch.where(ok, ptoken * D + d, torch.full_like(ptoken, R)).expand(B, H, W).reshape(-1))
-    return torch.stack(rows, 1).reshape(T, D * N), torch.stack(prev, 1).reshape(R), padded
+    rows = torch.stack(rows, 1).reshape(T, D * N)
+    inv = torch.empty(R + 1, dtype=rows.dtype, device=device)
+    inv[rows.view(-1)] = torch.arange(T * D * N, device=device)
+    return rows, inv[:R], torch.stack(prev, 1).reshape(R), padded
 
 
 _PLANS: Dict[tuple, tuple] = {}
@@ -125,12 +130,12 @@ def _from_internal(g: torch.Tensor, hidden: int) -> torch.Tensor:
 
 # ---- the recurrence, torch implementation ---------------------------------------------------------------
 
-def _recurrence_torch(xp_rows, w_hh_t, rows, D, N, hidden, out_rows, save):
+def _recurrence_torch(xp_rows, w_hh_t, rows, inv, D, N, hidden, out_rows, save):
     """Run all steps. xp_rows (R, 4h) input gates by token row; w_hh_t (D, h, 4h) internal recurrent weights.
 
     The input gates are gathered into step order once (one ``index_select``), every step then updates its
-    slice in place, and the hidden states of all steps are scattered into out_rows (R, h) at the end (one
-    ``index_copy_``): the loop itself runs seven ops per step. With ``save`` returns what the backward
+    slice in place, and the hidden states of all steps are gathered into out_rows (R, h) at the end (one
+    ``index_select`` through ``inv``): the loop itself runs seven ops per step. With ``save`` returns what the backward
     needs: act (T, D, N, 4h) gate activations, cs (T, D, N, h) cell states and sc (T, D, N, h)
     sigmoid(-2c).
     """
@@ -163,15 +168,16 @@ def _recurrence_torch(xp_rows, w_hh_t, rows, D, N, hidden, out_rows, save):
         h = hs[t]
         torch.addcmul(o, o, sct, value=-2.0, out=h)                   # h = o tanh(c)
         h_prev, c_prev = h, c
-    out_rows.index_copy_(0, rows.view(-1), hs.view(-1, hidden))
+    torch.index_select(hs.view(-1, hidden), 0, inv, out=out_rows)
     return (act, cs, sc) if save else None
 
 
-def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, D, N, hidden, dxp_rows):
+def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, inv, D, N, hidden, dxp_rows):
     """BPTT of the (dh, dc) recursion; writes the internal gate gradients of every step into dxp_rows (R, 4h).
 
     gy_rows (R, h) output gradient by token row; w_hh (D, 4h, h) internal recurrent weights. The output
-    gradient is gathered into step order once and the gate gradients scattered back once.
+    gradient is gathered into step order once, and the gate gradients are gathered back to token order
+    once (through ``inv``).
     """
     T = rows.shape[0]
     G = 4 * hidden
@@ -214,7 +220,7 @@ def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, D, N, hidden, dxp_rows):
         dGt = dGs[t]
         torch.addcmul(u, u, a, value=-1.0, out=dGt)
         dG_next = dGt
-    dxp_rows.index_copy_(0, rows.view(-1), dGs.view(-1, G))
+    torch.index_select(dGs.view(-1, G), 0, inv, out=dxp_rows)
 
 
 class _FusedLSTM2D(torch.autograd.Function):
@@ -227,7 +233,7 @@ class _FusedLSTM2D(torch.autograd.Function):
         G = 4 * hidden
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32   # recurrence dtype
         with torch.autocast(x.device.type, enabled=False):
-            rows, prev, padded = _plan(B, H, W, kinds, x.device)
+            rows, inv, prev, padded = _plan(B, H, W, kinds, x.device)
             T, DN = rows.shape
             N = DN // D
             has_bias = params[2] is not None
@@ -249,21 +255,21 @@ class _FusedLSTM2D(torch.autograd.Function):
                 xp.copy_(torch.nn.functional.linear(x2.to(mm_dtype), w_ih.to(mm_dtype),
                                                     None if bias is None else bias.to(mm_dtype)))
             xp_buf[R:].zero_()
-            # the output in the native 'cat' layout; padded steps write one scratch row past the end
+            # the output, in the native 'cat' layout
             y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=cdt)
-            out_rows = torch.empty(R + 1, hidden, device=x.device, dtype=cdt) if padded else y.view(R, hidden)
             save = any(ctx.needs_input_grad)
             if x.is_cuda and _triton_ok():
                 from .triton_lstm import lstm_recurrence_triton
+                out_rows = torch.empty(R + 1, hidden, device=x.device, dtype=cdt)  # + a scratch row
                 saved = lstm_recurrence_triton(xp_buf, w_hh, rows, D, N, hidden, out_rows, save)
-            else:
-                saved = _recurrence_torch(xp_buf, w_hh.transpose(1, 2), rows, D, N, hidden, out_rows, save)
-            del xp_buf, xp
-            if padded:
                 y.view(R, hidden).copy_(out_rows[:R])
+            else:
+                saved = _recurrence_torch(xp_buf, w_hh.transpose(1, 2), rows, inv, D, N, hidden,
+                                          y.view(R, hidden), save)
+            del xp_buf, xp
             if save:
                 act, cs, sc = saved
-                ctx.save_for_backward(x, w_ih, w_hh, rows, prev, act, cs, sc, y)
+                ctx.save_for_backward(x, w_ih, w_hh, rows, inv, prev, act, cs, sc, y)
                 ctx.meta = (kinds, hidden, has_bias, padded, cdt,
                             [p.dtype if p is not None else None for p in params])
             if out_dtype != cdt:
@@ -272,7 +278,7 @@ class _FusedLSTM2D(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, w_ih, w_hh, rows, prev, act, cs, sc, y = ctx.saved_tensors
+        x, w_ih, w_hh, rows, inv, prev, act, cs, sc, y = ctx.saved_tensors
         kinds, hidden, has_bias, padded, cdt, dtypes = ctx.meta
         B, H, W, C = x.shape
         D = len(kinds)
@@ -285,9 +291,8 @@ class _FusedLSTM2D(torch.autograd.Function):
             gy = gy.to(cdt).reshape(R, hidden)
             if padded:  # padded steps read a zero row
                 gy = torch.cat([gy, gy.new_zeros(1, hidden)])
-            dxp_buf = torch.empty(R + 1, G, device=x.device, dtype=cdt)
-            _backward_torch(gy.contiguous(), act, cs, sc, w_hh, rows, D, N, hidden, dxp_buf)
-            dxp = dxp_buf[:R].view(BHW, D * G)
+            dxp = torch.empty(BHW, D * G, device=x.device, dtype=cdt)
+            _backward_torch(gy.contiguous(), act, cs, sc, w_hh, rows, inv, D, N, hidden, dxp.view(R, G))
             x2 = x.reshape(BHW, C).to(cdt)
             dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
             dw_ih = torch.mm(dxp.t(), x2)                                                 # (D*4h, C)
