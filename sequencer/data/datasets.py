@@ -37,8 +37,9 @@ def _open_image(path) -> Image.Image:
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit: keep the high byte, not a clipped copy
-            arr = np.asarray(img, dtype=np.uint32 if img.mode == 'I' else np.uint16)
-            img = Image.fromarray((arr >> (8 if arr.max() > 255 else 0)).astype(np.uint8), mode='L')
+            # always scaled from the 16-bit range: a dark image (every value below 256) stays dark
+            arr = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+            img = Image.fromarray((arr >> 8).astype(np.uint8))
         elif img.mode == 'P' and 'transparency' in img.info:
             img = img.convert('RGBA')
         return img.convert('RGB')

@@ -170,7 +170,8 @@ def find_resume(folder: str, log: Log) -> Optional[str]:
     """The newest valid checkpoint of a run folder; corrupt ones are named and skipped."""
     if not os.path.isdir(folder):
         return None
-    names = [n for n in os.listdir(folder) if n.endswith('.pth.tar') and not n.startswith('.')]
+    # sorted: of equally new files (model_best is a link to a checkpoint-<epoch>), the same one every time
+    names = sorted(n for n in os.listdir(folder) if n.endswith('.pth.tar') and not n.startswith('.'))
     best, best_pos = None, None
     for name in names:
         path = os.path.join(folder, name)
@@ -338,7 +339,14 @@ def train(args) -> Dict:
     if min(data_cfg['input_size'][1:]) < patch:
         raise UserError(f"input size {data_cfg['input_size'][1:]} is smaller than the model's total patch size "
                         f"{patch} ({args.model})")
+    if any(float(s) == 0 for s in data_cfg['std']):  # else every image fails to transform, as if unreadable
+        raise UserError(f"--std {' '.join(str(s) for s in data_cfg['std'])}: the normalisation divides by each "
+                        f"value, none may be 0")
     model.to(d.device)
+    if args.aa and args.aa.startswith('rand'):  # timm silently ignores RandAugment sections without a value
+        bad = [c for c in args.aa.split('-')[1:] if not c.startswith('t') and not any(ch.isdigit() for ch in c)]
+        if bad:
+            raise UserError(f"--aa {args.aa}: not a valid augmentation policy (section {bad[0]!r} has no value)")
     try:
         train_tf = create_transform(
             data_cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
@@ -426,6 +434,12 @@ def train(args) -> Dict:
         start_epoch = args.start_epoch
     if d.main:
         os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # temporary files of writes that a crash cut short
+            if (name.startswith('.') and name.endswith('.tmp')) or name.endswith('.tmp-link'):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except OSError:
+                    pass
         log.open(os.path.join(folder, 'log.txt'))
         write_text(os.path.join(folder, 'args.yaml'), _yaml(args))
     if scheduler is not None and (start_epoch or start_batch):
@@ -543,7 +557,7 @@ def train(args) -> Dict:
             if skipped:
                 log(f"epoch {epoch}: skipped {int(d.all_sum(skipped)[0])} unreadable sample(s)")
             loss_sum, loss_count = d.all_sum(loss_sum, loss_count)
-            train_loss = loss_sum / max(loss_count, 1)
+            train_loss = loss_sum / loss_count if loss_count else float('nan')  # nan: every step was skipped
             metrics = evaluate(model, eval_loader, d.device, amp_dtype)
             row = {'epoch': epoch, 'train_loss': f"{train_loss:.6f}", 'eval_loss': f"{metrics['loss']:.6f}",
                    'eval_top1': f"{metrics['top1']:.4f}", 'eval_top5': f"{metrics['top5']:.4f}",

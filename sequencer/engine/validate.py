@@ -60,6 +60,9 @@ def validate(args) -> Dict:
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
     cfg = resolve_data_config(vars(args), model=model)
+    if any(float(s) == 0 for s in cfg['std']):  # else every image fails to transform, as if unreadable
+        raise UserError(f"--std {' '.join(str(s) for s in cfg['std'])}: the normalisation divides by each value, "
+                        f"none may be 0")
     transform = create_transform(cfg['input_size'], is_training=False, interpolation=cfg['interpolation'],
                                  mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
                                  crop_mode=cfg.get('crop_mode'))
