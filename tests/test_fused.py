@@ -141,7 +141,9 @@ def test_engine_resolution():
     m.engine = 'native'
     assert m.resolved_engine(x) == 'native'
     m.engine = 'auto'
-    assert m.resolved_engine(x) == auto_engine('cpu', True, torch.float32, False) == 'fused'
+    assert m.resolved_engine(x) == auto_engine('cpu', True, torch.float32, False) == 'fused'   # training
+    with torch.no_grad():
+        assert m.resolved_engine(x) == 'native'                                             # CPU inference
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert m.resolved_engine(x) == 'native'
     assert auto_engine('cuda', True, torch.float32, False) == 'native'
