@@ -456,3 +456,19 @@ def test_written_checkpoints_load_weights_only_and_weights_publish_as_safetensor
     from safetensors.torch import load_file
     published, trained = load_file(tmp_path / 'pub' / name), weights(finished / 'last.pth.tar')
     assert published.keys() == trained.keys() and all(torch.equal(published[k], trained[k]) for k in trained)
+
+
+def test_resume_restores_best_checkpoint_links_a_crash_cut(tmp_path, data, finished, capsys):
+    """A kill between writing last.pth.tar and linking checkpoint-<epoch> / model_best: resuming re-creates them."""
+    folder = copy_run(finished, tmp_path)
+    best = torch.load(folder / 'last.pth.tar', map_location='cpu', weights_only=True)['best']
+    assert [e for _, e in best] and 1 in [e for _, e in best]
+    os.unlink(folder / 'checkpoint-1.pth.tar')
+    os.unlink(folder / 'recovery.pth.tar')
+    if best[0][1] == 1:
+        os.unlink(folder / 'model_best.pth.tar')
+    assert train(data, folder, '--epochs', '2', '--resume', str(folder / 'last.pth.tar')) == 0
+    capsys.readouterr()
+    restored = torch.load(folder / 'checkpoint-1.pth.tar', map_location='cpu', weights_only=True)
+    assert restored['next_epoch'] == 2
+    assert os.path.isfile(folder / 'model_best.pth.tar')

@@ -31,9 +31,11 @@ def evaluate(
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    skipped = 0  # unreadable samples a loader dropped (``--bad-samples skip``)
     start = time.time()
     for step, batch in enumerate(loader):
         images, target = batch[0], batch[1]  # loaders may add a third item (skipped-sample count)
+        skipped += int(batch[2]) if len(batch) > 2 else 0
         if images is None:
             continue
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -53,8 +55,10 @@ def evaluate(
             n = totals[3].item()
             log(f"eval [{step + 1}/{len(loader)}] top1 {100 * totals[1].item() / n:.2f} "
                 f"({n / (time.time() - start):.1f} img/s)")
+    totals = torch.cat([totals, torch.tensor([float(skipped)], dtype=torch.float64, device=device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
-    loss, top1, top5, count = totals.tolist()
+    loss, top1, top5, count, skipped = totals.tolist()
     count = max(count, 1.0)
-    return {'loss': loss / count, 'top1': 100 * top1 / count, 'top5': 100 * top5 / count, 'count': int(count)}
+    return {'loss': loss / count, 'top1': 100 * top1 / count, 'top5': 100 * top5 / count, 'count': int(count),
+            'skipped': int(skipped)}

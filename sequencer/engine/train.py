@@ -222,6 +222,16 @@ class Keeper:
                 os.unlink(p)
         self.best = kept
 
+    def restore_links(self, path: str, epoch: int):
+        """Re-create the best-checkpoint files of ``epoch`` that a crash right after saving may have left out."""
+        for rank, (_, e) in enumerate(self.best):
+            if e != epoch:
+                continue
+            names = [f'checkpoint-{epoch}.pth.tar'] + (['model_best.pth.tar'] if rank == 0 else [])
+            for name in names:
+                if not os.path.exists(self._path(name)) and os.path.abspath(path) != os.path.abspath(self._path(name)):
+                    self._link(path, self._path(name))
+
     def save_recovery(self, state: Dict):
         state['best'] = self.best
         save_torch(state, self._path('recovery.pth.tar'))
@@ -405,6 +415,15 @@ def train(args) -> Dict:
 
     # output folder and resuming
     folder = run_folder(args, args.resume)
+    if d.main:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # temporary files of writes that a crash cut short
+            if (name.startswith('.') and name.endswith('.tmp')) or name.endswith('.tmp-link'):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except OSError:
+                    pass
+        log.open(os.path.join(folder, 'log.txt'))
     resume_path = args.resume
     if resume_path == 'auto':
         resume_path = find_resume(folder, log)
@@ -428,19 +447,13 @@ def train(args) -> Dict:
         partial = tuple(ckpt.get('partial', (0.0, 0)))
         rows = list(ckpt.get('summary', []))
         keeper.best = [list(b) for b in ckpt.get('best', [])]
+        if d.main and start_batch == 0:
+            keeper.restore_links(resume_path, start_epoch - 1)
         set_rng_state(ckpt['rng'])
         log(f"resumed from {resume_path} at epoch {start_epoch}" + (f", batch {start_batch}" if start_batch else ''))
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
     if d.main:
-        os.makedirs(folder, exist_ok=True)
-        for name in os.listdir(folder):  # temporary files of writes that a crash cut short
-            if (name.startswith('.') and name.endswith('.tmp')) or name.endswith('.tmp-link'):
-                try:
-                    os.unlink(os.path.join(folder, name))
-                except OSError:
-                    pass
-        log.open(os.path.join(folder, 'log.txt'))
         write_text(os.path.join(folder, 'args.yaml'), _yaml(args))
     if scheduler is not None and (start_epoch or start_batch):
         if args.sched_on_updates:
@@ -520,6 +533,14 @@ def train(args) -> Dict:
                 if (step + 1) % args.grad_accum_steps == 0:
                     if scaler:
                         scaler.unscale_(optimizer)
+                    if scaler is None and not _finite_grads(model):  # fp16 scaling handles its own overflows
+                        if args.nonfinite == 'skip':
+                            log(f"epoch {epoch} step {step}: non-finite gradients, update skipped")
+                            optimizer.zero_grad()
+                            continue
+                        raise UserError(f"non-finite gradients at epoch {epoch}, step {step}; the last good "
+                                        f"checkpoint in {folder} is intact (lower --lr, try --clip-grad, or "
+                                        f"--nonfinite skip)")
                     if args.clip_grad is not None:
                         dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
                     if scaler:
@@ -559,6 +580,8 @@ def train(args) -> Dict:
             loss_sum, loss_count = d.all_sum(loss_sum, loss_count)
             train_loss = loss_sum / loss_count if loss_count else float('nan')  # nan: every step was skipped
             metrics = evaluate(model, eval_loader, d.device, amp_dtype)
+            if metrics['skipped']:
+                log(f"epoch {epoch}: skipped {metrics['skipped']} unreadable validation sample(s)")
             row = {'epoch': epoch, 'train_loss': f"{train_loss:.6f}", 'eval_loss': f"{metrics['loss']:.6f}",
                    'eval_top1': f"{metrics['top1']:.4f}", 'eval_top5': f"{metrics['top5']:.4f}",
                    'lr': f"{optimizer.param_groups[0]['lr']:.6e}"}
@@ -593,6 +616,11 @@ def train(args) -> Dict:
         log(f"best {args.eval_metric}: {keeper.best[0][0]:.4f} at epoch {keeper.best[0][1]} "
             f"({os.path.join(folder, 'model_best.pth.tar')})")
     return result
+
+
+def _finite_grads(model: torch.nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
 
 def _plain(obj):

@@ -80,7 +80,7 @@ def validate(args) -> Dict:
     result = {'model': args.model, 'checkpoint': args.checkpoint, 'top1': round(m['top1'], 4),
               'top5': round(m['top5'], 4), 'loss': round(m['loss'], 6), 'images': m['count'],
               'img_size': cfg['input_size'][-1], 'crop_pct': cfg['crop_pct'], 'interpolation': cfg['interpolation'],
-              'seconds': round(time.time() - start, 2)}
+              'skipped': m['skipped'], 'seconds': round(time.time() - start, 2)}
     log(f"top-1 {result['top1']:.3f}  top-5 {result['top5']:.3f}  loss {result['loss']:.4f}  "
         f"({result['images']} images, {result['seconds']:.1f}s)")
     if args.results_file and d.main:
