@@ -73,13 +73,15 @@ class RNN2D(nn.Module):
         'native' and 'fused' are taken as set, except that GRU / tanh-RNN / stacked (num_layers > 1)
         recurrences always run natively (the fused engine covers single-layer LSTMs). 'auto' follows what
         was measured to be faster (see ``auto_engine``): it depends on the device, on whether gradients
-        are being computed, on the dtype and on autocast.
+        are being computed, on the dtype and on autocast; while tracing or exporting to ONNX it is 'native'.
         """
         fusable = self.rnn_layer == 'lstm' and self.num_layers == 1
         if not fusable:
             return 'native'
         if self.engine != 'auto':
             return self.engine
+        if not torch.compiler.is_compiling() and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return 'native'  # exported graphs need the standard LSTM ops
         ref = x if x is not None else self._lstm_refs[1][0]
         grad = torch.is_grad_enabled() and (ref.requires_grad or any(
             p is not None and p.requires_grad for p in self._lstm_refs[1]))
