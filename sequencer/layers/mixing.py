@@ -82,9 +82,10 @@ class RNN2D(nn.Module):
             return self.engine
         if not torch.compiler.is_compiling() and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             return 'native'  # exported graphs need the standard LSTM ops
-        ref = x if x is not None else self._lstm_refs[1][0]
+        params = self._lstm_params()[1]
+        ref = x if x is not None else params[0]
         grad = torch.is_grad_enabled() and (ref.requires_grad or any(
-            p is not None and p.requires_grad for p in self._lstm_refs[1]))
+            p is not None and p.requires_grad for p in params))
         return auto_engine(ref.device.type, grad, ref.dtype, torch.is_autocast_enabled(ref.device.type))
 
     def _lstm_params(self):
@@ -173,8 +174,8 @@ def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool
       measured 1.03x timm's native (oneDNN) LSTM in CPU time (batch 8, 224 px).
     * CPU inference (no gradients): 'native'. oneDNN fuses each LSTM step into one kernel, and the fused
       engine's element-wise ops per step cost more than it saves on copies: 0.92x measured.
-    * CPU under autocast (bfloat16): 'native' -- oneDNN runs the whole LSTM in bfloat16, while the fused
-      engine keeps its recurrence in float32.
+    * CPU under autocast (bfloat16): 'native' (not timed) -- oneDNN runs the whole LSTM in bfloat16,
+      while the fused engine keeps its recurrence in float32.
     * CUDA: 'native' (cuDNN). The fused engine (Triton forward kernel, torch backward) is selectable
       with ``set_rnn_engine('fused')`` but has not been timed on a GPU, so 'auto' does not choose it.
     * Anything else (other devices, float16 / bfloat16 weights): 'native'.
