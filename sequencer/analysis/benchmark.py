@@ -200,9 +200,11 @@ def build_timm(args, ours: nn.Module, input_size, overrides: Dict) -> Tuple[nn.M
     return other, name
 
 
-def _resolved_engine(model: nn.Module) -> str:
+def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precision: str) -> str:
+    """The engine our recurrences run with in ``mode`` ('auto' may choose by device, grad mode, autocast)."""
     from ..layers import RNN2D
-    engines = sorted({m.resolved_engine() for m in model.modules() if isinstance(m, RNN2D)})
+    with torch.set_grad_enabled(mode == 'train'), _autocast(device, precision):
+        engines = sorted({m.resolved_engine() for m in model.modules() if isinstance(m, RNN2D)})
     return '+'.join(engines) if engines else 'native'
 
 
@@ -490,7 +492,6 @@ def run(args) -> int:
         models[TIMM], timm_name = build_timm(args, ours, input_size, overrides)
     from .flops import count_flops
     macs = count_flops(ours, input_size)
-    engine = _resolved_engine(ours)
     for m in models.values():
         m.to(device)
         if args.grad_checkpointing:
@@ -508,7 +509,7 @@ def run(args) -> int:
     cpu_probe = _CpuPeakRss() if device.type == 'cpu' and not args.no_memory else None
     mem_method = None if args.no_memory else ('cuda-max-allocated' if device.type == 'cuda' else cpu_probe.method)
 
-    rows = []
+    rows, engines = [], []
     for mode in (('infer', 'train') if args.mode == 'both' else (args.mode,)):
         steps = {name: Step(m, mode, x, target, args.precision, args.compile_mode, compile_)
                  for name, m in models.items()}
@@ -520,6 +521,8 @@ def run(args) -> int:
             for name, s in steps.items():
                 mems[name] = peak_memory_mb(s, device, cpu_probe)
         work = macs * (3 if mode == 'train' else 1)
+        engine = _resolved_engine(ours, mode, device, args.precision)
+        engines.append(f"{mode}: {engine}")
         for name, ts in times.items():
             mean = sum(ts) / len(ts)
             ips = args.batch_size / mean
@@ -557,7 +560,7 @@ def run(args) -> int:
 
     print(f"{args.model}  input {'x'.join(map(str, input_size))}  batch {args.batch_size}  {args.precision}  "
           f"{device.type} ({env['device_name']}, {torch.get_num_threads()} threads)  compile={compile_}  "
-          f"engine={engine}  grad_checkpointing={args.grad_checkpointing}  {macs / 1e9:.2f} GMACs/img"
+          f"engine ({', '.join(engines)})  grad_checkpointing={args.grad_checkpointing}  {macs / 1e9:.2f} GMACs/img"
           + (f"  matmul peak {peak:.1f} GFLOP/s" if peak else ''))
     if timm_name:
         print(f"compared with timm's {timm_name} (same weights), timed alternately")
