@@ -472,3 +472,28 @@ def test_resume_restores_best_checkpoint_links_a_crash_cut(tmp_path, data, finis
     restored = torch.load(folder / 'checkpoint-1.pth.tar', map_location='cpu', weights_only=True)
     assert restored['next_epoch'] == 2
     assert os.path.isfile(folder / 'model_best.pth.tar')
+
+
+def test_sigterm_to_a_ddp_launch_saves_on_all_ranks_and_resumes(tmp_path, data):
+    """torchrun forwards SIGTERM to every rank: the ranks agree on the step, rank 0 saves, all exit."""
+    folder = tmp_path / 'runs' / 'ddp'
+    argv = [os.path.join(ROOT, 'distributed_train.sh'), '2', data, *COMMON, '-b', '2', '--epochs', '2', '-j', '0',
+            '--output', str(folder.parent), '--experiment', folder.name]
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    out = ''
+    for line in proc.stdout:
+        out += line
+        if line.startswith('epoch 0 [2/'):
+            proc.send_signal(signal.SIGTERM)  # the launcher only, as a scheduler's preemption does
+            break
+    out += proc.communicate(timeout=300)[0]
+    assert 'SIGTERM: saved' in out, out
+    ckpt = torch.load(folder / 'recovery.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['next_epoch'] == 0 and ckpt['next_batch'] >= 2
+    done = subprocess.run(argv + ['--resume', 'auto'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert 'resumed from' in done.stdout
+    assert [r['epoch'] for r in summary(folder)] == ['0', '1']

@@ -486,6 +486,11 @@ def train(args) -> Dict:
         stop['signal'] = signal.Signals(signum).name
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    def agree_on_stop():
+        """Every rank stops at the same step: a signal seen by any rank counts for all (a collective call)."""
+        if d.all_max(1.0 if stop['signal'] else 0.0) > 0 and not stop['signal']:
+            stop['signal'] = 'SIGTERM'
+
     def state(next_epoch: int, next_batch: int, metric=None, part=(0.0, 0)) -> Dict:
         return {'version': CHECKPOINT_VERSION, 'arch': args.model, 'num_classes': num_classes,
                 'model_kwargs': dict(args.model_kwargs or {}), 'class_names': classes,
@@ -561,8 +566,7 @@ def train(args) -> Dict:
                     writer.add_scalar('train/lr', lr, num_updates)
                 at_boundary = (step + 1) % args.grad_accum_steps == 0 and step + 1 < steps + skip
                 if d.world > 1 and at_boundary:
-                    stop['signal'] = stop['signal'] or (None if d.all_max(1.0 if stop['signal'] else 0.0) == 0
-                                                        else 'SIGTERM')
+                    agree_on_stop()
                 if d.main and args.recovery_interval and at_boundary and (step + 1) % args.recovery_interval == 0 \
                         and not stop['signal']:
                     keeper.save_recovery(state(epoch, step + 1, part=(loss_sum, loss_count)))
@@ -575,9 +579,9 @@ def train(args) -> Dict:
                         f"--experiment {os.path.basename(folder)} --output {os.path.dirname(folder)}")
                     return {'interrupted': True, 'folder': folder}
             bar.close()
+            loss_sum, loss_count, skipped = d.all_sum(loss_sum, loss_count, skipped)
             if skipped:
-                log(f"epoch {epoch}: skipped {int(d.all_sum(skipped)[0])} unreadable sample(s)")
-            loss_sum, loss_count = d.all_sum(loss_sum, loss_count)
+                log(f"epoch {epoch}: skipped {int(skipped)} unreadable sample(s)")
             train_loss = loss_sum / loss_count if loss_count else float('nan')  # nan: every step was skipped
             metrics = evaluate(model, eval_loader, d.device, amp_dtype)
             if metrics['skipped']:
@@ -601,6 +605,8 @@ def train(args) -> Dict:
                 plot_curves(folder, rows)
                 keeper.save_epoch(state(epoch + 1, 0, metric=metric), epoch, metric)
             result = {'folder': folder, 'epoch': epoch, **metrics, 'best': keeper.best}
+            if d.world > 1 and epoch + 1 < num_epochs:
+                agree_on_stop()
             if stop['signal']:
                 log(f"{stop['signal']}: stopped after epoch {epoch}; continue with --resume auto "
                     f"--experiment {os.path.basename(folder)} --output {os.path.dirname(folder)}")
