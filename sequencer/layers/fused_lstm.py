@@ -232,6 +232,9 @@ class _FusedLSTM2D(torch.autograd.Function):
         D = len(kinds)
         G = 4 * hidden
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32   # recurrence dtype
+        ctx.kernel = cdt == torch.float32 and x.device.type == 'cpu' and _cpu_kernel_ok()
+        if ctx.kernel:
+            return _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params)
         with torch.autocast(x.device.type, enabled=False):
             rows, inv, prev, padded = _plan(B, H, W, kinds, x.device)
             T, DN = rows.shape
@@ -278,6 +281,8 @@ class _FusedLSTM2D(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        if ctx.kernel:
+            return _backward_cpu_kernel(ctx, gy)
         x, w_ih, w_hh, rows, inv, prev, act, cs, sc, y = ctx.saved_tensors
         kinds, hidden, has_bias, padded, cdt, dtypes = ctx.meta
         B, H, W, C = x.shape
@@ -309,6 +314,80 @@ class _FusedLSTM2D(torch.autograd.Function):
                     grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
                     grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
         return (dx, None, None, None, None, *grads)
+
+
+def _kind_codes(kinds) -> List[int]:
+    return [2 * int(vertical) + int(reverse) for vertical, reverse in kinds]
+
+
+def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
+    """Forward through the compiled CPU recurrence (``cpu_kernel``): nn.LSTM's gate order, no plan gathers."""
+    B, H, W, C = x.shape
+    D = len(kinds)
+    BHW = B * H * W
+    f32 = torch.float32
+    with torch.autocast('cpu', enabled=False):
+        has_bias = params[2] is not None
+        w_ih = torch.cat([params[4 * d].to(f32) for d in range(D)])                     # (D*4h, C)
+        w_hh = torch.stack([params[4 * d + 1].to(f32) for d in range(D)])               # (D, 4h, h)
+        if has_bias:
+            bias = torch.cat([(params[4 * d + 2] + params[4 * d + 3]).to(f32) for d in range(D)])
+        else:
+            bias = x.new_zeros(D * 4 * hidden, dtype=f32)
+        x2 = x.reshape(BHW, C)
+        if mm_dtype == f32 and x2.dtype == f32:
+            xp = torch.mm(x2, w_ih.t())                    # the bias is added inside the kernel
+        else:
+            xp = torch.mm(x2.to(mm_dtype), w_ih.to(mm_dtype).t()).to(f32)
+        y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=f32)
+        save = any(ctx.needs_input_grad)
+        gates, cs = torch.ops.sequencer_lstm2d.forward(
+            xp, bias.contiguous(), w_hh.transpose(1, 2).contiguous(), B, H, W, _kind_codes(kinds), hidden,
+            y.view(BHW, D * hidden), save)
+        if save:
+            ctx.save_for_backward(x, w_ih, w_hh, gates, cs, y)
+            ctx.meta = (kinds, hidden, has_bias, [p.dtype if p is not None else None for p in params])
+        if out_dtype != f32:
+            y = y.to(out_dtype)
+    return y
+
+
+def _backward_cpu_kernel(ctx, gy):
+    x, w_ih, w_hh, gates, cs, y = ctx.saved_tensors
+    kinds, hidden, has_bias, dtypes = ctx.meta
+    B, H, W, C = x.shape
+    D = len(kinds)
+    G = 4 * hidden
+    BHW = B * H * W
+    f32 = torch.float32
+    with torch.autocast('cpu', enabled=False):
+        gy = gy.to(f32).reshape(BHW, D * hidden).contiguous()
+        dxp = torch.empty(BHW, D * G, device=x.device, dtype=f32)
+        torch.ops.sequencer_lstm2d.backward(gy, gates, cs, w_hh, B, H, W, _kind_codes(kinds), hidden, dxp)
+        x2 = x.reshape(BHW, C).to(f32)
+        dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw_ih = torch.mm(dxp.t(), x2)                                                    # (D*4h, C)
+        prev = _plan(B, H, W, kinds, x.device)[2]
+        yz = torch.cat([y.view(BHW * D, hidden), y.new_zeros(1, hidden)])                 # + a zero row
+        h_prev = yz.index_select(0, prev).view(BHW, D, hidden)                            # h_{t-1} by token
+        dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1))   # (D, 4h, h)
+        db = dxp.sum(0) if has_bias else None
+        grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
+        for d in range(D):
+            grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
+            grads[4 * d + 1] = dw_hh[d].to(dtypes[4 * d + 1])
+            if has_bias:
+                gb = db[d * G:(d + 1) * G]
+                grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
+                grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
+    return (dx, None, None, None, None, *grads)
+
+
+def _cpu_kernel_ok() -> bool:
+    if torch.compiler.is_compiling():
+        return False   # torch.compile traces the torch implementation
+    from . import cpu_kernel
+    return cpu_kernel.available()
 
 
 _TRITON_OK: Optional[bool] = None

@@ -1,0 +1,263 @@
+// The CPU recurrence of the fused BiLSTM2D engine (sequencer/layers/fused_lstm.py).
+//
+// Registered as torch.ops.sequencer_lstm2d.forward / .backward. Both run every step of every direction
+// (vertical / horizontal x forward / backward) of one BiLSTM2D in a single call:
+//
+//  * the input projections xp (B*H*W, D*4h) come in token order, computed by one GEMM outside;
+//  * each step multiplies the hidden states of all directions by W_hh (one batched GEMM, or one GEMM
+//    per direction when the directions differ in length), then applies the LSTM cell in one fused,
+//    vectorised pass that reads its input gates and writes its output straight at the token's position
+//    (index arithmetic: no gathers, flips, permutes or concatenation);
+//  * the backward runs the (dh, dc) recursion the same way and writes the gate gradients in token order,
+//    so that the input and weight gradients are single large GEMMs outside.
+//
+// Gates follow nn.LSTM's order (i, f, g, o). Saved for the backward: the gate activations and the cell
+// states, in step order (T, D, N, 4h) and (T, D, N, h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// exp on [-87, 88] (Cephes-style range reduction and polynomial, about 1 ulp); written so that the
+// compiler vectorises the loops that call it.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  float fx = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  int32_t n = static_cast<int32_t>(fx);
+  return y * __builtin_bit_cast(float, (n + 127) << 23);
+}
+
+inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+inline float tanh_f(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+
+struct Dir {
+  bool vertical, reverse;
+  int64_t T, N;  // steps per sequence, number of sequences
+};
+
+struct Grid {
+  int64_t B, H, W, D, h;
+  std::vector<Dir> dirs;
+  int64_t T, N;  // the largest over the directions
+  bool uniform;  // all directions have the same T and N (one batched GEMM per step)
+
+  Grid(int64_t B_, int64_t H_, int64_t W_, at::IntArrayRef kinds, int64_t hidden)
+      : B(B_), H(H_), W(W_), D(static_cast<int64_t>(kinds.size())), h(hidden), T(0), N(0), uniform(true) {
+    for (int64_t k : kinds) {
+      Dir d;
+      d.vertical = (k & 2) != 0;
+      d.reverse = (k & 1) != 0;
+      d.T = d.vertical ? H : W;
+      d.N = d.vertical ? B * W : B * H;
+      if (!dirs.empty() && (d.T != dirs[0].T || d.N != dirs[0].N)) uniform = false;
+      T = std::max(T, d.T);
+      N = std::max(N, d.N);
+      dirs.push_back(d);
+    }
+  }
+
+  // the token (row of xp / y) that step t of sequence n of direction d reads and writes
+  inline int64_t token(const Dir& d, int64_t t, int64_t n) const {
+    int64_t s = d.reverse ? d.T - 1 - t : t;
+    if (d.vertical) {
+      int64_t b = n / W, k = n - b * W;
+      return (b * H + s) * W + k;
+    }
+    int64_t b = n / H, k = n - b * H;
+    return (b * H + k) * W + s;
+  }
+};
+
+void check_inputs(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
+              "sequencer_lstm2d: ", name, " must be a contiguous float32 CPU tensor of ", dim, " dimensions");
+}
+
+// rec[d] (N_d, out) = src[d] (N_d, in) @ w[d] (in, out) for the directions active at step t
+void recurrent_mm(const Grid& g, int64_t t, bool backward, const at::Tensor& src, const at::Tensor& w,
+                  at::Tensor& rec) {
+  if (g.uniform) {
+    at::bmm_out(rec, src, w);
+    return;
+  }
+  for (int64_t d = 0; d < g.D; ++d) {
+    const Dir& dir = g.dirs[d];
+    bool active = backward ? (t < dir.T - 1) : (t >= 1 && t < dir.T);
+    if (!active) continue;
+    auto r = rec.select(0, d).narrow(0, 0, dir.N);
+    at::mm_out(r, src.select(0, d).narrow(0, 0, dir.N), w.select(0, d));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm2d_forward(const at::Tensor& xp, const at::Tensor& bias,
+                                                  const at::Tensor& whh_t, int64_t B, int64_t H, int64_t W,
+                                                  at::IntArrayRef kinds, int64_t hidden, at::Tensor y, bool save) {
+  Grid g(B, H, W, kinds, hidden);
+  const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
+  check_inputs(xp, "xp", 2);
+  check_inputs(bias, "bias", 1);
+  check_inputs(whh_t, "whh_t", 3);
+  check_inputs(y, "y", 2);
+  TORCH_CHECK(xp.size(0) == B * H * W && xp.size(1) == D * G && bias.size(0) == D * G &&
+              whh_t.size(0) == D && whh_t.size(1) == h && whh_t.size(2) == G && y.size(0) == B * H * W &&
+              y.size(1) == D * h, "sequencer_lstm2d.forward: inconsistent shapes");
+  auto opts = xp.options();
+  at::Tensor gates = save ? at::empty({T, D, N, G}, opts) : at::empty({0}, opts);
+  at::Tensor cs = save ? at::empty({T, D, N, h}, opts) : at::empty({0}, opts);
+  at::Tensor hs = at::zeros({D, N, h}, opts);   // hidden state of the current step
+  at::Tensor cst = at::zeros({D, N, h}, opts);  // cell state (inference)
+  at::Tensor rec = at::empty({D, N, G}, opts);  // h_{t-1} @ W_hh^T
+  const float* xpp = xp.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  float* hsp = hs.data_ptr<float>();
+  float* cstp = cst.data_ptr<float>();
+  const float* recp = rec.data_ptr<float>();
+  float* gp = save ? gates.data_ptr<float>() : nullptr;
+  float* cp = save ? cs.data_ptr<float>() : nullptr;
+  const int64_t xs = D * G, ys = D * h;
+  const int64_t grain = std::max<int64_t>(1, 2048 / G);
+
+  for (int64_t t = 0; t < T; ++t) {
+    if (t > 0) recurrent_mm(g, t, false, hs, whh_t, rec);
+    at::parallel_for(0, D * N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> a(G);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t d = row / N, n = row - d * N;
+        const Dir& dir = g.dirs[d];
+        if (t >= dir.T || n >= dir.N) continue;
+        const int64_t tok = g.token(dir, t, n);
+        const float* x = xpp + tok * xs + d * G;
+        const float* bb = bp + d * G;
+        float* act = save ? gp + ((t * D + d) * N + n) * G : a.data();
+        if (t > 0) {
+          const float* r = recp + row * G;
+          for (int64_t j = 0; j < G; ++j) act[j] = x[j] + bb[j] + r[j];
+        } else {
+          for (int64_t j = 0; j < G; ++j) act[j] = x[j] + bb[j];
+        }
+        for (int64_t j = 0; j < 2 * h; ++j) act[j] = sigmoid_f(act[j]);
+        for (int64_t j = 2 * h; j < 3 * h; ++j) act[j] = tanh_f(act[j]);
+        for (int64_t j = 3 * h; j < G; ++j) act[j] = sigmoid_f(act[j]);
+        const float* ig = act;
+        const float* fg = act + h;
+        const float* gg = act + 2 * h;
+        const float* og = act + 3 * h;
+        float* c = save ? cp + ((t * D + d) * N + n) * h : cstp + row * h;
+        const float* c_prev = save ? (t > 0 ? cp + (((t - 1) * D + d) * N + n) * h : nullptr) : c;
+        float* hn = hsp + row * h;
+        float* out = yp + tok * ys + d * h;
+        if (c_prev != nullptr && t > 0) {
+          for (int64_t j = 0; j < h; ++j) c[j] = fg[j] * c_prev[j] + ig[j] * gg[j];
+        } else {
+          for (int64_t j = 0; j < h; ++j) c[j] = ig[j] * gg[j];
+        }
+        for (int64_t j = 0; j < h; ++j) {
+          float v = og[j] * tanh_f(c[j]);
+          hn[j] = v;
+          out[j] = v;
+        }
+      }
+    });
+  }
+  return {gates, cs};
+}
+
+void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& whh,
+                     int64_t B, int64_t H, int64_t W, at::IntArrayRef kinds, int64_t hidden, at::Tensor dxp) {
+  Grid g(B, H, W, kinds, hidden);
+  const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
+  check_inputs(gy, "gy", 2);
+  check_inputs(gates, "gates", 4);
+  check_inputs(cs, "cs", 4);
+  check_inputs(whh, "whh", 3);
+  check_inputs(dxp, "dxp", 2);
+  TORCH_CHECK(gy.size(0) == B * H * W && gy.size(1) == D * h && dxp.size(0) == B * H * W &&
+              dxp.size(1) == D * G && gates.size(0) == T && gates.size(1) == D && gates.size(2) == N &&
+              gates.size(3) == G && whh.size(0) == D && whh.size(1) == G && whh.size(2) == h,
+              "sequencer_lstm2d.backward: inconsistent shapes");
+  auto opts = gy.options();
+  at::Tensor dgs = at::zeros({D, N, G}, opts);  // gate gradients of step t + 1, for the recurrent GEMM
+  at::Tensor dhr = at::zeros({D, N, h}, opts);  // dG_{t+1} @ W_hh
+  at::Tensor dcs = at::zeros({D, N, h}, opts);  // dc carried to step t - 1
+  const float* gyp = gy.data_ptr<float>();
+  const float* gp = gates.data_ptr<float>();
+  const float* cp = cs.data_ptr<float>();
+  float* dxpp = dxp.data_ptr<float>();
+  float* dgsp = dgs.data_ptr<float>();
+  const float* dhrp = dhr.data_ptr<float>();
+  float* dcsp = dcs.data_ptr<float>();
+  const int64_t xs = D * G, ys = D * h;
+  const int64_t grain = std::max<int64_t>(1, 2048 / G);
+
+  for (int64_t t = T - 1; t >= 0; --t) {
+    if (t < T - 1) recurrent_mm(g, t, true, dgs, whh, dhr);
+    at::parallel_for(0, D * N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> dh(h), tc(h);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t d = row / N, n = row - d * N;
+        const Dir& dir = g.dirs[d];
+        if (t >= dir.T || n >= dir.N) continue;
+        const bool last = (t == dir.T - 1);
+        const int64_t tok = g.token(dir, t, n);
+        const float* gyr = gyp + tok * ys + d * h;
+        const float* r = dhrp + row * h;
+        if (last) {
+          for (int64_t j = 0; j < h; ++j) dh[j] = gyr[j];
+        } else {
+          for (int64_t j = 0; j < h; ++j) dh[j] = gyr[j] + r[j];
+        }
+        const float* act = gp + ((t * D + d) * N + n) * G;
+        const float* ig = act;
+        const float* fg = act + h;
+        const float* gg = act + 2 * h;
+        const float* og = act + 3 * h;
+        const float* c = cp + ((t * D + d) * N + n) * h;
+        const float* c_prev = t > 0 ? cp + (((t - 1) * D + d) * N + n) * h : nullptr;
+        float* dc = dcsp + row * h;
+        float* dgt = dgsp + row * G;
+        for (int64_t j = 0; j < h; ++j) tc[j] = tanh_f(c[j]);
+        for (int64_t j = 0; j < h; ++j) {
+          float dcj = dh[j] * og[j] * (1.0f - tc[j] * tc[j]) + (last ? 0.0f : dc[j]);
+          float i = ig[j], f = fg[j], gv = gg[j], o = og[j];
+          float cprev = c_prev != nullptr ? c_prev[j] : 0.0f;
+          dgt[j] = dcj * gv * i * (1.0f - i);
+          dgt[h + j] = dcj * cprev * f * (1.0f - f);
+          dgt[2 * h + j] = dcj * i * (1.0f - gv * gv);
+          dgt[3 * h + j] = dh[j] * tc[j] * o * (1.0f - o);
+          dc[j] = dcj * f;
+        }
+        std::memcpy(dxpp + tok * xs + d * G, dgt, sizeof(float) * G);
+      }
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sequencer_lstm2d, m) {
+  m.def("forward(Tensor xp, Tensor bias, Tensor whh_t, int B, int H, int W, int[] kinds, int hidden, "
+        "Tensor(a!) y, bool save) -> (Tensor, Tensor)");
+  m.def("backward(Tensor gy, Tensor gates, Tensor cs, Tensor whh, int B, int H, int W, int[] kinds, "
+        "int hidden, Tensor(a!) dxp) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sequencer_lstm2d, CPU, m) {
+  m.impl("forward", &lstm2d_forward);
+  m.impl("backward", &lstm2d_backward);
+}
