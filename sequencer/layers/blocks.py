@@ -43,7 +43,8 @@ class Downsample2D(nn.Module):
         self.down = nn.Conv2d(input_dim, output_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # NHWC in = channels-last NCHW for the convolution, whose channels-last output is NHWC again
+        return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
 
 
 class Shuffle(nn.Module):

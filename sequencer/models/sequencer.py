@@ -168,7 +168,9 @@ class _Sequencer(nn.Module):
             nn.init.zeros_(self.head.fc.bias)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stem(x)
+        # the stem's convolution writes NCHW: one copy here keeps every later layer on contiguous NHWC
+        # tensors (otherwise each LayerNorm and Linear of the stage copies its input)
+        return self.stem(x).contiguous()
 
     def forward_intermediates(
             self,
@@ -266,7 +268,7 @@ class VanillaSequencer(_Sequencer):
             self.absolute_pos_embed = None
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
+        x = self.stem(x).contiguous()
         if self.absolute_pos_embed is not None:
             x = x + resample_pos_embed(self.absolute_pos_embed, x.shape[1:3])
         if self.shuffle_patches is not None:
