@@ -9,8 +9,26 @@ import torch
 
 from sequencer import Sequencer2D
 from sequencer.layers import RNN2D
-from sequencer.layers.fused_lstm import fused_rnn2d
+from sequencer.layers import cpu_kernel
+from sequencer.layers.fused_lstm import cpu_kernel_disabled, fused_rnn2d
 from sequencer.layers.mixing import auto_engine
+
+# The fused engine has two CPU implementations of its recurrence: the compiled kernel (csrc/) and the
+# torch code (used under torch.compile, for float64 and where no compiler is found). Both are checked.
+IMPLS = ['kernel', 'torch']
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    """Runs the test with the compiled CPU kernel and again with the torch implementation."""
+    if request.param == 'torch':
+        with cpu_kernel_disabled():
+            yield 'torch'
+        return
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()  # a C++ compiler is part of the dev setup
+    yield 'kernel'
 
 
 def _grads(module, x, engine, seed=1):
@@ -45,7 +63,7 @@ def _assert_same(a, b, atol):
     ('horizontal', False, True, (3, 5, 2)),
     ('horizontal', True, True, (5, 1, 3)),  # single row
 ])
-def test_fused_matches_native_fp32(union, bidirectional, with_fc, shape):
+def test_fused_matches_native_fp32(union, bidirectional, with_fc, shape, impl):
     torch.manual_seed(0)
     hidden = 5
     out = (2 if bidirectional else 1) * hidden * (2 if union == 'cat' else 1)
@@ -80,7 +98,7 @@ def test_fused_matches_native_fp64_and_gradcheck():
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 
-def test_no_bias_and_uneven_hidden():
+def test_no_bias_and_uneven_hidden(impl):
     torch.manual_seed(0)
     m = RNN2D(7, 3, bias=False, union='cat')
     x = torch.randn(3, 2, 5, 7)
@@ -96,7 +114,7 @@ def _tiny_s(**kw):
 
 
 @pytest.mark.parametrize('size', [(56, 56), (42, 70)])
-def test_whole_model_fused_equals_native(size):
+def test_whole_model_fused_equals_native(size, impl):
     torch.manual_seed(0)
     model = _tiny_s()
     with torch.no_grad():
@@ -142,8 +160,12 @@ def test_engine_resolution():
     assert m.resolved_engine(x) == 'native'
     m.engine = 'auto'
     assert m.resolved_engine(x) == auto_engine('cpu', True, torch.float32, False) == 'fused'   # training
-    with torch.no_grad():
-        assert m.resolved_engine(x) == 'native'                                             # CPU inference
+    with torch.no_grad():                                                                   # CPU inference:
+        assert m.resolved_engine(x) == ('fused' if cpu_kernel.available() else 'native')    # with the kernel
+    assert auto_engine('cpu', False, torch.float32, False, cpu_kernel=True) == 'fused'
+    assert auto_engine('cpu', False, torch.float32, False, cpu_kernel=False) == 'native'   # without it
+    assert auto_engine('cpu', True, torch.float32, False, cpu_kernel=False) == 'fused'
+    assert auto_engine('cpu', False, torch.float64, False, cpu_kernel=True) == 'native'    # float64: torch code
     with torch.autocast('cpu', dtype=torch.bfloat16):
         assert m.resolved_engine(x) == 'native'
     assert auto_engine('cuda', True, torch.float32, False) == 'native'
@@ -231,3 +253,45 @@ def test_triton_kernel_through_interpreter():
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith('MAXERR')][0].split()
     assert float(line[1]) < 1e-5 and float(line[3]) > 0.1
+
+
+def test_cpu_kernel_matches_torch_implementation_at_model_shapes():
+    """The kernel against the torch implementation on a stage of Sequencer2D-S (hidden 48, 4 directions),
+    forward and backward, with a non-square grid and an odd batch."""
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    torch.manual_seed(0)
+    m = RNN2D(64, 48)
+    x = torch.randn(3, 9, 14, 64)
+    kernel = _grads(m, x, 'fused')
+    with cpu_kernel_disabled():
+        torch_impl = _grads(m, x, 'fused')
+    _assert_same(kernel, torch_impl, atol=1e-5)
+    assert kernel[0].abs().max() > 0.05
+
+
+def test_build_kernel_command_and_opt_out(tmp_path):
+    """`sequencer build-kernel` self-checks the kernel; SEQUENCER_CPU_KERNEL=0 falls back to the torch code."""
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, '-m', 'sequencer.cli', 'build-kernel'], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert 'self-check' in r.stdout and 'No CUDA runtime' not in r.stderr
+    env[cpu_kernel.ENV] = '0'
+    code = textwrap.dedent("""
+        import torch
+        from sequencer.layers import RNN2D, cpu_kernel
+        m = RNN2D(8, 4)
+        x = torch.randn(1, 3, 3, 8)
+        with torch.no_grad():
+            print(m.resolved_engine(x), cpu_kernel.available())
+        m.engine = 'fused'
+        m(x).sum().backward()
+    """)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ['native', 'False']
+    r = subprocess.run([sys.executable, '-m', 'sequencer.cli', 'build-kernel'], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 2 and 'disabled' in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,81 +1,161 @@
 """The compiled CPU recurrence of the fused engine (``sequencer/csrc/lstm2d_cpu.cpp``).
 
-The kernel is built from source with the system's C++ compiler the first time it is needed (about a
-minute; ``torch.utils.cpp_extension`` caches the build under ``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``, so later processes load it in well under a second). Prebuild it with
-``sequencer build-kernel``.
+The kernel is built from source with the system's C++ compiler (and ``ninja``, a dependency of this
+package) the first time it is needed -- about 10 s; ``torch.utils.cpp_extension`` caches the build
+under ``$TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``), so later processes load it
+in well under a second. ``sequencer build-kernel`` builds it ahead of time and says where.
 
-Without a compiler (or with ``SEQUENCER_CPU_KERNEL=0`` in the environment) the fused engine runs its
-torch implementation instead: the same numbers, more slowly. ``available()`` says which is in use.
+The build targets the widest x86-64 level the CPU supports (v4: AVX-512, v3: AVX2 + FMA), each level
+cached under its own name, and falls back to the baseline flags if that build fails. Without a compiler
+(or with ``SEQUENCER_CPU_KERNEL=0`` in the environment) the fused engine runs its torch implementation
+instead -- the same numbers, more slowly -- and 'auto' picks the native engine for CPU inference.
 """
+import logging
 import os
 import platform
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 SOURCE = Path(__file__).resolve().parent.parent / 'csrc' / 'lstm2d_cpu.cpp'
 ENV = 'SEQUENCER_CPU_KERNEL'
+BASE_FLAGS = ['-O3', '-fno-trapping-math', '-fno-math-errno', '-fopenmp']
 
 _lock = threading.Lock()
-_state = {'tried': False, 'ok': False, 'error': None}
+_state = {'tried': False, 'ok': False, 'error': None, 'name': None}
 
 
-def _isa_flags():
-    """(suffix, flags): the widest x86 level this CPU supports (the build is cached per level)."""
-    if platform.machine() not in ('x86_64', 'AMD64'):
-        return 'generic', []
+def _cpu_flags() -> set:
     try:
-        flags = set()
         with open('/proc/cpuinfo') as f:
             for line in f:
                 if line.startswith('flags'):
-                    flags = set(line.split(':', 1)[1].split())
-                    break
+                    return set(line.split(':', 1)[1].split())
     except OSError:
-        flags = set()
-    if {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2', 'fma'} <= flags:
-        return 'x86_64_v4', ['-march=x86-64-v4', '-mprefer-vector-width=512']
-    if {'avx2', 'fma', 'bmi2'} <= flags:
-        return 'x86_64_v3', ['-march=x86-64-v3']
-    return 'x86_64', []
+        pass
+    return set()
+
+
+def _variants() -> List[Tuple[str, List[str]]]:
+    """(name suffix, extra flags) to try in order: the widest x86 level this CPU runs, then the baseline."""
+    out = []
+    if platform.machine() in ('x86_64', 'AMD64'):
+        flags = _cpu_flags()
+        if {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2', 'fma', 'bmi2'} <= flags:
+            out.append(('x86_64_v4', ['-march=x86-64-v4', '-mprefer-vector-width=512']))
+        elif {'avx2', 'fma', 'bmi2'} <= flags:
+            out.append(('x86_64_v3', ['-march=x86-64-v3']))
+    out.append((platform.machine().lower() or 'generic', []))
+    return out
 
 
 def enabled() -> bool:
+    """False when ``SEQUENCER_CPU_KERNEL`` is 0 / false / no / off."""
     return os.environ.get(ENV, '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
+def _build(name: str, flags: List[str], verbose: bool) -> None:
+    quiet = logging.getLogger('torch.utils.cpp_extension')
+    level = quiet.level
+    if not verbose:
+        quiet.setLevel(logging.ERROR)   # "No CUDA runtime is found" (logged on import): irrelevant here
+    try:
+        from torch.utils import cpp_extension
+        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + flags,
+                           extra_ldflags=['-fopenmp'], is_python_module=False, verbose=verbose)
+    finally:
+        quiet.setLevel(level)
+
+
 def load(verbose: bool = False, raise_errors: bool = False) -> bool:
-    """Build (first time) and load the kernel; True when ``torch.ops.sequencer_lstm2d`` is usable."""
+    """Build (the first time) and load the kernel; True when ``torch.ops.sequencer_lstm2d`` is usable.
+
+    Failures are remembered for the process: a warning is issued once and the torch implementation runs.
+    With ``raise_errors`` a failure raises instead (``sequencer build-kernel`` and the tests use it).
+    """
     with _lock:
-        if _state['tried'] and not (raise_errors and not _state['ok']):
+        if _state['tried'] and (_state['ok'] or not raise_errors):
             return _state['ok']
         _state['tried'] = True
         if not enabled():
-            _state['error'] = f'disabled by {ENV}'
-            return False
-        try:
-            from torch.utils.cpp_extension import load as _load
-            suffix, flags = _isa_flags()
-            _load(name=f'sequencer_lstm2d_{suffix}', sources=[str(SOURCE)],
-                  extra_cflags=['-O3', '-fno-trapping-math', '-fno-math-errno', '-fopenmp', *flags],
-                  extra_ldflags=['-fopenmp'], is_python_module=False, verbose=verbose)
-            _state['ok'] = True
-        except Exception as e:  # no compiler, no ninja, a failed build: fall back to the torch code
-            _state['error'] = f'{type(e).__name__}: {e}'.strip().splitlines()[0]
+            _state['error'] = f'disabled by {ENV}=0'
             if raise_errors:
-                raise
-            warnings.warn(f"sequencer: the CPU LSTM kernel could not be built ({_state['error']}); "
-                          f"the fused engine uses its slower torch implementation", RuntimeWarning,
-                          stacklevel=3)
-        return _state['ok']
+                raise RuntimeError(_state['error'])
+            return False
+        errors = []
+        for suffix, flags in _variants():
+            try:
+                _build(f'sequencer_lstm2d_{suffix}', flags, verbose)
+                _state.update(ok=True, error=None, name=f'sequencer_lstm2d_{suffix}')
+                return True
+            except Exception as e:  # no compiler, no ninja, a failed build: try the next flags
+                errors.append(f'{type(e).__name__}: ' + (str(e).strip().splitlines() or [''])[0])
+        _state['error'] = '; '.join(errors)
+        if raise_errors:
+            raise RuntimeError(f"the CPU LSTM kernel could not be built: {_state['error']}")
+        warnings.warn(f"sequencer: the CPU LSTM kernel could not be built ({_state['error']}); the fused "
+                      f"engine uses its slower torch implementation (rebuild with --verbose: "
+                      f"`sequencer build-kernel --verbose`)", RuntimeWarning, stacklevel=3)
+        return False
 
 
 def available() -> bool:
-    """Whether the compiled kernel is (or can be) loaded in this process; builds it if needed."""
+    """Whether the compiled kernel is loaded in this process; builds / loads it on the first call."""
+    if _state['tried']:
+        return _state['ok']
     return load()
 
 
 def error() -> Optional[str]:
+    """Why the kernel is not available (None when it is, or when it was not tried yet)."""
     return _state['error']
+
+
+def build_directory() -> Optional[str]:
+    """Where the loaded build lives (None when not loaded)."""
+    if not _state['ok']:
+        return None
+    from torch.utils.cpp_extension import _get_build_directory
+    return _get_build_directory(_state['name'], verbose=False)
+
+
+# ---- `sequencer build-kernel` --------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument('--verbose', action='store_true', help="show the compiler's command lines and output")
+
+
+def run(args) -> int:
+    """Build (or load) the kernel, check it against the fused engine's torch implementation, say where it is."""
+    import time
+
+    import torch
+
+    from ..errors import UserError
+    if not enabled():
+        raise UserError(f'{ENV}=0 in the environment: the CPU kernel is disabled')
+    t0 = time.perf_counter()
+    try:
+        load(verbose=args.verbose, raise_errors=True)
+    except RuntimeError as e:
+        raise UserError(f'{e} (is a C++ compiler installed? `--verbose` shows the build)') from None
+    took = time.perf_counter() - t0
+    from . import fused_lstm
+    from .mixing import RNN2D
+    torch.manual_seed(0)
+    m = RNN2D(16, 8).float()
+    x = torch.randn(2, 5, 7, 16)
+    m.engine = 'fused'
+    with torch.no_grad():
+        y_kernel = m(x)
+        with fused_lstm.cpu_kernel_disabled():
+            y_torch = m(x)
+        diff = (y_kernel - y_torch).abs().max().item()
+    print(f"CPU LSTM kernel {_state['name']}: ready in {took:.1f} s, build directory {build_directory()}")
+    print(f"self-check against the torch implementation: max |difference| {diff:.2e}")
+    if not diff < 1e-5:
+        print("build-kernel: error: the kernel disagrees with the torch implementation; "
+              f"set {ENV}=0 to disable it", flush=True)
+        return 1
+    return 0

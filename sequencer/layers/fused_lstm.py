@@ -39,6 +39,7 @@ in the dtypes of the input and the parameters.
 On CUDA with Triton available the forward recurrence runs in one Triton kernel (``triton_lstm``) that
 keeps ``W_hh`` on chip for the whole sequence; the backward is the torch code below.
 """
+import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -383,8 +384,21 @@ def _backward_cpu_kernel(ctx, gy):
     return (dx, None, None, None, None, *grads)
 
 
+_KERNEL_OFF = [0]
+
+
+@contextlib.contextmanager
+def cpu_kernel_disabled():
+    """Within this context the fused engine runs its torch implementation on CPU (tests, comparisons)."""
+    _KERNEL_OFF[0] += 1
+    try:
+        yield
+    finally:
+        _KERNEL_OFF[0] -= 1
+
+
 def _cpu_kernel_ok() -> bool:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _KERNEL_OFF[0]:
         return False   # torch.compile traces the torch implementation
     from . import cpu_kernel
     return cpu_kernel.available()

@@ -86,7 +86,9 @@ class RNN2D(nn.Module):
         ref = x if x is not None else params[0]
         grad = torch.is_grad_enabled() and (ref.requires_grad or any(
             p is not None and p.requires_grad for p in params))
-        return auto_engine(ref.device.type, grad, ref.dtype, torch.is_autocast_enabled(ref.device.type))
+        # under torch.compile the fused engine traces its torch implementation, not the compiled kernel
+        kernel = False if torch.compiler.is_compiling() else None
+        return auto_engine(ref.device.type, grad, ref.dtype, torch.is_autocast_enabled(ref.device.type), kernel)
 
     def _lstm_params(self):
         """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine.
@@ -167,20 +169,31 @@ class RNN1D(nn.Module):
         return y.reshape(B, H, W, -1)
 
 
-def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool) -> str:
-    """The engine 'auto' picks, from measurements of Sequencer2D-S (README, "Fused RNN engine").
+def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool,
+                cpu_kernel: Optional[bool] = None) -> str:
+    """The engine 'auto' picks, from measurements of Sequencer2D-S against timm (BENCHMARKS.md).
 
-    * CPU, float32 / float64, no autocast, gradients required (training): 'fused'. Its training step is
-      at parity with timm's native (oneDNN) LSTM -- 1.03x in CPU time on one thread, 0.99x wall clock on
-      two (batch 8, 224 px) -- and it compiles without graph breaks.
-    * CPU inference (no gradients): 'native'. oneDNN fuses each LSTM step into one kernel, and the fused
-      engine's element-wise ops per step cost more than it saves on copies: 0.89x - 0.92x measured.
+    * CPU, float32, no autocast, with the compiled CPU recurrence (``cpu_kernel``; built on first use):
+      'fused', for training and inference. On the 2-core Xeon of BENCHMARKS.md (batch 8, 224 px) the
+      model runs 1.38x timm's training step and 1.18x its inference; the native engine 1.03x / 1.06x.
+    * CPU training in float32 / float64 without the compiled kernel: 'fused' (its torch implementation,
+      at parity with native, and it compiles whole). CPU inference without it: 'native' (oneDNN fuses
+      each LSTM step; the torch implementation's element-wise ops per step cost more).
     * CPU under autocast (bfloat16): 'native' (not timed) -- oneDNN runs the whole LSTM in bfloat16,
       while the fused engine keeps its recurrence in float32.
     * CUDA: 'native' (cuDNN). The fused engine (Triton forward kernel, torch backward) is selectable
       with ``set_rnn_engine('fused')`` but has not been timed on a GPU, so 'auto' does not choose it.
     * Anything else (other devices, float16 / bfloat16 weights): 'native'.
+
+    ``cpu_kernel``: whether the compiled CPU kernel is usable (default: ask ``cpu_kernel.available()``,
+    which builds it the first time).
     """
-    if device_type == 'cpu' and not autocast and dtype in (torch.float32, torch.float64):
-        return 'fused' if grad else 'native'
-    return 'native'
+    if device_type != 'cpu' or autocast or dtype not in (torch.float32, torch.float64):
+        return 'native'
+    if dtype == torch.float32:
+        if cpu_kernel is None:
+            from .cpu_kernel import available
+            cpu_kernel = available()
+        if cpu_kernel:
+            return 'fused'
+    return 'fused' if grad else 'native'
