@@ -36,6 +36,15 @@ the recurrence (state, cell, recurrent matmul) runs in float32; the output is re
 dtype, which is what ``nn.LSTM`` returns under autocast. Gradients are computed in float32 and returned
 in the dtypes of the input and the parameters.
 
+On CPU in float32 the recurrence runs in a compiled kernel (``sequencer/csrc/lstm2d_cpu.cpp``, built on
+first use by ``cpu_kernel``): one call per BiLSTM2D runs every step of every direction, the cell is one
+fused, vectorised pass that reads the input gates and writes the output at each token's position (so
+the gathers of the torch implementation disappear too), the bias is added there (the input GEMM has no
+broadcast copy), and the gates keep nn.LSTM's order. Its backward writes the gate gradients in token
+order, and the input / weight gradients are the same single GEMMs as below. The torch implementation
+documented here runs under torch.compile, in float64, inside ``cpu_kernel_disabled()`` and where the
+kernel cannot be built.
+
 On CUDA with Triton available the forward recurrence runs in one Triton kernel (``triton_lstm``) that
 keeps ``W_hh`` on chip for the whole sequence; the backward is the torch code below.
 """
