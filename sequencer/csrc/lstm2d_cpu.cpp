@@ -178,8 +178,11 @@ std::tuple<at::Tensor, at::Tensor> lstm2d_forward(const at::Tensor& xp, const at
   return {gates, cs};
 }
 
+// Also writes hprev (B*H*W, D*h): for every token and direction, the hidden state of the previous step of
+// that direction (zero at the first step), which the W_hh gradient needs in token order.
 void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& whh,
-                     int64_t B, int64_t H, int64_t W, at::IntArrayRef kinds, int64_t hidden, at::Tensor dxp) {
+                     const at::Tensor& y, int64_t B, int64_t H, int64_t W, at::IntArrayRef kinds, int64_t hidden,
+                     at::Tensor dxp, at::Tensor hprev) {
   Grid g(B, H, W, kinds, hidden);
   const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
   check_inputs(gy, "gy", 2);
@@ -187,6 +190,9 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
   check_inputs(cs, "cs", 4);
   check_inputs(whh, "whh", 3);
   check_inputs(dxp, "dxp", 2);
+  check_inputs(y, "y", 2);
+  check_inputs(hprev, "hprev", 2);
+  TORCH_CHECK(y.sizes() == gy.sizes() && hprev.sizes() == gy.sizes(), "sequencer_lstm2d.backward: y / hprev shapes");
   TORCH_CHECK(gy.size(0) == B * H * W && gy.size(1) == D * h && dxp.size(0) == B * H * W &&
               dxp.size(1) == D * G && gates.size(0) == T && gates.size(1) == D && gates.size(2) == N &&
               gates.size(3) == G && whh.size(0) == D && whh.size(1) == G && whh.size(2) == h,
@@ -202,6 +208,8 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
   float* dgsp = dgs.data_ptr<float>();
   const float* dhrp = dhr.data_ptr<float>();
   float* dcsp = dcs.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  float* hpp = hprev.data_ptr<float>();
   const int64_t xs = D * G, ys = D * h;
   const int64_t grain = std::max<int64_t>(1, 2048 / G);
 
@@ -243,6 +251,12 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
           dc[j] = dcj * f;
         }
         std::memcpy(dxpp + tok * xs + d * G, dgt, sizeof(float) * G);
+        float* hp = hpp + tok * ys + d * h;
+        if (t > 0) {
+          std::memcpy(hp, yp + g.token(dir, t - 1, n) * ys + d * h, sizeof(float) * h);
+        } else {
+          std::memset(hp, 0, sizeof(float) * h);
+        }
       }
     });
   }
@@ -253,8 +267,8 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
 TORCH_LIBRARY(sequencer_lstm2d, m) {
   m.def("forward(Tensor xp, Tensor bias, Tensor whh_t, int B, int H, int W, int[] kinds, int hidden, "
         "Tensor(a!) y, bool save) -> (Tensor, Tensor)");
-  m.def("backward(Tensor gy, Tensor gates, Tensor cs, Tensor whh, int B, int H, int W, int[] kinds, "
-        "int hidden, Tensor(a!) dxp) -> ()");
+  m.def("backward(Tensor gy, Tensor gates, Tensor cs, Tensor whh, Tensor y, int B, int H, int W, int[] kinds, "
+        "int hidden, Tensor(a!) dxp, Tensor(b!) hprev) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sequencer_lstm2d, CPU, m) {

@@ -372,15 +372,16 @@ def _backward_cpu_kernel(ctx, gy):
     f32 = torch.float32
     with torch.autocast('cpu', enabled=False):
         gy = gy.to(f32).reshape(BHW, D * hidden).contiguous()
-        dxp = torch.empty(BHW, D * G, device=x.device, dtype=f32)
-        torch.ops.sequencer_lstm2d.backward(gy, gates, cs, w_hh, B, H, W, _kind_codes(kinds), hidden, dxp)
+        dxp = torch.empty(BHW, D * G, device=x.device, dtype=f32)      # gate gradients, token order
+        h_prev = torch.empty(BHW, D * hidden, device=x.device, dtype=f32)   # h_{t-1}, token order
+        torch.ops.sequencer_lstm2d.backward(gy, gates, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
+                                            _kind_codes(kinds), hidden, dxp, h_prev)
         x2 = x.reshape(BHW, C).to(f32)
         dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw_ih = torch.mm(dxp.t(), x2)                                                    # (D*4h, C)
-        prev = _plan(B, H, W, kinds, x.device)[2]
-        yz = torch.cat([y.view(BHW * D, hidden), y.new_zeros(1, hidden)])                 # + a zero row
-        h_prev = yz.index_select(0, prev).view(BHW, D, hidden)                            # h_{t-1} by token
-        dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1))   # (D, 4h, h)
+        # W_hh gradient, all steps at once: (h_{t-1}^T dG)^T per direction
+        dw_hh = torch.bmm(h_prev.view(BHW, D, hidden).permute(1, 2, 0),
+                          dxp.view(BHW, D, G).transpose(0, 1)).transpose(1, 2)             # (D, 4h, h)
         db = dxp.sum(0) if has_bias else None
         grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
         for d in range(D):
