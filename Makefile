@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/sequencer demo
 
 test: $(STAMP)
+	$(BIN)/sequencer build-kernel
 	$(BIN)/python -m pytest tests
 
 clean:

@@ -7,6 +7,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _cpu_kernel_built():
+    """Build the fused engine's CPU kernel once, before any test (its first build prints a line to stderr,
+    which must not land in the output of a command under test). A failed build leaves the torch code."""
+    from sequencer.layers import cpu_kernel
+    cpu_kernel.load()
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _offline_caches(tmp_path, monkeypatch):
     """Every test gets empty torch-hub and Hugging Face caches and no network for the hub."""

@@ -13,6 +13,7 @@ instead -- the same numbers, more slowly -- and 'auto' picks the native engine f
 import logging
 import os
 import platform
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -62,6 +63,10 @@ def _build(name: str, flags: List[str], verbose: bool) -> None:
         quiet.setLevel(logging.ERROR)   # "No CUDA runtime is found" (logged on import): irrelevant here
     try:
         from torch.utils import cpp_extension
+        built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f'{name}.so'
+        if not built.exists() and not verbose:
+            print(f"sequencer: building the fused RNN engine's CPU kernel ({name}, first use only, about "
+                  f"10 s)", file=sys.stderr, flush=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + flags,
                            extra_ldflags=['-fopenmp'], is_python_module=False, verbose=verbose)
     finally:
