@@ -255,6 +255,10 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
           prefetch_floats(gyp + nt * ys + nd * h, h, false);
           prefetch_floats(dxpp + nt * xs + nd * G, G, true);
           prefetch_floats(hpp + nt * ys + nd * h, h, true);
+          if (t > 0) {
+            const int64_t nn = (row + kPrefetchRows) - nd * N;
+            prefetch_floats(yp + g.token(g.dirs[nd], t - 1, nn) * ys + nd * h, h, false);
+          }
         }
         const float* gyr = gyp + tok * ys + d * h;
         const float* r = dhrp + row * h;
