@@ -49,6 +49,7 @@ On CUDA with Triton available the forward recurrence runs in one Triton kernel (
 keeps ``W_hh`` on chip for the whole sequence; the backward is the torch code below.
 """
 import contextlib
+import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -330,6 +331,38 @@ def _kind_codes(kinds) -> List[int]:
     return [2 * int(vertical) + int(reverse) for vertical, reverse in kinds]
 
 
+# ---- per-thread scratch buffers of the CPU kernel path -----------------------------------------------------
+
+WORKSPACE_LIMIT_BYTES = 1 << 30   # larger scratch requests are allocated afresh and not kept
+_workspace = threading.local()
+
+
+def _scratch(slot: str, rows: int, cols: int) -> torch.Tensor:
+    """An uninitialised (rows, cols) float32 CPU tensor backed by a buffer kept for reuse by this thread.
+
+    The input projections and the gate gradients are large (25 MB per BiLSTM2D of Sequencer2D-S's first
+    stage at batch 8) and live only during one forward or backward call: fresh allocations of that size
+    come from new pages, and the page faults cost as much as the GEMM that fills them. Each slot is used
+    by one call at a time (forward: 'xp'; backward: 'dxp' and 'hprev'), never by a returned tensor.
+    ``release_workspace()`` frees this thread's buffers.
+    """
+    n = rows * cols
+    if n * 4 > WORKSPACE_LIMIT_BYTES:
+        return torch.empty(rows, cols)
+    bufs = getattr(_workspace, 'bufs', None)
+    if bufs is None:
+        bufs = _workspace.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = bufs[slot] = torch.empty(n)
+    return buf[:n].view(rows, cols)
+
+
+def release_workspace() -> None:
+    """Free the scratch buffers the CPU kernel path keeps for the calling thread."""
+    _workspace.bufs = {}
+
+
 def _prepared_weights(params, D: int):
     """(W_ih^T (C, D*4h), W_hh^T (D, h, 4h), W_hh (D, 4h, h), b_ih + b_hh (D*4h)) in float32 for the kernel.
 
@@ -359,10 +392,11 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         # W_ih^T of all directions is (C, D*4h) contiguous: MKL's x @ W beats x @ W^T here by about 20%
         w_ih_t, w_hh_t, w_hh, bias = _prepared_weights(params, D)
         x2 = x.reshape(BHW, C)
+        xp = _scratch('xp', BHW, w_ih_t.shape[1])        # the bias is added inside the kernel
         if mm_dtype == f32 and x2.dtype == f32:
-            xp = torch.mm(x2, w_ih_t)                      # the bias is added inside the kernel
+            torch.mm(x2, w_ih_t, out=xp)
         else:
-            xp = torch.mm(x2.to(mm_dtype), w_ih_t.to(mm_dtype)).to(f32)
+            xp.copy_(torch.mm(x2.to(mm_dtype), w_ih_t.to(mm_dtype)))
         y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=f32)
         save = any(ctx.needs_input_grad)
         gates, cs = torch.ops.sequencer_lstm2d.forward(
@@ -385,8 +419,8 @@ def _backward_cpu_kernel(ctx, gy):
     f32 = torch.float32
     with torch.autocast('cpu', enabled=False):
         gy = gy.to(f32).reshape(BHW, D * hidden).contiguous()
-        dxp = torch.empty(BHW, D * G, device=x.device, dtype=f32)      # gate gradients, token order
-        h_prev = torch.empty(BHW, D * hidden, device=x.device, dtype=f32)   # h_{t-1}, token order
+        dxp = _scratch('dxp', BHW, D * G)          # gate gradients, token order
+        h_prev = _scratch('hprev', BHW, D * hidden)   # h_{t-1}, token order
         torch.ops.sequencer_lstm2d.backward(gy, gates, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
                                             _kind_codes(kinds), hidden, dxp, h_prev)
         x2 = x.reshape(BHW, C).to(f32)
