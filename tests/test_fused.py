@@ -325,3 +325,31 @@ def test_kernel_scratch_buffers_are_per_thread_and_never_returned():
     release_workspace()
     with torch.no_grad():
         torch.testing.assert_close(model(xs[0]), expected[0], atol=1e-6, rtol=0)
+
+
+def test_cpu_kernel_build_falls_back_to_the_next_flags():
+    """A build that fails (here: a flag the compiler rejects) is followed by the next variant; when every
+    variant fails, the fused engine warns once and runs its torch implementation."""
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    code = textwrap.dedent("""
+        import warnings
+        import torch
+        from sequencer.layers import RNN2D, cpu_kernel
+        good = cpu_kernel._variants()
+        bad = ('broken_flags', ['-fno-such-flag-for-sequencer'], [])
+        cpu_kernel._variants = lambda: [bad] + good
+        assert cpu_kernel.load()
+        print(cpu_kernel._state['name'] == 'sequencer_lstm2d_' + good[0][0])
+        cpu_kernel._state.update(tried=False, ok=False)
+        cpu_kernel._variants = lambda: [bad]
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            m = RNN2D(8, 4)
+            m.engine = 'fused'
+            y = m(torch.randn(1, 3, 3, 8))
+        print(cpu_kernel.available(), sum('could not be built' in str(x.message) for x in w))
+    """)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ['True', 'False', '1']

@@ -5,8 +5,9 @@ package) the first time it is needed -- about 10 s; ``torch.utils.cpp_extension`
 under ``$TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``), so later processes load it
 in well under a second. ``sequencer build-kernel`` builds it ahead of time and says where.
 
-The build targets the widest x86-64 level the CPU supports (v4: AVX-512, v3: AVX2 + FMA), each level
-cached under its own name, and falls back to the baseline flags if that build fails. Without a compiler
+The build targets the widest x86-64 level the CPU supports (v4: AVX-512, v3: AVX2 + FMA) with OpenMP,
+each variant cached under its own name, and falls back to the baseline flags, then to a build without
+OpenMP, if a build fails. Without a compiler
 (or with ``SEQUENCER_CPU_KERNEL=0`` in the environment) the fused engine runs its torch implementation
 instead -- the same numbers, more slowly -- and 'auto' picks the native engine for CPU inference.
 """
@@ -21,7 +22,7 @@ from typing import List, Optional, Tuple
 
 SOURCE = Path(__file__).resolve().parent.parent / 'csrc' / 'lstm2d_cpu.cpp'
 ENV = 'SEQUENCER_CPU_KERNEL'
-BASE_FLAGS = ['-O3', '-fno-trapping-math', '-fno-math-errno', '-fopenmp']
+BASE_FLAGS = ['-O3', '-fno-trapping-math', '-fno-math-errno']
 
 _lock = threading.Lock()
 _state = {'tried': False, 'ok': False, 'error': None, 'name': None}
@@ -38,16 +39,21 @@ def _cpu_flags() -> set:
     return set()
 
 
-def _variants() -> List[Tuple[str, List[str]]]:
-    """(name suffix, extra flags) to try in order: the widest x86 level this CPU runs, then the baseline."""
+def _variants() -> List[Tuple[str, List[str], List[str]]]:
+    """(name suffix, compiler flags, linker flags) to try in order: the widest x86 level this CPU runs with
+    OpenMP, the baseline with OpenMP, the baseline without OpenMP (single-threaded cell updates; for
+    compilers without OpenMP support, such as Apple's clang)."""
+    omp = ['-fopenmp']
     out = []
     if platform.machine() in ('x86_64', 'AMD64'):
         flags = _cpu_flags()
         if {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2', 'fma', 'bmi2'} <= flags:
-            out.append(('x86_64_v4', ['-march=x86-64-v4', '-mprefer-vector-width=512']))
+            out.append(('x86_64_v4', ['-march=x86-64-v4', '-mprefer-vector-width=512', *omp], omp))
         elif {'avx2', 'fma', 'bmi2'} <= flags:
-            out.append(('x86_64_v3', ['-march=x86-64-v3']))
-    out.append((platform.machine().lower() or 'generic', []))
+            out.append(('x86_64_v3', ['-march=x86-64-v3', *omp], omp))
+    base = platform.machine().lower() or 'generic'
+    out.append((base, omp, omp))
+    out.append((f'{base}_noomp', [], []))
     return out
 
 
@@ -56,7 +62,7 @@ def enabled() -> bool:
     return os.environ.get(ENV, '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
-def _build(name: str, flags: List[str], verbose: bool) -> None:
+def _build(name: str, flags: List[str], ldflags: List[str], verbose: bool) -> None:
     quiet = logging.getLogger('torch.utils.cpp_extension')
     level = quiet.level
     if not verbose:
@@ -68,7 +74,7 @@ def _build(name: str, flags: List[str], verbose: bool) -> None:
             print(f"sequencer: building the fused RNN engine's CPU kernel ({name}, first use only, about "
                   f"10 s)", file=sys.stderr, flush=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + flags,
-                           extra_ldflags=['-fopenmp'], is_python_module=False, verbose=verbose)
+                           extra_ldflags=ldflags, is_python_module=False, verbose=verbose)
     finally:
         quiet.setLevel(level)
 
@@ -89,9 +95,9 @@ def load(verbose: bool = False, raise_errors: bool = False) -> bool:
                 raise RuntimeError(_state['error'])
             return False
         errors = []
-        for suffix, flags in _variants():
+        for suffix, flags, ldflags in _variants():
             try:
-                _build(f'sequencer_lstm2d_{suffix}', flags, verbose)
+                _build(f'sequencer_lstm2d_{suffix}', flags, ldflags, verbose)
                 _state.update(ok=True, error=None, name=f'sequencer_lstm2d_{suffix}')
                 return True
             except Exception as e:  # no compiler, no ninja, a failed build: try the next flags
