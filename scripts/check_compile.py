@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sequencer  # noqa: E402
+from sequencer.layers.cpu_kernel import prepare_for_compile  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -77,6 +78,7 @@ def check(name: str, args) -> dict:
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(1))
     try:
         torch._dynamo.reset()
+        prepare_for_compile(x.device)
         with torch.no_grad():
             explained = torch._dynamo.explain(model)(x)
         row['graphs'], row['breaks'] = explained.graph_count, explained.graph_break_count

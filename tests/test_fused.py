@@ -199,7 +199,7 @@ def test_autocast_bf16_dtype_and_values():
     assert xr.grad.dtype == torch.float32 and m.rnn_v.weight_hh_l0.grad.dtype == torch.float32
 
 
-def test_torch_compile_fused_whole_graph():
+def test_torch_compile_fused_whole_graph(impl):
     """The fused engine compiles without graph breaks and matches eager (forward and backward).
 
     AOT autograd traces the forward and the hand-written backward (backend 'aot_eager'); inductor's C++

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..layers.cpu_kernel import prepare_for_compile
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 MODES = ('infer', 'train', 'both')
@@ -252,6 +253,8 @@ class Step:
     def __init__(self, model: nn.Module, mode: str, x: torch.Tensor, target: torch.Tensor, precision: str,
                  compile_mode: Optional[str], compile_: bool):
         self.model, self.mode, self.x, self.target, self.precision = model, mode, x, target, precision
+        if compile_:
+            prepare_for_compile(x.device)
         self.fn = torch.compile(model, mode=compile_mode, dynamic=False) if compile_ else model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9) if mode == 'train' else None
         self.loss_fn = nn.CrossEntropyLoss()

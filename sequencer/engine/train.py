@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, make_loader, num_classes_of
 from ..errors import UserError
+from ..layers.cpu_kernel import prepare_for_compile
 from ..models import create_model, load_checkpoint
 from ..models.weights import CheckpointError, read_file
 from .args import build_train_parser, parse
@@ -465,6 +466,7 @@ def train(args) -> Dict:
     if d.world > 1:
         net = DDP(model, device_ids=[d.device.index] if d.device.type == 'cuda' else None)
     if args.torchcompile:
+        prepare_for_compile(d.device)
         net = torch.compile(net, backend=args.torchcompile)
     writer = None
     if args.log_tensorboard and d.main:

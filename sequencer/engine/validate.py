@@ -15,6 +15,7 @@ from timm.data import create_transform, resolve_data_config
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, num_classes_of, make_loader
 from ..errors import UserError
+from ..layers.cpu_kernel import prepare_for_compile
 from ..models import create_model, load_checkpoint
 from .args import build_validate_parser, parse
 from .evaluate import evaluate
@@ -68,6 +69,7 @@ def validate(args) -> Dict:
                                  crop_mode=cfg.get('crop_mode'))
     model.to(d.device)
     if args.torchcompile:
+        prepare_for_compile(d.device)
         model = torch.compile(model, backend=args.torchcompile)
     loader = make_loader(Samples(ds, transform, bad_samples=args.bad_samples),
                          ShardSampler(len(ds), d.world, d.rank, shuffle=False, drop_last=False),

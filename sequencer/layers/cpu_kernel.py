@@ -98,6 +98,7 @@ def load(verbose: bool = False, raise_errors: bool = False) -> bool:
         for suffix, flags, ldflags in _variants():
             try:
                 _build(f'sequencer_lstm2d_{suffix}', flags, ldflags, verbose)
+                _register_fake_ops()
                 _state.update(ok=True, error=None, name=f'sequencer_lstm2d_{suffix}')
                 return True
             except Exception as e:  # no compiler, no ninja, a failed build: try the next flags
@@ -109,6 +110,40 @@ def load(verbose: bool = False, raise_errors: bool = False) -> bool:
                       f"engine uses its slower torch implementation (rebuild with --verbose: "
                       f"`sequencer build-kernel --verbose`)", RuntimeWarning, stacklevel=3)
         return False
+
+
+def prepare_for_compile(device) -> None:
+    """Load (building if needed) the kernel before ``torch.compile`` traces a model that runs on ``device``:
+    tracing keeps the kernel's ops in the graph only when it is already loaded, and never builds it."""
+    import torch
+    if torch.device(device).type == 'cpu':
+        available()
+
+
+def loaded() -> bool:
+    """Whether the kernel is loaded in this process (never builds; safe while torch.compile traces)."""
+    return _state['ok']
+
+
+def _register_fake_ops() -> None:
+    """Shape-only versions of the kernel's ops, so that torch.compile can keep them in its graphs."""
+    import torch
+
+    def dims(B, H, W, kinds, hidden):
+        T = max(H if k & 2 else W for k in kinds)
+        N = max(B * W if k & 2 else B * H for k in kinds)
+        return T, len(kinds), N, 4 * hidden
+
+    @torch.library.register_fake('sequencer_lstm2d::forward')
+    def _forward(xp, bias, whh_t, B, H, W, kinds, hidden, y, save):
+        if not save:
+            return xp.new_empty(0), xp.new_empty(0)
+        T, D, N, G = dims(B, H, W, kinds, hidden)
+        return xp.new_empty(T, D, N, G), xp.new_empty(T, D, N, hidden)
+
+    @torch.library.register_fake('sequencer_lstm2d::backward')
+    def _backward(gy, gates, cs, whh, y, B, H, W, kinds, hidden, dxp, hprev):
+        return None
 
 
 def available() -> bool:

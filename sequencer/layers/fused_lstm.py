@@ -347,8 +347,8 @@ def _scratch(slot: str, rows: int, cols: int) -> torch.Tensor:
     ``release_workspace()`` frees this thread's buffers.
     """
     n = rows * cols
-    if n * 4 > WORKSPACE_LIMIT_BYTES:
-        return torch.empty(rows, cols)
+    if n * 4 > WORKSPACE_LIMIT_BYTES or torch.compiler.is_compiling():
+        return torch.empty(rows, cols)   # (a compiled graph manages its own buffers)
     bufs = getattr(_workspace, 'bufs', None)
     if bufs is None:
         bufs = _workspace.bufs = {}
@@ -459,9 +459,13 @@ def cpu_kernel_disabled():
 
 
 def _cpu_kernel_ok() -> bool:
-    if torch.compiler.is_compiling() or _KERNEL_OFF[0]:
-        return False   # torch.compile traces the torch implementation
     from . import cpu_kernel
+    if _KERNEL_OFF[0]:
+        return False
+    if torch.compiler.is_compiling():
+        # torch.compile keeps the kernel's ops in its graph when the kernel was loaded before tracing
+        # (any eager forward, or ``sequencer build-kernel`` in this process, loads it); it does not build it
+        return cpu_kernel.loaded()
     return cpu_kernel.available()
 
 

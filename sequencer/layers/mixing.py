@@ -86,8 +86,12 @@ class RNN2D(nn.Module):
         ref = x if x is not None else params[0]
         grad = torch.is_grad_enabled() and (ref.requires_grad or any(
             p is not None and p.requires_grad for p in params))
-        # under torch.compile the fused engine traces its torch implementation, not the compiled kernel
-        kernel = False if torch.compiler.is_compiling() else None
+        # under torch.compile the kernel is used if it was loaded before tracing (tracing does not build it)
+        if torch.compiler.is_compiling():
+            from .cpu_kernel import loaded
+            kernel = loaded()
+        else:
+            kernel = None
         return auto_engine(ref.device.type, grad, ref.dtype, torch.is_autocast_enabled(ref.device.type), kernel)
 
     def _lstm_params(self):
