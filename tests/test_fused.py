@@ -166,8 +166,10 @@ def test_engine_resolution():
     assert auto_engine('cpu', False, torch.float32, False, cpu_kernel=False) == 'native'   # without it
     assert auto_engine('cpu', True, torch.float32, False, cpu_kernel=False) == 'fused'
     assert auto_engine('cpu', False, torch.float64, False, cpu_kernel=True) == 'native'    # float64: torch code
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert m.resolved_engine(x) == 'native'
+    with torch.autocast('cpu', dtype=torch.bfloat16):                     # bf16 autocast: fused with the
+        assert m.resolved_engine(x) == ('fused' if cpu_kernel.available() else 'native')   # kernel
+    assert auto_engine('cpu', True, torch.float32, True, cpu_kernel=False) == 'native'
+    assert auto_engine('cpu', False, torch.float32, True, cpu_kernel=True) == 'fused'
     assert auto_engine('cuda', True, torch.float32, False) == 'native'
     with pytest.raises(ValueError):
         _tiny_s().set_rnn_engine('cudnn')

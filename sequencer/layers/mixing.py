@@ -184,8 +184,10 @@ def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool
     * CPU training in float32 / float64 without the compiled kernel: 'fused' (its torch implementation,
       at parity with native, and it compiles whole). CPU inference without it: 'native' (oneDNN fuses
       each LSTM step; the torch implementation's element-wise ops per step cost more).
-    * CPU under autocast (bfloat16): 'native' (not timed) -- oneDNN runs the whole LSTM in bfloat16,
-      while the fused engine keeps its recurrence in float32.
+    * CPU under autocast (bfloat16), float32 weights: 'fused' with the compiled kernel (input projection
+      in bfloat16, recurrence in float32): 1.18x / 1.14x timm against 1.15x / 1.09x with the native
+      engine, whose oneDNN LSTM runs wholly in bfloat16 (one run each, BENCHMARKS.md); 'native' without
+      the kernel.
     * CUDA: 'native' (cuDNN). The fused engine (Triton forward kernel, torch backward) is selectable
       with ``set_rnn_engine('fused')`` but has not been timed on a GPU, so 'auto' does not choose it.
     * Anything else (other devices, float16 / bfloat16 weights): 'native'.
@@ -193,7 +195,9 @@ def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool
     ``cpu_kernel``: whether the compiled CPU kernel is usable (default: ask ``cpu_kernel.available()``,
     which builds it the first time).
     """
-    if device_type != 'cpu' or autocast or dtype not in (torch.float32, torch.float64):
+    if device_type != 'cpu' or dtype not in (torch.float32, torch.float64):
+        return 'native'
+    if autocast and dtype != torch.float32:
         return 'native'
     if dtype == torch.float32:
         if cpu_kernel is None:
@@ -201,4 +205,4 @@ def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool
             cpu_kernel = available()
         if cpu_kernel:
             return 'fused'
-    return 'fused' if grad else 'native'
+    return 'fused' if grad and not autocast else 'native'
