@@ -201,18 +201,18 @@ def build_timm(args, ours: nn.Module, input_size, overrides: Dict) -> Tuple[nn.M
     return other, name
 
 
-def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precision: str,
-                     compiled: bool = False) -> str:
+def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precision: str) -> str:
     """The engine our recurrences run with in ``mode`` ('auto' may choose by device, grad mode, autocast).
 
     On CPU the fused engine is labelled with the implementation of its recurrence: 'fused[kernel]' (the
-    compiled CPU kernel) or 'fused[torch]' (under torch.compile, or where the kernel is not available).
+    compiled CPU kernel, which ``--compile`` loads before tracing) or 'fused[torch]' (where it is not
+    available).
     """
     from ..layers import RNN2D, cpu_kernel
     with torch.set_grad_enabled(mode == 'train'), _autocast(device, precision):
         engines = sorted({m.resolved_engine() for m in model.modules() if isinstance(m, RNN2D)})
     if device.type == 'cpu' and 'fused' in engines:
-        impl = 'kernel' if not compiled and cpu_kernel.available() else 'torch'
+        impl = 'kernel' if cpu_kernel.available() else 'torch'
         engines = [f'fused[{impl}]' if e == 'fused' else e for e in engines]
     return '+'.join(engines) if engines else 'native'
 
@@ -532,7 +532,7 @@ def run(args) -> int:
             for name, s in steps.items():
                 mems[name] = peak_memory_mb(s, device, cpu_probe)
         work = macs * (3 if mode == 'train' else 1)
-        engine = _resolved_engine(ours, mode, device, args.precision, compile_)
+        engine = _resolved_engine(ours, mode, device, args.precision)
         engines.append(f"{mode}: {engine}")
         for name, ts in times.items():
             mean = sum(ts) / len(ts)

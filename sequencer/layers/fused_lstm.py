@@ -41,9 +41,10 @@ first use by ``cpu_kernel``): one call per BiLSTM2D runs every step of every dir
 fused, vectorised pass that reads the input gates and writes the output at each token's position (so
 the gathers of the torch implementation disappear too), the bias is added there (the input GEMM has no
 broadcast copy), and the gates keep nn.LSTM's order. Its backward writes the gate gradients in token
-order, and the input / weight gradients are the same single GEMMs as below. The torch implementation
-documented here runs under torch.compile, in float64, inside ``cpu_kernel_disabled()`` and where the
-kernel cannot be built.
+order, and the input / weight gradients are the same single GEMMs as below. Its ops stay in
+torch.compile graphs when the kernel was loaded before tracing. The torch implementation documented
+here runs in float64, inside ``cpu_kernel_disabled()``, where the kernel cannot be built, and under
+torch.compile when it was not loaded.
 
 On CUDA with Triton available the forward recurrence runs in one Triton kernel (``triton_lstm``) that
 keeps ``W_hh`` on chip for the whole sequence; the backward is the torch code below.
