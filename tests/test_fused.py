@@ -225,8 +225,10 @@ def test_torch_compile_fused_whole_graph(impl):
 
 _INTERPRETER_CHECK = textwrap.dedent('''
     import torch
+    from sequencer.layers import RNN2D
     from sequencer.layers import fused_lstm as fl
-    from sequencer.layers.triton_lstm import lstm_recurrence_triton
+    from sequencer.layers import triton_lstm
+    from sequencer.layers.triton_lstm import lstm_backward_triton, lstm_recurrence_triton
     torch.manual_seed(0)
     B, H, W, hid = 2, 3, 5, 8          # H != W: padded steps and sequences
     kinds = ((True, False), (True, True), (False, False), (False, True))
@@ -241,20 +243,55 @@ _INTERPRETER_CHECK = textwrap.dedent('''
     ref = fl._recurrence_torch(xp, w.transpose(1, 2), rows, inv, D, N, hid, y_ref[:R], True)
     tri = lstm_recurrence_triton(xp, w, rows, D, N, hid, y_tri, True, block_n=16)
     errs = [(y_ref[:R] - y_tri[:R]).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(ref, tri)]
-    print('MAXERR', max(errs), 'ABSMAX', y_ref.abs().max().item())
+    print('FORWARD', max(errs), y_ref.abs().max().item())
+    # backward recursion: the gate gradients of every token against the torch backward
+    gy = torch.randn(R + 1, hid)
+    gy[R] = 0
+    dxp_ref, dxp_tri = torch.empty(R, G), torch.full((R + 1, G), float('nan'))
+    fl._backward_torch(gy, *ref, w, rows, inv, D, N, hid, dxp_ref)
+    lstm_backward_triton(gy, *ref, w, rows, D, N, hid, dxp_tri, block_n=16)
+    print('BACKWARD', (dxp_ref - dxp_tri[:R]).abs().max().item(), dxp_ref.abs().max().item())
+    # a whole BiLSTM2D through both kernels against native nn.LSTM: output, input and parameter gradients
+    fl._TRITON_ON_CPU[0] = True
+    calls = []
+    for name in ('lstm_recurrence_triton', 'lstm_backward_triton'):
+        def spy(*args, _f=getattr(triton_lstm, name), _name=name, **kw):
+            calls.append(_name)
+            return _f(*args, **kw)
+        setattr(triton_lstm, name, spy)
+    m = RNN2D(6, hid)
+    x = torch.randn(3, 4, 5, 6)
+    res = {}
+    for engine in ('native', 'fused'):
+        m.engine = engine
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with fl.cpu_kernel_disabled():
+            out = m(xi)
+            (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        res[engine] = [out.detach(), xi.grad] + [p.grad for p in m.parameters()]
+    assert calls == ['lstm_recurrence_triton', 'lstm_backward_triton'], calls
+    print('MODULE', max((a - b).abs().max().item() for a, b in zip(res['native'], res['fused'])),
+          min(a.abs().max().item() for a in res['native']))
 ''')
 
 
-def test_triton_kernel_through_interpreter():
-    """The GPU recurrence kernel, run by Triton's interpreter on CPU tensors, equals the torch recurrence."""
+def test_triton_kernels_through_interpreter():
+    """The GPU recurrence kernels (forward and backward), run by Triton's interpreter on CPU tensors, equal
+    the torch recurrence, and a whole BiLSTM2D run through them equals native nn.LSTM, gradients included."""
     pytest.importorskip('triton')
     env = dict(os.environ, TRITON_INTERPRET='1')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, '-c', _INTERPRETER_CHECK], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith('MAXERR')][0].split()
-    assert float(line[1]) < 1e-5 and float(line[3]) > 0.1
+    found = {}
+    for ln in proc.stdout.splitlines():
+        name, err, scale = ln.split()
+        found[name] = (float(err), float(scale))
+    assert set(found) == {'FORWARD', 'BACKWARD', 'MODULE'}, proc.stdout
+    for name, (err, scale) in found.items():
+        assert err < 1e-5 and scale > 1e-3, (name, err, scale)
 
 
 def test_cpu_kernel_matches_torch_implementation_at_model_shapes():

@@ -201,18 +201,23 @@ def build_timm(args, ours: nn.Module, input_size, overrides: Dict) -> Tuple[nn.M
     return other, name
 
 
-def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precision: str) -> str:
+def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precision: str,
+                     compiled: bool = False) -> str:
     """The engine our recurrences run with in ``mode`` ('auto' may choose by device, grad mode, autocast).
 
-    On CPU the fused engine is labelled with the implementation of its recurrence: 'fused[kernel]' (the
+    The fused engine is labelled with the implementation of its recurrence: on CPU 'fused[kernel]' (the
     compiled CPU kernel, which ``--compile`` loads before tracing) or 'fused[torch]' (where it is not
-    available).
+    available); on CUDA 'fused[triton]' (eager, Triton installed) or 'fused[torch]'.
     """
     from ..layers import RNN2D, cpu_kernel
     with torch.set_grad_enabled(mode == 'train'), _autocast(device, precision):
         engines = sorted({m.resolved_engine() for m in model.modules() if isinstance(m, RNN2D)})
-    if device.type == 'cpu' and 'fused' in engines:
-        impl = 'kernel' if cpu_kernel.available() else 'torch'
+    if 'fused' in engines:
+        if device.type == 'cpu':
+            impl = 'kernel' if cpu_kernel.available() else 'torch'
+        else:
+            from ..layers.fused_lstm import _triton_ok
+            impl = 'triton' if _triton_ok() and not compiled else 'torch'
         engines = [f'fused[{impl}]' if e == 'fused' else e for e in engines]
     return '+'.join(engines) if engines else 'native'
 
@@ -532,7 +537,7 @@ def run(args) -> int:
             for name, s in steps.items():
                 mems[name] = peak_memory_mb(s, device, cpu_probe)
         work = macs * (3 if mode == 'train' else 1)
-        engine = _resolved_engine(ours, mode, device, args.precision)
+        engine = _resolved_engine(ours, mode, device, args.precision, compiled=compile_)
         engines.append(f"{mode}: {engine}")
         for name, ts in times.items():
             mean = sum(ts) / len(ts)

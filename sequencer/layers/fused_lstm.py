@@ -46,8 +46,9 @@ torch.compile graphs when the kernel was loaded before tracing. The torch implem
 here runs in float64, inside ``cpu_kernel_disabled()``, where the kernel cannot be built, and under
 torch.compile when it was not loaded.
 
-On CUDA with Triton available the forward recurrence runs in one Triton kernel (``triton_lstm``) that
-keeps ``W_hh`` on chip for the whole sequence; the backward is the torch code below.
+On CUDA with Triton available (float32 recurrence, eager mode) the forward recurrence runs in one Triton
+kernel (``triton_lstm``) that keeps ``W_hh`` on chip for the whole sequence, and the backward recursion
+in a second one; the input and weight gradients are the same single GEMMs as below.
 """
 import contextlib
 import threading
@@ -273,7 +274,8 @@ class _FusedLSTM2D(torch.autograd.Function):
             # the output, in the native 'cat' layout
             y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=cdt)
             save = any(ctx.needs_input_grad)
-            if x.is_cuda and _triton_ok():
+            ctx.triton = _use_triton(x, cdt)
+            if ctx.triton:
                 from .triton_lstm import lstm_recurrence_triton
                 out_rows = torch.empty(R + 1, hidden, device=x.device, dtype=cdt)  # + a scratch row
                 saved = lstm_recurrence_triton(xp_buf, w_hh, rows, D, N, hidden, out_rows, save)
@@ -306,10 +308,16 @@ class _FusedLSTM2D(torch.autograd.Function):
         BHW = B * H * W
         with torch.autocast(x.device.type, enabled=False):
             gy = gy.to(cdt).reshape(R, hidden)
-            if padded:  # padded steps read a zero row
+            if padded or ctx.triton:  # padded steps read a zero row
                 gy = torch.cat([gy, gy.new_zeros(1, hidden)])
-            dxp = torch.empty(BHW, D * G, device=x.device, dtype=cdt)
-            _backward_torch(gy.contiguous(), act, cs, sc, w_hh, rows, inv, D, N, hidden, dxp.view(R, G))
+            if ctx.triton:
+                from .triton_lstm import lstm_backward_triton
+                dxp_buf = torch.empty(R + 1, G, device=x.device, dtype=cdt)   # + a scratch row for padded steps
+                lstm_backward_triton(gy, act, cs, sc, w_hh, rows, D, N, hidden, dxp_buf)
+                dxp = dxp_buf[:R].view(BHW, D * G)
+            else:
+                dxp = torch.empty(BHW, D * G, device=x.device, dtype=cdt)
+                _backward_torch(gy.contiguous(), act, cs, sc, w_hh, rows, inv, D, N, hidden, dxp.view(R, G))
             x2 = x.reshape(BHW, C).to(cdt)
             dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
             dw_ih = torch.mm(dxp.t(), x2)                                                 # (D*4h, C)
@@ -482,6 +490,19 @@ def _triton_ok() -> bool:
         except Exception:
             _TRITON_OK = False
     return _TRITON_OK
+
+
+# tests only: run the Triton kernels on CPU tensors (through Triton's interpreter, TRITON_INTERPRET=1)
+_TRITON_ON_CPU = [False]
+
+
+def _use_triton(x: torch.Tensor, cdt: torch.dtype) -> bool:
+    """Whether the Triton kernels run the recurrence (float32 on CUDA, where Triton is available)."""
+    if cdt != torch.float32 or torch.compiler.is_compiling():
+        return False
+    if _TRITON_ON_CPU[0]:
+        return True
+    return x.is_cuda and _triton_ok()
 
 
 def fused_rnn2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
