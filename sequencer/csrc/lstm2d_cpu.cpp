@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -24,23 +26,7 @@
 
 namespace {
 
-// exp on [-87, 88] (Cephes-style range reduction and polynomial, about 1 ulp); written so that the
-// compiler vectorises the loops that call it.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  float fx = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  int32_t n = static_cast<int32_t>(fx);
-  return y * __builtin_bit_cast(float, (n + 127) << 23);
-}
+using sequencer_cpu::exp_approx;
 
 inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 inline float tanh_f(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }

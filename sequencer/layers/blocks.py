@@ -3,8 +3,10 @@ from functools import partial
 from typing import Callable
 
 import torch
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import nn
+
+from .fused_mlp import Mlp
 
 default_norm = partial(nn.LayerNorm, eps=1e-6)
 

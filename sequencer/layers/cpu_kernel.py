@@ -1,4 +1,5 @@
-"""The compiled CPU recurrence of the fused engine (``sequencer/csrc/lstm2d_cpu.cpp``).
+"""The compiled CPU kernels: the fused engine's recurrence (``sequencer/csrc/lstm2d_cpu.cpp``) and the fused
+MLP's bias + GELU passes (``sequencer/csrc/mlp_cpu.cpp``), built together as one extension.
 
 The kernel is built from source with the system's C++ compiler (and ``ninja``, a dependency of this
 package) the first time it is needed -- about 10 s; ``torch.utils.cpp_extension`` caches the build
@@ -20,7 +21,8 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-SOURCE = Path(__file__).resolve().parent.parent / 'csrc' / 'lstm2d_cpu.cpp'
+CSRC = Path(__file__).resolve().parent.parent / 'csrc'
+SOURCES = [CSRC / 'lstm2d_cpu.cpp', CSRC / 'mlp_cpu.cpp']   # and the header cpu_math.h
 ENV = 'SEQUENCER_CPU_KERNEL'
 BASE_FLAGS = ['-O3', '-fno-trapping-math', '-fno-math-errno']
 
@@ -73,7 +75,7 @@ def _build(name: str, flags: List[str], ldflags: List[str], verbose: bool) -> No
         if not built.exists() and not verbose:
             print(f"sequencer: building the fused RNN engine's CPU kernel ({name}, first use only, about "
                   f"10 s)", file=sys.stderr, flush=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=BASE_FLAGS + flags,
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=BASE_FLAGS + flags,
                            extra_ldflags=ldflags, is_python_module=False, verbose=verbose)
     finally:
         quiet.setLevel(level)

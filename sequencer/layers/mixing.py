@@ -188,7 +188,7 @@ def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool
       in bfloat16, recurrence in float32): 1.18x / 1.14x timm against 1.15x / 1.09x with the native
       engine, whose oneDNN LSTM runs wholly in bfloat16 (one run each, BENCHMARKS.md); 'native' without
       the kernel.
-    * CUDA: 'native' (cuDNN). The fused engine (Triton forward kernel, torch backward) is selectable
+    * CUDA: 'native' (cuDNN). The fused engine (Triton kernels, forward and backward) is selectable
       with ``set_rnn_engine('fused')`` but has not been timed on a GPU, so 'auto' does not choose it.
     * Anything else (other devices, float16 / bfloat16 weights): 'native'.
 
