@@ -194,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> lstm2d_forward(const at::Tensor& xp, const at
 // that direction (zero at the first step), which the W_hh gradient needs in token order.
 void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& whh,
                      const at::Tensor& y, int64_t B, int64_t H, int64_t W, at::IntArrayRef kinds, int64_t hidden,
-                     at::Tensor dxp, at::Tensor hprev) {
+                     at::Tensor dxp, at::Tensor hprev, at::Tensor db) {
   Grid g(B, H, W, kinds, hidden);
   const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
   check_inputs(gy, "gy", 2);
@@ -204,12 +204,20 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
   check_inputs(dxp, "dxp", 2);
   check_inputs(y, "y", 2);
   check_inputs(hprev, "hprev", 2);
+  check_inputs(db, "db", 1);
   TORCH_CHECK(y.sizes() == gy.sizes() && hprev.sizes() == gy.sizes(), "sequencer_lstm2d.backward: y / hprev shapes");
   TORCH_CHECK(gy.size(0) == B * H * W && gy.size(1) == D * h && dxp.size(0) == B * H * W &&
               dxp.size(1) == D * G && gates.size(0) == T && gates.size(1) == D && gates.size(2) == N &&
               gates.size(3) == G && whh.size(0) == D && whh.size(1) == G && whh.size(2) == h,
               "sequencer_lstm2d.backward: inconsistent shapes");
+  TORCH_CHECK(db.numel() == 0 || db.size(0) == D * 4 * hidden, "sequencer_lstm2d.backward: db shape");
   auto opts = gy.options();
+  // the bias gradient (sum of the gate gradients over all tokens) accumulates while the gate gradients
+  // are hot: rows split into one chunk per thread, each with its own partial sums (deterministic)
+  const bool want_db = db.numel() > 0;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), D * g.N));
+  at::Tensor partial = want_db ? at::zeros({chunks, D * 4 * hidden}, opts) : at::empty({0}, opts);
+  float* partp = want_db ? partial.data_ptr<float>() : nullptr;
   at::Tensor dgs = at::zeros({D, N, G}, opts);  // gate gradients of step t + 1, for the recurrent GEMM
   at::Tensor dhr = at::zeros({D, N, h}, opts);  // dG_{t+1} @ W_hh
   at::Tensor dcs = at::zeros({D, N, h}, opts);  // dc carried to step t - 1
@@ -223,66 +231,74 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
   const float* yp = y.data_ptr<float>();
   float* hpp = hprev.data_ptr<float>();
   const int64_t xs = D * G, ys = D * h;
-  const int64_t grain = std::max<int64_t>(1, 2048 / G);
 
   for (int64_t t = T - 1; t >= 0; --t) {
     if (t < T - 1) recurrent_mm(g, t, true, dgs, whh, dhr);
-    at::parallel_for(0, D * N, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
       std::vector<float> dh(h), tc(h);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t d = row / N, n = row - d * N;
-        const Dir& dir = g.dirs[d];
-        if (t >= dir.T || n >= dir.N) continue;
-        const bool last = (t == dir.T - 1);
-        const int64_t tok = g.token(dir, t, n);
-        const int64_t nt = next_token(g, row, end, t, N);
-        if (nt >= 0) {
-          const int64_t nd = (row + kPrefetchRows) / N;
-          prefetch_floats(gyp + nt * ys + nd * h, h, false);
-          prefetch_floats(dxpp + nt * xs + nd * G, G, true);
-          prefetch_floats(hpp + nt * ys + nd * h, h, true);
-          if (t > 0) {
-            const int64_t nn = (row + kPrefetchRows) - nd * N;
-            prefetch_floats(yp + g.token(g.dirs[nd], t - 1, nn) * ys + nd * h, h, false);
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        const int64_t begin = chunk * D * N / chunks, end = (chunk + 1) * D * N / chunks;
+        float* acc = want_db ? partp + chunk * D * G : nullptr;
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t d = row / N, n = row - d * N;
+          const Dir& dir = g.dirs[d];
+          if (t >= dir.T || n >= dir.N) continue;
+          const bool last = (t == dir.T - 1);
+          const int64_t tok = g.token(dir, t, n);
+          const int64_t nt = next_token(g, row, end, t, N);
+          if (nt >= 0) {
+            const int64_t nd = (row + kPrefetchRows) / N;
+            prefetch_floats(gyp + nt * ys + nd * h, h, false);
+            prefetch_floats(dxpp + nt * xs + nd * G, G, true);
+            prefetch_floats(hpp + nt * ys + nd * h, h, true);
+            if (t > 0) {
+              const int64_t nn = (row + kPrefetchRows) - nd * N;
+              prefetch_floats(yp + g.token(g.dirs[nd], t - 1, nn) * ys + nd * h, h, false);
+            }
           }
-        }
-        const float* gyr = gyp + tok * ys + d * h;
-        const float* r = dhrp + row * h;
-        if (last) {
-          for (int64_t j = 0; j < h; ++j) dh[j] = gyr[j];
-        } else {
-          for (int64_t j = 0; j < h; ++j) dh[j] = gyr[j] + r[j];
-        }
-        const float* act = gp + ((t * D + d) * N + n) * G;
-        const float* ig = act;
-        const float* fg = act + h;
-        const float* gg = act + 2 * h;
-        const float* og = act + 3 * h;
-        const float* c = cp + ((t * D + d) * N + n) * h;
-        const float* c_prev = t > 0 ? cp + (((t - 1) * D + d) * N + n) * h : nullptr;
-        float* dc = dcsp + row * h;
-        float* dgt = dgsp + row * G;
-        for (int64_t j = 0; j < h; ++j) tc[j] = tanh_f(c[j]);
-        for (int64_t j = 0; j < h; ++j) {
-          float dcj = dh[j] * og[j] * (1.0f - tc[j] * tc[j]) + (last ? 0.0f : dc[j]);
-          float i = ig[j], f = fg[j], gv = gg[j], o = og[j];
-          float cprev = c_prev != nullptr ? c_prev[j] : 0.0f;
-          dgt[j] = dcj * gv * i * (1.0f - i);
-          dgt[h + j] = dcj * cprev * f * (1.0f - f);
-          dgt[2 * h + j] = dcj * i * (1.0f - gv * gv);
-          dgt[3 * h + j] = dh[j] * tc[j] * o * (1.0f - o);
-          dc[j] = dcj * f;
-        }
-        std::memcpy(dxpp + tok * xs + d * G, dgt, sizeof(float) * G);
-        float* hp = hpp + tok * ys + d * h;
-        if (t > 0) {
-          std::memcpy(hp, yp + g.token(dir, t - 1, n) * ys + d * h, sizeof(float) * h);
-        } else {
-          std::memset(hp, 0, sizeof(float) * h);
+          const float* gyr = gyp + tok * ys + d * h;
+          const float* r = dhrp + row * h;
+          if (last) {
+            for (int64_t j = 0; j < h; ++j) dh[j] = gyr[j];
+          } else {
+            for (int64_t j = 0; j < h; ++j) dh[j] = gyr[j] + r[j];
+          }
+          const float* act = gp + ((t * D + d) * N + n) * G;
+          const float* ig = act;
+          const float* fg = act + h;
+          const float* gg = act + 2 * h;
+          const float* og = act + 3 * h;
+          const float* c = cp + ((t * D + d) * N + n) * h;
+          const float* c_prev = t > 0 ? cp + (((t - 1) * D + d) * N + n) * h : nullptr;
+          float* dc = dcsp + row * h;
+          float* dgt = dgsp + row * G;
+          for (int64_t j = 0; j < h; ++j) tc[j] = tanh_f(c[j]);
+          for (int64_t j = 0; j < h; ++j) {
+            float dcj = dh[j] * og[j] * (1.0f - tc[j] * tc[j]) + (last ? 0.0f : dc[j]);
+            float i = ig[j], f = fg[j], gv = gg[j], o = og[j];
+            float cprev = c_prev != nullptr ? c_prev[j] : 0.0f;
+            dgt[j] = dcj * gv * i * (1.0f - i);
+            dgt[h + j] = dcj * cprev * f * (1.0f - f);
+            dgt[2 * h + j] = dcj * i * (1.0f - gv * gv);
+            dgt[3 * h + j] = dh[j] * tc[j] * o * (1.0f - o);
+            dc[j] = dcj * f;
+          }
+          std::memcpy(dxpp + tok * xs + d * G, dgt, sizeof(float) * G);
+          if (want_db) {
+            float* a = acc + d * G;
+            for (int64_t j = 0; j < G; ++j) a[j] += dgt[j];
+          }
+          float* hp = hpp + tok * ys + d * h;
+          if (t > 0) {
+            std::memcpy(hp, yp + g.token(dir, t - 1, n) * ys + d * h, sizeof(float) * h);
+          } else {
+            std::memset(hp, 0, sizeof(float) * h);
+          }
         }
       }
     });
   }
+  if (want_db) db.copy_(partial.sum(0));
 }
 
 }  // namespace
@@ -291,7 +307,7 @@ TORCH_LIBRARY(sequencer_lstm2d, m) {
   m.def("forward(Tensor xp, Tensor bias, Tensor whh_t, int B, int H, int W, int[] kinds, int hidden, "
         "Tensor(a!) y, bool save) -> (Tensor, Tensor)");
   m.def("backward(Tensor gy, Tensor gates, Tensor cs, Tensor whh, Tensor y, int B, int H, int W, int[] kinds, "
-        "int hidden, Tensor(a!) dxp, Tensor(b!) hprev) -> ()");
+        "int hidden, Tensor(a!) dxp, Tensor(b!) hprev, Tensor(c!) db) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sequencer_lstm2d, CPU, m) {

@@ -430,8 +430,9 @@ def _backward_cpu_kernel(ctx, gy):
         gy = gy.to(f32).reshape(BHW, D * hidden).contiguous()
         dxp = _scratch('dxp', BHW, D * G)          # gate gradients, token order
         h_prev = _scratch('hprev', BHW, D * hidden)   # h_{t-1}, token order
+        db = gy.new_empty(D * G if has_bias else 0)    # the bias gradient, summed inside the kernel
         torch.ops.sequencer_lstm2d.backward(gy, gates, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
-                                            _kind_codes(kinds), hidden, dxp, h_prev)
+                                            _kind_codes(kinds), hidden, dxp, h_prev, db)
         x2 = x.reshape(BHW, C).to(f32)
         if ctx.needs_input_grad[0]:
             w_ih = torch.cat([w.to(f32) for w in w_ihs])                             # (D*4h, C)
@@ -442,7 +443,6 @@ def _backward_cpu_kernel(ctx, gy):
         # W_hh gradient, all steps at once: (h_{t-1}^T dG)^T per direction
         dw_hh = torch.bmm(h_prev.view(BHW, D, hidden).permute(1, 2, 0),
                           dxp.view(BHW, D, G).transpose(0, 1)).transpose(1, 2)             # (D, 4h, h)
-        db = dxp.sum(0) if has_bias else None
         grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
         for d in range(D):
             grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
