@@ -9,7 +9,8 @@
 //    vectorised pass that reads its input gates and writes its output straight at the token's position
 //    (index arithmetic: no gathers, flips, permutes or concatenation);
 //  * the backward runs the (dh, dc) recursion the same way and writes the gate gradients in token order,
-//    so that the input and weight gradients are single large GEMMs outside.
+//    so that the input gradient and dW_ih are single large GEMMs outside; dW_hh accumulates one batched
+//    GEMM per step inside, and the bias gradient is summed inside too.
 //
 // Gates follow nn.LSTM's order (i, f, g, o). Saved for the backward: the gate activations and the cell
 // states, in step order (T, D, N, 4h) and (T, D, N, h).
@@ -190,11 +191,11 @@ std::tuple<at::Tensor, at::Tensor> lstm2d_forward(const at::Tensor& xp, const at
   return {gates, cs};
 }
 
-// Also writes hprev (B*H*W, D*h): for every token and direction, the hidden state of the previous step of
-// that direction (zero at the first step), which the W_hh gradient needs in token order.
+// Also computes the recurrent weight gradient dwhh (D, 4h, h) = sum_t dG_t^T h_{t-1}, one batched GEMM per step
+// while that step's gate gradients are in cache, and the bias gradient db (D*4h) unless db is empty.
 void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& whh,
                      const at::Tensor& y, int64_t B, int64_t H, int64_t W, at::IntArrayRef kinds, int64_t hidden,
-                     at::Tensor dxp, at::Tensor hprev, at::Tensor db) {
+                     at::Tensor dxp, at::Tensor dwhh, at::Tensor db) {
   Grid g(B, H, W, kinds, hidden);
   const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
   check_inputs(gy, "gy", 2);
@@ -203,9 +204,9 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
   check_inputs(whh, "whh", 3);
   check_inputs(dxp, "dxp", 2);
   check_inputs(y, "y", 2);
-  check_inputs(hprev, "hprev", 2);
+  check_inputs(dwhh, "dwhh", 3);
   check_inputs(db, "db", 1);
-  TORCH_CHECK(y.sizes() == gy.sizes() && hprev.sizes() == gy.sizes(), "sequencer_lstm2d.backward: y / hprev shapes");
+  TORCH_CHECK(y.sizes() == gy.sizes() && dwhh.sizes() == whh.sizes(), "sequencer_lstm2d.backward: y / dwhh shapes");
   TORCH_CHECK(gy.size(0) == B * H * W && gy.size(1) == D * h && dxp.size(0) == B * H * W &&
               dxp.size(1) == D * G && gates.size(0) == T && gates.size(1) == D && gates.size(2) == N &&
               gates.size(3) == G && whh.size(0) == D && whh.size(1) == G && whh.size(2) == h,
@@ -229,7 +230,9 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
   const float* dhrp = dhr.data_ptr<float>();
   float* dcsp = dcs.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
-  float* hpp = hprev.data_ptr<float>();
+  at::Tensor hstep = at::empty({D, N, h}, opts);  // h_{t-1} of every sequence at step t, step order
+  float* hsp = hstep.data_ptr<float>();
+  dwhh.zero_();
   const int64_t xs = D * G, ys = D * h;
 
   for (int64_t t = T - 1; t >= 0; --t) {
@@ -250,7 +253,6 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
             const int64_t nd = (row + kPrefetchRows) / N;
             prefetch_floats(gyp + nt * ys + nd * h, h, false);
             prefetch_floats(dxpp + nt * xs + nd * G, G, true);
-            prefetch_floats(hpp + nt * ys + nd * h, h, true);
             if (t > 0) {
               const int64_t nn = (row + kPrefetchRows) - nd * N;
               prefetch_floats(yp + g.token(g.dirs[nd], t - 1, nn) * ys + nd * h, h, false);
@@ -288,15 +290,21 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
             float* a = acc + d * G;
             for (int64_t j = 0; j < G; ++j) a[j] += dgt[j];
           }
-          float* hp = hpp + tok * ys + d * h;
-          if (t > 0) {
-            std::memcpy(hp, yp + g.token(dir, t - 1, n) * ys + d * h, sizeof(float) * h);
-          } else {
-            std::memset(hp, 0, sizeof(float) * h);
-          }
+          if (t > 0) std::memcpy(hsp + row * h, yp + g.token(dir, t - 1, n) * ys + d * h, sizeof(float) * h);
         }
       }
     });
+    if (t > 0) {  // dW_hh += dG_t^T h_{t-1} (h_{-1} = 0)
+      if (g.uniform) {
+        dwhh.baddbmm_(dgs.transpose(1, 2), hstep);
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          const Dir& dir = g.dirs[d];
+          if (t >= dir.T) continue;
+          dwhh.select(0, d).addmm_(dgs.select(0, d).narrow(0, 0, dir.N).t(), hstep.select(0, d).narrow(0, 0, dir.N));
+        }
+      }
+    }
   }
   if (want_db) db.copy_(partial.sum(0));
 }
@@ -307,7 +315,7 @@ TORCH_LIBRARY(sequencer_lstm2d, m) {
   m.def("forward(Tensor xp, Tensor bias, Tensor whh_t, int B, int H, int W, int[] kinds, int hidden, "
         "Tensor(a!) y, bool save) -> (Tensor, Tensor)");
   m.def("backward(Tensor gy, Tensor gates, Tensor cs, Tensor whh, Tensor y, int B, int H, int W, int[] kinds, "
-        "int hidden, Tensor(a!) dxp, Tensor(b!) hprev, Tensor(c!) db) -> ()");
+        "int hidden, Tensor(a!) dxp, Tensor(b!) dwhh, Tensor(c!) db) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sequencer_lstm2d, CPU, m) {

@@ -144,7 +144,7 @@ def _register_fake_ops() -> None:
         return xp.new_empty(T, D, N, G), xp.new_empty(T, D, N, hidden)
 
     @torch.library.register_fake('sequencer_lstm2d::backward')
-    def _backward(gy, gates, cs, whh, y, B, H, W, kinds, hidden, dxp, hprev, db):
+    def _backward(gy, gates, cs, whh, y, B, H, W, kinds, hidden, dxp, dwhh, db):
         return None
 
 

@@ -352,7 +352,7 @@ def _scratch(slot: str, rows: int, cols: int) -> torch.Tensor:
     The input projections and the gate gradients are large (25 MB per BiLSTM2D of Sequencer2D-S's first
     stage at batch 8) and live only during one forward or backward call: fresh allocations of that size
     come from new pages, and the page faults cost as much as the GEMM that fills them. Each slot is used
-    by one call at a time (forward: 'xp'; backward: 'dxp' and 'hprev'), never by a returned tensor.
+    by one call at a time (forward: 'xp'; backward: 'dxp'), never by a returned tensor.
     ``release_workspace()`` frees this thread's buffers.
     """
     n = rows * cols
@@ -429,10 +429,10 @@ def _backward_cpu_kernel(ctx, gy):
     with torch.autocast('cpu', enabled=False):
         gy = gy.to(f32).reshape(BHW, D * hidden).contiguous()
         dxp = _scratch('dxp', BHW, D * G)          # gate gradients, token order
-        h_prev = _scratch('hprev', BHW, D * hidden)   # h_{t-1}, token order
+        dw_hh = torch.empty_like(w_hh)                # (D, 4h, h), accumulated step by step inside the kernel
         db = gy.new_empty(D * G if has_bias else 0)    # the bias gradient, summed inside the kernel
         torch.ops.sequencer_lstm2d.backward(gy, gates, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
-                                            _kind_codes(kinds), hidden, dxp, h_prev, db)
+                                            _kind_codes(kinds), hidden, dxp, dw_hh, db)
         x2 = x.reshape(BHW, C).to(f32)
         if ctx.needs_input_grad[0]:
             w_ih = torch.cat([w.to(f32) for w in w_ihs])                             # (D*4h, C)
@@ -440,9 +440,6 @@ def _backward_cpu_kernel(ctx, gy):
         else:
             dx = None
         dw_ih = torch.mm(dxp.t(), x2)                                                    # (D*4h, C)
-        # W_hh gradient, all steps at once: (h_{t-1}^T dG)^T per direction
-        dw_hh = torch.bmm(h_prev.view(BHW, D, hidden).permute(1, 2, 0),
-                          dxp.view(BHW, D, G).transpose(0, 1)).transpose(1, 2)             # (D, 4h, h)
         grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
         for d in range(D):
             grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
