@@ -65,6 +65,21 @@ def test_json_training_with_checkpointing_and_autocast(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p != 'bench.json']  # no temporary file left behind
 
 
+def test_fused_mlp_switch(tmp_path):
+    """Our channel MLPs run fused on CPU in float32 unless --no-fused-mlp; the row says which."""
+    from sequencer.layers import cpu_kernel
+    if not cpu_kernel.available():
+        pytest.skip('no CPU kernel')
+    rows = {}
+    for flag in ([], ['--no-fused-mlp']):
+        out = tmp_path / f'bench{len(flag)}.json'
+        assert main(['benchmark', *TINY, '--mode', 'train', '--iters', '1', '--no-memory', *flag,
+                     '--results-file', str(out)]) == 0
+        with open(out) as f:
+            (rows[bool(flag)],) = json.load(f)['results']
+    assert rows[False]['fused_mlp'] is True and rows[True]['fused_mlp'] is False
+
+
 def test_timm_counterpart_of_each_model():
     assert timm_name_for('sequencer2d_m') == 'sequencer2d_m'
     assert timm_name_for('sequencer2d_l_392') == 'sequencer2d_l'  # same architecture, other input size

@@ -392,3 +392,29 @@ def test_cpu_kernel_build_falls_back_to_the_next_flags():
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ['True', 'False', '1']
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_fused_engine_on_cuda_matches_native():
+    """On a GPU: the Triton kernels (forward and backward) against cuDNN's LSTM, outputs and every gradient."""
+    pytest.importorskip('triton')
+    from sequencer.layers.fused_lstm import _triton_ok
+    assert _triton_ok()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    m = RNN2D(32, 24).cuda()
+    x = torch.randn(3, 7, 9, 32, device='cuda')
+    g = None
+    results = {}
+    for engine in ('native', 'fused'):
+        m.engine = engine
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        if g is None:
+            g = torch.randn(y.shape, device='cuda')
+        (y * g).sum().backward()
+        results[engine] = [y.detach(), xi.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(results['native'], results['fused']):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--rnn-engine', choices=('auto', 'native', 'fused'), default=None,
                         help="how our model runs its recurrences (default: the model's default, 'auto'); timm's "
                              "model always runs nn.LSTM")
+    parser.add_argument('--no-fused-mlp', action='store_true',
+                        help="run our model's channel MLPs as timm's Mlp does (fc1, GELU, fc2 as separate ops) instead "
+                             "of the fused CPU path")
     parser.add_argument('--grad-checkpointing', action='store_true',
                         help='recompute every block in the backward pass (both models with --compare-timm)')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='cpu (default) or cuda')
@@ -165,6 +168,11 @@ def build_ours(args, input_size, overrides: Dict) -> nn.Module:
         if isinstance(e, UserError):
             raise
         raise UserError(f"{args.model}: cannot build with {overrides or 'these settings'}: {e}") from None
+    if getattr(args, 'no_fused_mlp', False):
+        from ..layers.fused_mlp import Mlp
+        for m in model.modules():
+            if isinstance(m, Mlp):
+                m.fused = False
     return model
 
 
@@ -220,6 +228,17 @@ def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precisio
             impl = 'triton' if _triton_ok() and not compiled else 'torch'
         engines = [f'fused[{impl}]' if e == 'fused' else e for e in engines]
     return '+'.join(engines) if engines else 'native'
+
+
+def _fused_mlp_active(model: nn.Module, mode: str, device: torch.device, precision: str, compiled: bool) -> bool:
+    """Whether our model's channel MLPs take the fused CPU path in ``mode`` (never inside compiled graphs)."""
+    from ..layers.fused_mlp import Mlp
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    if not mlps or compiled:
+        return False
+    x = torch.zeros(1, mlps[0].fc1.in_features, device=device)
+    with torch.set_grad_enabled(mode == 'train'), _autocast(device, precision):
+        return mlps[0].fusable(x)
 
 
 # ---- measurement ------------------------------------------------------------------------------------
@@ -441,7 +460,7 @@ def environment(device: torch.device) -> Dict:
 
 
 FIELDS = ('model', 'impl', 'timm_model', 'mode', 'device', 'precision', 'batch_size', 'input_size', 'compile',
-          'rnn_engine', 'grad_checkpointing', 'threads', 'warmup', 'iters', 'img_per_s', 'latency_ms_median',
+          'rnn_engine', 'fused_mlp', 'grad_checkpointing', 'threads', 'warmup', 'iters', 'img_per_s', 'latency_ms_median',
           'latency_ms_p90', 'latency_ms_mean', 'peak_mem_mb', 'memory_method', 'gmacs_per_img', 'gmac_per_s',
           'gflop_per_s', 'matmul_peak_gflop_s', 'fraction_of_peak', 'ratio_vs_timm', 'ratio_vs_timm_median',
           'torch', 'timm', 'python', 'cpu', 'device_name', 'date')
@@ -538,14 +557,16 @@ def run(args) -> int:
                 mems[name] = peak_memory_mb(s, device, cpu_probe)
         work = macs * (3 if mode == 'train' else 1)
         engine = _resolved_engine(ours, mode, device, args.precision, compiled=compile_)
-        engines.append(f"{mode}: {engine}")
+        fused_mlp = _fused_mlp_active(ours, mode, device, args.precision, compile_)
+        engines.append(f"{mode}: {engine}" + (' + fused MLP' if fused_mlp else ''))
         for name, ts in times.items():
             mean = sum(ts) / len(ts)
             ips = args.batch_size / mean
             row = dict(model=args.model, impl=name, timm_model=timm_name, mode=mode, device=device.type,
                        precision=args.precision, batch_size=args.batch_size,
                        input_size='x'.join(map(str, input_size)), compile=compile_,
-                       rnn_engine=engine if name == OURS else 'nn.LSTM', grad_checkpointing=args.grad_checkpointing,
+                       rnn_engine=engine if name == OURS else 'nn.LSTM', fused_mlp=fused_mlp and name == OURS,
+                       grad_checkpointing=args.grad_checkpointing,
                        threads=torch.get_num_threads(), warmup=args.warmup, iters=args.iters,
                        img_per_s=ips, latency_ms_median=statistics.median(ts) * 1e3,
                        latency_ms_p90=_percentile(ts, 0.9) * 1e3, latency_ms_mean=mean * 1e3,

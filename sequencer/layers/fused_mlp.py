@@ -81,10 +81,18 @@ def _inactive_dropout(m: nn.Module, training: bool) -> bool:
 
 
 class Mlp(_TimmMlp):
-    """timm's ``Mlp`` that runs ``fused_mlp`` where it applies (CPU, float32, exact GELU; see the module doc)."""
+    """timm's ``Mlp`` that runs ``fused_mlp`` where it applies (CPU, float32, exact GELU; see the module doc).
+
+    ``fused = False`` on an instance (or ``sequencer benchmark --no-fused-mlp`` for a whole model) keeps it
+    on timm's forward everywhere.
+    """
+
+    fused: bool = True
 
     def fusable(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` takes the fused path."""
+        if not self.fused:
+            return False
         if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu'):
             return False
         if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing() \
