@@ -179,8 +179,8 @@ def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool
 
     * CPU, float32, no autocast, with the compiled CPU recurrence (``cpu_kernel``; built on first use):
       'fused', for training and inference. On the 2-core Xeon of BENCHMARKS.md (batch 8, 224 px) the
-      model runs 1.22x-1.28x timm's training step and 1.16x-1.21x its inference; with the native engine
-      1.04x / 1.07x.
+      model runs 1.21x-1.27x timm's training step and 1.11x-1.21x its inference; with the native engine
+      1.06x / 1.07x.
     * CPU training in float32 / float64 without the compiled kernel: 'fused' (its torch implementation,
       at parity with native, and it compiles whole). CPU inference without it: 'native' (oneDNN fuses
       each LSTM step; the torch implementation's element-wise ops per step cost more).
