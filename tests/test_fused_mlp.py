@@ -100,3 +100,17 @@ def test_hooks_on_the_linears_are_honoured():
 def test_state_dict_keys_are_timms():
     ref, ours = _pair(16, 32)
     assert list(ours.state_dict()) == list(ref.state_dict())
+
+
+def test_non_contiguous_input_and_frozen_weights():
+    """A permuted (non-contiguous) input, and fine-tuning with the MLP frozen (only the input needs a gradient)."""
+    ref, ours = _pair(24, 40)
+    x = torch.randn(2, 24, 5, 3).permute(0, 3, 2, 1)          # (2, 3, 5, 24), not contiguous
+    assert not x.is_contiguous() and ours.fusable(x)
+    for m in (ref, ours):
+        m.requires_grad_(False)
+    g = torch.randn(2, 3, 5, 24)
+    (ya, gxa, gpa), (yb, gxb, gpb) = _run(ref, x, g), _run(ours, x, g)
+    assert all(p is None for p in gpa + gpb)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gxb, gxa, atol=1e-5, rtol=1e-5)
