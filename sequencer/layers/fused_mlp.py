@@ -66,6 +66,11 @@ def fused_mlp(module: '_TimmMlp', x: torch.Tensor) -> torch.Tensor:
     return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
 
 
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)   # torch >= 2.5
+    return bool(is_exporting and is_exporting())
+
+
 def _unhooked(*modules: nn.Module) -> bool:
     """No forward / backward hooks on these modules, nor global ones: the fused path does not call them."""
     from torch.nn.modules import module as nn_module
@@ -95,7 +100,7 @@ class Mlp(_TimmMlp):
             return False
         if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu'):
             return False
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing() \
+        if torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing() \
                 or torch.onnx.is_in_onnx_export():
             return False
         fc1, fc2 = self.fc1, self.fc2
