@@ -382,7 +382,7 @@ def _prepared_weights(params, D: int):
     with torch.no_grad():
         w_ih_t = torch.cat([params[4 * d].to(f32).t() for d in range(D)], dim=1)
         w_hh = torch.stack([params[4 * d + 1].to(f32) for d in range(D)])
-        w_hh_t = torch.stack([params[4 * d + 1].to(f32).t() for d in range(D)])
+        w_hh_t = w_hh.transpose(1, 2).contiguous()
         if params[2] is not None:
             bias = torch.cat([(params[4 * d + 2] + params[4 * d + 3]).to(f32) for d in range(D)])
         else:

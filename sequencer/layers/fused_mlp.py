@@ -27,6 +27,9 @@ import torch
 from timm.layers import Mlp as _TimmMlp
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _nn_module
+
+from . import cpu_kernel, fused_lstm
 
 
 class _FusedMlp(torch.autograd.Function):
@@ -73,9 +76,8 @@ def _exporting() -> bool:
 
 def _unhooked(*modules: nn.Module) -> bool:
     """No forward / backward hooks on these modules, nor global ones: the fused path does not call them."""
-    from torch.nn.modules import module as nn_module
-    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
-            or nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks):
+    if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+            or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                    for m in modules)
@@ -112,7 +114,6 @@ class Mlp(_TimmMlp):
             return False
         if any(p.dtype != torch.float32 for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)):
             return False
-        from . import cpu_kernel, fused_lstm
         return not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
