@@ -6,13 +6,22 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from .fused_mlp import Mlp
+from .fused_mlp import Mlp, _unhooked
 
 default_norm = partial(nn.LayerNorm, eps=1e-6)
 
 
 class SequencerBlock(nn.Module):
-    """x + DropPath(mixer(LN(x))); x + DropPath(MLP(LN(x))). ``mixer`` builds the token mixer from the width."""
+    """x + DropPath(mixer(LN(x))); x + DropPath(MLP(LN(x))). ``mixer`` builds the token mixer from the width.
+
+    Where DropPath does nothing (eval, or a rate of 0), each residual add is handed to the branch's last
+    linear layer (``forward(y, residual=x)``), which on CPU in float32 accumulates its GEMM onto
+    ``x + bias`` instead of making a separate pass (``linear_residual``). This is skipped, and the plain
+    sum computed, when the branch modules carry hooks (they must see the branch's own output) or do not
+    declare ``takes_residual``; ``fuse_residual = False`` turns it off.
+    """
+
+    fuse_residual: bool = True
 
     def __init__(
             self,
@@ -31,7 +40,17 @@ class SequencerBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp_channels = Mlp(dim, int(mlp_ratio * dim), act_layer=act_layer, drop=drop)
 
+    def _residual_into_branches(self) -> bool:
+        dp = self.drop_path
+        return (self.fuse_residual and (isinstance(dp, nn.Identity) or not self.training or dp.drop_prob == 0)
+                and getattr(self.rnn_tokens, 'takes_residual', False)
+                and getattr(self.mlp_channels, 'takes_residual', False)
+                and _unhooked(self.rnn_tokens, self.mlp_channels))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._residual_into_branches():
+            x = self.rnn_tokens(self.norm1(x), residual=x)
+            return self.mlp_channels(self.norm2(x), residual=x)
         x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
         x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
         return x

@@ -17,12 +17,18 @@ What the fused path changes, with the same GEMMs:
 * **Backward.** The GELU's gradient is one multiplication by the saved derivative (instead of evaluating
   erf and exp again), done in place on fc2's input gradient together with the column sums that give
   fc1's bias gradient; the weight and input gradients are the usual GEMMs.
+* **Residual.** ``forward(x, residual)`` returns ``residual + MLP(x)`` (``SequencerBlock`` hands its
+  residual add over this way): fc2's GEMM accumulates onto ``residual + b2`` with ``addmm_``, so the
+  add makes no pass of its own. ``linear_residual`` does the same for any plain ``nn.Linear`` (the
+  BiLSTM2D's fusing ``fc``).
 
 The kernel's erf is accurate to 1.5e-7 (absolute), so outputs and gradients agree with timm's ``Mlp``
 to float32 rounding (the tests check 1e-5). Double backward through the fused path is not supported
 (``once_differentiable``). ``fused_lstm.cpu_kernel_disabled()`` and ``SEQUENCER_CPU_KERNEL=0`` turn the
 fused path off, like the fused RNN engine's kernel.
 """
+from typing import Optional
+
 import torch
 from timm.layers import Mlp as _TimmMlp
 from torch import nn
@@ -33,17 +39,20 @@ from . import cpu_kernel, fused_lstm
 
 
 class _FusedMlp(torch.autograd.Function):
-    """fc2(GELU(fc1(x))) over x (..., C) with fc1 = (w1, b1), fc2 = (w2, b2); float32 CPU tensors."""
+    """[residual +] fc2(GELU(fc1(x))) over x (..., C) with fc1 = (w1, b1), fc2 = (w2, b2); float32 CPU tensors."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
+    def forward(ctx, x, w1, b1, w2, b2, residual):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
         a = torch.mm(x2, w1.t())                       # fc1 without its bias ...
         grad = any(ctx.needs_input_grad)
         deriv = torch.empty_like(a) if grad else a.new_empty(0)
         torch.ops.sequencer_mlp.bias_gelu_(a, b1, deriv)  # ... a = GELU(a + b1) in place, deriv = GELU'
-        y = torch.addmm(b2, a, w2.t())
+        if residual is None:
+            y = torch.addmm(b2, a, w2.t())
+        else:                                          # the GEMM accumulates onto residual + b2
+            y = torch.add(residual.reshape(-1, w2.shape[0]), b2).addmm_(a, w2.t())
         if grad:
             ctx.save_for_backward(x2, w1, w2, a, deriv)
             ctx.x_shape = x.shape
@@ -53,25 +62,37 @@ class _FusedMlp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):
         x2, w1, w2, a, deriv = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, need_res = ctx.needs_input_grad
+        dres = gy if need_res else None
         gy = gy.reshape(-1, gy.shape[-1]).contiguous()
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
         dw2 = torch.mm(gy.t(), a) if need_w2 else None
         db2 = gy.sum(0) if need_b2 else None
         da = torch.mm(gy, w2)
         db1 = torch.ops.sequencer_mlp.gelu_grad_bias_(da, deriv)   # da <- da * GELU', and its column sums
         dw1 = torch.mm(da.t(), x2) if need_w1 else None
         dx = torch.mm(da, w1).view(ctx.x_shape) if need_x else None
-        return dx, dw1, db1 if need_b1 else None, dw2, db2
+        return dx, dw1, db1 if need_b1 else None, dw2, db2, dres
 
 
-def fused_mlp(module: '_TimmMlp', x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` through the fused path (see ``Mlp.fusable`` for when it applies)."""
-    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
+def fused_mlp(module: '_TimmMlp', x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``module(x)``, or ``residual + module(x)``, through the fused path (see ``Mlp.fusable``)."""
+    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual)
 
 
 def _exporting() -> bool:
     is_exporting = getattr(torch.compiler, 'is_exporting', None)   # torch >= 2.5
     return bool(is_exporting and is_exporting())
+
+
+def _tracing() -> bool:
+    """torch.compile, export, TorchScript tracing or ONNX export in progress."""
+    return (torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
+def _cpu_float32(*tensors: torch.Tensor) -> bool:
+    return (not torch.is_autocast_enabled('cpu')
+            and all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors))
 
 
 def _unhooked(*modules: nn.Module) -> bool:
@@ -100,10 +121,7 @@ class Mlp(_TimmMlp):
         """Whether ``forward(x)`` takes the fused path."""
         if not self.fused:
             return False
-        if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu'):
-            return False
-        if torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing() \
-                or torch.onnx.is_in_onnx_export():
+        if not _cpu_float32(x) or _tracing():
             return False
         fc1, fc2 = self.fc1, self.fc2
         if not (type(fc1) is nn.Linear and type(fc2) is nn.Linear and fc1.bias is not None
@@ -116,7 +134,26 @@ class Mlp(_TimmMlp):
             return False
         return not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fusable(x):
-            return fused_mlp(self, x)
-        return super().forward(x)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``MLP(x)``, or ``residual + MLP(x)`` when ``residual`` is given (see ``SequencerBlock``)."""
+        if self.fusable(x) and (residual is None or _cpu_float32(residual)):
+            return fused_mlp(self, x, residual)
+        y = super().forward(x)
+        return y if residual is None else residual + y
+
+    takes_residual = True   # forward(x, residual) is residual + forward(x)
+
+
+def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """``fc(x)``, or ``residual + fc(x)`` when ``residual`` is given.
+
+    On CPU in float32 (no autocast, no tracing) with a plain, hook-free ``nn.Linear``, the sum is one
+    ``addmm_`` accumulating onto ``residual + bias``: the residual add no longer makes a pass of its own.
+    """
+    if residual is None:
+        return fc(x)
+    if (type(fc) is nn.Linear and fc.bias is not None and _cpu_float32(x, residual, fc.weight, fc.bias)
+            and not _tracing() and _unhooked(fc)):
+        out = torch.add(residual.reshape(-1, fc.out_features), fc.bias)
+        return out.addmm_(x.reshape(-1, fc.in_features), fc.weight.t()).view(residual.shape)
+    return residual + fc(x)

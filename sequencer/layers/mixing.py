@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .fused_mlp import linear_residual
+
 RNN_CLASSES = {'lstm': nn.LSTM, 'gru': nn.GRU, 'rnn': nn.RNN}
 UNIONS = ('cat', 'add', 'vertical', 'horizontal')
 ENGINES = ('auto', 'native', 'fused')
@@ -114,15 +116,18 @@ class RNN2D(nn.Module):
             self.__dict__['_lstm_refs'] = (tuple(kinds), tuple(params))
         return self._lstm_refs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_residual = True   # forward(x, residual) is residual + forward(x)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mixed tokens, or ``residual + `` them when ``residual`` is given (see ``SequencerBlock``)."""
         if self.resolved_engine(x) == 'fused':
             from .fused_lstm import fused_rnn2d
             y = fused_rnn2d(self, x)
         else:
             y = self._forward_native(x)
         if self.fc is not None:
-            y = self.fc(y)
-        return y
+            return linear_residual(self.fc, y, residual)
+        return y if residual is None else residual + y
 
     def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -167,10 +172,13 @@ class RNN1D(nn.Module):
         self.rnn = _rnn_class(rnn_layer)(input_size, hidden_size, num_layers, batch_first=True, bias=bias,
                                           bidirectional=bidirectional)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_residual = True   # forward(x, residual) is residual + forward(x)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, H, W, C = x.shape
         y, _ = self.rnn(x.reshape(B, H * W, C))
-        return y.reshape(B, H, W, -1)
+        y = y.reshape(B, H, W, -1)
+        return y if residual is None else residual + y
 
 
 def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool,

@@ -1,0 +1,121 @@
+"""Residual adds handed to the branches' last linear layers (``SequencerBlock.fuse_residual``)."""
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+from sequencer.layers import RNN1D, RNN2D, SequencerBlock
+from sequencer.layers.fused_mlp import Mlp, linear_residual
+
+
+def _block(drop_path=0.0, mixer=None):
+    torch.manual_seed(0)
+    mixer = mixer or partial(RNN2D, hidden_size=12)
+    return SequencerBlock(24, mixer, mlp_ratio=3.0, drop_path=drop_path)
+
+
+def _run(block, x, g, fuse):
+    block.fuse_residual = fuse
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    y = block(x)
+    y.backward(g)
+    return y.detach(), x.grad, [p.grad.clone() for p in block.parameters()]
+
+
+@pytest.mark.parametrize('mixer', [partial(RNN2D, hidden_size=12), partial(RNN1D, hidden_size=12)],
+                         ids=['RNN2D', 'RNN1D'])
+def test_fused_residual_matches_the_plain_sum(mixer):
+    block = _block(mixer=mixer).train()
+    x = torch.randn(3, 5, 7, 24)
+    g = torch.randn(3, 5, 7, 24)
+    assert block._residual_into_branches()
+    (ya, gxa, gpa), (yb, gxb, gpb) = _run(block, x, g, False), _run(block, x, g, True)
+    torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gxb, gxa, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gpa, gpb):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    block.eval()
+    with torch.no_grad():
+        block.fuse_residual = True
+        fused = block(x)
+        block.fuse_residual = False
+        torch.testing.assert_close(fused, block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_fused_paths_run():
+    """The residual reaches the branches: addmm_ onto x + bias (mixer fc), and the fused MLP's residual input."""
+    block = _block().eval()
+    x = torch.randn(2, 4, 4, 24)
+    seen = {}
+    real_mlp_forward = Mlp.forward
+
+    def spy(self, y, residual=None):
+        seen['mlp_residual'] = residual is not None
+        return real_mlp_forward(self, y, residual)
+
+    Mlp.forward = spy
+    try:
+        with torch.no_grad():
+            out = block(x)
+    finally:
+        Mlp.forward = real_mlp_forward
+    assert seen['mlp_residual']
+    x1 = x + block.rnn_tokens(block.norm1(x))
+    torch.testing.assert_close(out, x1 + block.mlp_channels(block.norm2(x1)), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_residual_paths():
+    torch.manual_seed(0)
+    fc = nn.Linear(6, 5)
+    x, r = torch.randn(2, 3, 6), torch.randn(2, 3, 5)
+    want = r + fc(x)
+    out = linear_residual(fc, x, r)
+    assert type(out.grad_fn).__name__ != 'AddBackward0'        # the GEMM accumulated onto r + bias
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(linear_residual(fc, x, None), fc(x))
+    handle = fc.register_forward_hook(lambda m, i, o: None)    # a hook: the module itself must run
+    assert type(linear_residual(fc, x, r).grad_fn).__name__ == 'AddBackward0'
+    handle.remove()
+    with torch.autocast('cpu', dtype=torch.bfloat16):         # autocast: the plain sum, under autocast
+        out = linear_residual(fc, x, r)
+    assert type(out.grad_fn).__name__ == 'AddBackward0'
+
+
+def test_hooks_on_a_branch_see_the_branch_output():
+    """A hook on the mixer or the MLP (feature extraction, analysis) gets the branch's own output."""
+    block = _block().eval()
+    x = torch.randn(2, 4, 4, 24)
+    got = {}
+    handle = block.rnn_tokens.register_forward_hook(lambda m, i, o: got.setdefault('mixer', o))
+    with torch.no_grad():
+        out = block(x)
+        handle.remove()
+        torch.testing.assert_close(got['mixer'], block.rnn_tokens(block.norm1(x)))
+        block.fuse_residual = False
+        torch.testing.assert_close(out, block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_active_drop_path_keeps_the_plain_sum():
+    block = _block(drop_path=0.5).train()
+    assert not block._residual_into_branches()
+    block.eval()                                             # DropPath does nothing in eval
+    assert block._residual_into_branches()
+
+
+def test_a_mixer_without_residual_support_is_called_plainly():
+    class Plain(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.fc = nn.Linear(dim, dim)
+
+        def forward(self, x):                                   # no residual argument
+            return self.fc(x)
+
+    block = _block(mixer=Plain).eval()
+    assert not block._residual_into_branches()
+    x = torch.randn(2, 3, 3, 24)
+    with torch.no_grad():
+        x1 = x + block.rnn_tokens(block.norm1(x))
+        torch.testing.assert_close(block(x), x1 + block.mlp_channels(block.norm2(x1)))
