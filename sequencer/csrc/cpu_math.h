@@ -4,10 +4,18 @@
 #include <algorithm>
 #include <cstdint>
 
+// Forced inlining for the scalar math called inside the vectorised loops: a call left out of line stops the
+// loop from vectorising (about 3x slower), and the compiler's own inlining budget is shared by the whole file.
+#if defined(__GNUC__) || defined(__clang__)
+#define SEQUENCER_INLINE inline __attribute__((always_inline))
+#else
+#define SEQUENCER_INLINE inline
+#endif
+
 namespace sequencer_cpu {
 
 // exp on [-87, 88] (Cephes-style range reduction and polynomial, about 1 ulp)
-inline float exp_approx(float x) {
+SEQUENCER_INLINE float exp_approx(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   float fx = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
   float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;

@@ -29,8 +29,8 @@ namespace {
 
 using sequencer_cpu::exp_approx;
 
-inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
-inline float tanh_f(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
+SEQUENCER_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+SEQUENCER_INLINE float tanh_f(float x) { return 2.0f / (1.0f + exp_approx(-2.0f * x)) - 1.0f; }
 
 struct Dir {
   bool vertical, reverse;
