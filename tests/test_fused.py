@@ -418,3 +418,31 @@ def test_fused_engine_on_cuda_matches_native():
         results[engine] = [y.detach(), xi.grad] + [p.grad for p in m.parameters()]
     for a, b in zip(results['native'], results['fused']):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_backward_consumes_saved_gates_only_when_the_graph_is_freed(monkeypatch):
+    """The kernel's backward turns the saved gate activations into gate gradients in place. A graph kept for
+    another backward (retain_graph, as the ERF analysis does) must work on a copy: a second backward over the
+    same graph then gives the same gradients as the first, and as native nn.LSTM."""
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    from sequencer.layers import fused_lstm
+    kept = []
+    real = fused_lstm._graph_kept
+    monkeypatch.setattr(fused_lstm, '_graph_kept', lambda: kept.append(real()) or kept[-1])
+    torch.manual_seed(0)
+    layer = RNN2D(8, 5)
+    layer.engine = 'fused'
+    x = torch.randn(3, 5, 7, 8, requires_grad=True)
+    g = torch.randn(3, 5, 7, 8)
+    params = list(layer.parameters())
+    y = layer(x)
+    first = torch.autograd.grad(y, [x, *params], g, retain_graph=True)
+    second = torch.autograd.grad(y, [x, *params], g)
+    assert kept == [True, False]
+    layer.engine = 'native'
+    want = torch.autograd.grad(layer(x), [x, *params], g)
+    for a, b, w in zip(first, second, want):
+        torch.testing.assert_close(a, w, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b, w, atol=1e-5, rtol=0)

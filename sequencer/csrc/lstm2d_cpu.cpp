@@ -12,8 +12,10 @@
 //    so that the input gradient and dW_ih are single large GEMMs outside; dW_hh accumulates one batched
 //    GEMM per step inside, and the bias gradient is summed inside too.
 //
-// Gates follow nn.LSTM's order (i, f, g, o). Saved for the backward: the gate activations and the cell
-// states, in step order (T, D, N, 4h) and (T, D, N, h).
+// Gates follow nn.LSTM's order (i, f, g, o). Saved for the backward: the gate activations, written in place
+// over the input projections (each token's gates of one direction are read once, at one step, then
+// replaced by their activations: no second buffer of that size), and the cell states in step order
+// (T, D, N, h). The backward replaces the activations by the gate gradients in place in the same way.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -111,9 +113,9 @@ void recurrent_mm(const Grid& g, int64_t t, bool backward, const at::Tensor& src
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> lstm2d_forward(const at::Tensor& xp, const at::Tensor& bias,
-                                                  const at::Tensor& whh_t, int64_t B, int64_t H, int64_t W,
-                                                  at::IntArrayRef kinds, int64_t hidden, at::Tensor y, bool save) {
+// With save, xp's rows become the gate activations (in place) and the cell states are returned.
+at::Tensor lstm2d_forward(at::Tensor xp, const at::Tensor& bias, const at::Tensor& whh_t, int64_t B, int64_t H,
+                          int64_t W, at::IntArrayRef kinds, int64_t hidden, at::Tensor y, bool save) {
   Grid g(B, H, W, kinds, hidden);
   const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
   check_inputs(xp, "xp", 2);
@@ -124,18 +126,16 @@ std::tuple<at::Tensor, at::Tensor> lstm2d_forward(const at::Tensor& xp, const at
               whh_t.size(0) == D && whh_t.size(1) == h && whh_t.size(2) == G && y.size(0) == B * H * W &&
               y.size(1) == D * h, "sequencer_lstm2d.forward: inconsistent shapes");
   auto opts = xp.options();
-  at::Tensor gates = save ? at::empty({T, D, N, G}, opts) : at::empty({0}, opts);
   at::Tensor cs = save ? at::empty({T, D, N, h}, opts) : at::empty({0}, opts);
   at::Tensor hs = at::zeros({D, N, h}, opts);   // hidden state of the current step
   at::Tensor cst = at::zeros({D, N, h}, opts);  // cell state (inference)
   at::Tensor rec = at::empty({D, N, G}, opts);  // h_{t-1} @ W_hh^T
-  const float* xpp = xp.data_ptr<float>();
+  float* xpp = xp.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   float* hsp = hs.data_ptr<float>();
   float* cstp = cst.data_ptr<float>();
   const float* recp = rec.data_ptr<float>();
-  float* gp = save ? gates.data_ptr<float>() : nullptr;
   float* cp = save ? cs.data_ptr<float>() : nullptr;
   const int64_t xs = D * G, ys = D * h;
   const int64_t grain = std::max<int64_t>(1, 2048 / G);
@@ -152,12 +152,12 @@ std::tuple<at::Tensor, at::Tensor> lstm2d_forward(const at::Tensor& xp, const at
         const int64_t nt = next_token(g, row, end, t, N);
         if (nt >= 0) {
           const int64_t nd = (row + kPrefetchRows) / N;
-          prefetch_floats(xpp + nt * xs + nd * G, G, false);
+          prefetch_floats(xpp + nt * xs + nd * G, G, save);
           prefetch_floats(yp + nt * ys + nd * h, h, true);
         }
-        const float* x = xpp + tok * xs + d * G;
+        float* x = xpp + tok * xs + d * G;
         const float* bb = bp + d * G;
-        float* act = save ? gp + ((t * D + d) * N + n) * G : a.data();
+        float* act = save ? x : a.data();   // in place: this token's gates are not read again
         if (t > 0) {
           const float* r = recp + row * G;
           for (int64_t j = 0; j < G; ++j) act[j] = x[j] + bb[j] + r[j];
@@ -188,28 +188,29 @@ std::tuple<at::Tensor, at::Tensor> lstm2d_forward(const at::Tensor& xp, const at
       }
     });
   }
-  return {gates, cs};
+  return cs;
 }
 
-// Also computes the recurrent weight gradient dwhh (D, 4h, h) = sum_t dG_t^T h_{t-1}, one batched GEMM per step
-// while that step's gate gradients are in cache, and the bias gradient db (D*4h) unless db is empty.
-void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Tensor& cs, const at::Tensor& whh,
+// gates (B*H*W, D*4h): the activations saved by the forward, in token order, replaced in place by the gate
+// gradients. Also computes the recurrent weight gradient dwhh (D, 4h, h) = sum_t dG_t^T h_{t-1}, one batched
+// GEMM per step while that step's gate gradients are in cache, and the bias gradient db (D*4h) unless db is
+// empty.
+void lstm2d_backward(const at::Tensor& gy, at::Tensor gates, const at::Tensor& cs, const at::Tensor& whh,
                      const at::Tensor& y, int64_t B, int64_t H, int64_t W, at::IntArrayRef kinds, int64_t hidden,
-                     at::Tensor dxp, at::Tensor dwhh, at::Tensor db) {
+                     at::Tensor dwhh, at::Tensor db) {
   Grid g(B, H, W, kinds, hidden);
   const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
   check_inputs(gy, "gy", 2);
-  check_inputs(gates, "gates", 4);
+  check_inputs(gates, "gates", 2);
   check_inputs(cs, "cs", 4);
   check_inputs(whh, "whh", 3);
-  check_inputs(dxp, "dxp", 2);
   check_inputs(y, "y", 2);
   check_inputs(dwhh, "dwhh", 3);
   check_inputs(db, "db", 1);
   TORCH_CHECK(y.sizes() == gy.sizes() && dwhh.sizes() == whh.sizes(), "sequencer_lstm2d.backward: y / dwhh shapes");
-  TORCH_CHECK(gy.size(0) == B * H * W && gy.size(1) == D * h && dxp.size(0) == B * H * W &&
-              dxp.size(1) == D * G && gates.size(0) == T && gates.size(1) == D && gates.size(2) == N &&
-              gates.size(3) == G && whh.size(0) == D && whh.size(1) == G && whh.size(2) == h,
+  TORCH_CHECK(gy.size(0) == B * H * W && gy.size(1) == D * h && gates.size(0) == B * H * W &&
+              gates.size(1) == D * G && cs.size(0) == T && cs.size(1) == D && cs.size(2) == N && cs.size(3) == h &&
+              whh.size(0) == D && whh.size(1) == G && whh.size(2) == h,
               "sequencer_lstm2d.backward: inconsistent shapes");
   TORCH_CHECK(db.numel() == 0 || db.size(0) == D * 4 * hidden, "sequencer_lstm2d.backward: db shape");
   auto opts = gy.options();
@@ -223,9 +224,8 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
   at::Tensor dhr = at::zeros({D, N, h}, opts);  // dG_{t+1} @ W_hh
   at::Tensor dcs = at::zeros({D, N, h}, opts);  // dc carried to step t - 1
   const float* gyp = gy.data_ptr<float>();
-  const float* gp = gates.data_ptr<float>();
+  float* dxpp = gates.data_ptr<float>();   // activations in, gate gradients out
   const float* cp = cs.data_ptr<float>();
-  float* dxpp = dxp.data_ptr<float>();
   float* dgsp = dgs.data_ptr<float>();
   const float* dhrp = dhr.data_ptr<float>();
   float* dcsp = dcs.data_ptr<float>();
@@ -252,7 +252,7 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
           if (nt >= 0) {
             const int64_t nd = (row + kPrefetchRows) / N;
             prefetch_floats(gyp + nt * ys + nd * h, h, false);
-            prefetch_floats(dxpp + nt * xs + nd * G, G, true);
+            prefetch_floats(dxpp + nt * xs + nd * G, G, true);   // the activations, then the gradients
             if (t > 0) {
               const int64_t nn = (row + kPrefetchRows) - nd * N;
               prefetch_floats(yp + g.token(g.dirs[nd], t - 1, nn) * ys + nd * h, h, false);
@@ -265,7 +265,7 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
           } else {
             for (int64_t j = 0; j < h; ++j) dh[j] = gyr[j] + r[j];
           }
-          const float* act = gp + ((t * D + d) * N + n) * G;
+          const float* act = dxpp + tok * xs + d * G;   // overwritten by the memcpy below, after the loop
           const float* ig = act;
           const float* fg = act + h;
           const float* gg = act + 2 * h;
@@ -312,10 +312,10 @@ void lstm2d_backward(const at::Tensor& gy, const at::Tensor& gates, const at::Te
 }  // namespace
 
 TORCH_LIBRARY(sequencer_lstm2d, m) {
-  m.def("forward(Tensor xp, Tensor bias, Tensor whh_t, int B, int H, int W, int[] kinds, int hidden, "
-        "Tensor(a!) y, bool save) -> (Tensor, Tensor)");
-  m.def("backward(Tensor gy, Tensor gates, Tensor cs, Tensor whh, Tensor y, int B, int H, int W, int[] kinds, "
-        "int hidden, Tensor(a!) dxp, Tensor(b!) dwhh, Tensor(c!) db) -> ()");
+  m.def("forward(Tensor(a!) xp, Tensor bias, Tensor whh_t, int B, int H, int W, int[] kinds, int hidden, "
+        "Tensor(b!) y, bool save) -> Tensor");
+  m.def("backward(Tensor gy, Tensor(a!) gates, Tensor cs, Tensor whh, Tensor y, int B, int H, int W, int[] kinds, "
+        "int hidden, Tensor(b!) dwhh, Tensor(c!) db) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sequencer_lstm2d, CPU, m) {

@@ -139,12 +139,12 @@ def _register_fake_ops() -> None:
     @torch.library.register_fake('sequencer_lstm2d::forward')
     def _forward(xp, bias, whh_t, B, H, W, kinds, hidden, y, save):
         if not save:
-            return xp.new_empty(0), xp.new_empty(0)
+            return xp.new_empty(0)
         T, D, N, G = dims(B, H, W, kinds, hidden)
-        return xp.new_empty(T, D, N, G), xp.new_empty(T, D, N, hidden)
+        return xp.new_empty(T, D, N, hidden)
 
     @torch.library.register_fake('sequencer_lstm2d::backward')
-    def _backward(gy, gates, cs, whh, y, B, H, W, kinds, hidden, dxp, dwhh, db):
+    def _backward(gy, gates, cs, whh, y, B, H, W, kinds, hidden, dwhh, db):
         return None
 
 

@@ -349,11 +349,12 @@ _workspace = threading.local()
 def _scratch(slot: str, rows: int, cols: int) -> torch.Tensor:
     """An uninitialised (rows, cols) float32 CPU tensor backed by a buffer kept for reuse by this thread.
 
-    The input projections and the gate gradients are large (25 MB per BiLSTM2D of Sequencer2D-S's first
-    stage at batch 8) and live only during one forward or backward call: fresh allocations of that size
-    come from new pages, and the page faults cost as much as the GEMM that fills them. Each slot is used
-    by one call at a time (forward: 'xp'; backward: 'dxp'), never by a returned tensor.
-    ``release_workspace()`` frees this thread's buffers.
+    The input projections are large (25 MB per BiLSTM2D of Sequencer2D-S's first stage at batch 8) and,
+    without gradients, live only during one forward call: fresh allocations of that size come from new
+    pages, and the page faults cost as much as the GEMM that fills them. (When training, the projections
+    become the saved gate activations, so they are allocated afresh.) Each slot is used by one call at a
+    time (the forward's 'xp'), never by a returned tensor. ``release_workspace()`` frees this thread's
+    buffers.
     """
     n = rows * cols
     if n * 4 > WORKSPACE_LIMIT_BYTES or torch.compiler.is_compiling():
@@ -402,17 +403,19 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         has_bias = params[2] is not None
         w_ih, w_hh_t, w_hh, bias = _prepared_weights(params, D)
         x2 = x.reshape(BHW, C)
-        xp = _scratch('xp', BHW, w_ih.shape[0])          # the bias is added inside the kernel
+        save = any(ctx.needs_input_grad)
+        # the bias is added inside the kernel; when training, the kernel turns xp into the gate activations
+        # in place, which the backward keeps (a fresh buffer), else xp is scratch
+        xp = torch.empty(BHW, w_ih.shape[0]) if save else _scratch('xp', BHW, w_ih.shape[0])
         if mm_dtype == f32 and x2.dtype == f32:
             torch.mm(x2, w_ih.t(), out=xp)
         else:
             xp.copy_(torch.mm(x2.to(mm_dtype), w_ih.t().to(mm_dtype)))
         y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=f32)
-        save = any(ctx.needs_input_grad)
-        gates, cs = torch.ops.sequencer_lstm2d.forward(
+        cs = torch.ops.sequencer_lstm2d.forward(
             xp, bias, w_hh_t, B, H, W, _kind_codes(kinds), hidden, y.view(BHW, D * hidden), save)
         if save:
-            ctx.save_for_backward(x, w_hh, gates, cs, y, *[params[4 * d] for d in range(D)])
+            ctx.save_for_backward(x, w_hh, xp, cs, y, *[params[4 * d] for d in range(D)])
             ctx.meta = (kinds, hidden, has_bias, [p.dtype if p is not None else None for p in params])
         if out_dtype != f32:
             y = y.to(out_dtype)
@@ -429,11 +432,13 @@ def _backward_cpu_kernel(ctx, gy):
     f32 = torch.float32
     with torch.autocast('cpu', enabled=False):
         gy = gy.to(f32).reshape(BHW, D * hidden).contiguous()
-        dxp = _scratch('dxp', BHW, D * G)          # gate gradients, token order
+        # the kernel replaces the saved activations by the gate gradients (token order) in place; a graph
+        # kept for another backward (retain_graph) needs them again, and gets a copy instead
+        dxp = gates.clone() if _graph_kept() else gates
         dw_hh = torch.empty_like(w_hh)                # (D, 4h, h), accumulated step by step inside the kernel
         db = gy.new_empty(D * G if has_bias else 0)    # the bias gradient, summed inside the kernel
-        torch.ops.sequencer_lstm2d.backward(gy, gates, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
-                                            _kind_codes(kinds), hidden, dxp, dw_hh, db)
+        torch.ops.sequencer_lstm2d.backward(gy, dxp, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
+                                            _kind_codes(kinds), hidden, dw_hh, db)
         x2 = x.reshape(BHW, C).to(f32)
         if ctx.needs_input_grad[0]:
             w_ih = torch.cat([w.to(f32) for w in w_ihs])                             # (D*4h, C)
@@ -450,6 +455,18 @@ def _backward_cpu_kernel(ctx, gy):
                 grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
                 grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
     return (dx, None, None, None, None, *grads)
+
+
+def _graph_kept() -> bool:
+    """Whether this backward keeps the graph for another one (``retain_graph``), or may not be the only one
+    (traced by torch.compile, or the flag cannot be read): then saved tensors must stay intact."""
+    if torch.compiler.is_compiling():
+        return True
+    keep = getattr(torch._C._autograd, '_get_current_graph_task_keep_graph', None)
+    try:
+        return True if keep is None else bool(keep())
+    except RuntimeError:   # not inside a backward run by the engine
+        return True
 
 
 _KERNEL_OFF = [0]
