@@ -119,3 +119,42 @@ def test_a_mixer_without_residual_support_is_called_plainly():
     with torch.no_grad():
         x1 = x + block.rnn_tokens(block.norm1(x))
         torch.testing.assert_close(block(x), x1 + block.mlp_channels(block.norm2(x1)))
+
+
+@pytest.mark.parametrize('rows,width', [(37, 40), (64, 384), (5, 7)])
+def test_norm_backward_kernel_matches_layer_norm_backward_plus_residual(rows, width):
+    """Widths with and without a remainder of the kernel's 16 lanes."""
+    from sequencer.layers import cpu_kernel
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    torch.manual_seed(0)
+    x = torch.randn(rows, width) * 2 + 0.5
+    w, b = torch.randn(width), torch.randn(width)
+    g, g_res = torch.randn(rows, width), torch.randn(rows, width)
+    _, mean, rstd = torch.native_layer_norm(x, (width,), w, b, 1e-6)
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(g, x, (width,), mean, rstd, w, b, [True, True, True])
+    got = torch.ops.sequencer_norm.layer_norm_backward_residual(g, x, mean, rstd, w, g_res)
+    for want, have in zip((dx + g_res, dw, db), got):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+
+
+def test_norm_residual_runs_when_training_only():
+    from sequencer.layers.fused_mlp import norm_residual
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(24, eps=1e-6)
+    x = torch.randn(2, 3, 4, 24, requires_grad=True)
+    y, r = norm_residual(norm, x)
+    assert type(y.grad_fn).__name__ == '_NormResidualBackward'
+    g, g_res = torch.randn_like(y), torch.randn_like(y)
+    gx, gw, gb = torch.autograd.grad([y, r], [x, norm.weight, norm.bias], [g, g_res])
+    wx, ww, wb = torch.autograd.grad([norm(x), x], [x, norm.weight, norm.bias], [g, g_res])
+    for have, want in ((gx, wx), (gw, ww), (gb, wb)):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():                                     # nothing to fuse without gradients
+        y, r = norm_residual(norm, x)
+        assert r is x
+    handle = norm.register_forward_hook(lambda m, i, o: None)
+    y, r = norm_residual(norm, x)
+    assert r is x and type(y.grad_fn).__name__ == 'NativeLayerNormBackward0'
+    handle.remove()

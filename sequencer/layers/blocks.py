@@ -6,7 +6,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from .fused_mlp import Mlp, _unhooked
+from .fused_mlp import Mlp, _unhooked, norm_residual
 
 default_norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -16,9 +16,11 @@ class SequencerBlock(nn.Module):
 
     Where DropPath does nothing (eval, or a rate of 0), each residual add is handed to the branch's last
     linear layer (``forward(y, residual=x)``), which on CPU in float32 accumulates its GEMM onto
-    ``x + bias`` instead of making a separate pass (``linear_residual``). This is skipped, and the plain
-    sum computed, when the branch modules carry hooks (they must see the branch's own output) or do not
-    declare ``takes_residual``; ``fuse_residual = False`` turns it off.
+    ``x + bias`` instead of making a separate pass (``linear_residual``), and when training, the gradients
+    reaching x through the pre-norm and through the residual are summed inside the norm's backward
+    (``norm_residual``). This is skipped, and the plain sum computed, when the branch modules carry hooks
+    (they must see the branch's own output) or do not declare ``takes_residual``; ``fuse_residual = False``
+    turns it off.
     """
 
     fuse_residual: bool = True
@@ -49,8 +51,10 @@ class SequencerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._residual_into_branches():
-            x = self.rnn_tokens(self.norm1(x), residual=x)
-            return self.mlp_channels(self.norm2(x), residual=x)
+            y, x = norm_residual(self.norm1, x)
+            x = self.rnn_tokens(y, residual=x)
+            y, x = norm_residual(self.norm2, x)
+            return self.mlp_channels(y, residual=x)
         x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
         x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
         return x

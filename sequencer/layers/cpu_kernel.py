@@ -1,5 +1,6 @@
-"""The compiled CPU kernels: the fused engine's recurrence (``sequencer/csrc/lstm2d_cpu.cpp``) and the fused
-MLP's bias + GELU passes (``sequencer/csrc/mlp_cpu.cpp``), built together as one extension.
+"""The compiled CPU kernels: the fused engine's recurrence (``sequencer/csrc/lstm2d_cpu.cpp``), the fused
+MLP's bias + GELU passes (``sequencer/csrc/mlp_cpu.cpp``) and the pre-norm's backward with the residual's
+gradient (``sequencer/csrc/norm_cpu.cpp``), built together as one extension.
 
 The kernel is built from source with the system's C++ compiler (and ``ninja``, a dependency of this
 package) the first time it is needed -- about 10 s; ``torch.utils.cpp_extension`` caches the build
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 CSRC = Path(__file__).resolve().parent.parent / 'csrc'
-SOURCES = [CSRC / 'lstm2d_cpu.cpp', CSRC / 'mlp_cpu.cpp']   # and the header cpu_math.h
+SOURCES = [CSRC / 'lstm2d_cpu.cpp', CSRC / 'mlp_cpu.cpp', CSRC / 'norm_cpu.cpp']   # and cpu_math.h
 ENV = 'SEQUENCER_CPU_KERNEL'
 BASE_FLAGS = ['-O3', '-fno-trapping-math', '-fno-math-errno']
 

@@ -21,13 +21,16 @@ What the fused path changes, with the same GEMMs:
   residual add over this way): fc2's GEMM accumulates onto ``residual + b2`` with ``addmm_``, so the
   add makes no pass of its own. ``linear_residual`` does the same for any plain ``nn.Linear`` (the
   BiLSTM2D's fusing ``fc``).
+* **Pre-norm.** ``norm_residual(norm, x)`` returns ``(norm(x), x)``; when training, the gradient that
+  reaches x through the LayerNorm and through the residual is summed inside LayerNorm's backward (the
+  compiled ``sequencer/csrc/norm_cpu.cpp``), instead of in a separate pass by autograd.
 
 The kernel's erf is accurate to 1.5e-7 (absolute), so outputs and gradients agree with timm's ``Mlp``
 to float32 rounding (the tests check 1e-5). Double backward through the fused path is not supported
 (``once_differentiable``). ``fused_lstm.cpu_kernel_disabled()`` and ``SEQUENCER_CPU_KERNEL=0`` turn the
 fused path off, like the fused RNN engine's kernel.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from timm.layers import Mlp as _TimmMlp
@@ -142,6 +145,38 @@ class Mlp(_TimmMlp):
         return y if residual is None else residual + y
 
     takes_residual = True   # forward(x, residual) is residual + forward(x)
+
+
+class _NormResidual(torch.autograd.Function):
+    """(LayerNorm(x), x) over the last dimension: the pre-norm of a block and its residual, whose gradients
+    the backward sums in the same pass as LayerNorm's own backward (the compiled kernel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        C = x.shape[-1]
+        out, mean, rstd = torch.native_layer_norm(x, (C,), weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return out, x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, g_res):
+        x, mean, rstd, weight = ctx.saved_tensors
+        dx, dw, db = torch.ops.sequencer_norm.layer_norm_backward_residual(
+            g_out.contiguous(), x, mean, rstd, weight, g_res.contiguous())
+        return dx, dw, db, None
+
+
+def norm_residual(norm: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x), x)``: when training on CPU in float32 with a plain, hook-free ``nn.LayerNorm`` over the
+    last dimension, the gradient reaching x through both is computed in one pass (``_NormResidual``)."""
+    if (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+            and tuple(norm.normalized_shape) == (x.shape[-1],) and torch.is_grad_enabled()
+            and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad)
+            and x.is_contiguous() and _cpu_float32(x, norm.weight, norm.bias) and not _tracing()
+            and _unhooked(norm) and not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available()):
+        return _NormResidual.apply(x, norm.weight, norm.bias, norm.eps)
+    return norm(x), x
 
 
 def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
