@@ -1,10 +1,13 @@
-"""Our model with and without the fused channel MLP, timed alternately step by step in one process.
+"""Our model with and without one CPU fusion, timed alternately step by step in one process.
 
-    python scripts/ab_fused_mlp.py [--model sequencer2d_s] [--batch-size 8] [--threads 2] [--iters 12]
+    python scripts/ab_fused_mlp.py [--fusion mlp|block] [--model sequencer2d_s] [--batch-size 8]
+                                   [--threads 2] [--iters 12]
 
-Prints the median step time of each and the speed-up, for inference (no_grad, eval) and training
-(zero_grad + forward + cross-entropy + backward + SGD step), on CPU in float32. Both copies have the same
-weights; the only difference is ``Mlp.fused``.
+``--fusion mlp`` (the default) switches the fused channel MLP (``Mlp.fused``); ``--fusion block`` switches
+the block-level fusions (``SequencerBlock.fuse_residual``: residual adds inside the branches' last GEMMs,
+the pre-norm backward with the residual's gradient). Prints the median step time of each copy and the
+speed-up, for inference (no_grad, eval) and training (zero_grad + forward + cross-entropy + backward + SGD
+step), on CPU in float32. Both copies have the same weights; the switch is the only difference.
 """
 import argparse
 import statistics
@@ -14,11 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from sequencer import create_model
+from sequencer.layers import SequencerBlock
 from sequencer.layers.fused_mlp import Mlp
+
+SWITCHES = {'mlp': (Mlp, 'fused', 'timm-style MLP', 'fused MLP'),
+            'block': (SequencerBlock, 'fuse_residual', 'plain residuals', 'block fusions')}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--fusion', choices=sorted(SWITCHES), default='mlp', help='what to switch off in one copy')
     p.add_argument('--model', default='sequencer2d_s')
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--img-size', type=int, default=224)
@@ -30,9 +38,10 @@ def main():
     fused = create_model(args.model)
     plain = create_model(args.model)
     plain.load_state_dict(fused.state_dict())
+    cls, attr, off_label, on_label = SWITCHES[args.fusion]
     for m in plain.modules():
-        if isinstance(m, Mlp):
-            m.fused = False
+        if isinstance(m, cls):
+            setattr(m, attr, False)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = torch.randint(0, 1000, (args.batch_size,))
     for mode in ('infer', 'train'):
@@ -42,6 +51,7 @@ def main():
             opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
             copies[name] = (model, opt)
         assert any(m.fusable(x.new_zeros(1, m.fc1.in_features)) for m in fused.modules() if isinstance(m, Mlp))
+        assert all(b._residual_into_branches() for b in fused.modules() if isinstance(b, SequencerBlock))
 
         def step(model, opt):
             if mode == 'infer':
@@ -60,7 +70,7 @@ def main():
                 if i >= 2:
                     times[name].append(time.perf_counter() - t0)
         med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-        print(f"{mode}: timm-style MLP {med['plain']:.1f} ms, fused MLP {med['fused']:.1f} ms, "
+        print(f"{mode}: {off_label} {med['plain']:.1f} ms, {on_label} {med['fused']:.1f} ms, "
               f"speed-up {med['plain'] / med['fused']:.3f}x (median step, {args.iters} steps each)")
 
 
