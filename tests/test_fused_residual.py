@@ -45,26 +45,40 @@ def test_fused_residual_matches_the_plain_sum(mixer):
         torch.testing.assert_close(fused, block(x), atol=1e-5, rtol=1e-5)
 
 
-def test_the_fused_paths_run():
-    """The residual reaches the branches: addmm_ onto x + bias (mixer fc), and the fused MLP's residual input."""
-    block = _block().eval()
-    x = torch.randn(2, 4, 4, 24)
-    seen = {}
-    real_mlp_forward = Mlp.forward
+def test_the_fused_paths_run(monkeypatch):
+    """The residual reaches the branches: the mixer's fc accumulates onto x + bias with addmm_, the MLP gets
+    the residual, and when training the pre-norms' backward is the fused one."""
+    block = _block().train()
+    x = torch.randn(2, 4, 4, 24, requires_grad=True)
+    seen = {'addmm_': 0}
+    real_mlp_forward, real_addmm_ = Mlp.forward, torch.Tensor.addmm_
 
     def spy(self, y, residual=None):
         seen['mlp_residual'] = residual is not None
         return real_mlp_forward(self, y, residual)
 
-    Mlp.forward = spy
-    try:
-        with torch.no_grad():
-            out = block(x)
-    finally:
-        Mlp.forward = real_mlp_forward
-    assert seen['mlp_residual']
-    x1 = x + block.rnn_tokens(block.norm1(x))
-    torch.testing.assert_close(out, x1 + block.mlp_channels(block.norm2(x1)), atol=1e-5, rtol=1e-5)
+    def addmm_spy(self, *args, **kwargs):
+        seen['addmm_'] += 1
+        return real_addmm_(self, *args, **kwargs)
+
+    monkeypatch.setattr(Mlp, 'forward', spy)
+    monkeypatch.setattr(torch.Tensor, 'addmm_', addmm_spy)
+    out = block(x)
+    assert seen['mlp_residual'] and seen['addmm_'] >= 1
+
+    names = []
+
+    def walk(fn):
+        if fn is not None and len(names) < 200:
+            names.append(type(fn).__name__)
+            for f, _ in fn.next_functions:
+                walk(f)
+
+    walk(out.grad_fn)
+    assert '_NormResidualBackward' in names
+    with torch.no_grad():
+        x1 = x + block.rnn_tokens(block.norm1(x))
+        torch.testing.assert_close(out, x1 + block.mlp_channels(block.norm2(x1)), atol=1e-5, rtol=1e-5)
 
 
 def test_linear_residual_paths():
@@ -140,8 +154,12 @@ def test_norm_backward_kernel_matches_layer_norm_backward_plus_residual(rows, wi
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
 
 
-def test_norm_residual_runs_when_training_only():
+def test_norm_residual_runs_when_gradients_are_needed():
+    from sequencer.layers import cpu_kernel
     from sequencer.layers.fused_mlp import norm_residual
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
     torch.manual_seed(0)
     norm = nn.LayerNorm(24, eps=1e-6)
     x = torch.randn(2, 3, 4, 24, requires_grad=True)
@@ -161,24 +179,45 @@ def test_norm_residual_runs_when_training_only():
     handle.remove()
 
 
-@pytest.mark.parametrize('H,W,patch', [(16, 16, 1), (8, 8, 2), (7, 9, 2), (14, 14, 7)])
-def test_downsample_as_gemm_matches_the_convolution(H, W, patch):
-    """Patch sizes 1 (a view) and larger (a gather), sizes that do not divide (the convolution drops the rest)."""
+def test_norm_residual_double_backward():
+    """create_graph (a gradient penalty): the backward is LayerNorm's own, itself differentiable."""
+    from sequencer.layers.fused_mlp import norm_residual
     torch.manual_seed(0)
-    down = Downsample2D(12, 20, patch)
-    x = torch.randn(3, H, W, 12, requires_grad=True)
-    assert down._as_gemm(x)
-    y = down(x)
-    assert type(y.grad_fn).__name__ != 'PermuteBackward0' and y.is_contiguous()
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, down.down.weight, down.down.bias], g)
-    ref = down.down(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
-    for have, want in zip(got, torch.autograd.grad(ref, [x, down.down.weight, down.down.bias], g)):
-        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-5)
-    calls = []
-    handle = down.down.register_forward_hook(lambda m, i, o: calls.append(o.shape))   # e.g. the FLOP counter
-    assert not down._as_gemm(x)
-    torch.testing.assert_close(down(x), ref, atol=1e-5, rtol=1e-5)
-    handle.remove()
-    assert len(calls) == 1
+    norm = nn.LayerNorm(24, eps=1e-6)
+    x = torch.randn(2, 3, 24, requires_grad=True)
+
+    def penalty(fused):
+        y, r = norm_residual(norm, x) if fused else (norm(x), x)
+        gx, = torch.autograd.grad((y.sin() * r).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), [x, norm.weight, norm.bias])
+
+    for have, want in zip(penalty(True), penalty(False)):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('frozen', ['input', 'norms', 'all_but_norms'])
+def test_partly_frozen_blocks_get_the_same_gradients(frozen):
+    """An input without gradient (the first block of a frozen stem), frozen norms, or only norms trainable."""
+    block = _block().train()
+    for name, p in block.named_parameters():
+        is_norm = name.startswith('norm')
+        p.requires_grad_((frozen == 'norms' and not is_norm) or (frozen == 'all_but_norms' and is_norm)
+                         or frozen == 'input')
+    x = torch.randn(2, 4, 5, 24, requires_grad=frozen != 'input')
+    g = torch.randn(2, 4, 5, 24)
+    params = [p for p in block.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
+    got, want = [], []
+    for fuse, out in ((True, got), (False, want)):
+        block.fuse_residual = fuse
+        out.extend(torch.autograd.grad(block(x), params, g))
+    for have, ref in zip(got, want):
+        torch.testing.assert_close(have, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_residual_of_another_shape_is_added_plainly():
+    torch.manual_seed(0)
+    fc = nn.Linear(6, 5)
+    x, r = torch.randn(2, 3, 6), torch.randn(5)                 # broadcast
+    torch.testing.assert_close(linear_residual(fc, x, r), r + fc(x))
+    mlp = Mlp(6, 12, out_features=5)
+    torch.testing.assert_close(mlp(x, residual=r), r + mlp(x))

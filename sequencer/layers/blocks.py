@@ -15,10 +15,10 @@ default_norm = partial(nn.LayerNorm, eps=1e-6)
 class SequencerBlock(nn.Module):
     """x + DropPath(mixer(LN(x))); x + DropPath(MLP(LN(x))). ``mixer`` builds the token mixer from the width.
 
-    Where DropPath does nothing (eval, or a rate of 0), each residual add is handed to the branch's last
+    Where DropPath does nothing (in eval mode, or at a rate of 0), each residual add is handed to the branch's last
     linear layer (``forward(y, residual=x)``), which on CPU in float32 accumulates its GEMM onto
-    ``x + bias`` instead of making a separate pass (``linear_residual``), and when training, the gradients
-    reaching x through the pre-norm and through the residual are summed inside the norm's backward
+    ``x + bias`` instead of making a separate pass (``linear_residual``), and when gradients are needed,
+    those reaching x through the pre-norm and through the residual are summed inside the norm's backward
     (``norm_residual``). This is skipped, and the plain sum computed, when the branch modules carry hooks
     (they must see the branch's own output) or do not declare ``takes_residual``; ``fuse_residual = False``
     turns it off.
@@ -45,10 +45,11 @@ class SequencerBlock(nn.Module):
 
     def _residual_into_branches(self) -> bool:
         dp = self.drop_path
-        return (self.fuse_residual and (isinstance(dp, nn.Identity) or not self.training or dp.drop_prob == 0)
+        inactive = type(dp) is nn.Identity or (type(dp) is DropPath and (not dp.training or dp.drop_prob == 0))
+        return (self.fuse_residual and inactive
                 and getattr(self.rnn_tokens, 'takes_residual', False)
                 and getattr(self.mlp_channels, 'takes_residual', False)
-                and _unhooked(self.rnn_tokens, self.mlp_channels))
+                and _unhooked(self.rnn_tokens, self.mlp_channels, dp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._residual_into_branches():

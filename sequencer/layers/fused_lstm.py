@@ -358,13 +358,13 @@ def _scratch(slot: str, rows: int, cols: int) -> torch.Tensor:
     """
     n = rows * cols
     if n * 4 > WORKSPACE_LIMIT_BYTES or torch.compiler.is_compiling():
-        return torch.empty(rows, cols)   # (a compiled graph manages its own buffers)
+        return torch.empty(rows, cols, dtype=torch.float32, device='cpu')   # (compiled graphs manage buffers)
     bufs = getattr(_workspace, 'bufs', None)
     if bufs is None:
         bufs = _workspace.bufs = {}
     buf = bufs.get(slot)
     if buf is None or buf.numel() < n:
-        buf = bufs[slot] = torch.empty(n)
+        buf = bufs[slot] = torch.empty(n, dtype=torch.float32, device='cpu')
     return buf[:n].view(rows, cols)
 
 
@@ -406,7 +406,8 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         save = any(ctx.needs_input_grad)
         # the bias is added inside the kernel; when training, the kernel turns xp into the gate activations
         # in place, which the backward keeps (a fresh buffer), else xp is scratch
-        xp = torch.empty(BHW, w_ih.shape[0]) if save else _scratch('xp', BHW, w_ih.shape[0])
+        xp = (torch.empty(BHW, w_ih.shape[0], dtype=f32, device=x.device) if save
+              else _scratch('xp', BHW, w_ih.shape[0]))
         if mm_dtype == f32 and x2.dtype == f32:
             torch.mm(x2, w_ih.t(), out=xp)
         else:

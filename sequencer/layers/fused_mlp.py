@@ -21,9 +21,9 @@ What the fused path changes, with the same GEMMs:
   residual add over this way): fc2's GEMM accumulates onto ``residual + b2`` with ``addmm_``, so the
   add makes no pass of its own. ``linear_residual`` does the same for any plain ``nn.Linear`` (the
   BiLSTM2D's fusing ``fc``).
-* **Pre-norm.** ``norm_residual(norm, x)`` returns ``(norm(x), x)``; when training, the gradient that
-  reaches x through the LayerNorm and through the residual is summed inside LayerNorm's backward (the
-  compiled ``sequencer/csrc/norm_cpu.cpp``), instead of in a separate pass by autograd.
+* **Pre-norm.** ``norm_residual(norm, x)`` returns ``(norm(x), x)``; when gradients are needed, the
+  gradient that reaches x through the LayerNorm and through the residual is summed inside LayerNorm's
+  backward (the compiled ``sequencer/csrc/norm_cpu.cpp``), instead of in a separate pass by autograd.
 
 The kernel's erf is accurate to 1.5e-7 (absolute), so outputs and gradients agree with timm's ``Mlp``
 to float32 rounding (the tests check 1e-5). Double backward through the fused path is not supported
@@ -139,7 +139,8 @@ class Mlp(_TimmMlp):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``MLP(x)``, or ``residual + MLP(x)`` when ``residual`` is given (see ``SequencerBlock``)."""
-        if self.fusable(x) and (residual is None or _cpu_float32(residual)):
+        if self.fusable(x) and (residual is None or (_cpu_float32(residual)
+                                                     and residual.shape == (*x.shape[:-1], self.fc2.out_features))):
             return fused_mlp(self, x, residual)
         y = super().forward(x)
         return y if residual is None else residual + y
@@ -155,21 +156,25 @@ class _NormResidual(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         C = x.shape[-1]
         out, mean, rstd = torch.native_layer_norm(x, (C,), weight, bias, eps)
-        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
         return out, x.view_as(x)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g_out, g_res):
-        x, mean, rstd, weight = ctx.saved_tensors
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph (double backward): LayerNorm's own, differentiable backward
+            dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+                g_out, x, (x.shape[-1],), mean, rstd, weight, bias, list(ctx.needs_input_grad[:3]))
+            return (None if dx is None else dx + g_res), dw, db, None
         dx, dw, db = torch.ops.sequencer_norm.layer_norm_backward_residual(
             g_out.contiguous(), x, mean, rstd, weight, g_res.contiguous())
         return dx, dw, db, None
 
 
 def norm_residual(norm: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(norm(x), x)``: when training on CPU in float32 with a plain, hook-free ``nn.LayerNorm`` over the
-    last dimension, the gradient reaching x through both is computed in one pass (``_NormResidual``)."""
+    """``(norm(x), x)``: when gradients are needed, on CPU in float32 with a plain, hook-free
+    ``nn.LayerNorm`` over the last dimension, the gradient reaching x through both is computed in one pass
+    (``_NormResidual``; a double backward uses LayerNorm's own backward)."""
     if (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
             and tuple(norm.normalized_shape) == (x.shape[-1],) and torch.is_grad_enabled()
             and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad)
@@ -188,7 +193,7 @@ def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Ten
     if residual is None:
         return fc(x)
     if (type(fc) is nn.Linear and fc.bias is not None and _cpu_float32(x, residual, fc.weight, fc.bias)
-            and not _tracing() and _unhooked(fc)):
+            and residual.shape == (*x.shape[:-1], fc.out_features) and not _tracing() and _unhooked(fc)):
         out = torch.add(residual.reshape(-1, fc.out_features), fc.bias)
         return out.addmm_(x.reshape(-1, fc.in_features), fc.weight.t()).view(residual.shape)
     return residual + fc(x)
