@@ -1,9 +1,10 @@
 """Our model with and without one CPU fusion, timed alternately step by step in one process.
 
-    python scripts/ab_fused_mlp.py [--fusion mlp|block] [--model sequencer2d_s] [--batch-size 8]
+    python scripts/ab_fused_mlp.py [--fusion mlp|block] [--one-copy] [--model sequencer2d_s] [--batch-size 8]
                                    [--threads 2] [--iters 12]
 
-``--fusion mlp`` (the default) switches the fused channel MLP (``Mlp.fused``); ``--fusion block`` switches
+``--one-copy`` flips the switch on one model between steps instead of keeping two copies. ``--fusion mlp``
+(the default) switches the fused channel MLP (``Mlp.fused``); ``--fusion block`` switches
 the block-level fusions (``SequencerBlock.fuse_residual``: residual adds inside the branches' last GEMMs,
 the pre-norm backward with the residual's gradient). Prints the median step time of each copy and the
 speed-up, for inference (no_grad, eval) and training (zero_grad + forward + cross-entropy + backward + SGD
@@ -32,16 +33,22 @@ def main():
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--iters', type=int, default=12, help='measured steps per copy and mode (default 12)')
+    p.add_argument('--one-copy', action='store_true',
+                   help='one model, the switch flipped between steps (no second copy in memory)')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     fused = create_model(args.model)
-    plain = create_model(args.model)
+    plain = fused if args.one_copy else create_model(args.model)
     plain.load_state_dict(fused.state_dict())
     cls, attr, off_label, on_label = SWITCHES[args.fusion]
-    for m in plain.modules():
-        if isinstance(m, cls):
-            setattr(m, attr, False)
+
+    def switch(model, on):
+        for m in model.modules():
+            if isinstance(m, cls):
+                setattr(m, attr, on)
+
+    switch(plain, False)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     y = torch.randint(0, 1000, (args.batch_size,))
     for mode in ('infer', 'train'):
@@ -50,6 +57,7 @@ def main():
             model.train(mode == 'train')
             opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
             copies[name] = (model, opt)
+        switch(fused, True)
         assert any(m.fusable(x.new_zeros(1, m.fc1.in_features)) for m in fused.modules() if isinstance(m, Mlp))
         assert all(b._residual_into_branches() for b in fused.modules() if isinstance(b, SequencerBlock))
 
@@ -63,8 +71,10 @@ def main():
                 opt.step()
 
         times = {name: [] for name in copies}
-        for i in range(args.iters + 2):          # two warm-up steps each
-            for name, (model, opt) in copies.items():
+        for i in range(args.iters + 2):          # two warm-up steps each; the order swaps every iteration
+            for name, (model, opt) in (list(copies.items()) if i % 2 == 0 else list(copies.items())[::-1]):
+                if args.one_copy:
+                    switch(model, name == 'fused')
                 t0 = time.perf_counter()
                 step(model, opt)
                 if i >= 2:
