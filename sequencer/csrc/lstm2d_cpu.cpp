@@ -72,6 +72,27 @@ struct Grid {
   }
 };
 
+// One cell's backward: the gate gradients dg (4h: i, f, g, o) from dh, tanh(c) (tc), the activations act
+// (4h) and c_{t-1}; dc (the cell-state gradient from step t + 1, zero at the last step) becomes dc_{t-1}.
+// Separate pointers and no conditional loads, so that the loop vectorises.
+SEQUENCER_INLINE void cell_backward(int64_t h, const float* __restrict__ dh, const float* __restrict__ tc,
+                                    const float* __restrict__ act, const float* __restrict__ c_prev,
+                                    float* __restrict__ dc, float* __restrict__ dg) {
+  const float* ig = act;
+  const float* fg = act + h;
+  const float* gg = act + 2 * h;
+  const float* og = act + 3 * h;
+  for (int64_t j = 0; j < h; ++j) {
+    const float dcj = dh[j] * og[j] * (1.0f - tc[j] * tc[j]) + dc[j];
+    const float i = ig[j], f = fg[j], gv = gg[j], o = og[j];
+    dg[j] = dcj * gv * i * (1.0f - i);
+    dg[h + j] = dcj * c_prev[j] * f * (1.0f - f);
+    dg[2 * h + j] = dcj * i * (1.0f - gv * gv);
+    dg[3 * h + j] = dh[j] * tc[j] * o * (1.0f - o);
+    dc[j] = dcj * f;
+  }
+}
+
 // Prefetch `count` floats from p (the rows read at token positions are far apart in memory: the hardware
 // prefetcher does not follow them).
 inline void prefetch_floats(const float* p, int64_t count, bool write) {
@@ -238,7 +259,7 @@ void lstm2d_backward(const at::Tensor& gy, at::Tensor gates, const at::Tensor& c
   for (int64_t t = T - 1; t >= 0; --t) {
     if (t < T - 1) recurrent_mm(g, t, true, dgs, whh, dhr);
     at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      std::vector<float> dh(h), tc(h);
+      std::vector<float> dh(h), tc(h), zero(h, 0.0f);
       for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
         const int64_t begin = chunk * D * N / chunks, end = (chunk + 1) * D * N / chunks;
         float* acc = want_db ? partp + chunk * D * G : nullptr;
@@ -271,20 +292,11 @@ void lstm2d_backward(const at::Tensor& gy, at::Tensor gates, const at::Tensor& c
           const float* gg = act + 2 * h;
           const float* og = act + 3 * h;
           const float* c = cp + ((t * D + d) * N + n) * h;
-          const float* c_prev = t > 0 ? cp + (((t - 1) * D + d) * N + n) * h : nullptr;
-          float* dc = dcsp + row * h;
+          const float* c_prev = t > 0 ? cp + (((t - 1) * D + d) * N + n) * h : zero.data();   // c_{-1} = 0
+          float* dc = dcsp + row * h;   // zero before a direction's last step (dcs starts as zeros)
           float* dgt = dgsp + row * G;
           for (int64_t j = 0; j < h; ++j) tc[j] = tanh_f(c[j]);
-          for (int64_t j = 0; j < h; ++j) {
-            float dcj = dh[j] * og[j] * (1.0f - tc[j] * tc[j]) + (last ? 0.0f : dc[j]);
-            float i = ig[j], f = fg[j], gv = gg[j], o = og[j];
-            float cprev = c_prev != nullptr ? c_prev[j] : 0.0f;
-            dgt[j] = dcj * gv * i * (1.0f - i);
-            dgt[h + j] = dcj * cprev * f * (1.0f - f);
-            dgt[2 * h + j] = dcj * i * (1.0f - gv * gv);
-            dgt[3 * h + j] = dh[j] * tc[j] * o * (1.0f - o);
-            dc[j] = dcj * f;
-          }
+          cell_backward(h, dh.data(), tc.data(), act, c_prev, dc, dgt);
           std::memcpy(dxpp + tok * xs + d * G, dgt, sizeof(float) * G);
           if (want_db) {
             float* a = acc + d * G;
