@@ -287,10 +287,6 @@ void lstm2d_backward(const at::Tensor& gy, at::Tensor gates, const at::Tensor& c
             for (int64_t j = 0; j < h; ++j) dh[j] = gyr[j] + r[j];
           }
           const float* act = dxpp + tok * xs + d * G;   // overwritten by the memcpy below, after the loop
-          const float* ig = act;
-          const float* fg = act + h;
-          const float* gg = act + 2 * h;
-          const float* og = act + 3 * h;
           const float* c = cp + ((t * D + d) * N + n) * h;
           const float* c_prev = t > 0 ? cp + (((t - 1) * D + d) * N + n) * h : zero.data();   // c_{-1} = 0
           float* dc = dcsp + row * h;   // zero before a direction's last step (dcs starts as zeros)
