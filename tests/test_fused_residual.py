@@ -1,12 +1,15 @@
 """Block-level fusions: residual adds handed to the branches' last linear layers (``SequencerBlock.fuse_residual``),
-the pre-norm backward with the residual gradient, and the downsampling convolution as a GEMM."""
+the pre-norm backward with the residual gradient, and the strided convolutions (downsampling, stem) as GEMMs."""
 from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sequencer.layers import RNN1D, RNN2D, Downsample2D, SequencerBlock
+from sequencer.layers.blocks import conv_as_gemm, patch_linear
+from sequencer.models import Sequencer2D
 from sequencer.layers.fused_mlp import Mlp, linear_residual
 
 
@@ -221,3 +224,68 @@ def test_a_residual_of_another_shape_is_added_plainly():
     torch.testing.assert_close(linear_residual(fc, x, r), r + fc(x))
     mlp = Mlp(6, 12, out_features=5)
     torch.testing.assert_close(mlp(x, residual=r), r + mlp(x))
+
+
+def _conv_reference(conv, x, channels_first):
+    """The convolution itself, NHWC out."""
+    inp = x if channels_first else x.permute(0, 3, 1, 2)
+    return F.conv2d(inp, conv.weight, conv.bias, stride=conv.stride).permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize('patch, size, channels_first', [(2, (9, 8), False), (1, (5, 3), False),
+                                                         (7, (23, 30), True), (4, (16, 13), True)])
+def test_strided_convolution_as_one_gemm(patch, size, channels_first, monkeypatch):
+    """``patch_linear`` (downsampling between stages, NHWC in; the stem, NCHW in) gives the convolution's output
+    and gradients, dropping the rows and columns past the last whole patch as the convolution does, and the
+    convolution itself is not called."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, kernel_size=patch, stride=patch)
+    shape = (2, 6, *size) if channels_first else (2, *size, 6)
+    x = torch.randn(*shape, requires_grad=True)
+    assert conv_as_gemm(conv, x)
+    calls = []
+    monkeypatch.setattr(nn.Conv2d, 'forward', lambda self, inp: calls.append(1) or F.conv2d(inp, self.weight))
+    y = patch_linear(x, conv, channels_first=channels_first)
+    assert not calls and y.is_contiguous()
+    ref = _conv_reference(conv, x, channels_first)
+    assert y.shape == ref.shape
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, (x, conv.weight, conv.bias), g)
+    ref_grads = torch.autograd.grad(ref, (x, conv.weight, conv.bias), g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_hooked_or_padded_convolutions_are_not_replaced():
+    conv = nn.Conv2d(4, 8, kernel_size=2, stride=2)
+    x = torch.randn(1, 6, 6, 4)
+    assert conv_as_gemm(conv, x)
+    assert not conv_as_gemm(nn.Conv2d(4, 8, kernel_size=3, stride=2), x)
+    assert not conv_as_gemm(nn.Conv2d(4, 8, kernel_size=2, stride=2, padding=1), x)
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert not conv_as_gemm(conv, x)
+    down = Downsample2D(4, 8, 2)
+    down.down = conv
+    assert down(x).shape == (1, 3, 3, 8) and seen == [(1, 8, 3, 3)]   # the hook saw the convolution run
+
+
+def test_the_stem_runs_as_a_gemm_and_matches_patch_embed():
+    """Sequencer2D's stem: the GEMM path (NHWC straight out) against timm's PatchEmbed (the convolution, then a
+    copy to NHWC), output and gradients; a hook on the stem gets PatchEmbed itself."""
+    torch.manual_seed(0)
+    m = Sequencer2D(layers=(1, 1), patch_sizes=(7, 2), embed_dims=(16, 32), hidden_sizes=(4, 8), mlp_ratios=(3, 3),
+                    num_classes=5)
+    x = torch.randn(2, 3, 30, 23)
+    y = m._stem(x)
+    ref = m.stem(x).contiguous()
+    assert y.is_contiguous() and y.shape == ref.shape == (2, 4, 3, 16)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    w = m.stem.proj.weight
+    torch.testing.assert_close(torch.autograd.grad(y, w, g)[0], torch.autograd.grad(ref, w, g)[0], rtol=1e-5, atol=1e-5)
+    seen = []
+    m.stem.register_forward_hook(lambda mod, i, o: seen.append(1))
+    torch.testing.assert_close(m._stem(x), ref, rtol=1e-5, atol=1e-5)
+    assert seen == [1]

@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import ENGINES, RNN1D, RNN2D, Downsample2D, SequencerBlock, Shuffle, default_norm
+from ..layers.blocks import conv_as_gemm, patch_linear
+from ..layers.fused_mlp import _unhooked
 
 __all__ = ['Sequencer2D', 'VanillaSequencer']
 
@@ -167,10 +169,22 @@ class _Sequencer(nn.Module):
             nn.init.zeros_(self.head.fc.weight)
             nn.init.zeros_(self.head.fc.bias)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch embedding, NCHW in, contiguous NHWC out.
+
+        On CPU the stem's convolution (kernel = stride) runs as one GEMM over the gathered patches, which
+        writes NHWC directly (``patch_linear``); otherwise the convolution writes NCHW and one copy here
+        keeps every later layer on contiguous NHWC tensors (else each LayerNorm and Linear of the stage
+        copies its input). A hooked or replaced stem, and traced graphs, get timm's ``PatchEmbed`` itself.
+        """
+        stem = self.stem
+        if (type(stem) is PatchEmbed and stem.img_size is None and not stem.dynamic_img_pad
+                and not stem.flatten and conv_as_gemm(stem.proj, x) and _unhooked(stem)):
+            return stem.norm(patch_linear(x, stem.proj, channels_first=True))
+        return stem(x).contiguous()
+
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        # the stem's convolution writes NCHW: one copy here keeps every later layer on contiguous NHWC
-        # tensors (otherwise each LayerNorm and Linear of the stage copies its input)
-        return self.stem(x).contiguous()
+        return self._stem(x)
 
     def forward_intermediates(
             self,
@@ -268,7 +282,7 @@ class VanillaSequencer(_Sequencer):
             self.absolute_pos_embed = None
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x).contiguous()
+        x = self._stem(x)
         if self.absolute_pos_embed is not None:
             x = x + resample_pos_embed(self.absolute_pos_embed, x.shape[1:3])
         if self.shuffle_patches is not None:
