@@ -49,16 +49,18 @@ def test_fused_residual_matches_the_plain_sum(mixer):
 
 
 def test_the_fused_paths_run(monkeypatch):
-    """The residual reaches the branches: the mixer's fc accumulates onto x + bias with addmm_, the MLP gets
-    the residual, and when training the pre-norms' backward is the fused one."""
+    """The residual reaches the branches: the pre-norms write x + bias of the branch's last linear layer, the
+    mixer's fc and the MLP's fc2 accumulate onto it in place with addmm_, and when training the pre-norms'
+    backward is the fused one (which also gives the biases' gradients: no separate add or sum)."""
     block = _block().train()
     x = torch.randn(2, 4, 4, 24, requires_grad=True)
     seen = {'addmm_': 0}
     real_mlp_forward, real_addmm_ = Mlp.forward, torch.Tensor.addmm_
 
-    def spy(self, y, residual=None):
+    def spy(self, y, residual=None, **kwargs):
         seen['mlp_residual'] = residual is not None
-        return real_mlp_forward(self, y, residual)
+        seen['mlp_bias_in_residual'] = kwargs.get('bias_in_residual', False)
+        return real_mlp_forward(self, y, residual, **kwargs)
 
     def addmm_spy(self, *args, **kwargs):
         seen['addmm_'] += 1
@@ -67,7 +69,7 @@ def test_the_fused_paths_run(monkeypatch):
     monkeypatch.setattr(Mlp, 'forward', spy)
     monkeypatch.setattr(torch.Tensor, 'addmm_', addmm_spy)
     out = block(x)
-    assert seen['mlp_residual'] and seen['addmm_'] >= 1
+    assert seen['mlp_residual'] and seen['mlp_bias_in_residual'] and seen['addmm_'] >= 2
 
     names = []
 
@@ -78,7 +80,8 @@ def test_the_fused_paths_run(monkeypatch):
                 walk(f)
 
     walk(out.grad_fn)
-    assert '_NormResidualBackward' in names
+    assert {'_NormResidualBackward', '_AddmmIntoBackward', '_FusedMlpBackward'} <= set(names)
+    assert 'AddBackward0' not in names and 'SumBackward1' not in names
     with torch.no_grad():
         x1 = x + block.rnn_tokens(block.norm1(x))
         torch.testing.assert_close(out, x1 + block.mlp_channels(block.norm2(x1)), atol=1e-5, rtol=1e-5)
@@ -153,8 +156,95 @@ def test_norm_backward_kernel_matches_layer_norm_backward_plus_residual(rows, wi
     _, mean, rstd = torch.native_layer_norm(x, (width,), w, b, 1e-6)
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(g, x, (width,), mean, rstd, w, b, [True, True, True])
     got = torch.ops.sequencer_norm.layer_norm_backward_residual(g, x, mean, rstd, w, g_res)
-    for want, have in zip((dx + g_res, dw, db), got):
+    for want, have in zip((dx + g_res, dw, db), got[:3]):
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+    assert got[3].numel() == 0
+    got = torch.ops.sequencer_norm.layer_norm_backward_residual(g, x, mean, rstd, w, g_res, True)
+    for want, have in zip((dx + g_res, dw, db, g_res.sum(0)), got):
+        torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(37, 40), (2, 8, 384), (5, 7), (3, 4, 5, 20)])
+def test_norm_forward_kernel_matches_layer_norm_and_adds_the_bias(shape):
+    """LN(x) and x + r_bias in one pass: the same output, mean and rstd as native_layer_norm."""
+    from sequencer.layers import cpu_kernel
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    torch.manual_seed(0)
+    width = shape[-1]
+    x = torch.randn(*shape) * 3 + 1.5
+    w, b, rb = torch.randn(width), torch.randn(width), torch.randn(width)
+    want = torch.native_layer_norm(x, (width,), w, b, 1e-6)
+    y, mean, rstd, r = torch.ops.sequencer_norm.layer_norm_residual_bias(x, w, b, 1e-6, rb)
+    for have, ref in zip((y, mean, rstd), want):
+        assert have.shape == ref.shape
+        torch.testing.assert_close(have, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, x + rb, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('grad', [True, False])
+def test_norm_residual_with_the_branch_bias(grad):
+    """norm_residual(norm, x, bias) = (norm(x), x + bias), a fresh tensor, with the gradients of x, the norm's
+    parameters and the bias; without gradients the kernel's forward alone; a hooked norm runs itself."""
+    from sequencer.layers import cpu_kernel
+    from sequencer.layers.fused_mlp import norm_residual
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(20, eps=1e-6)
+    nn.init.normal_(norm.weight)
+    bias = nn.Parameter(torch.randn(20))
+    x = torch.randn(2, 3, 4, 20, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y, r = norm_residual(norm, x, bias)
+        want_y, want_r = norm(x), x + bias
+    assert r is not x
+    torch.testing.assert_close(y, want_y, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r, want_r)
+    if grad:
+        assert type(y.grad_fn).__name__ == '_NormResidualBackward'
+        g, g_res = torch.randn_like(y), torch.randn_like(y)
+        params = [x, norm.weight, norm.bias, bias]
+        have = torch.autograd.grad([y, r], params, [g, g_res])
+        want = torch.autograd.grad([want_y, want_r], params, [g, g_res])
+        for a, b in zip(have, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    handle = norm.register_forward_hook(lambda m, i, o: None)
+    with torch.set_grad_enabled(grad):
+        y, r = norm_residual(norm, x, bias)
+    torch.testing.assert_close(r, want_r)
+    assert y.grad_fn is None or type(y.grad_fn).__name__ == 'NativeLayerNormBackward0'
+    handle.remove()
+
+
+def test_branches_accumulate_onto_a_residual_holding_their_bias():
+    """forward(y, residual=x + bias, bias_in_residual=True) = x + branch(y), accumulated in place, with the
+    same gradients; refused where the branch would not take its fused path."""
+    from sequencer.layers.fused_mlp import Mlp as FusedMlp
+    torch.manual_seed(0)
+    mixer, mlp = RNN2D(24, 12), FusedMlp(24, 72)
+    x = torch.randn(2, 3, 4, 24, requires_grad=True)
+    y = torch.randn(2, 3, 4, 24, requires_grad=True)
+    for branch in (mixer, mlp):
+        bias = branch.residual_bias(y)
+        assert bias is not None
+        r = x + bias
+        out = branch(y, residual=r, bias_in_residual=True)
+        assert out.data_ptr() == r.data_ptr()                 # in place
+        want = x + branch(y)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        params = [x, y] + list(branch.parameters())
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(want, params, g)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    handle = mlp.fc2.register_forward_hook(lambda m, i, o: None)
+    assert mlp.residual_bias(y) is None
+    with pytest.raises(ValueError, match='bias_in_residual'):
+        mlp(y, residual=x.detach() + 1, bias_in_residual=True)
+    handle.remove()
+    assert RNN2D(24, 12, with_fc=False, union='add').residual_bias(y) is None
 
 
 def test_norm_residual_runs_when_gradients_are_needed():
@@ -173,7 +263,7 @@ def test_norm_residual_runs_when_gradients_are_needed():
     wx, ww, wb = torch.autograd.grad([norm(x), x], [x, norm.weight, norm.bias], [g, g_res])
     for have, want in ((gx, wx), (gw, ww), (gb, wb)):
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
-    with torch.no_grad():                                     # nothing to fuse without gradients
+    with torch.no_grad():                                     # no bias, no gradients: nothing to fuse
         y, r = norm_residual(norm, x)
         assert r is x
     handle = norm.register_forward_hook(lambda m, i, o: None)

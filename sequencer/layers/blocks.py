@@ -17,8 +17,9 @@ class SequencerBlock(nn.Module):
 
     Where DropPath does nothing (in eval mode, or at a rate of 0), each residual add is handed to the branch's last
     linear layer (``forward(y, residual=x)``), which on CPU in float32 accumulates its GEMM onto
-    ``x + bias`` instead of making a separate pass (``linear_residual``), and when gradients are needed,
-    those reaching x through the pre-norm and through the residual are summed inside the norm's backward
+    ``x + bias`` instead of making a separate pass (``linear_residual``); ``x + bias`` is written by the
+    pre-norm's kernel in the same pass over x, and when gradients are needed, those reaching x through the
+    pre-norm and through the residual, and the bias's, are summed inside the norm's backward
     (``norm_residual``). This is skipped, and the plain sum computed, when the branch modules carry hooks
     (they must see the branch's own output) or do not declare ``takes_residual``; ``fuse_residual = False``
     turns it off.
@@ -53,10 +54,8 @@ class SequencerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._residual_into_branches():
-            y, x = norm_residual(self.norm1, x)
-            x = self.rnn_tokens(y, residual=x)
-            y, x = norm_residual(self.norm2, x)
-            return self.mlp_channels(y, residual=x)
+            x = _residual_branch(self.norm1, self.rnn_tokens, x)
+            return _residual_branch(self.norm2, self.mlp_channels, x)
         x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
         x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
         return x
@@ -88,6 +87,18 @@ def patch_linear(x: torch.Tensor, conv: nn.Conv2d, channels_first: bool = False)
         patches = x[:, :Ho * ph, :Wo * pw].reshape(B, Ho, ph, Wo, pw, C).transpose(2, 3)
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, ph * pw * C)   # (kh, kw, c)
     return F.linear(patches.reshape(B, Ho, Wo, ph * pw * C), weight, conv.bias)
+
+
+def _residual_branch(norm: nn.Module, branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x + branch(norm(x)) with the residual handed to the branch. Where the branch can accumulate onto a
+    residual that already holds its last linear layer's bias (``branch.residual_bias``), the norm writes
+    x + bias in its own pass over x (``norm_residual``) and the branch's GEMM adds onto that in place."""
+    get_bias = getattr(branch, 'residual_bias', None)
+    bias = get_bias(x) if get_bias is not None else None
+    y, r = norm_residual(norm, x, bias)
+    if bias is None:
+        return branch(y, residual=r)
+    return branch(y, residual=r, bias_in_residual=True)
 
 
 class Downsample2D(nn.Module):

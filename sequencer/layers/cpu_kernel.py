@@ -149,8 +149,14 @@ def _register_fake_ops() -> None:
         return None
 
     @torch.library.register_fake('sequencer_norm::layer_norm_backward_residual')
-    def _norm_backward(g, x, mean, rstd, weight, g_res):
-        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    def _norm_backward(g, x, mean, rstd, weight, g_res, res_sum=False):
+        return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight),
+                torch.empty_like(weight) if res_sum else weight.new_empty(0))
+
+    @torch.library.register_fake('sequencer_norm::layer_norm_residual_bias')
+    def _norm_residual_bias(x, weight, bias, eps, r_bias):
+        stats = x.new_empty((*x.shape[:-1], 1))
+        return torch.empty_like(x), stats, torch.empty_like(stats), torch.empty_like(x)
 
 
 def available() -> bool:

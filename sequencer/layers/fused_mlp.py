@@ -52,13 +52,17 @@ class _FusedMlp(torch.autograd.Function):
         grad = any(ctx.needs_input_grad)
         deriv = torch.empty_like(a) if grad else a.new_empty(0)
         torch.ops.sequencer_mlp.bias_gelu_(a, b1, deriv)  # ... a = GELU(a + b1) in place, deriv = GELU'
-        if residual is None:
-            y = torch.addmm(b2, a, w2.t())
-        else:                                          # the GEMM accumulates onto residual + b2
-            y = torch.add(residual.reshape(-1, w2.shape[0]), b2).addmm_(a, w2.t())
         if grad:
             ctx.save_for_backward(x2, w1, w2, a, deriv)
             ctx.x_shape = x.shape
+        if residual is None:
+            y = torch.addmm(b2, a, w2.t())
+        elif b2 is None:                               # residual already holds b2: accumulate in place
+            residual.view(-1, w2.shape[0]).addmm_(a, w2.t())
+            ctx.mark_dirty(residual)
+            return residual
+        else:                                          # the GEMM accumulates onto residual + b2
+            y = torch.add(residual.reshape(-1, w2.shape[0]), b2).addmm_(a, w2.t())
         return y.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
@@ -77,9 +81,12 @@ class _FusedMlp(torch.autograd.Function):
         return dx, dw1, db1 if need_b1 else None, dw2, db2, dres
 
 
-def fused_mlp(module: '_TimmMlp', x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``module(x)``, or ``residual + module(x)``, through the fused path (see ``Mlp.fusable``)."""
-    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual)
+def fused_mlp(module: '_TimmMlp', x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+              bias_in_residual: bool = False) -> torch.Tensor:
+    """``module(x)``, or ``residual + module(x)``, through the fused path (see ``Mlp.fusable``). With
+    ``bias_in_residual``, ``residual`` already holds fc2's bias and is accumulated onto in place."""
+    b2 = None if bias_in_residual else module.fc2.bias
+    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, b2, residual)
 
 
 def _exporting() -> bool:
@@ -137,10 +144,26 @@ class Mlp(_TimmMlp):
             return False
         return not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available()
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``MLP(x)``, or ``residual + MLP(x)`` when ``residual`` is given (see ``SequencerBlock``)."""
-        if self.fusable(x) and (residual is None or (_cpu_float32(residual)
-                                                     and residual.shape == (*x.shape[:-1], self.fc2.out_features))):
+    def residual_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """fc2's bias where the fused path would run on x: a residual that already holds it is then accumulated
+        onto in place (``forward(x, residual, bias_in_residual=True)``); else None."""
+        return self.fc2.bias if self.fusable(x) else None
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                bias_in_residual: bool = False) -> torch.Tensor:
+        """``MLP(x)``, or ``residual + MLP(x)`` when ``residual`` is given (see ``SequencerBlock``).
+
+        ``bias_in_residual=True`` (only where ``residual_bias(x)`` is not None): ``residual`` already holds
+        fc2's bias, and the result is accumulated onto it in place (the caller's fresh tensor).
+        """
+        res_ok = residual is None or (_cpu_float32(residual)
+                                      and residual.shape == (*x.shape[:-1], self.fc2.out_features))
+        if bias_in_residual:
+            if residual is None or not (self.fusable(x) and res_ok and residual.is_contiguous()):
+                raise ValueError('Mlp: bias_in_residual needs a float32 CPU residual of the output shape and '
+                                 'the fused path (see residual_bias)')
+            return fused_mlp(self, x, residual, bias_in_residual=True)
+        if self.fusable(x) and res_ok:
             return fused_mlp(self, x, residual)
         y = super().forward(x)
         return y if residual is None else residual + y
@@ -149,47 +172,107 @@ class Mlp(_TimmMlp):
 
 
 class _NormResidual(torch.autograd.Function):
-    """(LayerNorm(x), x) over the last dimension: the pre-norm of a block and its residual, whose gradients
-    the backward sums in the same pass as LayerNorm's own backward (the compiled kernel)."""
+    """(LayerNorm(x), x [+ r_bias]) over the last dimension: the pre-norm of a block and its residual, whose
+    gradients the backward sums in the same pass as LayerNorm's own backward (the compiled kernel). With
+    ``r_bias`` (the bias of the branch's last linear layer), the forward is one kernel pass too, and the
+    backward sums r_bias's gradient while it reads the residual's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, r_bias):
         C = x.shape[-1]
-        out, mean, rstd = torch.native_layer_norm(x, (C,), weight, bias, eps)
+        if r_bias is None:
+            out, mean, rstd = torch.native_layer_norm(x, (C,), weight, bias, eps)
+            res = x.view_as(x)
+        else:
+            out, mean, rstd, res = torch.ops.sequencer_norm.layer_norm_residual_bias(x, weight, bias, eps, r_bias)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
-        return out, x.view_as(x)
+        return out, res
 
     @staticmethod
     def backward(ctx, g_out, g_res):
         x, mean, rstd, weight, bias = ctx.saved_tensors
+        want_rb = ctx.needs_input_grad[4]
         if torch.is_grad_enabled():   # create_graph (double backward): LayerNorm's own, differentiable backward
             dx, dw, db = torch.ops.aten.native_layer_norm_backward(
                 g_out, x, (x.shape[-1],), mean, rstd, weight, bias, list(ctx.needs_input_grad[:3]))
-            return (None if dx is None else dx + g_res), dw, db, None
-        dx, dw, db = torch.ops.sequencer_norm.layer_norm_backward_residual(
-            g_out.contiguous(), x, mean, rstd, weight, g_res.contiguous())
-        return dx, dw, db, None
+            drb = g_res.reshape(-1, x.shape[-1]).sum(0) if want_rb else None
+            return (None if dx is None else dx + g_res), dw, db, None, drb
+        dx, dw, db, drb = torch.ops.sequencer_norm.layer_norm_backward_residual(
+            g_out.contiguous(), x, mean, rstd, weight, g_res.contiguous(), want_rb)
+        return dx, dw, db, None, (drb if want_rb else None)
 
 
-def norm_residual(norm: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(norm(x), x)``: when gradients are needed, on CPU in float32 with a plain, hook-free
-    ``nn.LayerNorm`` over the last dimension, the gradient reaching x through both is computed in one pass
-    (``_NormResidual``; a double backward uses LayerNorm's own backward)."""
-    if (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
-            and tuple(norm.normalized_shape) == (x.shape[-1],) and torch.is_grad_enabled()
-            and (x.requires_grad or norm.weight.requires_grad or norm.bias.requires_grad)
-            and x.is_contiguous() and _cpu_float32(x, norm.weight, norm.bias) and not _tracing()
-            and _unhooked(norm) and not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available()):
-        return _NormResidual.apply(x, norm.weight, norm.bias, norm.eps)
-    return norm(x), x
+def norm_residual(norm: nn.Module, x: torch.Tensor,
+                  r_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(x), x)``, or ``(norm(x), x + r_bias)``: a block's pre-norm and its residual.
+
+    On CPU in float32 with a plain, hook-free ``nn.LayerNorm`` over the last dimension, the compiled kernel
+    writes ``x + r_bias`` in the same pass as the norm, and when gradients are needed, the gradient reaching
+    x through both (and r_bias's) is computed in one pass (``_NormResidual``; a double backward uses
+    LayerNorm's own backward). ``x + r_bias`` is always a fresh tensor, which the branch may accumulate onto
+    in place.
+    """
+    C = x.shape[-1]
+    fusable = (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+               and tuple(norm.normalized_shape) == (C,) and x.is_contiguous()
+               and _cpu_float32(x, norm.weight, norm.bias) and not _tracing() and _unhooked(norm)
+               and (r_bias is None or (_cpu_float32(r_bias) and r_bias.shape == (C,)))
+               and not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available())
+    if fusable:
+        params = (norm.weight, norm.bias) if r_bias is None else (norm.weight, norm.bias, r_bias)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _NormResidual.apply(x, norm.weight, norm.bias, norm.eps, r_bias)
+        if r_bias is not None:
+            out, _, _, res = torch.ops.sequencer_norm.layer_norm_residual_bias(
+                x, norm.weight, norm.bias, norm.eps, r_bias)
+            return out, res
+    return norm(x), (x if r_bias is None else x + r_bias)
 
 
-def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+class _AddmmInto(torch.autograd.Function):
+    """``residual += x @ weight.T`` in place on a fresh 2-D-reshapable residual: a linear layer whose bias the
+    residual already holds (see ``linear_residual``)."""
+
+    @staticmethod
+    def forward(ctx, residual, x, weight):
+        x2 = x.reshape(-1, x.shape[-1])
+        residual.view(-1, weight.shape[0]).addmm_(x2, weight.t())
+        ctx.mark_dirty(residual)
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape = x.shape
+        return residual
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight = ctx.saved_tensors
+        g2 = g.reshape(-1, weight.shape[0])
+        dx = torch.mm(g2, weight).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        dw = torch.mm(g2.t(), x2) if ctx.needs_input_grad[2] else None
+        return g, dx, dw
+
+
+def linear_into_ok(fc: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``linear_residual(fc, x, residual, bias_in_residual=True)`` may run: a plain, hook-free
+    ``nn.Linear`` with a bias, CPU float32, not traced."""
+    return (type(fc) is nn.Linear and fc.bias is not None and _cpu_float32(x, fc.weight, fc.bias)
+            and not _tracing() and _unhooked(fc))
+
+
+def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
+                    bias_in_residual: bool = False) -> torch.Tensor:
     """``fc(x)``, or ``residual + fc(x)`` when ``residual`` is given.
 
     On CPU in float32 (no autocast, no tracing) with a plain, hook-free ``nn.Linear``, the sum is one
     ``addmm_`` accumulating onto ``residual + bias``: the residual add no longer makes a pass of its own.
+    With ``bias_in_residual`` (where ``linear_into_ok``), ``residual`` already holds fc's bias (see
+    ``norm_residual``) and is accumulated onto in place.
     """
+    if bias_in_residual:
+        if (residual is None or not linear_into_ok(fc, x) or not residual.is_contiguous()
+                or residual.shape != (*x.shape[:-1], fc.out_features)):
+            raise ValueError('linear_residual: bias_in_residual needs a plain nn.Linear with a bias, CPU float32 '
+                             'tensors and a residual of the output shape')
+        return _AddmmInto.apply(residual, x, fc.weight)
     if residual is None:
         return fc(x)
     if (type(fc) is nn.Linear and fc.bias is not None and _cpu_float32(x, residual, fc.weight, fc.bias)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fused_mlp import linear_residual
+from .fused_mlp import linear_into_ok, linear_residual
 
 RNN_CLASSES = {'lstm': nn.LSTM, 'gru': nn.GRU, 'rnn': nn.RNN}
 UNIONS = ('cat', 'add', 'vertical', 'horizontal')
@@ -118,15 +118,24 @@ class RNN2D(nn.Module):
 
     takes_residual = True   # forward(x, residual) is residual + forward(x)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The mixed tokens, or ``residual + `` them when ``residual`` is given (see ``SequencerBlock``)."""
+    def residual_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """fc's bias where a residual that already holds it can be accumulated onto in place
+        (``forward(x, residual, bias_in_residual=True)``, see ``linear_residual``); else None."""
+        return self.fc.bias if self.fc is not None and linear_into_ok(self.fc, x) else None
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                bias_in_residual: bool = False) -> torch.Tensor:
+        """The mixed tokens, or ``residual + `` them when ``residual`` is given (see ``SequencerBlock``);
+        ``bias_in_residual``: ``residual`` already holds fc's bias and is accumulated onto in place."""
         if self.resolved_engine(x) == 'fused':
             from .fused_lstm import fused_rnn2d
             y = fused_rnn2d(self, x)
         else:
             y = self._forward_native(x)
         if self.fc is not None:
-            return linear_residual(self.fc, y, residual)
+            return linear_residual(self.fc, y, residual, bias_in_residual)
+        if bias_in_residual:
+            raise ValueError('RNN2D: bias_in_residual needs the fc layer')
         return y if residual is None else residual + y
 
     def _forward_native(self, x: torch.Tensor) -> torch.Tensor:
