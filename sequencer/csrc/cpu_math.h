@@ -12,6 +12,13 @@
 #define SEQUENCER_INLINE inline
 #endif
 
+// Pointers that do not alias, so that loops writing through one and reading through another vectorise.
+#if defined(_MSC_VER)
+#define SEQUENCER_RESTRICT __restrict
+#else
+#define SEQUENCER_RESTRICT __restrict__
+#endif
+
 namespace sequencer_cpu {
 
 // exp on [-87, 88] (Cephes-style range reduction and polynomial, about 1 ulp)

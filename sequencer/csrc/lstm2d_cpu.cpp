@@ -75,9 +75,10 @@ struct Grid {
 // One cell's backward: the gate gradients dg (4h: i, f, g, o) from dh, tanh(c) (tc), the activations act
 // (4h) and c_{t-1}; dc (the cell-state gradient from step t + 1, zero at the last step) becomes dc_{t-1}.
 // Separate pointers and no conditional loads, so that the loop vectorises.
-SEQUENCER_INLINE void cell_backward(int64_t h, const float* __restrict__ dh, const float* __restrict__ tc,
-                                    const float* __restrict__ act, const float* __restrict__ c_prev,
-                                    float* __restrict__ dc, float* __restrict__ dg) {
+SEQUENCER_INLINE void cell_backward(int64_t h, const float* SEQUENCER_RESTRICT dh,
+                                    const float* SEQUENCER_RESTRICT tc, const float* SEQUENCER_RESTRICT act,
+                                    const float* SEQUENCER_RESTRICT c_prev, float* SEQUENCER_RESTRICT dc,
+                                    float* SEQUENCER_RESTRICT dg) {
   const float* ig = act;
   const float* fg = act + h;
   const float* gg = act + 2 * h;
