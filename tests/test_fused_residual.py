@@ -222,7 +222,11 @@ def test_norm_residual_with_the_branch_bias(grad):
 def test_branches_accumulate_onto_a_residual_holding_their_bias():
     """forward(y, residual=x + bias, bias_in_residual=True) = x + branch(y), accumulated in place, with the
     same gradients; refused where the branch would not take its fused path."""
+    from sequencer.layers import cpu_kernel
     from sequencer.layers.fused_mlp import Mlp as FusedMlp
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
     torch.manual_seed(0)
     mixer, mlp = RNN2D(24, 12), FusedMlp(24, 72)
     x = torch.randn(2, 3, 4, 24, requires_grad=True)
@@ -272,20 +276,43 @@ def test_norm_residual_runs_when_gradients_are_needed():
     handle.remove()
 
 
-def test_norm_residual_double_backward():
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_norm_residual_double_backward(with_bias):
     """create_graph (a gradient penalty): the backward is LayerNorm's own, itself differentiable."""
     from sequencer.layers.fused_mlp import norm_residual
     torch.manual_seed(0)
     norm = nn.LayerNorm(24, eps=1e-6)
     x = torch.randn(2, 3, 24, requires_grad=True)
+    bias = nn.Parameter(torch.randn(24)) if with_bias else None
+    params = [x, norm.weight, norm.bias] + ([bias] if with_bias else [])
 
     def penalty(fused):
-        y, r = norm_residual(norm, x) if fused else (norm(x), x)
-        gx, = torch.autograd.grad((y.sin() * r).sum(), x, create_graph=True)
-        return torch.autograd.grad(gx.square().sum(), [x, norm.weight, norm.bias])
+        if fused:
+            y, r = norm_residual(norm, x, bias)
+        else:
+            y, r = norm(x), (x if bias is None else x + bias)
+        grads = torch.autograd.grad((y.sin() * r).sum(), params, create_graph=True)
+        return torch.autograd.grad(sum(gr.square().sum() for gr in grads), params)
 
     for have, want in zip(penalty(True), penalty(False)):
         torch.testing.assert_close(have, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_non_contiguous_block_input():
+    """A permuted (non-contiguous) input takes the plain residual path, with the same result."""
+    block = _block().train()
+    base = torch.randn(2, 24, 4, 5, requires_grad=True)
+    x = base.permute(0, 2, 3, 1)
+    assert not x.is_contiguous()
+    g = torch.randn(2, 4, 5, 24)
+    got = block(x)
+    grads = torch.autograd.grad(got, [base] + list(block.parameters()), g)
+    block.fuse_residual = False
+    want = block(x)
+    want_grads = torch.autograd.grad(want, [base] + list(block.parameters()), g)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('frozen', ['input', 'norms', 'all_but_norms'])
@@ -332,7 +359,7 @@ def test_strided_convolution_as_one_gemm(patch, size, channels_first, monkeypatc
     conv = nn.Conv2d(6, 10, kernel_size=patch, stride=patch)
     shape = (2, 6, *size) if channels_first else (2, *size, 6)
     x = torch.randn(*shape, requires_grad=True)
-    assert conv_as_gemm(conv, x)
+    assert conv_as_gemm(conv, x, channels_first=channels_first)
     calls = []
     monkeypatch.setattr(nn.Conv2d, 'forward', lambda self, inp: calls.append(1) or F.conv2d(inp, self.weight))
     y = patch_linear(x, conv, channels_first=channels_first)
@@ -353,6 +380,8 @@ def test_hooked_or_padded_convolutions_are_not_replaced():
     assert conv_as_gemm(conv, x)
     assert not conv_as_gemm(nn.Conv2d(4, 8, kernel_size=3, stride=2), x)
     assert not conv_as_gemm(nn.Conv2d(4, 8, kernel_size=2, stride=2, padding=1), x)
+    assert not conv_as_gemm(nn.Conv2d(4, 8, kernel_size=7, stride=7), x)              # no whole patch: 6 < 7
+    assert not conv_as_gemm(conv, torch.randn(1, 4, 6, 1), channels_first=True)      # NCHW, width 1 < 2
     seen = []
     conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     assert not conv_as_gemm(conv, x)
@@ -367,14 +396,20 @@ def test_the_stem_runs_as_a_gemm_and_matches_patch_embed():
     torch.manual_seed(0)
     m = Sequencer2D(layers=(1, 1), patch_sizes=(7, 2), embed_dims=(16, 32), hidden_sizes=(4, 8), mlp_ratios=(3, 3),
                     num_classes=5)
-    x = torch.randn(2, 3, 30, 23)
-    y = m._stem(x)
+    x = torch.randn(2, 3, 30, 23, requires_grad=True)
     ref = m.stem(x).contiguous()
+    conv_forward = nn.Conv2d.forward
+    try:
+        nn.Conv2d.forward = lambda self, inp: pytest.fail('the stem ran its convolution')
+        y = m._stem(x)
+    finally:
+        nn.Conv2d.forward = conv_forward
     assert y.is_contiguous() and y.shape == ref.shape == (2, 4, 3, 16)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(y)
-    w = m.stem.proj.weight
-    torch.testing.assert_close(torch.autograd.grad(y, w, g)[0], torch.autograd.grad(ref, w, g)[0], rtol=1e-5, atol=1e-5)
+    wrt = (x, m.stem.proj.weight, m.stem.proj.bias)
+    for a, b in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(ref, wrt, g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     seen = []
     m.stem.register_forward_hook(lambda mod, i, o: seen.append(1))
     torch.testing.assert_close(m._stem(x), ref, rtol=1e-5, atol=1e-5)

@@ -61,13 +61,17 @@ class SequencerBlock(nn.Module):
         return x
 
 
-def conv_as_gemm(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``patch_linear`` may stand in for ``conv`` on x: a plain, hook-free ``nn.Conv2d`` whose kernel
-    equals its stride (non-overlapping patches, no padding, dilation or groups), on CPU, outside traced or
-    exported graphs (the FLOP counter hooks convolutions: it still sees them)."""
-    return (x.device.type == 'cpu' and type(conv) is nn.Conv2d and conv.kernel_size == conv.stride
-            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == 'zeros' and not _tracing() and _unhooked(conv))
+def conv_as_gemm(conv: nn.Module, x: torch.Tensor, channels_first: bool = False) -> bool:
+    """Whether ``patch_linear`` may stand in for ``conv`` on x (NHWC, or NCHW with ``channels_first``): a
+    plain, hook-free ``nn.Conv2d`` whose kernel equals its stride (non-overlapping patches, no padding,
+    dilation or groups), on CPU, with at least one whole patch, outside traced or exported graphs (the FLOP
+    counter hooks convolutions: it still sees them)."""
+    if _tracing() or type(conv) is not nn.Conv2d or x.device.type != 'cpu' or x.dim() != 4:
+        return False
+    H, W = x.shape[2:] if channels_first else x.shape[1:3]
+    return (conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == 'zeros' and H >= conv.kernel_size[0]
+            and W >= conv.kernel_size[1] and _unhooked(conv))
 
 
 def patch_linear(x: torch.Tensor, conv: nn.Conv2d, channels_first: bool = False) -> torch.Tensor:
@@ -94,7 +98,7 @@ def _residual_branch(norm: nn.Module, branch: nn.Module, x: torch.Tensor) -> tor
     residual that already holds its last linear layer's bias (``branch.residual_bias``), the norm writes
     x + bias in its own pass over x (``norm_residual``) and the branch's GEMM adds onto that in place."""
     get_bias = getattr(branch, 'residual_bias', None)
-    bias = get_bias(x) if get_bias is not None else None
+    bias = get_bias(x) if get_bias is not None and x.is_contiguous() else None
     y, r = norm_residual(norm, x, bias)
     if bias is None:
         return branch(y, residual=r)

@@ -42,10 +42,11 @@ from . import cpu_kernel, fused_lstm
 
 
 class _FusedMlp(torch.autograd.Function):
-    """[residual +] fc2(GELU(fc1(x))) over x (..., C) with fc1 = (w1, b1), fc2 = (w2, b2); float32 CPU tensors."""
+    """[residual +] fc2(GELU(fc1(x))) over x (..., C) with fc1 = (w1, b1), fc2 = (w2, b2); float32 CPU tensors.
+    With ``into``, residual already holds b2 (b2 is None) and is accumulated onto in place."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, residual):
+    def forward(ctx, x, w1, b1, w2, b2, residual, into=False):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
         a = torch.mm(x2, w1.t())                       # fc1 without its bias ...
@@ -57,7 +58,7 @@ class _FusedMlp(torch.autograd.Function):
             ctx.x_shape = x.shape
         if residual is None:
             y = torch.addmm(b2, a, w2.t())
-        elif b2 is None:                               # residual already holds b2: accumulate in place
+        elif into:                                     # residual already holds b2: accumulate in place
             residual.view(-1, w2.shape[0]).addmm_(a, w2.t())
             ctx.mark_dirty(residual)
             return residual
@@ -69,7 +70,7 @@ class _FusedMlp(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):
         x2, w1, w2, a, deriv = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2, need_res = ctx.needs_input_grad
+        need_x, need_w1, need_b1, need_w2, need_b2, need_res = ctx.needs_input_grad[:6]
         dres = gy if need_res else None
         gy = gy.reshape(-1, gy.shape[-1]).contiguous()
         dw2 = torch.mm(gy.t(), a) if need_w2 else None
@@ -78,15 +79,16 @@ class _FusedMlp(torch.autograd.Function):
         db1 = torch.ops.sequencer_mlp.gelu_grad_bias_(da, deriv)   # da <- da * GELU', and its column sums
         dw1 = torch.mm(da.t(), x2) if need_w1 else None
         dx = torch.mm(da, w1).view(ctx.x_shape) if need_x else None
-        return dx, dw1, db1 if need_b1 else None, dw2, db2, dres
+        return dx, dw1, db1 if need_b1 else None, dw2, db2, dres, None
 
 
 def fused_mlp(module: '_TimmMlp', x: torch.Tensor, residual: Optional[torch.Tensor] = None,
               bias_in_residual: bool = False) -> torch.Tensor:
     """``module(x)``, or ``residual + module(x)``, through the fused path (see ``Mlp.fusable``). With
     ``bias_in_residual``, ``residual`` already holds fc2's bias and is accumulated onto in place."""
-    b2 = None if bias_in_residual else module.fc2.bias
-    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, b2, residual)
+    if bias_in_residual:
+        return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, None, residual, True)
+    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual)
 
 
 def _exporting() -> bool:
@@ -94,10 +96,16 @@ def _exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
+def _fx_tracing() -> bool:
+    trace = getattr(torch.fx, '_symbolic_trace', None)
+    is_tracing = getattr(trace, 'is_fx_symbolic_tracing', None) or getattr(trace, 'is_fx_tracing', None)
+    return bool(is_tracing and is_tracing())
+
+
 def _tracing() -> bool:
-    """torch.compile, export, TorchScript tracing or ONNX export in progress."""
+    """torch.compile, export, TorchScript or FX tracing, or ONNX export in progress."""
     return (torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())
+            or torch.onnx.is_in_onnx_export() or _fx_tracing())
 
 
 def _cpu_float32(*tensors: torch.Tensor) -> bool:
@@ -213,10 +221,11 @@ def norm_residual(norm: nn.Module, x: torch.Tensor,
     in place.
     """
     C = x.shape[-1]
-    fusable = (type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
-               and tuple(norm.normalized_shape) == (C,) and x.is_contiguous()
-               and _cpu_float32(x, norm.weight, norm.bias) and not _tracing() and _unhooked(norm)
-               and (r_bias is None or (_cpu_float32(r_bias) and r_bias.shape == (C,)))
+    fusable = (not _tracing() and type(norm) is nn.LayerNorm and norm.weight is not None
+               and norm.bias is not None and tuple(norm.normalized_shape) == (C,) and x.is_contiguous()
+               and norm.weight.is_contiguous() and norm.bias.is_contiguous()
+               and _cpu_float32(x, norm.weight, norm.bias) and _unhooked(norm)
+               and (r_bias is None or (_cpu_float32(r_bias) and r_bias.shape == (C,) and r_bias.is_contiguous()))
                and not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available())
     if fusable:
         params = (norm.weight, norm.bias) if r_bias is None else (norm.weight, norm.bias, r_bias)
@@ -226,7 +235,7 @@ def norm_residual(norm: nn.Module, x: torch.Tensor,
             out, _, _, res = torch.ops.sequencer_norm.layer_norm_residual_bias(
                 x, norm.weight, norm.bias, norm.eps, r_bias)
             return out, res
-    return norm(x), (x if r_bias is None else x + r_bias)
+    return norm(x), (x if r_bias is None else (x + r_bias).contiguous())
 
 
 class _AddmmInto(torch.autograd.Function):

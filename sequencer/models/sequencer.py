@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, PatchEmbed, lecun_normal_, trunc_normal_
+from timm.layers import ClassifierHead, Format, PatchEmbed, lecun_normal_, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import named_apply
 from torch import nn
@@ -179,7 +179,8 @@ class _Sequencer(nn.Module):
         """
         stem = self.stem
         if (type(stem) is PatchEmbed and stem.img_size is None and not stem.dynamic_img_pad
-                and not stem.flatten and conv_as_gemm(stem.proj, x) and _unhooked(stem)):
+                and not stem.flatten and stem.output_fmt == Format.NHWC
+                and conv_as_gemm(stem.proj, x, channels_first=True) and _unhooked(stem)):
             return stem.norm(patch_linear(x, stem.proj, channels_first=True))
         return stem(x).contiguous()
 
