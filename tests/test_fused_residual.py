@@ -52,6 +52,10 @@ def test_the_fused_paths_run(monkeypatch):
     """The residual reaches the branches: the pre-norms write x + bias of the branch's last linear layer, the
     mixer's fc and the MLP's fc2 accumulate onto it in place with addmm_, and when training the pre-norms'
     backward is the fused one (which also gives the biases' gradients: no separate add or sum)."""
+    from sequencer.layers import cpu_kernel
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
     block = _block().train()
     x = torch.randn(2, 4, 4, 24, requires_grad=True)
     seen = {'addmm_': 0}
