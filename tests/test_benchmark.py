@@ -108,3 +108,18 @@ def test_root_script_is_the_same_command(tmp_path):
                           text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["benchmark.py: error: unknown model 'resnet50'; see `sequencer models`"]
+
+
+def test_microbench_script_runs_its_cases_and_rejects_unknown_ones():
+    """scripts/microbench_cpu_ops.py (op-level timings of the fused CPU paths): one quick case end to end, and a
+    one-line error with exit status 2 for an unknown case. Never asserts on speed."""
+    from sequencer.layers import cpu_kernel
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    script = os.path.join(ROOT, 'scripts', 'microbench_cpu_ops.py')
+    ok = subprocess.run([sys.executable, script, '--cases', 'norm', '--iters', '1'], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    lines = [ln for ln in ok.stdout.splitlines() if ln.startswith('norm ')]
+    assert len(lines) == 2 and all('one kernel pass' in ln for ln in lines)
+    bad = subprocess.run([sys.executable, script, '--cases', 'nope'], capture_output=True, text=True)
+    assert bad.returncode == 2 and 'unknown nope' in bad.stderr
