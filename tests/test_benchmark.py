@@ -123,3 +123,27 @@ def test_microbench_script_runs_its_cases_and_rejects_unknown_ones():
     assert len(lines) == 2 and all('one kernel pass' in ln for ln in lines)
     bad = subprocess.run([sys.executable, script, '--cases', 'nope'], capture_output=True, text=True)
     assert bad.returncode == 2 and 'unknown nope' in bad.stderr
+
+
+def test_cpu_memory_tensors_is_the_peak_of_live_tensor_bytes():
+    """--cpu-memory tensors: allocations minus frees over the step, their maximum (here two 8 MB tensors live
+    at once at most), independent of the C allocator."""
+    import torch
+    from sequencer.analysis.benchmark import _CpuPeakTensors
+
+    def work():
+        a = torch.ones(2 * 2 ** 20)            # 8 MB
+        b = torch.ones(2 * 2 ** 20)
+        del a
+        c = torch.ones(2 * 2 ** 20)
+        return b, c
+
+    peak = _CpuPeakTensors().measure(work)
+    assert 16 <= peak < 17
+
+
+def test_cpu_memory_tensors_from_the_command_line(tmp_path):
+    out = tmp_path / 'mem.json'
+    assert main(['benchmark', *TINY, '--mode', 'train', '--cpu-memory', 'tensors', '--results-file', str(out)]) == 0
+    rows = json.loads(out.read_text())['results']
+    assert rows[0]['memory_method'].startswith('cpu-tensors') and rows[0]['peak_mem_mb'] > 0

@@ -17,7 +17,9 @@ Figures reported per model and mode:
 * ``peak_mem_mb``: on CUDA the maximum allocated memory during one step (weights included); on CPU the
   increase of the process's resident set during one step, measured by resetting the kernel's RSS
   high-water mark (``/proc/self/clear_refs``) after returning freed heap memory to the system
-  (``malloc_trim``), then reading ``VmHWM``;
+  (``malloc_trim``), then reading ``VmHWM``; or, with ``--cpu-memory tensors``, the peak of the bytes of
+  live tensors allocated during one step (torch.profiler's memory timeline), which leaves out the C
+  allocator's slack (the resident set varies with the state of its heap);
 * ``gmacs_per_img`` (forward multiply-accumulates, recurrences included, see ``count_flops``) and the
   achieved ``gmac_per_s``: forward MACs for inference, 3x forward MACs for training (forward + backward
   for inputs and weights; the recomputation of gradient checkpointing is not counted as useful work);
@@ -100,6 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--matmul-size', type=int, default=None,
                         help='side of the square GEMM of --matmul-peak (default 2048 on CPU, 8192 on CUDA)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory step')
+    parser.add_argument('--cpu-memory', choices=('rss', 'tensors'), default='rss',
+                        help="how peak memory is measured on CPU: 'rss' (default), the growth of the process's "
+                             "resident set over one step, allocator slack included; 'tensors', the peak of the "
+                             "bytes of live tensors allocated during one step (from torch.profiler's memory "
+                             "timeline, about 4x slower than a step), the CPU analogue of CUDA's max allocated")
     parser.add_argument('--seed', type=int, default=0, help='seed for weights and inputs (default 0)')
     parser.add_argument('--results-file', default=None,
                         help='also write the results to this .csv or .json file (atomically, after each mode)')
@@ -393,7 +400,41 @@ class _CpuPeakRss:
         return max(self._maxrss_kb() - before, 0) / 1024
 
 
-def peak_memory_mb(step: Step, device: torch.device, cpu_probe: Optional[_CpuPeakRss]) -> float:
+class _CpuPeakTensors:
+    """Peak of the bytes of live tensors allocated during a block of work, from the memory timeline of
+    ``torch.profiler`` (every allocation and free of the CPU allocator, kernels' scratch included): the
+    running sum of allocations minus frees, its maximum. Independent of the C allocator's slack and of the
+    state of its heap, unlike the resident set."""
+
+    method = 'cpu-tensors: peak of live tensor bytes allocated during the step (torch.profiler memory timeline)'
+
+    def measure(self, fn: Callable[[], object]) -> float:
+        from torch.profiler import ProfilerActivity, profile
+        try:
+            from torch.profiler._memory_profiler import Action
+        except ImportError as e:
+            raise UserError(f'--cpu-memory tensors: this torch ({torch.__version__}) has no profiler memory '
+                            f'timeline ({e}); use --cpu-memory rss') from None
+        gc.collect()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                     with_stack=True) as prof:
+            fn()
+        try:
+            timeline = prof._memory_profile().timeline
+        except (AttributeError, RuntimeError) as e:
+            raise UserError(f'--cpu-memory tensors: the profiler gave no memory timeline ({e}); '
+                            f'use --cpu-memory rss') from None
+        live = peak = 0
+        for _, action, _, size in timeline:
+            if action == Action.CREATE:
+                live += size
+            elif action == Action.DESTROY:
+                live -= size
+            peak = max(peak, live)
+        return peak / 2 ** 20
+
+
+def peak_memory_mb(step: Step, device: torch.device, cpu_probe) -> float:
     step.prepare()
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -541,7 +582,9 @@ def run(args) -> int:
     g = torch.Generator(device='cpu').manual_seed(args.seed)
     x = torch.randn(args.batch_size, *input_size, generator=g).to(device)
     target = torch.randint(0, max(args.num_classes, 1), (args.batch_size,), generator=g).to(device)
-    cpu_probe = _CpuPeakRss() if device.type == 'cpu' and not args.no_memory else None
+    cpu_probe = None
+    if device.type == 'cpu' and not args.no_memory:
+        cpu_probe = _CpuPeakTensors() if args.cpu_memory == 'tensors' else _CpuPeakRss()
     mem_method = None if args.no_memory else ('cuda-max-allocated' if device.type == 'cuda' else cpu_probe.method)
 
     rows, engines = [], []
