@@ -418,3 +418,14 @@ def test_the_stem_runs_as_a_gemm_and_matches_patch_embed():
     m.stem.register_forward_hook(lambda mod, i, o: seen.append(1))
     torch.testing.assert_close(m._stem(x), ref, rtol=1e-5, atol=1e-5)
     assert seen == [1]
+
+
+@pytest.mark.parametrize('patch, channels_first', [(1, False), (2, False), (7, True)])
+def test_patch_gemm_weight_gradient_has_the_weight_layout(patch, channels_first):
+    """DDP's gradient buckets expect each gradient in its parameter's strides (else a warning and copies)."""
+    conv = nn.Conv2d(6, 10, kernel_size=patch, stride=patch)
+    x = torch.randn(2, 6, 14, 14) if channels_first else torch.randn(2, 14, 14, 6)
+    patch_linear(x, conv, channels_first=channels_first).sum().backward()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    ref = torch.autograd.grad(_conv_reference(conv, x, channels_first).sum(), conv.weight)[0]
+    torch.testing.assert_close(conv.weight.grad, ref, rtol=1e-5, atol=1e-5)

@@ -74,23 +74,40 @@ def conv_as_gemm(conv: nn.Module, x: torch.Tensor, channels_first: bool = False)
             and W >= conv.kernel_size[1] and _unhooked(conv))
 
 
+class _KernelLastWeight(torch.autograd.Function):
+    """A conv weight (O, C, kh, kw) as the (O, kh * kw * C) matrix of NHWC patches; its gradient comes back
+    contiguous in the weight's own layout (autograd's permute would hand DDP's buckets a permuted one)."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.shape = weight.shape
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        O, C, kh, kw = ctx.shape
+        return g.reshape(O, kh, kw, C).permute(0, 3, 1, 2).contiguous()
+
+
 def patch_linear(x: torch.Tensor, conv: nn.Conv2d, channels_first: bool = False) -> torch.Tensor:
     """``conv`` (see ``conv_as_gemm``) as one GEMM over the patches, NHWC out; x is NHWC, or NCHW with
     ``channels_first``. The same sum as the convolution (rows and columns past the last whole patch are
     dropped, as the convolution does); the patches are a view for 1x1 kernels on NHWC input, one gathering
-    copy otherwise."""
+    copy otherwise, laid out (kh, kw, c) for NHWC input (whole channel rows) and (c, kh, kw) for NCHW (the
+    weight's own order). The weight's gradient has the weight's strides, as DDP's gradient buckets expect."""
     ph, pw = conv.kernel_size
     if channels_first:
         B, C, H, W = x.shape
         Ho, Wo = H // ph, W // pw
         patches = x[:, :, :Ho * ph, :Wo * pw].reshape(B, C, Ho, ph, Wo, pw).permute(0, 2, 4, 1, 3, 5)
-        weight = conv.weight.reshape(conv.out_channels, C * ph * pw)            # (c, kh, kw) order
+        weight = conv.weight.reshape(conv.out_channels, C * ph * pw)
     else:
         B, H, W, C = x.shape
         Ho, Wo = H // ph, W // pw
         patches = x[:, :Ho * ph, :Wo * pw].reshape(B, Ho, ph, Wo, pw, C).transpose(2, 3)
-        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, ph * pw * C)   # (kh, kw, c)
-    return F.linear(patches.reshape(B, Ho, Wo, ph * pw * C), weight, conv.bias)
+        weight = (conv.weight.reshape(conv.out_channels, C) if ph == pw == 1
+                  else _KernelLastWeight.apply(conv.weight))
+    return F.linear(patches.reshape(B, Ho, Wo, C * ph * pw), weight, conv.bias)
 
 
 def _residual_branch(norm: nn.Module, branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
