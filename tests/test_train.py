@@ -268,3 +268,20 @@ def test_recipes_equal_the_command_lines(name):
     assert a == b
     readme = open(os.path.join(ROOT, 'README.md')).read()
     assert f'configs/{name}.yaml' in readme
+
+
+def test_cpu_training_keeps_freed_heap_memory_unless_told_not_to(tmp_path, monkeypatch):
+    """`sequencer train` on CPU sets glibc's allocator to keep freed blocks mapped (sequencer.engine.malloc);
+    --no-malloc-tuning leaves it alone."""
+    import sequencer.engine.train as train_mod
+    from sequencer.cli import main
+    from sequencer.engine import malloc
+    if malloc._glibc() is not None:
+        assert malloc.keep_freed_memory() is True
+    calls = []
+    monkeypatch.setattr(train_mod, 'keep_freed_memory', lambda: calls.append(1) or True)
+    data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1, size=(36, 36))
+    for extra, want in (([], 1), (['--no-malloc-tuning'], 1)):
+        assert main(['train', data, *TINY, '-b', '2', '--epochs', '1', '-j', '0', '--device', 'cpu',
+                     '--output', str(tmp_path / 'out'), '--experiment', f'run{len(extra)}', *extra]) == 0
+        assert len(calls) == want

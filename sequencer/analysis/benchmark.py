@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--matmul-size', type=int, default=None,
                         help='side of the square GEMM of --matmul-peak (default 2048 on CPU, 8192 on CUDA)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory step')
+    parser.add_argument('--malloc-tuning', action='store_true',
+                        help="keep freed heap memory mapped (glibc), as `sequencer train` does on CPU; applies "
+                             "to every model of the run")
     parser.add_argument('--cpu-memory', choices=('rss', 'tensors'), default='rss',
                         help="how peak memory is measured on CPU: 'rss' (default), the growth of the process's "
                              "resident set over one step, allocator slack included; 'tensors', the peak of the "
@@ -559,6 +562,11 @@ def run(args) -> int:
     compile_ = args.compile or args.compile_mode is not None
     progress = Progress(args.quiet)
     env = environment(device)
+    if args.malloc_tuning:
+        from ..engine.malloc import keep_freed_memory
+        env['malloc_tuning'] = keep_freed_memory()
+        progress.say('malloc tuning: ' + ('freed heap memory stays mapped' if env['malloc_tuning']
+                                          else 'not available here (glibc only): no effect'), force=True)
 
     torch.manual_seed(args.seed)
     ours = build_ours(args, input_size, overrides)

@@ -164,6 +164,9 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help='also save recovery.pth.tar every N batches within an epoch (0: off)')
     g.add_argument('--log-tensorboard', action='store_true', help='also write TensorBoard event files')
     g.add_argument('--pin-mem', action='store_true')
+    g.add_argument('--no-malloc-tuning', action='store_true',
+                   help="on CPU, leave glibc's allocator as it is (by default freed heap memory stays mapped "
+                        "for the next step instead of being faulted in again: about 5%% faster)")
     g.add_argument('--no-prefetcher', action='store_true', help='accepted for compatibility (no effect)')
     g.add_argument('--bad-samples', default='fail', choices=['fail', 'skip'],
                    help='unreadable images: fail naming the file, or skip and count them')

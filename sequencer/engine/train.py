@@ -39,6 +39,7 @@ from ..models.weights import CheckpointError, read_file
 from .args import build_train_parser, parse
 from .evaluate import autocast, evaluate
 from .io import save_torch, write_text
+from .malloc import keep_freed_memory
 
 SUMMARY_FIELDS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
 CHECKPOINT_VERSION = 1
@@ -327,6 +328,8 @@ def train(args) -> Dict:
     random.seed(args.seed + d.rank)
     np.random.seed(args.seed + d.rank)
     torch.manual_seed(args.seed + d.rank)
+    if d.device.type == 'cpu' and not args.no_malloc_tuning:
+        keep_freed_memory()   # the same large activations every step: keep them mapped (sequencer.engine.malloc)
 
     # data
     ds_train = build_dataset(args.dataset, args.data_dir, args.train_split, True, args.class_map, args.dataset_download)
