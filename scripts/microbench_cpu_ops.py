@@ -14,6 +14,7 @@ Cases:
         the kernel that writes both in one pass
   stem  the patch embedding, forward + weight gradient: timm's PatchEmbed (convolution + NHWC copy) against
         the GEMM over gathered patches
+  down  the 2x2 downsampling between stages 1 and 2 (a GEMM over gathered patches), forward + backward
 """
 import argparse
 import statistics
@@ -89,12 +90,21 @@ def bench_stem(iters, cold):
           f'{t_gemm:.2f} ms')
 
 
-CASES = {'lstm': bench_lstm, 'norm': bench_norm, 'stem': bench_stem}
+def bench_down(iters, cold):
+    from sequencer.layers import Downsample2D
+    down = Downsample2D(192, 384, 2)
+    x = torch.randn(8, 32, 32, 192, requires_grad=True)
+    g = torch.randn(8, 16, 16, 384)
+    t = timed(lambda: down(x).backward(g), iters, cold)
+    print(f'down  8x32x32x192 -> 8x16x16x384 (2x2 patches), forward + backward: {t:.2f} ms')
+
+
+CASES = {'lstm': bench_lstm, 'norm': bench_norm, 'stem': bench_stem, 'down': bench_down}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--cases', default='lstm,norm,stem', help='comma-separated: ' + ', '.join(CASES))
+    p.add_argument('--cases', default='lstm,norm,stem,down', help='comma-separated: ' + ', '.join(CASES))
     p.add_argument('--iters', type=int, default=30)
     p.add_argument('--cold', action='store_true', help='read a 128 MB buffer between calls')
     p.add_argument('--num-threads', type=int, default=2)
