@@ -13,6 +13,14 @@ from sequencer.models import Sequencer2D
 from sequencer.layers.fused_mlp import Mlp, linear_residual
 
 
+def _need_kernel():
+    """Skip where the compiled CPU kernel is disabled; elsewhere it must load."""
+    from sequencer.layers import cpu_kernel
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+
+
 def _block(drop_path=0.0, mixer=None):
     torch.manual_seed(0)
     mixer = mixer or partial(RNN2D, hidden_size=12)
@@ -52,10 +60,7 @@ def test_the_fused_paths_run(monkeypatch):
     """The residual reaches the branches: the pre-norms write x + bias of the branch's last linear layer, the
     mixer's fc and the MLP's fc2 accumulate onto it in place with addmm_, and when training the pre-norms'
     backward is the fused one (which also gives the biases' gradients: no separate add or sum)."""
-    from sequencer.layers import cpu_kernel
-    if not cpu_kernel.enabled():
-        pytest.skip(f'{cpu_kernel.ENV}=0')
-    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    _need_kernel()
     block = _block().train()
     x = torch.randn(2, 4, 4, 24, requires_grad=True)
     seen = {'addmm_': 0}
@@ -149,10 +154,7 @@ def test_a_mixer_without_residual_support_is_called_plainly():
 @pytest.mark.parametrize('rows,width', [(37, 40), (64, 384), (5, 7)])
 def test_norm_backward_kernel_matches_layer_norm_backward_plus_residual(rows, width):
     """Widths with and without a remainder of the kernel's 16 lanes."""
-    from sequencer.layers import cpu_kernel
-    if not cpu_kernel.enabled():
-        pytest.skip(f'{cpu_kernel.ENV}=0')
-    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    _need_kernel()
     torch.manual_seed(0)
     x = torch.randn(rows, width) * 2 + 0.5
     w, b = torch.randn(width), torch.randn(width)
@@ -171,10 +173,7 @@ def test_norm_backward_kernel_matches_layer_norm_backward_plus_residual(rows, wi
 @pytest.mark.parametrize('shape', [(37, 40), (2, 8, 384), (5, 7), (3, 4, 5, 20)])
 def test_norm_forward_kernel_matches_layer_norm_and_adds_the_bias(shape):
     """LN(x) and x + r_bias in one pass: the same output, mean and rstd as native_layer_norm."""
-    from sequencer.layers import cpu_kernel
-    if not cpu_kernel.enabled():
-        pytest.skip(f'{cpu_kernel.ENV}=0')
-    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    _need_kernel()
     torch.manual_seed(0)
     width = shape[-1]
     x = torch.randn(*shape) * 3 + 1.5
@@ -191,11 +190,8 @@ def test_norm_forward_kernel_matches_layer_norm_and_adds_the_bias(shape):
 def test_norm_residual_with_the_branch_bias(grad):
     """norm_residual(norm, x, bias) = (norm(x), x + bias), a fresh tensor, with the gradients of x, the norm's
     parameters and the bias; without gradients the kernel's forward alone; a hooked norm runs itself."""
-    from sequencer.layers import cpu_kernel
     from sequencer.layers.fused_mlp import norm_residual
-    if not cpu_kernel.enabled():
-        pytest.skip(f'{cpu_kernel.ENV}=0')
-    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    _need_kernel()
     torch.manual_seed(0)
     norm = nn.LayerNorm(20, eps=1e-6)
     nn.init.normal_(norm.weight)
@@ -226,11 +222,8 @@ def test_norm_residual_with_the_branch_bias(grad):
 def test_branches_accumulate_onto_a_residual_holding_their_bias():
     """forward(y, residual=x + bias, bias_in_residual=True) = x + branch(y), accumulated in place, with the
     same gradients; refused where the branch would not take its fused path."""
-    from sequencer.layers import cpu_kernel
     from sequencer.layers.fused_mlp import Mlp as FusedMlp
-    if not cpu_kernel.enabled():
-        pytest.skip(f'{cpu_kernel.ENV}=0')
-    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    _need_kernel()
     torch.manual_seed(0)
     mixer, mlp = RNN2D(24, 12), FusedMlp(24, 72)
     x = torch.randn(2, 3, 4, 24, requires_grad=True)
@@ -256,11 +249,8 @@ def test_branches_accumulate_onto_a_residual_holding_their_bias():
 
 
 def test_norm_residual_runs_when_gradients_are_needed():
-    from sequencer.layers import cpu_kernel
     from sequencer.layers.fused_mlp import norm_residual
-    if not cpu_kernel.enabled():
-        pytest.skip(f'{cpu_kernel.ENV}=0')
-    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    _need_kernel()
     torch.manual_seed(0)
     norm = nn.LayerNorm(24, eps=1e-6)
     x = torch.randn(2, 3, 4, 24, requires_grad=True)

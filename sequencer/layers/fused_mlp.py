@@ -284,8 +284,8 @@ def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Ten
         return _AddmmInto.apply(residual, x, fc.weight)
     if residual is None:
         return fc(x)
-    if (type(fc) is nn.Linear and fc.bias is not None and _cpu_float32(x, residual, fc.weight, fc.bias)
-            and residual.shape == (*x.shape[:-1], fc.out_features) and not _tracing() and _unhooked(fc)):
+    if (linear_into_ok(fc, x) and _cpu_float32(residual)
+            and residual.shape == (*x.shape[:-1], fc.out_features)):
         out = torch.add(residual.reshape(-1, fc.out_features), fc.bias)
         return out.addmm_(x.reshape(-1, fc.in_features), fc.weight.t()).view(residual.shape)
     return residual + fc(x)
