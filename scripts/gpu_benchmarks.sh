@@ -1,29 +1,51 @@
 #!/usr/bin/env bash
-# The GPU checks and figures of BENCHMARKS.md, in one script for a machine with one CUDA device:
-#   bash scripts/gpu_benchmarks.sh [OUTPUT_DIR]      (default output/bench_gpu)
-# 1. the fused engine's Triton kernels against cuDNN (outputs and gradients);
-# 2. Sequencer2D-S, 224 px, bf16 autocast, batch 256, against timm's sequencer2d_s with the same weights:
-#    training with each engine of ours against timm eager, inference with both models compiled;
-# 3. training peak memory at batch 32 with and without gradient checkpointing.
-# Every benchmark writes a JSON results file into OUTPUT_DIR.
-set -euo pipefail
+# The GPU checks and figures of BENCHMARKS.md, for a machine with one CUDA device:
+#   bash scripts/gpu_benchmarks.sh [train|infer|all] [OUTPUT_DIR]      (default: all, output/bench_gpu)
+# train: 1. the CUDA tests (Triton kernels against cuDNN, fp32 and bf16 autocast, torch.compile);
+#        2. one BiLSTM2D and its kernels alone (scripts/microbench_gpu_recurrence.py, every launch configuration);
+#        3. Sequencer2D-S, 224 px, bf16 autocast, batch 256, training against timm's sequencer2d_s with the
+#           same weights, with each engine of ours (timm eager);
+#        4. training peak memory at batch 32 with and without gradient checkpointing;
+#        5. a profile of one training step of each model.
+# infer: inference, batch 256, bf16: both models under torch.compile, and both eager.
+# Every step writes its log and results into OUTPUT_DIR; a step that fails or overruns does not stop the others.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-output/bench_gpu}
+PART=${1:-all}
+OUT=${2:-output/bench_gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -m pytest -q -p no:warnings tests/test_fused.py -k "cuda or interpreter"
+export PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(date -u +%T))"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "== $name rc=$rc"
+}
 BENCH=("$PY" -m sequencer.cli benchmark --model sequencer2d_s --device cuda --compare-timm --quiet)
-for engine in native fused; do
-  "${BENCH[@]}" --batch-size 256 --precision bf16 --mode train --rnn-engine "$engine" --warmup 5 --iters 20 \
-      --matmul-peak --results-file "$OUT/s_train_bf16_b256_$engine.json"
-done
-"${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --compile --warmup 5 --iters 30 \
-    --results-file "$OUT/s_infer_bf16_b256_compiled.json"
-"${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --warmup 5 --iters 30 \
-    --results-file "$OUT/s_infer_bf16_b256_eager.json"
-for gc in "" "--grad-checkpointing"; do
-  "$PY" -m sequencer.cli benchmark --model sequencer2d_s --device cuda --batch-size 32 --mode train --warmup 1 \
-      --iters 5 $gc --results-file "$OUT/s_train_b32_mem${gc:+_gc}.json"
-done
+if [[ $PART == train || $PART == all ]]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
+  step tests 150 "$PY" -m pytest -q -p no:warnings -x tests/test_fused.py -k cuda
+  step recurrence 150 "$PY" scripts/microbench_gpu_recurrence.py --configs --json "$OUT/recurrence.json"
+  for engine in fused native; do
+    step "train_$engine" 120 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode train --rnn-engine "$engine" \
+        --warmup 5 --iters 20 --matmul-peak --results-file "$OUT/s_train_bf16_b256_$engine.json"
+  done
+  for gc in "" "--grad-checkpointing"; do
+    step "mem_b32${gc:+_gc}" 90 "$PY" -m sequencer.cli benchmark --model sequencer2d_s --device cuda --batch-size 32 \
+        --precision bf16 --mode train --rnn-engine fused --warmup 2 --iters 3 $gc \
+        --results-file "$OUT/s_train_b32_mem${gc:+_gc}.json"
+  done
+  step profile_fused 90 "$PY" scripts/profile_step.py --rnn-engine fused --top 25
+  step profile_timm 90 "$PY" scripts/profile_step.py --timm --top 15
+fi
+if [[ $PART == infer || $PART == all ]]; then
+  step infer_eager 120 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --rnn-engine fused --warmup 5 \
+      --iters 30 --results-file "$OUT/s_infer_bf16_b256_eager.json"
+  step infer_compiled 400 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --rnn-engine fused --compile \
+      --warmup 5 --iters 30 --results-file "$OUT/s_infer_bf16_b256_compiled.json"
+fi
 echo "results in $OUT"

@@ -239,18 +239,29 @@ _INTERPRETER_CHECK = textwrap.dedent('''
     xp = torch.randn(R + 1, G)
     xp[R] = 0
     w = torch.randn(D, G, hid) * 0.3
-    y_ref, y_tri = torch.zeros(R + 1, hid), torch.zeros(R + 1, hid)
+    y_ref = torch.zeros(R + 1, hid)
     ref = fl._recurrence_torch(xp, w.transpose(1, 2), rows, inv, D, N, hid, y_ref[:R], True)
-    tri = lstm_recurrence_triton(xp, w, rows, D, N, hid, y_tri, True, block_n=16)
-    errs = [(y_ref[:R] - y_tri[:R]).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(ref, tri)]
-    print('FORWARD', max(errs), y_ref.abs().max().item())
-    # backward recursion: the gate gradients of every token against the torch backward
     gy = torch.randn(R + 1, hid)
     gy[R] = 0
-    dxp_ref, dxp_tri = torch.empty(R, G), torch.full((R + 1, G), float('nan'))
+    dxp_ref = torch.empty(R, G)
     fl._backward_torch(gy, *ref, w, rows, inv, D, N, hid, dxp_ref)
-    lstm_backward_triton(gy, *ref, w, rows, D, N, hid, dxp_tri, block_n=16)
-    print('BACKWARD', (dxp_ref - dxp_tri[:R]).abs().max().item(), dxp_ref.abs().max().item())
+    for reload in (False, True):   # W_hh held for the whole sequence, or read at every step
+        cfg = triton_lstm.Config(block_n=16, num_warps=4, reload=reload)
+        y_tri = torch.full((R + 1, hid), float('nan'))
+        tri = lstm_recurrence_triton(xp, w, rows, D, N, hid, y_tri, True, config=cfg)
+        errs = [(y_ref[:R] - y_tri[:R]).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(ref, tri)]
+        print(f'FORWARD_{reload}', max(errs), y_ref.abs().max().item())
+        # backward recursion: the gate gradients of every token against the torch backward
+        dxp_tri = torch.full((R + 1, G), float('nan'))
+        lstm_backward_triton(gy, *ref, w, rows, D, N, hid, dxp_tri, config=cfg)
+        print(f'BACKWARD_{reload}', (dxp_ref - dxp_tri[:R]).abs().max().item(), dxp_ref.abs().max().item())
+    # bfloat16 products (autocast): input gates, weights and output in bfloat16, within bfloat16 rounding
+    y_lp = torch.zeros(R + 1, hid, dtype=torch.bfloat16)
+    lp = lstm_recurrence_triton(xp.bfloat16(), w.bfloat16(), rows, D, N, hid, y_lp, True)
+    print('LOWP_FORWARD', (y_ref[:R] - y_lp[:R].float()).abs().max().item(), y_ref.abs().max().item())
+    dxp_lp = torch.zeros(R + 1, G, dtype=torch.bfloat16)
+    lstm_backward_triton(gy.bfloat16(), *ref, w.bfloat16(), rows, D, N, hid, dxp_lp)
+    print('LOWP_BACKWARD', (dxp_ref - dxp_lp[:R].float()).abs().max().item(), dxp_ref.abs().max().item())
     # a whole BiLSTM2D through both kernels against native nn.LSTM: output, input and parameter gradients
     fl._TRITON_ON_CPU[0] = True
     calls = []
@@ -273,6 +284,16 @@ _INTERPRETER_CHECK = textwrap.dedent('''
     assert calls == ['lstm_recurrence_triton', 'lstm_backward_triton'], calls
     print('MODULE', max((a - b).abs().max().item() for a, b in zip(res['native'], res['fused'])),
           min(a.abs().max().item() for a in res['native']))
+    # the same module under bfloat16 autocast: bfloat16 products, float32 cell; within bfloat16 rounding
+    m.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    with fl.cpu_kernel_disabled(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out = m(xi)
+    assert out.dtype == torch.bfloat16
+    (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    lp = [out.detach().float(), xi.grad] + [p.grad for p in m.parameters()]
+    print('MODULE_BF16', max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(res['native'], lp)),
+          min(a.abs().max().item() for a in res['native']))
 ''')
 
 
@@ -289,9 +310,15 @@ def test_triton_kernels_through_interpreter():
     for ln in proc.stdout.splitlines():
         name, err, scale = ln.split()
         found[name] = (float(err), float(scale))
-    assert set(found) == {'FORWARD', 'BACKWARD', 'MODULE'}, proc.stdout
+    assert set(found) == {'FORWARD_False', 'BACKWARD_False', 'FORWARD_True', 'BACKWARD_True', 'LOWP_FORWARD',
+                          'LOWP_BACKWARD', 'MODULE', 'MODULE_BF16'}, proc.stdout
     for name, (err, scale) in found.items():
-        assert err < 1e-5 and scale > 1e-3, (name, err, scale)
+        if name.startswith('LOWP'):       # bfloat16 products and outputs: within a few bfloat16 roundings
+            assert err < 2e-2 * scale and scale > 1e-3, (name, err, scale)
+        elif name == 'MODULE_BF16':       # the largest error relative to each tensor's largest entry
+            assert err < 5e-2 and scale > 1e-3, (name, err, scale)
+        else:
+            assert err < 1e-5 and scale > 1e-3, (name, err, scale)
 
 
 def test_cpu_kernel_matches_torch_implementation_at_model_shapes():
@@ -418,6 +445,38 @@ def test_fused_engine_on_cuda_matches_native():
         results[engine] = [y.detach(), xi.grad] + [p.grad for p in m.parameters()]
     for a, b in zip(results['native'], results['fused']):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_fused_engine_on_cuda_under_bf16_autocast_and_compile():
+    """On a GPU under bfloat16 autocast: the fused engine (bfloat16 tensor-core products, float32 cell) agrees
+    with cuDNN within bfloat16 rounding, gradients included; torch.compile keeps the Triton kernels in one
+    graph and gives the eager outputs."""
+    pytest.importorskip('triton')
+    torch.manual_seed(0)
+    m = RNN2D(64, 48).cuda()
+    x = torch.randn(4, 8, 6, 64, device='cuda')
+    g = torch.randn(4, 8, 6, 64, device='cuda')
+    results = {}
+    for engine in ('native', 'fused'):
+        m.engine = engine
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = m(xi)
+        assert y.dtype == torch.bfloat16
+        (y.float() * g).sum().backward()
+        results[engine] = [y.detach().float(), xi.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(results['native'], results['fused']):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 5e-2
+    m.engine = 'fused'
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    cm = torch.compile(m, fullgraph=True)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        torch.testing.assert_close(cm(x).float(), m(x).float(), atol=2e-2, rtol=2e-2)
 
 
 def test_kernel_backward_consumes_saved_gates_only_when_the_graph_is_freed(monkeypatch):

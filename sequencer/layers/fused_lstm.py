@@ -248,6 +248,9 @@ class _FusedLSTM2D(torch.autograd.Function):
         ctx.kernel = cdt == torch.float32 and x.device.type == 'cpu' and _cpu_kernel_ok()
         if ctx.kernel:
             return _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params)
+        ctx.triton = _use_triton(x, cdt)
+        if ctx.triton:
+            return _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params)
         with torch.autocast(x.device.type, enabled=False):
             rows, inv, prev, padded = _plan(B, H, W, kinds, x.device)
             T, DN = rows.shape
@@ -274,15 +277,7 @@ class _FusedLSTM2D(torch.autograd.Function):
             # the output, in the native 'cat' layout
             y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=cdt)
             save = any(ctx.needs_input_grad)
-            ctx.triton = _use_triton(x, cdt)
-            if ctx.triton:
-                from .triton_lstm import lstm_recurrence_triton
-                out_rows = torch.empty(R + 1, hidden, device=x.device, dtype=cdt)  # + a scratch row
-                saved = lstm_recurrence_triton(xp_buf, w_hh, rows, D, N, hidden, out_rows, save)
-                y.view(R, hidden).copy_(out_rows[:R])
-            else:
-                saved = _recurrence_torch(xp_buf, w_hh.transpose(1, 2), rows, inv, D, N, hidden,
-                                          y.view(R, hidden), save)
+            saved = _recurrence_torch(xp_buf, w_hh.transpose(1, 2), rows, inv, D, N, hidden, y.view(R, hidden), save)
             del xp_buf, xp
             if save:
                 act, cs, sc = saved
@@ -297,6 +292,8 @@ class _FusedLSTM2D(torch.autograd.Function):
     def backward(ctx, gy):
         if ctx.kernel:
             return _backward_cpu_kernel(ctx, gy)
+        if ctx.triton:
+            return _backward_triton(ctx, gy)
         x, w_ih, w_hh, rows, inv, prev, act, cs, sc, y = ctx.saved_tensors
         kinds, hidden, has_bias, padded, cdt, dtypes = ctx.meta
         B, H, W, C = x.shape
@@ -308,16 +305,10 @@ class _FusedLSTM2D(torch.autograd.Function):
         BHW = B * H * W
         with torch.autocast(x.device.type, enabled=False):
             gy = gy.to(cdt).reshape(R, hidden)
-            if padded or ctx.triton:  # padded steps read a zero row
+            if padded:  # padded steps read a zero row
                 gy = torch.cat([gy, gy.new_zeros(1, hidden)])
-            if ctx.triton:
-                from .triton_lstm import lstm_backward_triton
-                dxp_buf = torch.empty(R + 1, G, device=x.device, dtype=cdt)   # + a scratch row for padded steps
-                lstm_backward_triton(gy, act, cs, sc, w_hh, rows, D, N, hidden, dxp_buf)
-                dxp = dxp_buf[:R].view(BHW, D * G)
-            else:
-                dxp = torch.empty(BHW, D * G, device=x.device, dtype=cdt)
-                _backward_torch(gy.contiguous(), act, cs, sc, w_hh, rows, inv, D, N, hidden, dxp.view(R, G))
+            dxp = torch.empty(BHW, D * G, device=x.device, dtype=cdt)
+            _backward_torch(gy.contiguous(), act, cs, sc, w_hh, rows, inv, D, N, hidden, dxp.view(R, G))
             x2 = x.reshape(BHW, C).to(cdt)
             dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
             dw_ih = torch.mm(dxp.t(), x2)                                                 # (D*4h, C)
@@ -460,6 +451,73 @@ def _backward_cpu_kernel(ctx, gy):
     return (dx, None, None, None, None, *grads)
 
 
+# ---- the GPU path: Triton recurrences (triton_lstm), the rest as single GEMMs -------------------------------
+
+def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
+    """Forward through the Triton recurrence. Under autocast (``mm_dtype`` float16 / bfloat16) the input
+    projection, the recurrent products (tensor cores, float32 accumulation) and the output are in that dtype,
+    as cuDNN's LSTM runs under autocast; the cell state and the gate arithmetic stay float32."""
+    from . import triton_lstm
+    B, H, W, C = x.shape
+    D = len(kinds)
+    BHW = B * H * W
+    f32 = torch.float32
+    lowp = mm_dtype in (torch.float16, torch.bfloat16)
+    pdt = mm_dtype if lowp else f32                  # the products' dtype
+    with torch.autocast(x.device.type, enabled=False):
+        rows, _, prev, _ = _plan(B, H, W, kinds, x.device)
+        N = rows.shape[1] // D
+        has_bias = params[2] is not None
+        w_ih = torch.cat([_to_internal(params[4 * d].to(f32), hidden) for d in range(D)]).to(pdt)       # (D*4h, C)
+        w_hh = torch.stack([_to_internal(params[4 * d + 1].to(f32), hidden) for d in range(D)]).to(pdt)  # (D, 4h, h)
+        x2 = x.reshape(BHW, C).to(pdt)
+        if has_bias:
+            bias = torch.cat([_to_internal(params[4 * d + 2].to(f32) + params[4 * d + 3].to(f32), hidden)
+                              for d in range(D)]).to(pdt)
+            xp = torch.addmm(bias, x2, w_ih.t())                 # (BHW, D*4h): row token*D + d of (R, 4h)
+        else:
+            xp = torch.mm(x2, w_ih.t())
+        save = any(ctx.needs_input_grad)
+        y, act, cs, sc = triton_lstm.forward(xp.view(BHW * D, 4 * hidden), w_hh, rows, D, N, hidden, save)
+        y = y.view(B, H, W, D * hidden)                          # the 'cat' layout, no permute
+        if save:
+            ctx.save_for_backward(x2, w_ih, w_hh, rows, prev, act, cs, sc, y)
+            ctx.meta = (kinds, hidden, has_bias, x.shape, x.dtype, [p.dtype if p is not None else None for p in params])
+        if out_dtype != y.dtype:
+            y = y.to(out_dtype)
+    return y
+
+
+def _backward_triton(ctx, gy):
+    from . import triton_lstm
+    x2, w_ih, w_hh, rows, prev, act, cs, sc, y = ctx.saved_tensors
+    kinds, hidden, has_bias, x_shape, x_dtype, dtypes = ctx.meta
+    B, H, W, C = x_shape
+    D = len(kinds)
+    G = 4 * hidden
+    BHW = B * H * W
+    R = BHW * D
+    N = rows.shape[1] // D
+    with torch.autocast(gy.device.type, enabled=False):
+        gy = gy.reshape(R, hidden).contiguous()
+        dxp = triton_lstm.backward(gy, act, cs, sc, w_hh, rows, D, N, hidden).view(BHW, D * G)   # in w_hh's dtype
+        dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x_dtype) if ctx.needs_input_grad[0] else None
+        dw_ih = torch.mm(dxp.t(), x2).float()                                                   # (D*4h, C)
+        yz = torch.cat([y.view(R, hidden).to(dxp.dtype), y.new_zeros(1, hidden, dtype=dxp.dtype)])  # + a zero row
+        h_prev = yz.index_select(0, prev).view(BHW, D, hidden)                                    # h_{t-1} by token
+        dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1)).float()   # (D, 4h, h)
+        db = dxp.sum(0, dtype=torch.float32) if has_bias else None
+        grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
+        for d in range(D):
+            grads[4 * d] = _from_internal(dw_ih[d * G:(d + 1) * G], hidden).to(dtypes[4 * d])
+            grads[4 * d + 1] = _from_internal(dw_hh[d], hidden).to(dtypes[4 * d + 1])
+            if has_bias:
+                gb = _from_internal(db[d * G:(d + 1) * G], hidden)
+                grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
+                grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
+    return (dx, None, None, None, None, *grads)
+
+
 def _graph_kept() -> bool:
     """Whether this backward keeps the graph for another one (``retain_graph``), or may not be the only one
     (traced by torch.compile, or the flag cannot be read): then saved tensors must stay intact."""
@@ -515,8 +573,8 @@ _TRITON_ON_CPU = [False]
 
 
 def _use_triton(x: torch.Tensor, cdt: torch.dtype) -> bool:
-    """Whether the Triton kernels run the recurrence (float32 on CUDA, where Triton is available)."""
-    if cdt != torch.float32 or torch.compiler.is_compiling():
+    """Whether the Triton kernels run the recurrence (on CUDA, where Triton is available; not in float64)."""
+    if cdt != torch.float32:
         return False
     if _TRITON_ON_CPU[0]:
         return True

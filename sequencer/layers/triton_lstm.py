@@ -22,7 +22,8 @@ torch backward) and multiplies them by ``W_hh`` with ``tl.dot`` for the step bef
 CPU tensors run through Triton's interpreter (the same kernel source, executed in numpy): slow, but it
 lets the kernel be tested without a GPU.
 """
-from typing import Optional, Tuple
+import warnings
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -42,8 +43,9 @@ def available() -> bool:
 
 
 def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr, sc_ptr,
-                     T, N, D,
-                     HID: constexpr, BLOCK_N: constexpr, BLOCK_H: constexpr, SAVE: constexpr):
+                     T, N, D, R,
+                     HID: constexpr, BLOCK_N: constexpr, BLOCK_H: constexpr, SAVE: constexpr,
+                     LOWP: constexpr, RELOAD: constexpr, UPCAST: constexpr):
     d = tl.program_id(0)
     nb = tl.program_id(1)
     G = 4 * HID
@@ -53,21 +55,49 @@ def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr, sc_ptr,
     mask_h = offs_h < HID
     mask = mask_n[:, None] & mask_h[None, :]
     mask_w = mask_h[:, None] & mask_h[None, :]
-    # W_hh of this direction, (4h, h) internal layout, loaded transposed per gate: w_q[k, j] = W[q*h + j, k]
+    # W_hh of this direction, (4h, h) internal layout, read transposed per gate: w_q[k, j] = W[q*h + j, k]
     w_base = whh_ptr + d * G * HID + offs_h[None, :] * HID + offs_h[:, None]
-    w_i = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
-    w_f = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
-    w_o = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
-    w_g = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+    if not RELOAD:   # kept on chip for the whole sequence
+        w_i0 = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
+        w_f0 = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
+        w_o0 = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
+        w_g0 = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
     h = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     c = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     for t in range(T):
-        r = tl.load(rows_ptr + t * D * N + d * N + offs_n, mask=mask_n, other=0)
+        if RELOAD:   # read from the cache at every step (frees registers for larger tiles)
+            w_i = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
+            w_f = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
+            w_o = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
+            w_g = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+        else:
+            w_i = w_i0
+            w_f = w_f0
+            w_o = w_o0
+            w_g = w_g0
+        r = tl.load(rows_ptr + t * D * N + d * N + offs_n, mask=mask_n, other=R)
+        mask_r = mask & (r < R)[:, None]          # padded steps and sequences (row R) read zeros, write nothing
         x_base = xp_ptr + r[:, None] * G + offs_h[None, :]
-        a_i = tl.load(x_base, mask=mask, other=0.0) + tl.dot(h, w_i, input_precision="ieee")
-        a_f = tl.load(x_base + HID, mask=mask, other=0.0) + tl.dot(h, w_f, input_precision="ieee")
-        a_o = tl.load(x_base + 2 * HID, mask=mask, other=0.0) + tl.dot(h, w_o, input_precision="ieee")
-        a_g = tl.load(x_base + 3 * HID, mask=mask, other=0.0) + tl.dot(h, w_g, input_precision="ieee")
+        if LOWP:     # tensor-core products in the weights' (autocast) dtype, accumulated in float32
+            hq = h.to(whh_ptr.dtype.element_ty)
+            if UPCAST:   # the interpreter's low-precision dot is unreliable: the same products in float32
+                hq = hq.to(tl.float32)
+                w_i = w_i.to(tl.float32)
+                w_f = w_f.to(tl.float32)
+                w_o = w_o.to(tl.float32)
+                w_g = w_g.to(tl.float32)
+            a_i = tl.load(x_base, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_i)
+            a_f = tl.load(x_base + HID, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_f)
+            a_o = tl.load(x_base + 2 * HID, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_o)
+            a_g = tl.load(x_base + 3 * HID, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_g)
+        else:
+            a_i = tl.load(x_base, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(h, w_i, input_precision="ieee")
+            a_f = (tl.load(x_base + HID, mask=mask_r, other=0.0).to(tl.float32)
+                   + tl.dot(h, w_f, input_precision="ieee"))
+            a_o = (tl.load(x_base + 2 * HID, mask=mask_r, other=0.0).to(tl.float32)
+                   + tl.dot(h, w_o, input_precision="ieee"))
+            a_g = (tl.load(x_base + 3 * HID, mask=mask_r, other=0.0).to(tl.float32)
+                   + tl.dot(h, w_g, input_precision="ieee"))
         i = 1.0 / (1.0 + tl.exp(-a_i))
         f = 1.0 / (1.0 + tl.exp(-a_f))
         o = 1.0 / (1.0 + tl.exp(-a_o))
@@ -76,7 +106,7 @@ def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr, sc_ptr,
         sc = 1.0 / (1.0 + tl.exp(2.0 * c))      # tanh(c) = 1 - 2 sigmoid(-2c)
         h = o * (1.0 - 2.0 * sc)
         h = tl.where(mask, h, 0.0)
-        tl.store(y_ptr + r[:, None] * HID + offs_h[None, :], h, mask=mask)
+        tl.store(y_ptr + r[:, None] * HID + offs_h[None, :], h, mask=mask_r)
         if SAVE:
             step = (t * D + d) * N + offs_n
             a_base = act_ptr + step[:, None] * G + offs_h[None, :]
@@ -90,8 +120,9 @@ def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr, sc_ptr,
 
 
 def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, sc_ptr, dxp_ptr,
-                     T, N, D,
-                     HID: constexpr, BLOCK_N: constexpr, BLOCK_H: constexpr):
+                     T, N, D, R,
+                     HID: constexpr, BLOCK_N: constexpr, BLOCK_H: constexpr, LOWP: constexpr,
+                     RELOAD: constexpr, UPCAST: constexpr):
     d = tl.program_id(0)
     nb = tl.program_id(1)
     G = 4 * HID
@@ -103,16 +134,18 @@ def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, sc_ptr, dxp_ptr
     mask_w = mask_h[:, None] & mask_h[None, :]
     # W_hh of this direction per gate, not transposed: w_q[j, k] = W[q*h + j, k], so dG_q @ w_q is dh's share
     w_base = whh_ptr + d * G * HID + offs_h[:, None] * HID + offs_h[None, :]
-    w_i = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
-    w_f = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
-    w_o = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
-    w_g = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+    if not RELOAD:
+        w_i0 = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
+        w_f0 = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
+        w_o0 = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
+        w_g0 = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
     dh_rec = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)   # dG_{t+1} @ W_hh
     dc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)       # dc carried from step t + 1
     for tt in range(T):
         t = T - 1 - tt
-        r = tl.load(rows_ptr + t * D * N + d * N + offs_n, mask=mask_n, other=0)
-        dh = tl.load(gy_ptr + r[:, None] * HID + offs_h[None, :], mask=mask, other=0.0) + dh_rec
+        r = tl.load(rows_ptr + t * D * N + d * N + offs_n, mask=mask_n, other=R)
+        mask_r = mask & (r < R)[:, None]
+        dh = tl.load(gy_ptr + r[:, None] * HID + offs_h[None, :], mask=mask_r, other=0.0).to(tl.float32) + dh_rec
         step = (t * D + d) * N + offs_n
         a_base = act_ptr + step[:, None] * G + offs_h[None, :]
         i = tl.load(a_base, mask=mask, other=0.0)
@@ -134,13 +167,38 @@ def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, sc_ptr, dxp_ptr
         dg_o = do * o * (1.0 - o)
         dg_s = ds * s * (1.0 - s)
         x_base = dxp_ptr + r[:, None] * G + offs_h[None, :]
-        tl.store(x_base, dg_i, mask=mask)
-        tl.store(x_base + HID, dg_f, mask=mask)
-        tl.store(x_base + 2 * HID, dg_o, mask=mask)
-        tl.store(x_base + 3 * HID, dg_s, mask=mask)
+        tl.store(x_base, dg_i, mask=mask_r)
+        tl.store(x_base + HID, dg_f, mask=mask_r)
+        tl.store(x_base + 2 * HID, dg_o, mask=mask_r)
+        tl.store(x_base + 3 * HID, dg_s, mask=mask_r)
         dc = dc * f
-        dh_rec = (tl.dot(dg_i, w_i, input_precision="ieee") + tl.dot(dg_f, w_f, input_precision="ieee")
-                  + tl.dot(dg_o, w_o, input_precision="ieee") + tl.dot(dg_s, w_g, input_precision="ieee"))
+        if RELOAD:
+            w_i = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
+            w_f = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
+            w_o = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
+            w_g = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+        else:
+            w_i = w_i0
+            w_f = w_f0
+            w_o = w_o0
+            w_g = w_g0
+        if LOWP:
+            q = whh_ptr.dtype.element_ty
+            if UPCAST:
+                dg_i = dg_i.to(q).to(tl.float32)
+                dg_f = dg_f.to(q).to(tl.float32)
+                dg_o = dg_o.to(q).to(tl.float32)
+                dg_s = dg_s.to(q).to(tl.float32)
+                q = tl.float32
+                w_i = w_i.to(tl.float32)
+                w_f = w_f.to(tl.float32)
+                w_o = w_o.to(tl.float32)
+                w_g = w_g.to(tl.float32)
+            dh_rec = (tl.dot(dg_i.to(q), w_i) + tl.dot(dg_f.to(q), w_f)
+                      + tl.dot(dg_o.to(q), w_o) + tl.dot(dg_s.to(q), w_g))
+        else:
+            dh_rec = (tl.dot(dg_i, w_i, input_precision="ieee") + tl.dot(dg_f, w_f, input_precision="ieee")
+                      + tl.dot(dg_o, w_o, input_precision="ieee") + tl.dot(dg_s, w_g, input_precision="ieee"))
 
 
 _KERNELS = {}
@@ -159,60 +217,191 @@ def _kernel(fn, interpret: bool):
     return _KERNELS[key]
 
 
-def _blocks(hidden: int, block_n: Optional[int]) -> Tuple[int, int]:
+class Config(NamedTuple):
+    """How the kernels split the work: sequences per program, warps per program, and whether ``W_hh`` is
+    held in registers for the whole sequence (False) or read from the cache at every step (True)."""
+    block_n: int = 32
+    num_warps: int = 4
+    reload: bool = False
+
+
+# the candidates the GPU launch chooses from, by timing each on its first call per shape (triton.autotune);
+# float32 products (no tensor cores) keep to the smaller tiles
+CANDIDATES = (Config(16, 4, False), Config(32, 4, False), Config(64, 8, False), Config(16, 4, True),
+              Config(32, 4, True), Config(64, 4, True), Config(64, 8, True), Config(128, 8, True))
+
+
+_TUNING = [True]   # cleared if the autotuner fails to run
+
+
+def _prune(configs, named_args, **kwargs):
+    if kwargs.get('LOWP', named_args.get('LOWP')):
+        return configs
+    small = [c for c in configs if c.kwargs['BLOCK_N'] <= 32]
+    return small or configs[:1]
+
+
+def _tuned(fn, key_args):
+    """``fn`` compiled for the GPU, its launch configuration chosen among ``CANDIDATES`` per shape."""
+    key = (fn.__name__, 'tuned')
+    if key not in _KERNELS:
+        from triton.runtime.jit import JITFunction
+        configs = [triton.Config({'BLOCK_N': c.block_n, 'RELOAD': c.reload}, num_warps=c.num_warps)
+                   for c in CANDIDATES]
+        _KERNELS[key] = triton.autotune(configs=configs, key=list(key_args),
+                                        prune_configs_by={'early_config_prune': _prune})(JITFunction(fn))
+    return _KERNELS[key]
+
+
+def best_configs() -> Dict[str, dict]:
+    """What the autotuned GPU kernels chose so far, by kernel and key (for benchmark reports)."""
+    out = {}
+    for (name, kind), k in _KERNELS.items():
+        if kind == 'tuned':
+            out[name] = {str(key): {**cfg.kwargs, 'num_warps': cfg.num_warps} for key, cfg in k.cache.items()}
+    return out
+
+
+def config_for(hidden: int) -> Tuple[Config, int]:
+    """The default launch configuration (interpreter) and the padded (power-of-two) hidden size."""
     block_h = max(16, triton.next_power_of_2(hidden))
-    if block_n is None:
-        block_n = 16 if block_h >= 128 else 32
-    return block_n, block_h
+    return Config(block_n=16, num_warps=4, reload=block_h >= 128), block_h
+
+
+def _check(R: int, rows: torch.Tensor, *by_row: torch.Tensor) -> None:
+    for t in by_row:
+        if t.shape[0] < R or not t.is_contiguous():
+            raise ValueError('the row tensors of the Triton LSTM kernels must be contiguous with at least R rows')
+    if rows.dtype != torch.int64 or not rows.is_contiguous():
+        raise ValueError('rows must be a contiguous int64 tensor')
 
 
 def lstm_recurrence_triton(xp_rows: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int,
-                           hidden: int, out_rows: torch.Tensor, save: bool,
-                           block_n: Optional[int] = None) -> Optional[Tuple[torch.Tensor, ...]]:
-    """Drop-in for ``fused_lstm._recurrence_torch`` (same arguments, except ``w_hh`` is (D, 4h, h)).
+                           hidden: int, out_rows: torch.Tensor, save: bool, R: Optional[int] = None,
+                           config: Optional[Config] = None) -> Optional[Tuple[torch.Tensor, ...]]:
+    """The forward recurrence of all D directions.
 
-    xp_rows (R+1, 4h) float32 input gates by token row; rows (T, D*N) index table; out_rows (R+1, h)
-    receives h. With ``save`` returns (act (T, D, N, 4h), cs (T, D, N, h), sc (T, D, N, h)).
+    xp_rows (>= R, 4h) input gates by token row (float32, or the autocast dtype); w_hh (D, 4h, h) internal
+    recurrent weights: float32 for float32 products, float16 / bfloat16 for tensor-core products accumulated
+    in float32; rows (T, D*N) index table, whose entries equal to R (default ``xp_rows.shape[0] - 1``) are
+    padding: they read zeros and write nothing. out_rows (>= R, h) receives h in its own dtype. With
+    ``save`` returns (act (T, D, N, 4h), cs (T, D, N, h), sc (T, D, N, h)), float32.
     """
     if triton is None:
         raise RuntimeError("the Triton LSTM kernel needs the 'triton' package")
+    R = xp_rows.shape[0] - 1 if R is None else R
+    _check(R, rows, xp_rows, out_rows)
     T = rows.shape[0]
     G = 4 * hidden
     dev = xp_rows.device
-    xp_rows = xp_rows.float().contiguous()
-    w_hh = w_hh.float().contiguous()
-    rows = rows.contiguous()
+    w_hh = w_hh.contiguous()
+    lowp = w_hh.dtype != torch.float32
     if save:
         act = torch.empty(T, D, N, G, device=dev, dtype=torch.float32)
         cs = torch.empty(T, D, N, hidden, device=dev, dtype=torch.float32)
         sc = torch.empty(T, D, N, hidden, device=dev, dtype=torch.float32)
     else:
         act = cs = sc = out_rows  # unused pointers
-    block_n, block_h = _blocks(hidden, block_n)
-    grid = (D, triton.cdiv(N, block_n))
-    _kernel(_lstm_fwd_kernel, dev.type != 'cuda')[grid](xp_rows, w_hh, rows, out_rows, act, cs, sc, T, N, D,
-                                       HID=hidden, BLOCK_N=block_n, BLOCK_H=block_h, SAVE=save)
+    interpret = dev.type != 'cuda'
+    default, block_h = config_for(hidden)
+    args = (xp_rows, w_hh, rows, out_rows, act, cs, sc, T, N, D, R)
+    if not interpret and config is None and _TUNING[0]:
+        try:
+            _tuned(_lstm_fwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP', 'SAVE'))[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
+                *args, HID=hidden, BLOCK_H=block_h, SAVE=save, LOWP=lowp, UPCAST=False)
+            return (act, cs, sc) if save else None
+        except Exception as e:  # an autotuner this Triton version lacks: the default configuration instead
+            _TUNING[0] = False
+            warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); using the default launch configuration')
+    cfg = config or default
+    _kernel(_lstm_fwd_kernel, interpret)[(D, triton.cdiv(N, cfg.block_n))](
+        *args, HID=hidden, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SAVE=save, LOWP=lowp, RELOAD=cfg.reload,
+        UPCAST=interpret, num_warps=cfg.num_warps)
     return (act, cs, sc) if save else None
 
 
 def lstm_backward_triton(gy_rows: torch.Tensor, act: torch.Tensor, cs: torch.Tensor, sc: torch.Tensor,
                          w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int, hidden: int,
-                         dxp_rows: torch.Tensor, block_n: Optional[int] = None) -> None:
-    """The backward recursion, in place of ``fused_lstm._backward_torch``.
+                         dxp_rows: torch.Tensor, R: Optional[int] = None, config: Optional[Config] = None) -> None:
+    """The backward recursion of all D directions.
 
-    gy_rows (R+1, h) float32 output gradient by token row, its last row zero (read by padded steps);
-    act / cs / sc: what the forward saved; w_hh (D, 4h, h) internal recurrent weights; rows (T, D*N).
-    dxp_rows (R+1, 4h) float32 contiguous receives the internal gate gradients by token row (its last row
-    is scratch, written by padded steps).
+    gy_rows (>= R, h) output gradient by token row (any float dtype); act / cs / sc: what the forward
+    saved; w_hh (D, 4h, h) internal recurrent weights, in the dtype of the forward's products; rows (T, D*N)
+    with padding entries equal to R (default ``gy_rows.shape[0] - 1``). dxp_rows (>= R, 4h) receives the
+    internal gate gradients by token row, in its own dtype.
     """
     if triton is None:
         raise RuntimeError("the Triton LSTM kernel needs the 'triton' package")
+    R = gy_rows.shape[0] - 1 if R is None else R
+    _check(R, rows, gy_rows, dxp_rows)
+    if dxp_rows.shape[1] != 4 * hidden:
+        raise ValueError('dxp_rows must have 4h columns')
     T = rows.shape[0]
-    R = gy_rows.shape[0] - 1
-    if dxp_rows.shape != (R + 1, 4 * hidden) or not dxp_rows.is_contiguous() or dxp_rows.dtype != torch.float32:
-        raise ValueError('dxp_rows must be a contiguous float32 tensor of shape (R + 1, 4h)')
-    block_n, block_h = _blocks(hidden, block_n)
-    grid = (D, triton.cdiv(N, block_n))
-    _kernel(_lstm_bwd_kernel, gy_rows.device.type != 'cuda')[grid](
-        gy_rows.float().contiguous(), w_hh.float().contiguous(), rows.contiguous(), act, cs, sc, dxp_rows,
-        T, N, D, HID=hidden, BLOCK_N=block_n, BLOCK_H=block_h)
+    w_hh = w_hh.contiguous()
+    lowp = w_hh.dtype != torch.float32
+    interpret = gy_rows.device.type != 'cuda'
+    default, block_h = config_for(hidden)
+    args = (gy_rows, w_hh, rows, act, cs, sc, dxp_rows, T, N, D, R)
+    if not interpret and config is None and _TUNING[0]:
+        try:
+            _tuned(_lstm_bwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP'))[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
+                *args, HID=hidden, BLOCK_H=block_h, LOWP=lowp, UPCAST=False)
+            return
+        except Exception as e:  # an autotuner this Triton version lacks: the default configuration instead
+            _TUNING[0] = False
+            warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); using the default launch configuration')
+    cfg = config or default
+    _kernel(_lstm_bwd_kernel, interpret)[(D, triton.cdiv(N, cfg.block_n))](
+        *args, HID=hidden, BLOCK_N=cfg.block_n, BLOCK_H=block_h, LOWP=lowp, RELOAD=cfg.reload,
+        UPCAST=interpret, num_warps=cfg.num_warps)
+
+
+# ---- as torch ops, so that torch.compile keeps the kernels in its graphs -----------------------------------
+
+@torch.library.custom_op('sequencer_triton::lstm2d_forward', mutates_args=())
+def _forward_op(xp: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int, hidden: int,
+                save: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    R = xp.shape[0]
+    y = torch.empty(R, hidden, device=xp.device, dtype=xp.dtype)
+    saved = lstm_recurrence_triton(xp, w_hh, rows, D, N, hidden, y, save, R=R)
+    if saved is None:
+        empty = xp.new_empty(0, dtype=torch.float32)
+        saved = (empty, empty, empty)
+    return (y, *saved)
+
+
+@_forward_op.register_fake
+def _(xp, w_hh, rows, D, N, hidden, save):
+    T = rows.shape[0]
+    f32 = torch.float32
+    y = xp.new_empty(xp.shape[0], hidden)
+    if not save:
+        return y, xp.new_empty(0, dtype=f32), xp.new_empty(0, dtype=f32), xp.new_empty(0, dtype=f32)
+    return (y, xp.new_empty(T, D, N, 4 * hidden, dtype=f32), xp.new_empty(T, D, N, hidden, dtype=f32),
+            xp.new_empty(T, D, N, hidden, dtype=f32))
+
+
+@torch.library.custom_op('sequencer_triton::lstm2d_backward', mutates_args=())
+def _backward_op(gy: torch.Tensor, act: torch.Tensor, cs: torch.Tensor, sc: torch.Tensor, w_hh: torch.Tensor,
+                 rows: torch.Tensor, D: int, N: int, hidden: int) -> torch.Tensor:
+    R = gy.shape[0]
+    dxp = torch.empty(R, 4 * hidden, device=gy.device, dtype=w_hh.dtype)
+    lstm_backward_triton(gy, act, cs, sc, w_hh, rows, D, N, hidden, dxp, R=R)
+    return dxp
+
+
+@_backward_op.register_fake
+def _(gy, act, cs, sc, w_hh, rows, D, N, hidden):
+    return gy.new_empty(gy.shape[0], 4 * hidden, dtype=w_hh.dtype)
+
+
+def forward(xp: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int, hidden: int,
+            save: bool) -> Tuple[torch.Tensor, ...]:
+    """(y (R, h) in xp's dtype, act, cs, sc) for xp (R, 4h): the op form of ``lstm_recurrence_triton``."""
+    return torch.ops.sequencer_triton.lstm2d_forward(xp, w_hh, rows, D, N, hidden, save)
+
+
+def backward(gy: torch.Tensor, act: torch.Tensor, cs: torch.Tensor, sc: torch.Tensor, w_hh: torch.Tensor,
+             rows: torch.Tensor, D: int, N: int, hidden: int) -> torch.Tensor:
+    """dxp (R, 4h) in w_hh's dtype for gy (R, h): the op form of ``lstm_backward_triton``."""
+    return torch.ops.sequencer_triton.lstm2d_backward(gy, act, cs, sc, w_hh, rows, D, N, hidden)
