@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of BENCHMARKS.md, for a machine with one CUDA device:
-#   bash scripts/gpu_benchmarks.sh [train|infer|all] [OUTPUT_DIR]      (default: all, output/bench_gpu)
-# train: 1. the CUDA tests (Triton kernels against cuDNN, fp32 and bf16 autocast, torch.compile);
-#        2. one BiLSTM2D and its kernels alone (scripts/microbench_gpu_recurrence.py, every launch configuration);
-#        3. Sequencer2D-S, 224 px, bf16 autocast, batch 256, training against timm's sequencer2d_s with the
-#           same weights, with each engine of ours (timm eager);
-#        4. training peak memory at batch 32 with and without gradient checkpointing;
-#        5. a profile of one training step of each model.
-# infer: inference, batch 256, bf16: both models under torch.compile, and both eager.
+#   bash scripts/gpu_benchmarks.sh [train|infer|diag|all] [OUTPUT_DIR]      (default: all, output/bench_gpu)
+# train: Sequencer2D-S, 224 px, bf16 autocast, batch 256, training against timm's sequencer2d_s with the same
+#        weights, with each engine of ours (timm eager); training peak memory at batch 32 with and without
+#        gradient checkpointing.
+# infer: inference, batch 256, bf16: both models eager, and both under torch.compile.
+# diag:  the CUDA tests (Triton kernels against cuDNN and float64, bf16 autocast, torch.compile); one BiLSTM2D
+#        and its kernels alone (scripts/microbench_gpu_recurrence.py, every launch configuration); a profile
+#        of one training step of each model (scripts/profile_step.py).
 # Every step writes its log and results into OUTPUT_DIR; a step that fails or overruns does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ PART=${1:-all}
 OUT=${2:-output/bench_gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log
   local name=$1 limit=$2; shift 2
   echo "== $name ($(date -u +%T))"
@@ -25,11 +25,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME
   echo "== $name rc=$rc"
 }
 BENCH=("$PY" -m sequencer.cli benchmark --model sequencer2d_s --device cuda --compare-timm --quiet)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
+if [[ $PART == diag || $PART == all ]]; then
+  step tests 150 "$PY" -m pytest -q -p no:warnings tests/test_fused.py -k cuda
+fi
+if [[ $PART == infer || $PART == all ]]; then
+  step infer_eager 120 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --rnn-engine fused --warmup 5 \
+      --iters 30 --results-file "$OUT/s_infer_bf16_b256_eager.json"
+  step infer_compiled 400 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --rnn-engine fused --compile \
+      --warmup 5 --iters 30 --results-file "$OUT/s_infer_bf16_b256_compiled.json"
+fi
 if [[ $PART == train || $PART == all ]]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
-  step tests 150 "$PY" -m pytest -q -p no:warnings -x tests/test_fused.py -k cuda
-  step recurrence 150 "$PY" scripts/microbench_gpu_recurrence.py --configs --json "$OUT/recurrence.json"
   for engine in fused native; do
     step "train_$engine" 120 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode train --rnn-engine "$engine" \
         --warmup 5 --iters 20 --matmul-peak --results-file "$OUT/s_train_bf16_b256_$engine.json"
@@ -39,13 +46,10 @@ if [[ $PART == train || $PART == all ]]; then
         --precision bf16 --mode train --rnn-engine fused --warmup 2 --iters 3 $gc \
         --results-file "$OUT/s_train_b32_mem${gc:+_gc}.json"
   done
-  step profile_fused 90 "$PY" scripts/profile_step.py --rnn-engine fused --top 25
-  step profile_timm 90 "$PY" scripts/profile_step.py --timm --top 15
 fi
-if [[ $PART == infer || $PART == all ]]; then
-  step infer_eager 120 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --rnn-engine fused --warmup 5 \
-      --iters 30 --results-file "$OUT/s_infer_bf16_b256_eager.json"
-  step infer_compiled 400 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --rnn-engine fused --compile \
-      --warmup 5 --iters 30 --results-file "$OUT/s_infer_bf16_b256_compiled.json"
+if [[ $PART == diag || $PART == all ]]; then
+  step profile_fused 90 "$PY" scripts/profile_step.py --rnn-engine fused --top 30
+  step profile_timm 90 "$PY" scripts/profile_step.py --timm --top 15
+  step recurrence 150 "$PY" scripts/microbench_gpu_recurrence.py --configs --json "$OUT/recurrence.json"
 fi
 echo "results in $OUT"
