@@ -171,7 +171,11 @@ def test_engine_resolution():
         assert m.resolved_engine(x) == ('fused' if cpu_kernel.available() else 'native')   # kernel
     assert auto_engine('cpu', True, torch.float32, True, cpu_kernel=False) == 'native'
     assert auto_engine('cpu', False, torch.float32, True, cpu_kernel=True) == 'fused'
-    assert auto_engine('cuda', True, torch.float32, False) == 'native'
+    assert auto_engine('cuda', True, torch.float32, True, triton=True) == 'fused'        # GPU training
+    assert auto_engine('cuda', False, torch.float32, True, triton=True, compiling=True) == 'fused'
+    assert auto_engine('cuda', False, torch.float32, True, triton=True) == 'native'      # eager inference
+    assert auto_engine('cuda', True, torch.float32, False, triton=False) == 'native'     # no Triton
+    assert auto_engine('cuda', True, torch.bfloat16, False, triton=True) == 'native'     # bf16 weights
     with pytest.raises(ValueError):
         _tiny_s().set_rnn_engine('cudnn')
 
@@ -237,15 +241,19 @@ _INTERPRETER_CHECK = textwrap.dedent('''
     rows, inv, prev, padded = fl._build_plan(B, H, W, kinds, "cpu")
     T, DN = rows.shape
     N, R = DN // D, B * H * W * D
+    # the Triton kernels take nn.LSTM's layout; the torch implementation its internal one
     xp = torch.randn(R + 1, G)
     xp[R] = 0
     w = torch.randn(D, G, hid) * 0.3
+    xp_int = fl._to_internal(xp.t(), hid).t().contiguous()
+    w_int = torch.stack([fl._to_internal(w[d], hid) for d in range(D)])
     y_ref = torch.zeros(R + 1, hid)
-    ref = fl._recurrence_torch(xp, w.transpose(1, 2), rows, inv, D, N, hid, y_ref[:R], True)
+    ref = fl._recurrence_torch(xp_int, w_int.transpose(1, 2), rows, inv, D, N, hid, y_ref[:R], True)
     gy = torch.randn(R + 1, hid)
     gy[R] = 0
-    dxp_ref = torch.empty(R, G)
-    fl._backward_torch(gy, *ref, w, rows, inv, D, N, hid, dxp_ref)
+    dxp_int = torch.empty(R, G)
+    fl._backward_torch(gy, *ref, w_int, rows, inv, D, N, hid, dxp_int)
+    dxp_ref = fl._from_internal(dxp_int.t(), hid).t()
     for reload in (False, True):   # W_hh held for the whole sequence, or read at every step
         cfg = triton_lstm.Config(block_n=16, num_warps=4, reload=reload)
         y_tri = torch.full((R + 1, hid), float('nan'))
@@ -425,7 +433,8 @@ def test_cpu_kernel_build_falls_back_to_the_next_flags():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 def test_fused_engine_on_cuda_matches_native():
     """On a GPU: the Triton kernels (forward and backward) against the exact result (native nn.LSTM in float64
-    on the CPU), outputs and every gradient, within 1e-5; cuDNN's float32 LSTM is held to the same bound."""
+    on the CPU), outputs and every gradient, within 1e-5. (cuDNN's float32 LSTM is not held to this bound: on
+    an H200 it differed from the exact result by up to 1.35e-5.)"""
     pytest.importorskip('triton')
     from sequencer.layers.fused_lstm import _triton_ok
     assert _triton_ok()
@@ -445,41 +454,44 @@ def test_fused_engine_on_cuda_matches_native():
         return [t.detach().double().cpu() for t in [y, xi.grad] + [p.grad for p in module.parameters()]]
 
     exact = run(m, 'cpu', torch.float64, 'native')
-    for engine in ('fused', 'native'):
-        for a, b in zip(exact, run(m, 'cuda', torch.float32, engine)):
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=lambda s: f'{engine}: {s}')
+    for a, b in zip(exact, run(m, 'cuda', torch.float32, 'fused')):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 def test_fused_engine_on_cuda_under_bf16_autocast_and_compile():
-    """On a GPU under bfloat16 autocast: the fused engine (bfloat16 tensor-core products, float32 cell) agrees
-    with cuDNN within bfloat16 rounding, gradients included; torch.compile keeps the Triton kernels in one
-    graph and gives the eager outputs."""
+    """On a GPU under bfloat16 autocast: the fused engine (bfloat16 tensor-core products, float32 cell) stays
+    within bfloat16 rounding of the exact result (float64 on the CPU), output and every gradient; and
+    torch.compile keeps the Triton kernels in one graph (fullgraph) with the eager outputs."""
     pytest.importorskip('triton')
     torch.manual_seed(0)
-    m = RNN2D(64, 48).cuda()
-    x = torch.randn(4, 8, 6, 64, device='cuda')
-    g = torch.randn(4, 8, 6, 64, device='cuda')
-    results = {}
-    for engine in ('native', 'fused'):
-        m.engine = engine
-        m.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        with torch.autocast('cuda', dtype=torch.bfloat16):
-            y = m(xi)
-        assert y.dtype == torch.bfloat16
-        (y.float() * g).sum().backward()
-        results[engine] = [y.detach().float(), xi.grad] + [p.grad for p in m.parameters()]
-    for a, b in zip(results['native'], results['fused']):
-        assert ((a - b).abs().max() / a.abs().max()).item() < 5e-2
-    m.engine = 'fused'
-    torch._dynamo.reset()
-    from torch._dynamo.utils import counters
-    counters.clear()
-    cm = torch.compile(m, fullgraph=True)
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-        torch.testing.assert_close(cm(x).float(), m(x).float(), atol=2e-2, rtol=2e-2)
+    m = RNN2D(64, 48)
+    x = torch.randn(4, 8, 6, 64)
+    g = torch.randn(4, 8, 6, 64)
 
+    def run(device, dtype, autocast):
+        module = copy.deepcopy(m).to(device, dtype)
+        module.engine = 'fused'
+        xi = x.to(device, dtype).requires_grad_(True)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+            y = module(xi)
+        if autocast:
+            assert y.dtype == torch.bfloat16
+        (y.to(dtype) * g.to(device, dtype)).sum().backward()
+        return [t.detach().double().cpu() for t in [y, xi.grad] + [p.grad for p in module.parameters()]]
+
+    exact = run('cpu', torch.float64, False)
+    for (name, _), a, b in zip([('y', 0), ('x.grad', 0)] + list(m.named_parameters()), exact,
+                               run('cuda', torch.float32, True)):
+        rel = ((a - b).abs().max() / a.abs().max()).item()
+        assert rel < 2e-2, (name, rel)     # measured on an H200: 2.4e-3 - 8.5e-3
+    mc = copy.deepcopy(m).cuda()
+    mc.engine = 'fused'
+    torch._dynamo.reset()
+    cm = torch.compile(mc, fullgraph=True)
+    xc = x.cuda()
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        torch.testing.assert_close(cm(xc).float(), mc(xc).float(), atol=2e-2, rtol=2e-2)
 
 def test_kernel_backward_consumes_saved_gates_only_when_the_graph_is_freed(monkeypatch):
     """The kernel's backward turns the saved gate activations into gate gradients in place. A graph kept for

@@ -225,17 +225,18 @@ def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precisio
 
     The fused engine is labelled with the implementation of its recurrence: on CPU 'fused[kernel]' (the
     compiled CPU kernel, which ``--compile`` loads before tracing) or 'fused[torch]' (where it is not
-    available); on CUDA 'fused[triton]' (eager, Triton installed) or 'fused[torch]'.
+    available); on CUDA 'fused[triton]' (Triton installed; its kernels are torch ops, kept in compiled graphs)
+    or 'fused[torch]'.
     """
     from ..layers import RNN2D, cpu_kernel
     with torch.set_grad_enabled(mode == 'train'), _autocast(device, precision):
-        engines = sorted({m.resolved_engine() for m in model.modules() if isinstance(m, RNN2D)})
+        engines = sorted({m.resolved_engine(compiling=compiled) for m in model.modules() if isinstance(m, RNN2D)})
     if 'fused' in engines:
         if device.type == 'cpu':
             impl = 'kernel' if cpu_kernel.available() else 'torch'
         else:
             from ..layers.fused_lstm import _triton_ok
-            impl = 'triton' if _triton_ok() and not compiled else 'torch'
+            impl = 'triton' if _triton_ok() else 'torch'
         engines = [f'fused[{impl}]' if e == 'fused' else e for e in engines]
     return '+'.join(engines) if engines else 'native'
 

@@ -468,12 +468,13 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         rows, _, prev, _ = _plan(B, H, W, kinds, x.device)
         N = rows.shape[1] // D
         has_bias = params[2] is not None
-        w_ih = torch.cat([_to_internal(params[4 * d].to(f32), hidden) for d in range(D)]).to(pdt)       # (D*4h, C)
-        w_hh = torch.stack([_to_internal(params[4 * d + 1].to(f32), hidden) for d in range(D)]).to(pdt)  # (D, 4h, h)
+        # nn.LSTM's own layout and gate order: the parameters are concatenated, not reordered
+        w_ih = torch.cat([params[4 * d] for d in range(D)]).to(pdt)                  # (D*4h, C)
+        w_hh = torch.stack([params[4 * d + 1] for d in range(D)]).to(pdt)            # (D, 4h, h)
         x2 = x.reshape(BHW, C).to(pdt)
         if has_bias:
-            bias = torch.cat([_to_internal(params[4 * d + 2].to(f32) + params[4 * d + 3].to(f32), hidden)
-                              for d in range(D)]).to(pdt)
+            bias = (torch.cat([params[4 * d + 2] for d in range(D)]).to(f32)
+                    + torch.cat([params[4 * d + 3] for d in range(D)]).to(f32)).to(pdt)
             xp = torch.addmm(bias, x2, w_ih.t())                 # (BHW, D*4h): row token*D + d of (R, 4h)
         else:
             xp = torch.mm(x2, w_ih.t())
@@ -508,11 +509,11 @@ def _backward_triton(ctx, gy):
         dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1)).float()   # (D, 4h, h)
         db = dxp.sum(0, dtype=torch.float32) if has_bias else None
         grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
-        for d in range(D):
-            grads[4 * d] = _from_internal(dw_ih[d * G:(d + 1) * G], hidden).to(dtypes[4 * d])
-            grads[4 * d + 1] = _from_internal(dw_hh[d], hidden).to(dtypes[4 * d + 1])
+        for d in range(D):   # views in nn.LSTM's layout (casts only where a parameter is not float32)
+            grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
+            grads[4 * d + 1] = dw_hh[d].to(dtypes[4 * d + 1])
             if has_bias:
-                gb = _from_internal(db[d * G:(d + 1) * G], hidden)
+                gb = db[d * G:(d + 1) * G]
                 grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
                 grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
     return (dx, None, None, None, None, *grads)

@@ -60,16 +60,16 @@ def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr, sc_ptr,
     if not RELOAD:   # kept on chip for the whole sequence
         w_i0 = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
         w_f0 = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
-        w_o0 = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
-        w_g0 = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+        w_o0 = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+        w_g0 = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
     h = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     c = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     for t in range(T):
         if RELOAD:   # read from the cache at every step (frees registers for larger tiles)
             w_i = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
             w_f = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
-            w_o = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
-            w_g = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+            w_o = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+            w_g = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
         else:
             w_i = w_i0
             w_f = w_f0
@@ -88,20 +88,20 @@ def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr, sc_ptr,
                 w_g = w_g.to(tl.float32)
             a_i = tl.load(x_base, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_i)
             a_f = tl.load(x_base + HID, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_f)
-            a_o = tl.load(x_base + 2 * HID, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_o)
-            a_g = tl.load(x_base + 3 * HID, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_g)
+            a_o = tl.load(x_base + 3 * HID, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_o)
+            a_g = tl.load(x_base + 2 * HID, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(hq, w_g)
         else:
             a_i = tl.load(x_base, mask=mask_r, other=0.0).to(tl.float32) + tl.dot(h, w_i, input_precision="ieee")
             a_f = (tl.load(x_base + HID, mask=mask_r, other=0.0).to(tl.float32)
                    + tl.dot(h, w_f, input_precision="ieee"))
-            a_o = (tl.load(x_base + 2 * HID, mask=mask_r, other=0.0).to(tl.float32)
+            a_o = (tl.load(x_base + 3 * HID, mask=mask_r, other=0.0).to(tl.float32)
                    + tl.dot(h, w_o, input_precision="ieee"))
-            a_g = (tl.load(x_base + 3 * HID, mask=mask_r, other=0.0).to(tl.float32)
+            a_g = (tl.load(x_base + 2 * HID, mask=mask_r, other=0.0).to(tl.float32)
                    + tl.dot(h, w_g, input_precision="ieee"))
         i = 1.0 / (1.0 + tl.exp(-a_i))
         f = 1.0 / (1.0 + tl.exp(-a_f))
         o = 1.0 / (1.0 + tl.exp(-a_o))
-        s = 1.0 / (1.0 + tl.exp(-a_g))          # g = tanh(a) = 1 - 2 s (g rows scaled by -2)
+        s = 1.0 / (1.0 + tl.exp(2.0 * a_g))     # g = tanh(a) = 1 - 2 s, s = sigmoid(-2a)
         c = f * c + i * (1.0 - 2.0 * s)
         sc = 1.0 / (1.0 + tl.exp(2.0 * c))      # tanh(c) = 1 - 2 sigmoid(-2c)
         h = o * (1.0 - 2.0 * sc)
@@ -137,8 +137,8 @@ def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, sc_ptr, dxp_ptr
     if not RELOAD:
         w_i0 = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
         w_f0 = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
-        w_o0 = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
-        w_g0 = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+        w_o0 = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+        w_g0 = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
     dh_rec = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)   # dG_{t+1} @ W_hh
     dc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)       # dc carried from step t + 1
     for tt in range(T):
@@ -165,18 +165,18 @@ def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, sc_ptr, dxp_ptr
         dg_i = di * i * (1.0 - i)                # through the sigmoids
         dg_f = df * f * (1.0 - f)
         dg_o = do * o * (1.0 - o)
-        dg_s = ds * s * (1.0 - s)
-        x_base = dxp_ptr + r[:, None] * G + offs_h[None, :]
+        dg_s = -2.0 * ds * s * (1.0 - s)         # d sigmoid(-2a) / da = -2 s (1 - s)
+        x_base = dxp_ptr + r[:, None] * G + offs_h[None, :]   # nn.LSTM's gate order (i, f, g, o)
         tl.store(x_base, dg_i, mask=mask_r)
         tl.store(x_base + HID, dg_f, mask=mask_r)
-        tl.store(x_base + 2 * HID, dg_o, mask=mask_r)
-        tl.store(x_base + 3 * HID, dg_s, mask=mask_r)
+        tl.store(x_base + 2 * HID, dg_s, mask=mask_r)
+        tl.store(x_base + 3 * HID, dg_o, mask=mask_r)
         dc = dc * f
         if RELOAD:
             w_i = tl.load(w_base + 0 * HID * HID, mask=mask_w, other=0.0)
             w_f = tl.load(w_base + 1 * HID * HID, mask=mask_w, other=0.0)
-            w_o = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
-            w_g = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+            w_o = tl.load(w_base + 3 * HID * HID, mask=mask_w, other=0.0)
+            w_g = tl.load(w_base + 2 * HID * HID, mask=mask_w, other=0.0)
         else:
             w_i = w_i0
             w_f = w_f0
