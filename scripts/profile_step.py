@@ -55,7 +55,9 @@ def main(argv=None):
         step()
     if dev.type == 'cuda':
         torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == 'cuda':
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
         step()
         if dev.type == 'cuda':

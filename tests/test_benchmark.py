@@ -147,3 +147,27 @@ def test_cpu_memory_tensors_from_the_command_line(tmp_path):
     assert main(['benchmark', *TINY, '--mode', 'train', '--cpu-memory', 'tensors', '--results-file', str(out)]) == 0
     rows = json.loads(out.read_text())['results']
     assert rows[0]['memory_method'].startswith('cpu-tensors') and rows[0]['peak_mem_mb'] > 0
+
+
+def test_step_analysis_scripts_run_on_cpu():
+    """scripts/count_step_ops.py counts the operators one training step dispatches (ours and timm's), and
+    scripts/profile_step.py prints torch.profiler's table of one step; the GPU-only scripts say they need
+    CUDA when there is none."""
+    import torch
+    count = os.path.join(ROOT, 'scripts', 'count_step_ops.py')
+    for extra in ([], ['--timm']):
+        proc = subprocess.run([sys.executable, count, '--img-size', '32', '--top', '2'] + extra, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        head = proc.stdout.splitlines()[0]
+        assert int(head.split()[0]) > 100 and 'operators in one training step' in head, proc.stdout
+    prof = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'profile_step.py'), '--device', 'cpu',
+                           '--batch-size', '1', '--img-size', '32', '--precision', 'fp32', '--top', '3'],
+                          capture_output=True, text=True, timeout=600)
+    assert prof.returncode == 0, prof.stderr[-2000:]
+    assert 'Self CPU time total' in prof.stdout
+    if not torch.cuda.is_available():
+        for name in ('microbench_gpu_recurrence.py', 'check_gpu_autocast_accuracy.py'):
+            proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', name)], capture_output=True,
+                                  text=True, timeout=300)
+            assert proc.returncode != 0 and 'needs a CUDA device' in proc.stderr, (name, proc.stderr[-500:])

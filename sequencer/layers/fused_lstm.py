@@ -46,9 +46,10 @@ torch.compile graphs when the kernel was loaded before tracing. The torch implem
 here runs in float64, inside ``cpu_kernel_disabled()``, where the kernel cannot be built, and under
 torch.compile when it was not loaded.
 
-On CUDA with Triton available (float32 recurrence, eager mode) the forward recurrence runs in one Triton
-kernel (``triton_lstm``) that keeps ``W_hh`` on chip for the whole sequence, and the backward recursion
-in a second one; the input and weight gradients are the same single GEMMs as below.
+On CUDA with Triton available the recurrence runs in two Triton kernels (``triton_lstm``, forward and
+backward), in ``nn.LSTM``'s own weight layout; the input projection and the input / weight gradients are
+single GEMMs in the autocast dtype (bf16 / fp16 tensor cores) or float32, while the cell state stays
+float32. The kernels are torch ops, so compiled graphs keep them (``_forward_triton``).
 """
 import contextlib
 import threading

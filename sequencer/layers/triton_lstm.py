@@ -1,26 +1,33 @@
 """Triton kernels for the recurrence of the fused BiLSTM2D engine (GPU): forward and backward (BPTT).
 
-Forward: one program advances ``BLOCK_N`` sequences of one direction through all time steps. It loads the four
-(h x h) gate blocks of that direction's ``W_hh`` once and keeps them on chip (registers / shared memory)
-for the whole sequence; per step it gathers the precomputed input gates of its sequences (through the
-same ``rows`` index table as the torch path, so the reversed directions and the padding of non-square
-grids are index arithmetic), computes ``h @ W_hh`` with ``tl.dot``, applies the LSTM cell in registers
-and writes ``h`` straight into the output rows. With ``SAVE`` it also stores the gate activations and
-cell states that the torch backward of ``fused_lstm`` reads, in exactly the torch path's layout.
+Forward: one program advances ``BLOCK_N`` sequences of one direction through all time steps. It keeps that
+direction's four (h x h) gate blocks of ``W_hh`` on chip for the whole sequence (or, with ``RELOAD``,
+reads them from the cache at each step); per step it gathers the precomputed input gates of its sequences
+(through the ``rows`` index table of ``fused_lstm``, so the reversed directions and the padding of
+non-square grids are index arithmetic: padded entries point to row R and are masked), computes
+``h @ W_hh`` with ``tl.dot``, applies the LSTM cell in registers and writes ``h`` straight into the output
+rows. With ``SAVE`` it also stores the gate activations (i, f, o, s with ``g = 1 - 2 s``) and the cell
+states (c and ``sigmoid(-2c)``) in float32 for the backward.
 
-The layouts and the internal gate convention (order i, f, o, g with the g rows scaled by -2, so that
-``g = 1 - 2 sigmoid(.)``) are those of ``fused_lstm``. The kernel computes in float32 (``tl.dot`` in
-IEEE float32 for float32 weights, so it matches ``nn.LSTM`` like the torch path does).
+Layout: the input gates, ``W_hh`` and the gate gradients are in ``nn.LSTM``'s own layout and gate order
+(i, f, g, o), so the parameters are only concatenated, never reordered. Products: float32 weights give
+IEEE float32 ``tl.dot`` (the results match ``nn.LSTM`` to float32 rounding); float16 / bfloat16 weights
+(autocast) give tensor-core products accumulated in float32, with ``h`` rounded to that dtype for the
+product only: the cell state and the gate arithmetic stay float32.
 
 Backward: one program runs the (dh, dc) recursion of ``BLOCK_N`` sequences of one direction from the last
 step to the first, again with that direction's ``W_hh`` on chip: per step it reads the output gradient of
 its tokens, the saved gates and cell states, computes the gate gradients in registers, writes them
-straight into their token rows (so the input and weight gradients are single GEMMs outside, as in the
-torch backward) and multiplies them by ``W_hh`` with ``tl.dot`` for the step before. Only ``dh`` and
-``dc`` are carried between steps.
+straight into their token rows (so the input and weight gradients are single GEMMs outside) and
+multiplies them by ``W_hh`` with ``tl.dot`` for the step before. Only ``dh`` and ``dc`` are carried
+between steps.
 
-CPU tensors run through Triton's interpreter (the same kernel source, executed in numpy): slow, but it
-lets the kernel be tested without a GPU.
+On CUDA the launch configuration (``BLOCK_N``, warps, ``RELOAD``) is chosen per shape by timing the
+``CANDIDATES`` on first use (triton.autotune). Both kernels are also torch ops
+(``sequencer_triton::lstm2d_forward`` / ``lstm2d_backward``) with shape-only implementations, so
+torch.compile keeps them in its graphs. CPU tensors run through Triton's interpreter (the same kernel
+source, executed in numpy, with low-precision products emulated in float32): slow, but it lets the
+kernels be tested without a GPU.
 """
 import warnings
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -226,9 +233,10 @@ class Config(NamedTuple):
 
 
 # the candidates the GPU launch chooses from, by timing each on its first call per shape (triton.autotune);
-# float32 products (no tensor cores) keep to the smaller tiles
+# float32 products (no tensor cores) keep to the smaller tiles. (128 sequences per program exceeded an
+# H200's shared memory at both of Sequencer2D-S's hidden sizes; at hidden 96 so do most tiles above 16.)
 CANDIDATES = (Config(16, 4, False), Config(32, 4, False), Config(64, 8, False), Config(16, 4, True),
-              Config(32, 4, True), Config(64, 4, True), Config(64, 8, True), Config(128, 8, True))
+              Config(32, 4, True), Config(64, 4, True), Config(64, 8, True))
 
 
 _TUNING = [True]   # cleared if the autotuner fails to run
@@ -307,12 +315,14 @@ def lstm_recurrence_triton(xp_rows: torch.Tensor, w_hh: torch.Tensor, rows: torc
     args = (xp_rows, w_hh, rows, out_rows, act, cs, sc, T, N, D, R)
     if not interpret and config is None and _TUNING[0]:
         try:
-            _tuned(_lstm_fwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP', 'SAVE'))[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
+            kernel = _tuned(_lstm_fwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP', 'SAVE'))
+            kernel[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
                 *args, HID=hidden, BLOCK_H=block_h, SAVE=save, LOWP=lowp, UPCAST=False)
             return (act, cs, sc) if save else None
         except Exception as e:  # an autotuner this Triton version lacks: the default configuration instead
             _TUNING[0] = False
-            warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); using the default launch configuration')
+            warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); '
+                          'using the default launch configuration')
     cfg = config or default
     _kernel(_lstm_fwd_kernel, interpret)[(D, triton.cdiv(N, cfg.block_n))](
         *args, HID=hidden, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SAVE=save, LOWP=lowp, RELOAD=cfg.reload,
@@ -344,12 +354,14 @@ def lstm_backward_triton(gy_rows: torch.Tensor, act: torch.Tensor, cs: torch.Ten
     args = (gy_rows, w_hh, rows, act, cs, sc, dxp_rows, T, N, D, R)
     if not interpret and config is None and _TUNING[0]:
         try:
-            _tuned(_lstm_bwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP'))[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
+            kernel = _tuned(_lstm_bwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP'))
+            kernel[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
                 *args, HID=hidden, BLOCK_H=block_h, LOWP=lowp, UPCAST=False)
             return
         except Exception as e:  # an autotuner this Triton version lacks: the default configuration instead
             _TUNING[0] = False
-            warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); using the default launch configuration')
+            warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); '
+                          'using the default launch configuration')
     cfg = config or default
     _kernel(_lstm_bwd_kernel, interpret)[(D, triton.cdiv(N, cfg.block_n))](
         *args, HID=hidden, BLOCK_N=cfg.block_n, BLOCK_H=block_h, LOWP=lowp, RELOAD=cfg.reload,
