@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from sequencer.cli import main
 from sequencer.models.table import markdown, rows

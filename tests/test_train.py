@@ -2,11 +2,9 @@
 import csv
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

@@ -8,9 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import sequencer
 from sequencer import CheckpointError, create_model, load_checkpoint
-from sequencer.models import weights as W
 
 from conftest import randomize
 

@@ -441,15 +441,7 @@ def _backward_cpu_kernel(ctx, gy):
         else:
             dx = None
         dw_ih = torch.mm(dxp.t(), x2)                                                    # (D*4h, C)
-        grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
-        for d in range(D):
-            grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
-            grads[4 * d + 1] = dw_hh[d].to(dtypes[4 * d + 1])
-            if has_bias:
-                gb = db[d * G:(d + 1) * G]
-                grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
-                grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
-    return (dx, None, None, None, None, *grads)
+    return (dx, None, None, None, None, *_param_grads(dw_ih, dw_hh, db if has_bias else None, D, dtypes))
 
 
 # ---- the GPU path: Triton recurrences (triton_lstm), the rest as single GEMMs -------------------------------
@@ -509,15 +501,23 @@ def _backward_triton(ctx, gy):
         h_prev = yz.index_select(0, prev).view(BHW, D, hidden)                                    # h_{t-1} by token
         dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1)).float()   # (D, 4h, h)
         db = dxp.sum(0, dtype=torch.float32) if has_bias else None
-        grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
-        for d in range(D):   # views in nn.LSTM's layout (casts only where a parameter is not float32)
-            grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
-            grads[4 * d + 1] = dw_hh[d].to(dtypes[4 * d + 1])
-            if has_bias:
-                gb = db[d * G:(d + 1) * G]
-                grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
-                grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
-    return (dx, None, None, None, None, *grads)
+    return (dx, None, None, None, None, *_param_grads(dw_ih, dw_hh, db if has_bias else None, D, dtypes))
+
+
+def _param_grads(dw_ih: torch.Tensor, dw_hh: torch.Tensor, db: Optional[torch.Tensor], D: int,
+                 dtypes) -> List[Optional[torch.Tensor]]:
+    """The per-direction (w_ih, w_hh, b_ih, b_hh) gradients from the stacked ones in nn.LSTM's layout
+    (D*4h, C), (D, 4h, h) and (D*4h,): views, cast only where a parameter is not float32."""
+    G = dw_hh.shape[1]
+    grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
+    for d in range(D):
+        grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
+        grads[4 * d + 1] = dw_hh[d].to(dtypes[4 * d + 1])
+        if db is not None:
+            gb = db[d * G:(d + 1) * G]
+            grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
+            grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
+    return grads
 
 
 def _graph_kept() -> bool:

@@ -5,7 +5,7 @@ models`` command, the README's model table and the tests are all derived from ``
 """
 import difflib
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
