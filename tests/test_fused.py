@@ -262,14 +262,15 @@ _INTERPRETER_CHECK = textwrap.dedent('''
         print(f'FORWARD_{reload}', max(errs), y_ref.abs().max().item())
         # backward recursion: the gate gradients of every token against the torch backward
         dxp_tri = torch.full((R + 1, G), float('nan'))
-        lstm_backward_triton(gy, *ref, w, rows, D, N, hid, dxp_tri, config=cfg)
+        lstm_backward_triton(gy, *tri, w, rows, D, N, hid, dxp_tri, config=cfg)
         print(f'BACKWARD_{reload}', (dxp_ref - dxp_tri[:R]).abs().max().item(), dxp_ref.abs().max().item())
     # bfloat16 products (autocast): input gates, weights and output in bfloat16, within bfloat16 rounding
     y_lp = torch.zeros(R + 1, hid, dtype=torch.bfloat16)
     lp = lstm_recurrence_triton(xp.bfloat16(), w.bfloat16(), rows, D, N, hid, y_lp, True)
     print('LOWP_FORWARD', (y_ref[:R] - y_lp[:R].float()).abs().max().item(), y_ref.abs().max().item())
     dxp_lp = torch.zeros(R + 1, G, dtype=torch.bfloat16)
-    lstm_backward_triton(gy.bfloat16(), *ref, w.bfloat16(), rows, D, N, hid, dxp_lp)
+    assert all(t.dtype == torch.float16 for t in lp)   # saved in float16
+    lstm_backward_triton(gy.bfloat16(), *lp, w.bfloat16(), rows, D, N, hid, dxp_lp)
     print('LOWP_BACKWARD', (dxp_ref - dxp_lp[:R].float()).abs().max().item(), dxp_ref.abs().max().item())
     # a whole BiLSTM2D through both kernels against native nn.LSTM: output, input and parameter gradients
     fl._TRITON_ON_CPU[0] = True

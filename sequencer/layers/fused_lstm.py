@@ -472,10 +472,10 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         else:
             xp = torch.mm(x2, w_ih.t())
         save = any(ctx.needs_input_grad)
-        y, act, cs, sc = triton_lstm.forward(xp.view(BHW * D, 4 * hidden), w_hh, rows, D, N, hidden, save)
+        y, act, cs = triton_lstm.forward(xp.view(BHW * D, 4 * hidden), w_hh, rows, D, N, hidden, save)
         y = y.view(B, H, W, D * hidden)                          # the 'cat' layout, no permute
         if save:
-            ctx.save_for_backward(x2, w_ih, w_hh, rows, prev, act, cs, sc, y)
+            ctx.save_for_backward(x2, w_ih, w_hh, rows, prev, act, cs, y)
             ctx.meta = (kinds, hidden, has_bias, x.shape, x.dtype, [p.dtype if p is not None else None for p in params])
         if out_dtype != y.dtype:
             y = y.to(out_dtype)
@@ -484,7 +484,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
 
 def _backward_triton(ctx, gy):
     from . import triton_lstm
-    x2, w_ih, w_hh, rows, prev, act, cs, sc, y = ctx.saved_tensors
+    x2, w_ih, w_hh, rows, prev, act, cs, y = ctx.saved_tensors
     kinds, hidden, has_bias, x_shape, x_dtype, dtypes = ctx.meta
     B, H, W, C = x_shape
     D = len(kinds)
@@ -494,7 +494,7 @@ def _backward_triton(ctx, gy):
     N = rows.shape[1] // D
     with torch.autocast(gy.device.type, enabled=False):
         gy = gy.reshape(R, hidden).contiguous()
-        dxp = triton_lstm.backward(gy, act, cs, sc, w_hh, rows, D, N, hidden).view(BHW, D * G)   # in w_hh's dtype
+        dxp = triton_lstm.backward(gy, act, cs, w_hh, rows, D, N, hidden).view(BHW, D * G)   # in w_hh's dtype
         dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x_dtype) if ctx.needs_input_grad[0] else None
         dw_ih = torch.mm(dxp.t(), x2).float()                                                   # (D*4h, C)
         yz = torch.cat([y.view(R, hidden).to(dxp.dtype), y.new_zeros(1, hidden, dtype=dxp.dtype)])  # + a zero row

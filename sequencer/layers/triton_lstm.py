@@ -7,7 +7,8 @@ reads them from the cache at each step); per step it gathers the precomputed inp
 non-square grids are index arithmetic: padded entries point to row R and are masked), computes
 ``h @ W_hh`` with ``tl.dot``, applies the LSTM cell in registers and writes ``h`` straight into the output
 rows. With ``SAVE`` it also stores the gate activations (i, f, o, s with ``g = 1 - 2 s``) and the cell
-states (c and ``sigmoid(-2c)``) in float32 for the backward.
+states for the backward (which recomputes ``sigmoid(-2c)`` from c), in float32, or under autocast in
+float16.
 
 Layout: the input gates, ``W_hh`` and the gate gradients are in ``nn.LSTM``'s own layout and gate order
 (i, f, g, o), so the parameters are only concatenated, never reordered. Products: float32 weights give
@@ -49,7 +50,7 @@ def available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr, sc_ptr,
+def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr,
                      T, N, D, R,
                      HID: constexpr, BLOCK_N: constexpr, BLOCK_H: constexpr, SAVE: constexpr,
                      LOWP: constexpr, RELOAD: constexpr, UPCAST: constexpr):
@@ -121,12 +122,10 @@ def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr, sc_ptr,
             tl.store(a_base + HID, f, mask=mask)
             tl.store(a_base + 2 * HID, o, mask=mask)
             tl.store(a_base + 3 * HID, s, mask=mask)
-            c_off = step[:, None] * HID + offs_h[None, :]
-            tl.store(cs_ptr + c_off, c, mask=mask)
-            tl.store(sc_ptr + c_off, sc, mask=mask)
+            tl.store(cs_ptr + step[:, None] * HID + offs_h[None, :], c, mask=mask)
 
 
-def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, sc_ptr, dxp_ptr,
+def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, dxp_ptr,
                      T, N, D, R,
                      HID: constexpr, BLOCK_N: constexpr, BLOCK_H: constexpr, LOWP: constexpr,
                      RELOAD: constexpr, UPCAST: constexpr):
@@ -155,13 +154,14 @@ def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, sc_ptr, dxp_ptr
         dh = tl.load(gy_ptr + r[:, None] * HID + offs_h[None, :], mask=mask_r, other=0.0).to(tl.float32) + dh_rec
         step = (t * D + d) * N + offs_n
         a_base = act_ptr + step[:, None] * G + offs_h[None, :]
-        i = tl.load(a_base, mask=mask, other=0.0)
-        f = tl.load(a_base + HID, mask=mask, other=0.0)
-        o = tl.load(a_base + 2 * HID, mask=mask, other=0.0)
-        s = tl.load(a_base + 3 * HID, mask=mask, other=0.0)
+        i = tl.load(a_base, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(a_base + HID, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(a_base + 2 * HID, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(a_base + 3 * HID, mask=mask, other=0.0).to(tl.float32)
         c_off = step[:, None] * HID + offs_h[None, :]
-        sc = tl.load(sc_ptr + c_off, mask=mask, other=0.0)
-        c_prev = tl.load(cs_ptr + c_off - D * N * HID, mask=mask & (t > 0), other=0.0)
+        c = tl.load(cs_ptr + c_off, mask=mask, other=0.0).to(tl.float32)
+        sc = 1.0 / (1.0 + tl.exp(2.0 * c))       # recomputed: sigmoid(-2c), tanh(c) = 1 - 2 sc
+        c_prev = tl.load(cs_ptr + c_off - D * N * HID, mask=mask & (t > 0), other=0.0).to(tl.float32)
         # dc += dh o (1 - tanh(c)^2), with tanh(c) = 1 - 2 sc and 1 - tanh(c)^2 = 4 sc (1 - sc)
         dc = dc + 4.0 * dh * o * (sc - sc * sc)
         m2dc = -2.0 * dc
@@ -276,6 +276,12 @@ def config_for(hidden: int) -> Tuple[Config, int]:
     return Config(block_n=16, num_warps=4, reload=block_h >= 128), block_h
 
 
+def _saved_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the activations the forward saves: float32 for float32 products, else float16 (see
+    ``lstm_recurrence_triton``)."""
+    return torch.float32 if weight_dtype == torch.float32 else torch.float16
+
+
 def _check(R: int, rows: torch.Tensor, *by_row: torch.Tensor) -> None:
     for t in by_row:
         if t.shape[0] < R or not t.is_contiguous():
@@ -293,7 +299,10 @@ def lstm_recurrence_triton(xp_rows: torch.Tensor, w_hh: torch.Tensor, rows: torc
     recurrent weights: float32 for float32 products, float16 / bfloat16 for tensor-core products accumulated
     in float32; rows (T, D*N) index table, whose entries equal to R (default ``xp_rows.shape[0] - 1``) are
     padding: they read zeros and write nothing. out_rows (>= R, h) receives h in its own dtype. With
-    ``save`` returns (act (T, D, N, 4h), cs (T, D, N, h), sc (T, D, N, h)), float32.
+    ``save`` returns what the backward reads: act (T, D, N, 4h) the gate activations (i, f, o, s) and cs
+    (T, D, N, h) the cell states, in float32, or in float16 for low-precision products (10 bytes per hidden
+    unit and step instead of 24): the activations lie in (0, 1) and |c| <= T, where float16 keeps 8 times
+    bfloat16's precision (near 1, where ``s (1 - s)`` needs it).
     """
     if triton is None:
         raise RuntimeError("the Triton LSTM kernel needs the 'triton' package")
@@ -305,20 +314,20 @@ def lstm_recurrence_triton(xp_rows: torch.Tensor, w_hh: torch.Tensor, rows: torc
     w_hh = w_hh.contiguous()
     lowp = w_hh.dtype != torch.float32
     if save:
-        act = torch.empty(T, D, N, G, device=dev, dtype=torch.float32)
-        cs = torch.empty(T, D, N, hidden, device=dev, dtype=torch.float32)
-        sc = torch.empty(T, D, N, hidden, device=dev, dtype=torch.float32)
+        keep = _saved_dtype(w_hh.dtype)
+        act = torch.empty(T, D, N, G, device=dev, dtype=keep)
+        cs = torch.empty(T, D, N, hidden, device=dev, dtype=keep)
     else:
-        act = cs = sc = out_rows  # unused pointers
+        act = cs = out_rows  # unused pointers
     interpret = dev.type != 'cuda'
     default, block_h = config_for(hidden)
-    args = (xp_rows, w_hh, rows, out_rows, act, cs, sc, T, N, D, R)
+    args = (xp_rows, w_hh, rows, out_rows, act, cs, T, N, D, R)
     if not interpret and config is None and _TUNING[0]:
         try:
             kernel = _tuned(_lstm_fwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP', 'SAVE'))
             kernel[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
                 *args, HID=hidden, BLOCK_H=block_h, SAVE=save, LOWP=lowp, UPCAST=False)
-            return (act, cs, sc) if save else None
+            return (act, cs) if save else None
         except Exception as e:  # an autotuner this Triton version lacks: the default configuration instead
             _TUNING[0] = False
             warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); '
@@ -327,15 +336,15 @@ def lstm_recurrence_triton(xp_rows: torch.Tensor, w_hh: torch.Tensor, rows: torc
     _kernel(_lstm_fwd_kernel, interpret)[(D, triton.cdiv(N, cfg.block_n))](
         *args, HID=hidden, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SAVE=save, LOWP=lowp, RELOAD=cfg.reload,
         UPCAST=interpret, num_warps=cfg.num_warps)
-    return (act, cs, sc) if save else None
+    return (act, cs) if save else None
 
 
-def lstm_backward_triton(gy_rows: torch.Tensor, act: torch.Tensor, cs: torch.Tensor, sc: torch.Tensor,
+def lstm_backward_triton(gy_rows: torch.Tensor, act: torch.Tensor, cs: torch.Tensor,
                          w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int, hidden: int,
                          dxp_rows: torch.Tensor, R: Optional[int] = None, config: Optional[Config] = None) -> None:
     """The backward recursion of all D directions.
 
-    gy_rows (>= R, h) output gradient by token row (any float dtype); act / cs / sc: what the forward
+    gy_rows (>= R, h) output gradient by token row (any float dtype); act / cs: what the forward
     saved; w_hh (D, 4h, h) internal recurrent weights, in the dtype of the forward's products; rows (T, D*N)
     with padding entries equal to R (default ``gy_rows.shape[0] - 1``). dxp_rows (>= R, 4h) receives the
     internal gate gradients by token row, in its own dtype.
@@ -351,7 +360,7 @@ def lstm_backward_triton(gy_rows: torch.Tensor, act: torch.Tensor, cs: torch.Ten
     lowp = w_hh.dtype != torch.float32
     interpret = gy_rows.device.type != 'cuda'
     default, block_h = config_for(hidden)
-    args = (gy_rows, w_hh, rows, act, cs, sc, dxp_rows, T, N, D, R)
+    args = (gy_rows, w_hh, rows, act, cs, dxp_rows, T, N, D, R)
     if not interpret and config is None and _TUNING[0]:
         try:
             kernel = _tuned(_lstm_bwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP'))
@@ -372,48 +381,47 @@ def lstm_backward_triton(gy_rows: torch.Tensor, act: torch.Tensor, cs: torch.Ten
 
 @torch.library.custom_op('sequencer_triton::lstm2d_forward', mutates_args=())
 def _forward_op(xp: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int, hidden: int,
-                save: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                save: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     R = xp.shape[0]
     y = torch.empty(R, hidden, device=xp.device, dtype=xp.dtype)
     saved = lstm_recurrence_triton(xp, w_hh, rows, D, N, hidden, y, save, R=R)
     if saved is None:
-        empty = xp.new_empty(0, dtype=torch.float32)
-        saved = (empty, empty, empty)
+        empty = xp.new_empty(0, dtype=_saved_dtype(w_hh.dtype))
+        saved = (empty, empty)
     return (y, *saved)
 
 
 @_forward_op.register_fake
 def _(xp, w_hh, rows, D, N, hidden, save):
     T = rows.shape[0]
-    f32 = torch.float32
+    keep = _saved_dtype(w_hh.dtype)
     y = xp.new_empty(xp.shape[0], hidden)
     if not save:
-        return y, xp.new_empty(0, dtype=f32), xp.new_empty(0, dtype=f32), xp.new_empty(0, dtype=f32)
-    return (y, xp.new_empty(T, D, N, 4 * hidden, dtype=f32), xp.new_empty(T, D, N, hidden, dtype=f32),
-            xp.new_empty(T, D, N, hidden, dtype=f32))
+        return y, xp.new_empty(0, dtype=keep), xp.new_empty(0, dtype=keep)
+    return y, xp.new_empty(T, D, N, 4 * hidden, dtype=keep), xp.new_empty(T, D, N, hidden, dtype=keep)
 
 
 @torch.library.custom_op('sequencer_triton::lstm2d_backward', mutates_args=())
-def _backward_op(gy: torch.Tensor, act: torch.Tensor, cs: torch.Tensor, sc: torch.Tensor, w_hh: torch.Tensor,
+def _backward_op(gy: torch.Tensor, act: torch.Tensor, cs: torch.Tensor, w_hh: torch.Tensor,
                  rows: torch.Tensor, D: int, N: int, hidden: int) -> torch.Tensor:
     R = gy.shape[0]
     dxp = torch.empty(R, 4 * hidden, device=gy.device, dtype=w_hh.dtype)
-    lstm_backward_triton(gy, act, cs, sc, w_hh, rows, D, N, hidden, dxp, R=R)
+    lstm_backward_triton(gy, act, cs, w_hh, rows, D, N, hidden, dxp, R=R)
     return dxp
 
 
 @_backward_op.register_fake
-def _(gy, act, cs, sc, w_hh, rows, D, N, hidden):
+def _(gy, act, cs, w_hh, rows, D, N, hidden):
     return gy.new_empty(gy.shape[0], 4 * hidden, dtype=w_hh.dtype)
 
 
 def forward(xp: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int, hidden: int,
             save: bool) -> Tuple[torch.Tensor, ...]:
-    """(y (R, h) in xp's dtype, act, cs, sc) for xp (R, 4h): the op form of ``lstm_recurrence_triton``."""
+    """(y (R, h) in xp's dtype, act, cs) for xp (R, 4h): the op form of ``lstm_recurrence_triton``."""
     return torch.ops.sequencer_triton.lstm2d_forward(xp, w_hh, rows, D, N, hidden, save)
 
 
-def backward(gy: torch.Tensor, act: torch.Tensor, cs: torch.Tensor, sc: torch.Tensor, w_hh: torch.Tensor,
+def backward(gy: torch.Tensor, act: torch.Tensor, cs: torch.Tensor, w_hh: torch.Tensor,
              rows: torch.Tensor, D: int, N: int, hidden: int) -> torch.Tensor:
     """dxp (R, 4h) in w_hh's dtype for gy (R, h): the op form of ``lstm_backward_triton``."""
-    return torch.ops.sequencer_triton.lstm2d_backward(gy, act, cs, sc, w_hh, rows, D, N, hidden)
+    return torch.ops.sequencer_triton.lstm2d_backward(gy, act, cs, w_hh, rows, D, N, hidden)
