@@ -491,8 +491,7 @@ def test_fused_engine_on_cuda_matches_native():
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    m = RNN2D(32, 24)
-    x = torch.randn(3, 7, 9, 32)
+    x = torch.randn(3, 7, 9, 32)      # odd batch, H != W
     g = torch.randn(3, 7, 9, 32)
 
     def run(module, device, dtype, engine):
@@ -503,9 +502,10 @@ def test_fused_engine_on_cuda_matches_native():
         (y * g.to(device, dtype)).sum().backward()
         return [t.detach().double().cpu() for t in [y, xi.grad] + [p.grad for p in module.parameters()]]
 
-    exact = run(m, 'cpu', torch.float64, 'native')
-    for a, b in zip(exact, run(m, 'cuda', torch.float32, 'fused')):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for m in (RNN2D(32, 24), RNN2D(32, 24, bidirectional=False), RNN2D(32, 24, union='add', bias=False)):
+        exact = run(m, 'cpu', torch.float64, 'native')
+        for a, b in zip(exact, run(m, 'cuda', torch.float32, 'fused')):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
