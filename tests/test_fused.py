@@ -171,10 +171,11 @@ def test_engine_resolution():
         assert m.resolved_engine(x) == ('fused' if cpu_kernel.available() else 'native')   # kernel
     assert auto_engine('cpu', True, torch.float32, True, cpu_kernel=False) == 'native'
     assert auto_engine('cpu', False, torch.float32, True, cpu_kernel=True) == 'fused'
-    assert auto_engine('cuda', True, torch.float32, True, triton=True) == 'fused'        # GPU training
+    assert auto_engine('cuda', True, torch.float32, True, triton=True) == 'fused'        # GPU training, AMP
     assert auto_engine('cuda', False, torch.float32, True, triton=True, compiling=True) == 'fused'
     assert auto_engine('cuda', False, torch.float32, True, triton=True) == 'native'      # eager inference
-    assert auto_engine('cuda', True, torch.float32, False, triton=False) == 'native'     # no Triton
+    assert auto_engine('cuda', True, torch.float32, True, triton=False) == 'native'      # no Triton / no fit
+    assert auto_engine('cuda', True, torch.float32, False, triton=True) == 'native'      # float32: not timed
     assert auto_engine('cuda', True, torch.bfloat16, False, triton=True) == 'native'     # bf16 weights
     with pytest.raises(ValueError):
         _tiny_s().set_rnn_engine('cudnn')
@@ -378,6 +379,45 @@ def test_gpu_path_dispatches_few_operators():
         assert 'sequencer_triton.lstm2d_forward.default' in ops and 'sequencer_triton.lstm2d_backward.default' in ops
         assert 'aten.index.Tensor' not in ops and 'aten.mul.Tensor' not in ops, ops
         assert int(total) <= (105 if autocast == 'True' else 90), (autocast, total)   # 95 / 82 now
+
+
+
+_OPCHECK = textwrap.dedent('''
+    import torch
+    from sequencer.layers import fused_lstm as fl
+    from sequencer.layers import triton_lstm
+    torch.manual_seed(0)
+    kinds = ((True, False), (True, True), (False, False), (False, True))
+    rows, _, _, _ = fl._build_plan(2, 3, 4, kinds, "cpu")
+    D, hid = 4, 8
+    N, R = rows.shape[1] // D, 2 * 3 * 4 * D
+    for dt in (torch.float32, torch.bfloat16):
+        xp, w = torch.randn(R, 4 * hid).to(dt), (torch.randn(D, 4 * hid, hid) * 0.3).to(dt)
+        for save in (False, True):
+            torch.library.opcheck(torch.ops.sequencer_triton.lstm2d_forward.default, (xp, w, rows, D, N, hid, save))
+        _, act, cs = triton_lstm.forward(xp, w, rows, D, N, hid, True)
+        gy = torch.randn(R, hid).to(dt)
+        torch.library.opcheck(torch.ops.sequencer_triton.lstm2d_backward.default, (gy, act, cs, w, rows, D, N, hid))
+    print('OK')
+''')
+
+
+def test_triton_ops_pass_opcheck():
+    """The Triton kernels' torch ops (run here through Triton's interpreter) keep the custom-op contract that
+    torch.compile relies on: schema (no aliased outputs), fake implementations matching the real ones."""
+    pytest.importorskip('triton')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-c', _OPCHECK], env=dict(os.environ, TRITON_INTERPRET='1'), cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('OK'), proc.stderr[-2000:]
+
+
+def test_triton_supported_sizes():
+    """The Triton kernels run hidden sizes whose power-of-two padding fits the GPU's shared memory (up to 128
+    with low-precision products, 64 in float32); others fall back to the torch code."""
+    from sequencer.layers.triton_lstm import supported
+    assert supported(48, True) and supported(96, True) and supported(128, True) and not supported(192, True)
+    assert supported(48, False) and supported(64, False) and not supported(96, False)
 
 
 def test_cpu_kernel_matches_torch_implementation_at_model_shapes():

@@ -249,7 +249,7 @@ class _FusedLSTM2D(torch.autograd.Function):
         ctx.kernel = cdt == torch.float32 and x.device.type == 'cpu' and _cpu_kernel_ok()
         if ctx.kernel:
             return _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params)
-        ctx.triton = _use_triton(x, cdt)
+        ctx.triton = _use_triton(x, cdt, hidden, mm_dtype)
         if ctx.triton:
             return _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params)
         with torch.autocast(x.device.type, enabled=False):
@@ -574,13 +574,17 @@ def _triton_ok() -> bool:
 _TRITON_ON_CPU = [False]
 
 
-def _use_triton(x: torch.Tensor, cdt: torch.dtype) -> bool:
-    """Whether the Triton kernels run the recurrence (on CUDA, where Triton is available; not in float64)."""
+def _use_triton(x: torch.Tensor, cdt: torch.dtype, hidden: int, mm_dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels run the recurrence: on CUDA where Triton is available, not in float64, and
+    for hidden sizes whose tiles fit the GPU (``triton_lstm.supported``; others run the torch code)."""
     if cdt != torch.float32:
         return False
     if _TRITON_ON_CPU[0]:
         return True
-    return x.is_cuda and _triton_ok()
+    if not (x.is_cuda and _triton_ok()):
+        return False
+    from .triton_lstm import supported
+    return supported(hidden, mm_dtype in (torch.float16, torch.bfloat16))
 
 
 def fused_rnn2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

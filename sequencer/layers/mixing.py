@@ -97,8 +97,13 @@ class RNN2D(nn.Module):
             kernel = loaded()
         else:
             kernel = None
-        return auto_engine(ref.device.type, grad, ref.dtype, torch.is_autocast_enabled(ref.device.type), kernel,
-                           compiling=compiling)
+        autocast = torch.is_autocast_enabled(ref.device.type)
+        triton = None
+        if ref.device.type == 'cuda':
+            from .fused_lstm import _triton_ok
+            from .triton_lstm import supported
+            triton = _triton_ok() and supported(self.hidden_size, autocast)
+        return auto_engine(ref.device.type, grad, ref.dtype, autocast, kernel, compiling=compiling, triton=triton)
 
     def _lstm_params(self):
         """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine.
@@ -209,18 +214,19 @@ def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool
       in bfloat16, recurrence in float32): 1.18x / 1.14x timm against 1.15x / 1.09x with the native
       engine, whose oneDNN LSTM runs wholly in bfloat16 (one run each, BENCHMARKS.md); 'native' without
       the kernel.
-    * CUDA, float32 weights, with Triton: 'fused' for training and under torch.compile, 'native' (cuDNN)
-      for eager inference. On an H200 (Sequencer2D-S, batch 256, bf16 autocast) the fused engine trained
-      at 1.33x timm's eager step (the native engine 1.10x), and compiled inference ran 2.36x timm's
-      compiled model (whose LSTMs break the graph); eager inference ran 0.91x timm.
+    * CUDA, float32 weights under float16 / bfloat16 autocast, with the Triton kernels for the layer's
+      hidden size: 'fused' for training and under torch.compile, 'native' (cuDNN) for eager inference.
+      On an H200 (Sequencer2D-S, batch 256, bf16 autocast) the fused engine trained at 1.33x timm's eager
+      step (the native engine 1.10x), and compiled inference ran 2.36x timm's compiled model (whose
+      LSTMs break the graph); eager inference ran 0.91x timm. Float32 on CUDA (not timed): 'native'.
     * Anything else (other devices, float16 / bfloat16 weights, CUDA without Triton): 'native'.
 
     ``cpu_kernel``: whether the compiled CPU kernel is usable (default: ask ``cpu_kernel.available()``,
     which builds it the first time). ``compiling``: whether torch.compile is tracing. ``triton``: whether
-    the Triton kernels can run (default: ask ``fused_lstm``).
+    the Triton kernels run this layer (default: whether Triton is available).
     """
     if device_type == 'cuda' and dtype == torch.float32:
-        if not (grad or compiling):
+        if not (autocast and (grad or compiling)):
             return 'native'
         if triton is None:
             from .fused_lstm import _triton_ok

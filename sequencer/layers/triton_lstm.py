@@ -30,6 +30,7 @@ torch.compile keeps them in its graphs. CPU tensors run through Triton's interpr
 source, executed in numpy, with low-precision products emulated in float32): slow, but it lets the
 kernels be tested without a GPU.
 """
+import contextlib
 import warnings
 from typing import Dict, NamedTuple, Optional, Tuple
 
@@ -116,7 +117,7 @@ def _lstm_fwd_kernel(xp_ptr, whh_ptr, rows_ptr, y_ptr, act_ptr, cs_ptr,
         h = tl.where(mask, h, 0.0)
         tl.store(y_ptr + r[:, None] * HID + offs_h[None, :], h, mask=mask_r)
         if SAVE:
-            step = (t * D + d) * N + offs_n
+            step = ((t * D + d) * N + offs_n).to(tl.int64)   # offsets past 2^31 at large batches
             a_base = act_ptr + step[:, None] * G + offs_h[None, :]
             tl.store(a_base, i, mask=mask)
             tl.store(a_base + HID, f, mask=mask)
@@ -152,7 +153,7 @@ def _lstm_bwd_kernel(gy_ptr, whh_ptr, rows_ptr, act_ptr, cs_ptr, dxp_ptr,
         r = tl.load(rows_ptr + t * D * N + d * N + offs_n, mask=mask_n, other=R)
         mask_r = mask & (r < R)[:, None]
         dh = tl.load(gy_ptr + r[:, None] * HID + offs_h[None, :], mask=mask_r, other=0.0).to(tl.float32) + dh_rec
-        step = (t * D + d) * N + offs_n
+        step = ((t * D + d) * N + offs_n).to(tl.int64)
         a_base = act_ptr + step[:, None] * G + offs_h[None, :]
         i = tl.load(a_base, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(a_base + HID, mask=mask, other=0.0).to(tl.float32)
@@ -276,6 +277,18 @@ def config_for(hidden: int) -> Tuple[Config, int]:
     return Config(block_n=16, num_warps=4, reload=block_h >= 128), block_h
 
 
+def _on(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
+
+
+def supported(hidden: int, lowp: bool) -> bool:
+    """Whether the kernels fit the GPU for this hidden size: its power-of-two padding up to 128 with
+    low-precision products (the H200 ran hidden 48 and 96; at 128 only the smallest tiles fit its shared
+    memory), up to 64 with float32 products (twice the bytes per tile). Other sizes run the torch code."""
+    return max(16, 1 << (hidden - 1).bit_length()) <= (128 if lowp else 64)
+
+
 def _saved_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the activations the forward saves: float32 for float32 products, else float16 (see
     ``lstm_recurrence_triton``)."""
@@ -322,20 +335,9 @@ def lstm_recurrence_triton(xp_rows: torch.Tensor, w_hh: torch.Tensor, rows: torc
     interpret = dev.type != 'cuda'
     default, block_h = config_for(hidden)
     args = (xp_rows, w_hh, rows, out_rows, act, cs, T, N, D, R)
-    if not interpret and config is None and _TUNING[0]:
-        try:
-            kernel = _tuned(_lstm_fwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP', 'SAVE'))
-            kernel[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
-                *args, HID=hidden, BLOCK_H=block_h, SAVE=save, LOWP=lowp, UPCAST=False)
-            return (act, cs) if save else None
-        except Exception as e:  # an autotuner this Triton version lacks: the default configuration instead
-            _TUNING[0] = False
-            warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); '
-                          'using the default launch configuration')
-    cfg = config or default
-    _kernel(_lstm_fwd_kernel, interpret)[(D, triton.cdiv(N, cfg.block_n))](
-        *args, HID=hidden, BLOCK_N=cfg.block_n, BLOCK_H=block_h, SAVE=save, LOWP=lowp, RELOAD=cfg.reload,
-        UPCAST=interpret, num_warps=cfg.num_warps)
+    with _on(dev):
+        _launch(_lstm_fwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP', 'SAVE'), args, D, N, interpret, config, default,
+                HID=hidden, BLOCK_H=block_h, SAVE=save, LOWP=lowp)
     return (act, cs) if save else None
 
 
@@ -361,20 +363,25 @@ def lstm_backward_triton(gy_rows: torch.Tensor, act: torch.Tensor, cs: torch.Ten
     interpret = gy_rows.device.type != 'cuda'
     default, block_h = config_for(hidden)
     args = (gy_rows, w_hh, rows, act, cs, dxp_rows, T, N, D, R)
+    with _on(gy_rows.device):
+        _launch(_lstm_bwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP'), args, D, N, interpret, config, default,
+                HID=hidden, BLOCK_H=block_h, LOWP=lowp)
+
+
+def _launch(fn, key_args, args, D: int, N: int, interpret: bool, config: Optional[Config], default: Config,
+            **consts) -> None:
+    """Launch ``fn`` over (D, N / BLOCK_N) programs: autotuned on CUDA, else with ``config`` or ``default``."""
     if not interpret and config is None and _TUNING[0]:
         try:
-            kernel = _tuned(_lstm_bwd_kernel, ('T', 'N', 'D', 'HID', 'LOWP'))
-            kernel[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](
-                *args, HID=hidden, BLOCK_H=block_h, LOWP=lowp, UPCAST=False)
+            _tuned(fn, key_args)[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](*args, **consts, UPCAST=False)
             return
-        except Exception as e:  # an autotuner this Triton version lacks: the default configuration instead
+        except (TypeError, AttributeError, KeyError, IndexError) as e:   # an autotuner API this Triton lacks
             _TUNING[0] = False
             warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); '
                           'using the default launch configuration')
     cfg = config or default
-    _kernel(_lstm_bwd_kernel, interpret)[(D, triton.cdiv(N, cfg.block_n))](
-        *args, HID=hidden, BLOCK_N=cfg.block_n, BLOCK_H=block_h, LOWP=lowp, RELOAD=cfg.reload,
-        UPCAST=interpret, num_warps=cfg.num_warps)
+    _kernel(fn, interpret)[(D, triton.cdiv(N, cfg.block_n))](
+        *args, **consts, BLOCK_N=cfg.block_n, RELOAD=cfg.reload, UPCAST=interpret, num_warps=cfg.num_warps)
 
 
 # ---- as torch ops, so that torch.compile keeps the kernels in its graphs -----------------------------------
@@ -386,8 +393,7 @@ def _forward_op(xp: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int
     y = torch.empty(R, hidden, device=xp.device, dtype=xp.dtype)
     saved = lstm_recurrence_triton(xp, w_hh, rows, D, N, hidden, y, save, R=R)
     if saved is None:
-        empty = xp.new_empty(0, dtype=_saved_dtype(w_hh.dtype))
-        saved = (empty, empty)
+        saved = (xp.new_empty(0, dtype=_saved_dtype(w_hh.dtype)), xp.new_empty(0, dtype=_saved_dtype(w_hh.dtype)))
     return (y, *saved)
 
 
