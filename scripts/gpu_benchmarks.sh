@@ -5,9 +5,10 @@
 #        weights, with each engine of ours (timm eager); training peak memory at batch 32 with and without
 #        gradient checkpointing.
 # infer: inference, batch 256, bf16: both models eager, and both under torch.compile.
-# diag:  the CUDA tests (Triton kernels against cuDNN and float64, bf16 autocast, torch.compile); one BiLSTM2D
-#        and its kernels alone (scripts/microbench_gpu_recurrence.py, every launch configuration); a profile
-#        of one training step of each model (scripts/profile_step.py).
+# diag:  the CUDA tests (Triton kernels against float64, fp32 and bf16 autocast, torch.compile); each engine's
+#        error under bf16 autocast (scripts/check_gpu_autocast_accuracy.py); a profile of one training step of
+#        each model (scripts/profile_step.py); one BiLSTM2D and its kernels alone
+#        (scripts/microbench_gpu_recurrence.py, every launch configuration).
 # Every step writes its log and results into OUTPUT_DIR; a step that fails or overruns does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
 if [[ $PART == diag || $PART == all ]]; then
   step tests 150 "$PY" -m pytest -q -p no:warnings tests/test_fused.py -k cuda
+  step accuracy 60 "$PY" scripts/check_gpu_autocast_accuracy.py
 fi
 if [[ $PART == infer || $PART == all ]]; then
   step infer_eager 120 "${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --rnn-engine fused --warmup 5 \
