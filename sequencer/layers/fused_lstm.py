@@ -365,24 +365,23 @@ def release_workspace() -> None:
     _workspace.bufs = {}
 
 
-def _prepared_weights(params, D: int):
-    """(W_ih (D*4h, C), W_hh^T (D, h, 4h), W_hh (D, 4h, h), b_ih + b_hh (D*4h)) in float32 for the kernel.
+def _stacked_weights(params, D: int, dtype: torch.dtype):
+    """(W_ih (D*4h, C), W_hh (D, 4h, h), b_ih + b_hh (D*4h) or None) of all directions in ``dtype``, in
+    nn.LSTM's layout (concatenated, not reordered; the bias summed in float32).
 
-    Rebuilt on every call (W_ih is a plain concatenation, about 0.07 ms for a 384-wide layer): a cache
-    would have to notice every way a weight can change, ``param.data`` writes included, which bypass the
-    version counter. The input projection multiplies by ``W_ih.t()`` (a view): as fast as a transposed
-    copy in the GEMM, without the copy.
+    Rebuilt on every call (W_ih is a plain concatenation, about 0.07 ms for a 384-wide layer on CPU): a
+    cache would have to notice every way a weight can change, ``param.data`` writes included, which bypass
+    the version counter.
     """
     f32 = torch.float32
     with torch.no_grad():
-        w_ih = torch.cat([params[4 * d].to(f32) for d in range(D)])
-        w_hh = torch.stack([params[4 * d + 1].to(f32) for d in range(D)])
-        w_hh_t = w_hh.transpose(1, 2).contiguous()
+        w_ih = torch.cat([params[4 * d] for d in range(D)]).to(dtype)
+        w_hh = torch.stack([params[4 * d + 1] for d in range(D)]).to(dtype)
+        bias = None
         if params[2] is not None:
-            bias = torch.cat([(params[4 * d + 2] + params[4 * d + 3]).to(f32) for d in range(D)])
-        else:
-            bias = params[0].new_zeros(D * params[0].shape[0], dtype=f32)
-    return w_ih, w_hh_t, w_hh, bias
+            bias = (torch.cat([params[4 * d + 2] for d in range(D)]).to(f32)
+                    + torch.cat([params[4 * d + 3] for d in range(D)]).to(f32)).to(dtype)
+    return w_ih, w_hh, bias
 
 
 def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
@@ -393,7 +392,11 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
     f32 = torch.float32
     with torch.autocast('cpu', enabled=False):
         has_bias = params[2] is not None
-        w_ih, w_hh_t, w_hh, bias = _prepared_weights(params, D)
+        w_ih, w_hh, bias = _stacked_weights(params, D, f32)
+        w_hh_t = w_hh.transpose(1, 2).contiguous()
+        if bias is None:
+            bias = w_ih.new_zeros(w_ih.shape[0])
+        # the input projection multiplies by ``W_ih.t()`` (a view): as fast as a transposed copy, without it
         x2 = x.reshape(BHW, C)
         save = any(ctx.needs_input_grad)
         # the bias is added inside the kernel; when training, the kernel turns xp into the gate activations
@@ -461,13 +464,9 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         rows, _, prev, _ = _plan(B, H, W, kinds, x.device)
         N = rows.shape[1] // D
         has_bias = params[2] is not None
-        # nn.LSTM's own layout and gate order: the parameters are concatenated, not reordered
-        w_ih = torch.cat([params[4 * d] for d in range(D)]).to(pdt)                  # (D*4h, C)
-        w_hh = torch.stack([params[4 * d + 1] for d in range(D)]).to(pdt)            # (D, 4h, h)
+        w_ih, w_hh, bias = _stacked_weights(params, D, pdt)      # nn.LSTM's layout: no reordering
         x2 = x.reshape(BHW, C).to(pdt)
         if has_bias:
-            bias = (torch.cat([params[4 * d + 2] for d in range(D)]).to(f32)
-                    + torch.cat([params[4 * d + 3] for d in range(D)]).to(f32)).to(pdt)
             xp = torch.addmm(bias, x2, w_ih.t())                 # (BHW, D*4h): row token*D + d of (R, 4h)
         else:
             xp = torch.mm(x2, w_ih.t())
@@ -501,7 +500,7 @@ def _backward_triton(ctx, gy):
         h_prev = yz.index_select(0, prev).view(BHW, D, hidden)                                    # h_{t-1} by token
         dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1)).float()   # (D, 4h, h)
         db = dxp.sum(0, dtype=torch.float32) if has_bias else None
-    return (dx, None, None, None, None, *_param_grads(dw_ih, dw_hh, db if has_bias else None, D, dtypes))
+    return (dx, None, None, None, None, *_param_grads(dw_ih, dw_hh, db, D, dtypes))
 
 
 def _param_grads(dw_ih: torch.Tensor, dw_hh: torch.Tensor, db: Optional[torch.Tensor], D: int,
