@@ -80,6 +80,27 @@ def test_fused_mlp_switch(tmp_path):
     assert rows[False]['fused_mlp'] is True and rows[True]['fused_mlp'] is False
 
 
+def test_timm_eager_compiles_ours_only(tmp_path, monkeypatch):
+    """--compile --timm-eager: our model goes through torch.compile (with the mode asked for), timm's does not;
+    each row records its own compile flag. (torch.compile is replaced by a recorder: inductor's C++ build takes
+    minutes on two cores; the compiled path itself is covered in test_fused.py.)"""
+    import torch
+    seen = []
+
+    def fake_compile(model, mode=None, dynamic=None, **kw):
+        seen.append((type(model).__module__.split('.')[0], mode, dynamic))
+        return model
+
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    out = tmp_path / 'bench.json'
+    assert main(['benchmark', *TINY, '--mode', 'train', '--compare-timm', '--compile-mode', 'reduce-overhead',
+                 '--timm-eager', '--no-memory', '--results-file', str(out)]) == 0
+    assert seen == [('sequencer', 'reduce-overhead', False)]
+    with open(out) as f:
+        rows = json.load(f)['results']
+    assert [(r['impl'], r['compile']) for r in rows] == [('sequencer', True), ('timm', False)]
+
+
 def test_timm_counterpart_of_each_model():
     assert timm_name_for('sequencer2d_m') == 'sequencer2d_m'
     assert timm_name_for('sequencer2d_l_392') == 'sequencer2d_l'  # same architecture, other input size
@@ -95,6 +116,8 @@ def test_timm_counterpart_of_each_model():
     (['--model', 'v_sequencer_s', '--compare-timm', '--layers', '1,1,1,1'],
      'timm has no model with the architecture of v_sequencer_s'),
     (['--mode', 'train', '--num-classes', '0'], 'training needs a classifier'),
+    (['--compile', '--timm-eager'], '--timm-eager compiles our model only: it needs --compare-timm'),
+    (['--compare-timm', '--timm-eager'], '--timm-eager compiles our model only'),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert main(['benchmark', '--img-size', '56', '--iters', '1', '--warmup', '0', '-q', *argv]) == 2

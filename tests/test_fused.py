@@ -382,6 +382,63 @@ def test_gpu_path_dispatches_few_operators():
 
 
 
+_COMPILED_TRAINING = textwrap.dedent('''
+    import torch
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from sequencer import Sequencer2D
+    from sequencer.layers import fused_lstm as fl
+    fl._TRITON_ON_CPU[0] = True
+    torch.manual_seed(0)
+    m = Sequencer2D(layers=(1, 1, 1, 1), patch_sizes=(7, 2, 1, 1), embed_dims=(16, 32, 32, 32),
+                    hidden_sizes=(4, 8, 8, 8), mlp_ratios=(2, 2, 2, 2), num_classes=5).set_rnn_engine('fused')
+    x = torch.randn(2, 3, 28, 42)
+    for autocast in (False, True):
+        graphs = {}
+
+        def keep(name):
+            def compiler(gm, inputs):
+                graphs[name] = gm.code
+                return make_boxed_func(gm.forward)
+            return compiler
+
+        with fl.cpu_kernel_disabled():
+            m.zero_grad(set_to_none=True)
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+                ref = m(x)
+            ref.float().sum().backward()
+            ref_grads = [p.grad.clone() for p in m.parameters()]
+            m.zero_grad(set_to_none=True)
+            torch._dynamo.reset()
+            cm = torch.compile(m, backend=aot_autograd(fw_compiler=keep('fw'), bw_compiler=keep('bw')),
+                               fullgraph=True)
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+                out = cm(x)
+            out.float().sum().backward()
+        err = max([(out.float() - ref.float()).abs().max().item()]
+                  + [(p.grad - g).abs().max().item() for p, g in zip(m.parameters(), ref_grads)])
+        print(autocast, err, graphs['fw'].count('sequencer_triton.lstm2d_forward'),
+              graphs['bw'].count('sequencer_triton.lstm2d_backward'))
+''')
+
+
+def test_compiled_training_keeps_the_triton_kernels():
+    """Training under torch.compile with the GPU path (run here through Triton's interpreter): one graph
+    (fullgraph) whose forward calls the Triton forward op once per BiLSTM2D and whose backward calls the
+    Triton backward op once per BiLSTM2D, with the eager model's outputs and gradients, in float32 and under
+    bfloat16 autocast."""
+    pytest.importorskip('triton')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, '-c', _COMPILED_TRAINING], env=dict(os.environ, TRITON_INTERPRET='1'),
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln.split() for ln in proc.stdout.splitlines()]
+    assert [ln[0] for ln in lines] == ['False', 'True'], proc.stdout
+    for autocast, err, n_fw, n_bw in lines:
+        assert (n_fw, n_bw) == ('4', '4'), (autocast, n_fw, n_bw)   # one BiLSTM2D per stage
+        assert float(err) < 1e-5, (autocast, err)
+
+
 _OPCHECK = textwrap.dedent('''
     import torch
     from sequencer.layers import fused_lstm as fl
@@ -552,7 +609,8 @@ def test_fused_engine_on_cuda_matches_native():
 def test_fused_engine_on_cuda_under_bf16_autocast_and_compile():
     """On a GPU under bfloat16 autocast: the fused engine (bfloat16 tensor-core products, float32 cell) stays
     within bfloat16 rounding of the exact result (float64 on the CPU), output and every gradient; and
-    torch.compile keeps the Triton kernels in one graph (fullgraph) with the eager outputs."""
+    torch.compile keeps the Triton kernels in one graph (fullgraph) with the eager outputs and, training,
+    the eager gradients."""
     pytest.importorskip('triton')
     torch.manual_seed(0)
     m = RNN2D(64, 48)
@@ -582,6 +640,17 @@ def test_fused_engine_on_cuda_under_bf16_autocast_and_compile():
     xc = x.cuda()
     with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
         torch.testing.assert_close(cm(xc).float(), mc(xc).float(), atol=2e-2, rtol=2e-2)
+    # compiled training (inductor): the same gradients as eager, within bfloat16 rounding
+    grads = {}
+    for name, fn in (('eager', mc), ('compiled', cm)):
+        mc.zero_grad(set_to_none=True)
+        xi = xc.clone().requires_grad_(True)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            y = fn(xi)
+        (y.float() * g.cuda()).sum().backward()
+        grads[name] = [xi.grad] + [p.grad.clone() for p in mc.parameters()]
+    for a, b in zip(grads['eager'], grads['compiled']):
+        assert ((a - b).abs().max() / a.abs().max()).item() < 2e-2
 
 def test_kernel_backward_consumes_saved_gates_only_when_the_graph_is_freed(monkeypatch):
     """The kernel's backward turns the saved gate activations into gate gradients in place. A graph kept for

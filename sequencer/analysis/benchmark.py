@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser):
                              'fixed; compilation happens in the warm-up steps)')
     parser.add_argument('--compile-mode', default=None,
                         help="torch.compile mode ('default', 'reduce-overhead', 'max-autotune', ...); implies --compile")
+    parser.add_argument('--timm-eager', action='store_true',
+                        help="with --compile and --compare-timm: compile our model only and time timm's eager (the "
+                             "comparison of the GPU training target)")
     parser.add_argument('--rnn-engine', choices=('auto', 'native', 'fused'), default=None,
                         help="how our model runs its recurrences (default: the model's default, 'auto'); timm's "
                              "model always runs nn.LSTM")
@@ -135,6 +138,9 @@ def _check_args(args) -> Tuple[int, int, int]:
         raise UserError(f"--results-file {args.results_file}: the name must end in .csv or .json")
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to torch on this machine")
+    if args.timm_eager and not (args.compare_timm and (args.compile or args.compile_mode is not None)):
+        raise UserError("--timm-eager compiles our model only: it needs --compare-timm and --compile (or "
+                        "--compile-mode)")
     if args.rnn_engine == 'fused' and not _fused_engine_available():
         raise UserError("--rnn-engine fused: the fused RNN engine is not available in this installation")
     from ..models.registry import get_spec
@@ -598,7 +604,8 @@ def run(args) -> int:
 
     rows, engines = [], []
     for mode in (('infer', 'train') if args.mode == 'both' else (args.mode,)):
-        steps = {name: Step(m, mode, x, target, args.precision, args.compile_mode, compile_)
+        compiled = {name: compile_ and not (name == TIMM and args.timm_eager) for name in models}
+        steps = {name: Step(m, mode, x, target, args.precision, args.compile_mode, compiled[name])
                  for name, m in models.items()}
         progress.say(f"{mode}: {args.model} batch {args.batch_size}, {' vs '.join(steps)}, "
                      f"{args.warmup} warm-up + {args.iters} measured steps each", force=True)
@@ -616,7 +623,7 @@ def run(args) -> int:
             ips = args.batch_size / mean
             row = dict(model=args.model, impl=name, timm_model=timm_name, mode=mode, device=device.type,
                        precision=args.precision, batch_size=args.batch_size,
-                       input_size='x'.join(map(str, input_size)), compile=compile_,
+                       input_size='x'.join(map(str, input_size)), compile=compiled[name],
                        rnn_engine=engine if name == OURS else 'nn.LSTM', fused_mlp=fused_mlp and name == OURS,
                        grad_checkpointing=args.grad_checkpointing,
                        threads=torch.get_num_threads(), warmup=args.warmup, iters=args.iters,
@@ -652,7 +659,8 @@ def run(args) -> int:
           f"engine ({', '.join(engines)})  grad_checkpointing={args.grad_checkpointing}  {macs / 1e9:.2f} GMACs/img"
           + (f"  matmul peak {peak:.1f} GFLOP/s" if peak else ''))
     if timm_name:
-        print(f"compared with timm's {timm_name} (same weights), timed alternately")
+        print(f"compared with timm's {timm_name} (same weights), timed alternately"
+              + (" (timm's model eager)" if args.timm_eager else ''))
     if mem_method:
         print(f"peak memory: {mem_method}")
     print(summary(rows))
