@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -472,6 +473,57 @@ def test_resume_restores_best_checkpoint_links_a_crash_cut(tmp_path, data, finis
     restored = torch.load(folder / 'checkpoint-1.pth.tar', map_location='cpu', weights_only=True)
     assert restored['next_epoch'] == 2
     assert os.path.isfile(folder / 'model_best.pth.tar')
+
+
+_LATE_SIGNAL_RANK = textwrap.dedent('''
+    import os, signal, sys
+    from sequencer.cli import main
+    from sequencer.engine import train
+    real = train.Dist.all_max
+    calls = [0]
+
+    def all_max(self, value):
+        out = real(self, value)
+        if sys._getframe(1).f_code.co_name == 'agree_on_stop':
+            calls[0] += 1
+            if self.rank == 1 and calls[0] == 2:
+                os.kill(os.getpid(), signal.SIGTERM)   # just after the ranks agreed to go on
+        return out
+
+    train.Dist.all_max = all_max
+    sys.exit(main(sys.argv[1:]))
+''')
+
+
+def test_a_signal_after_the_ranks_agreed_stops_every_rank_at_the_same_step(tmp_path, data):
+    """A signal that reaches one rank just after the ranks agreed to go on (a per-step collective) is acted
+    on at the next agreement, by every rank: no rank leaves while the others wait in a collective."""
+    import socket
+    folder = tmp_path / 'runs' / 'ddp'
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, '-c', _LATE_SIGNAL_RANK, 'train', data, *COMMON, '-b', '2', '--epochs', '2', '-j', '0',
+            '--output', str(folder.parent), '--experiment', folder.name]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+        procs.append(subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=120)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail('the ranks hung after one of them was signalled: ' + ''.join(
+            (p.communicate()[0] or '')[-1500:] for p in procs))
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert 'SIGTERM: saved' in outs[0], outs[0]
+    ckpt = torch.load(folder / 'recovery.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['next_epoch'] == 0 and ckpt['next_batch'] == 3    # the agreement after the third step
 
 
 def test_sigterm_to_a_ddp_launch_saves_on_all_ranks_and_resumes(tmp_path, data):

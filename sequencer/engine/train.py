@@ -491,10 +491,17 @@ def train(args) -> Dict:
         stop['signal'] = signal.Signals(signum).name
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def agree_on_stop():
-        """Every rank stops at the same step: a signal seen by any rank counts for all (a collective call)."""
-        if d.all_max(1.0 if stop['signal'] else 0.0) > 0 and not stop['signal']:
+    def agree_on_stop() -> bool:
+        """Whether to stop here. With several ranks every rank must stop at the same step, so the answer is
+        the one the ranks agreed on (a collective call: a signal seen by any rank counts for all), never the
+        live flag, which a signal arriving just after the agreement may already have set on one rank only;
+        such a signal is acted on at the next agreement."""
+        if d.world == 1:
+            return stop['signal'] is not None
+        agreed = d.all_max(1.0 if stop['signal'] else 0.0) > 0
+        if agreed and not stop['signal']:
             stop['signal'] = 'SIGTERM'
+        return agreed
 
     def state(next_epoch: int, next_batch: int, metric=None, part=(0.0, 0)) -> Dict:
         return {'version': CHECKPOINT_VERSION, 'arch': args.model, 'num_classes': num_classes,
@@ -570,12 +577,11 @@ def train(args) -> Dict:
                     writer.add_scalar('train/loss', value, num_updates)
                     writer.add_scalar('train/lr', lr, num_updates)
                 at_boundary = (step + 1) % args.grad_accum_steps == 0 and step + 1 < steps + skip
-                if d.world > 1 and at_boundary:
-                    agree_on_stop()
+                stopping = at_boundary and agree_on_stop()
                 if d.main and args.recovery_interval and at_boundary and (step + 1) % args.recovery_interval == 0 \
-                        and not stop['signal']:
+                        and not stopping:
                     keeper.save_recovery(state(epoch, step + 1, part=(loss_sum, loss_count)))
-                if stop['signal'] and at_boundary:
+                if stopping:
                     if d.main:
                         keeper.save_recovery(state(epoch, step + 1, part=(loss_sum, loss_count)))
                     bar.close()
@@ -610,9 +616,8 @@ def train(args) -> Dict:
                 plot_curves(folder, rows)
                 keeper.save_epoch(state(epoch + 1, 0, metric=metric), epoch, metric)
             result = {'folder': folder, 'epoch': epoch, **metrics, 'best': keeper.best}
-            if d.world > 1 and epoch + 1 < num_epochs:
-                agree_on_stop()
-            if stop['signal']:
+            # (after the last epoch there is nothing left to stop: no agreement needed)
+            if agree_on_stop() if epoch + 1 < num_epochs else stop['signal']:
                 log(f"{stop['signal']}: stopped after epoch {epoch}; continue with --resume auto "
                     f"--experiment {os.path.basename(folder)} --output {os.path.dirname(folder)}")
                 return {'interrupted': True, **result}
