@@ -17,8 +17,12 @@ comparison trivially equal). Exit status 1 when any model fails to compile or di
     python scripts/check_compile.py                         # every model, 56 px, full depth
     python scripts/check_compile.py --layers 1,1,1,1        # every model, one block per stage (faster)
     python scripts/check_compile.py 'sequencer2d_*' --rnn-engine native --markdown
+    # the fused engine's GPU path (Triton kernels) on the CPU, through Triton's interpreter, under bf16 autocast
+    python scripts/check_compile.py sequencer2d_s --layers 1,1,1,1 --img-size 28 --rnn-engine fused \
+        --gpu-path --precision bf16 --rtol 1e-2
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -50,6 +54,11 @@ def parse_args(argv=None):
                    help='check the forward only (default: forward and the gradients of a backward pass)')
     p.add_argument('--rtol', type=float, default=1e-4,
                    help='largest accepted difference relative to the largest eager value (default 1e-4)')
+    p.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
+                   help='fp32 (default), or bf16 autocast around every forward (eager and compiled)')
+    p.add_argument('--gpu-path', action='store_true',
+                   help="run the fused engine's GPU path (its Triton kernels) on the CPU through Triton's interpreter "
+                        "(runs with TRITON_INTERPRET=1; slow: use small models); with --rnn-engine fused")
     p.add_argument('--num-threads', type=int, default=None, help='torch CPU threads')
     p.add_argument('--markdown', action='store_true', help='print the table as markdown')
     return p.parse_args(argv)
@@ -72,6 +81,16 @@ def build(name: str, args) -> torch.nn.Module:
     return model.eval()
 
 
+def _context(args):
+    """The autocast (and, with --gpu-path, the CPU kernels switched off) of every forward."""
+    stack = contextlib.ExitStack()
+    if args.gpu_path:
+        from sequencer.layers.fused_lstm import cpu_kernel_disabled
+        stack.enter_context(cpu_kernel_disabled())
+    stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.precision == 'bf16'))
+    return stack
+
+
 def check(name: str, args) -> dict:
     row = dict(model=name, graphs='-', breaks='-', reasons='', compile_s='-', fwd_diff='-', grad_diff='-', ok=False)
     model = build(name, args)
@@ -79,7 +98,7 @@ def check(name: str, args) -> dict:
     try:
         torch._dynamo.reset()
         prepare_for_compile(x.device)
-        with torch.no_grad():
+        with torch.no_grad(), _context(args):
             explained = torch._dynamo.explain(model)(x)
         row['graphs'], row['breaks'] = explained.graph_count, explained.graph_break_count
         reasons = sorted({r.reason.splitlines()[0][:90] for r in explained.break_reasons})
@@ -88,21 +107,25 @@ def check(name: str, args) -> dict:
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=args.backend, dynamic=DYNAMIC[args.dynamic])
         start = time.perf_counter()
-        with torch.no_grad():
-            got = compiled(x)
+        with torch.no_grad(), _context(args):
+            got = compiled(x).float()
         row['compile_s'] = f"{time.perf_counter() - start:.1f}"
-        with torch.no_grad():
-            want = model(x)
+        with torch.no_grad(), _context(args):
+            want = model(x).float()
         row['fwd_diff'] = f"{_rel(got, want):.1e}"
         ok = _rel(got, want) <= args.rtol
 
         if args.backward:
             model.train()  # no dropout / drop-path in these models by default: deterministic
             params = [p for p in model.parameters() if p.requires_grad]
-            model(x).square().mean().backward()
+            with _context(args):
+                loss = model(x).float().square().mean()
+            loss.backward()
             eager_grads = [p.grad.clone() for p in params]
             model.zero_grad(set_to_none=True)
-            compiled(x).square().mean().backward()
+            with _context(args):
+                loss = compiled(x).float().square().mean()
+            loss.backward()
             diff = max(_rel(p.grad, g) for p, g in zip(params, eager_grads) if g.abs().max() > 0)
             row['grad_diff'] = f"{diff:.1e}"
             ok = ok and diff <= args.rtol * 10  # gradients accumulate more rounding than the forward
@@ -130,13 +153,30 @@ def render(rows, markdown: bool) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.gpu_path:
+        if args.rnn_engine != 'fused':
+            print("check_compile.py: error: --gpu-path needs --rnn-engine fused", file=sys.stderr)
+            return 2
+        if os.environ.get('TRITON_INTERPRET') != '1':
+            # Triton reads it when it is imported (here, already by torch): start again with it set
+            sys.stdout.flush()
+            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+                      dict(os.environ, TRITON_INTERPRET='1'))
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            print("check_compile.py: error: --gpu-path needs Triton installed", file=sys.stderr)
+            return 2
+        from sequencer.layers import fused_lstm
+        fused_lstm._TRITON_ON_CPU[0] = True
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     names = sequencer.list_models(args.pattern)
     if not names:
         print(f"check_compile.py: error: no model matches {args.pattern!r}", file=sys.stderr)
         return 2
-    print(f"torch {torch.__version__}, backend {args.backend}, dynamic={DYNAMIC[args.dynamic]}, input {args.batch_size}x3x{args.img_size}x"
+    print(f"torch {torch.__version__}, backend {args.backend}, dynamic={DYNAMIC[args.dynamic]}, {args.precision}"
+          f"{', GPU path through the Triton interpreter' if args.gpu_path else ''}, input {args.batch_size}x3x{args.img_size}x"
           f"{args.img_size}, engine {args.rnn_engine or 'default'}, layers {args.layers or 'as in the table'}",
           flush=True)
     rows = []

@@ -194,3 +194,20 @@ def test_step_analysis_scripts_run_on_cpu():
             proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', name)], capture_output=True,
                                   text=True, timeout=300)
             assert proc.returncode != 0 and 'needs a CUDA device' in proc.stderr, (name, proc.stderr[-500:])
+
+
+def test_check_compile_script_on_the_gpu_path(tmp_path):
+    """scripts/check_compile.py --gpu-path: the fused engine's Triton kernels (through Triton's interpreter)
+    under bf16 autocast, compiled (AOT autograd here; inductor takes minutes on two cores) against eager,
+    forward and gradients; --gpu-path without the fused engine is a one-line error."""
+    pytest.importorskip('triton')
+    script = os.path.join(ROOT, 'scripts', 'check_compile.py')
+    common = [sys.executable, script, 'sequencer2d_s', '--layers', '1,1,1,1', '--img-size', '28', '--gpu-path']
+    proc = subprocess.run(common + ['--rnn-engine', 'fused', '--precision', 'bf16', '--rtol', '1e-2', '--backend',
+                                    'aot_eager'], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert 'GPU path through the Triton interpreter' in proc.stdout
+    (row,) = [ln for ln in proc.stdout.splitlines() if ln.startswith('sequencer2d_s ')]
+    assert row.split()[1:3] == ['1', '0'] and ' ok' in row, row    # one graph, no break
+    bad = subprocess.run(common, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == 'check_compile.py: error: --gpu-path needs --rnn-engine fused'

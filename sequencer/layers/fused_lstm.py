@@ -569,7 +569,8 @@ def _triton_ok() -> bool:
     return _TRITON_OK
 
 
-# tests only: run the Triton kernels on CPU tensors (through Triton's interpreter, TRITON_INTERPRET=1)
+# tests and `scripts/check_compile.py --gpu-path` only: run the Triton kernels on CPU tensors (through Triton's
+# interpreter, TRITON_INTERPRET=1)
 _TRITON_ON_CPU = [False]
 
 
