@@ -219,6 +219,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         (['train', data, *TINY, '-b', '2', '--opt', 'nosuchopt'], '--opt nosuchopt'),
         (['validate', data, *TINY, '--checkpoint', str(tmp_path / 'none.pth')], 'no such checkpoint file'),
         (['train', data, *TINY[:-1], '4', '-b', '2'], 'smaller than the model\'s total patch size'),
+        (['train', data, *TINY, '-b', '2', '--torchcompile-mode', 'fastest'], '--torchcompile-mode fastest: Unrecognized mode'),
+        (['train', data, *TINY, '-b', '2', '--torchcompile', 'nosuchbackend'], "--torchcompile nosuchbackend: Invalid backend"),
     ]
     for argv, message in cases:
         out = ['--output', str(tmp_path / 'out')] if argv[0] == 'train' else []
@@ -229,6 +231,33 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     # argparse's own errors (unknown flags or choices) also exit 2
     proc = run([sys.executable, '-m', 'sequencer.cli', 'train', data, '--sched-on-updatez'], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and 'unrecognized arguments' in proc.stderr
+
+
+def test_torchcompile_mode_compiles_with_that_mode(tmp_path, monkeypatch):
+    """--torchcompile-mode alone compiles with inductor in that mode (as timm's flag of that name, which needs
+    --torchcompile besides); --torchcompile BACKEND picks the backend. (torch.compile is replaced by a recorder:
+    inductor's C++ build takes minutes on two cores.)"""
+    from sequencer.cli import main
+    data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1, size=(36, 36))
+    seen = []
+
+    def fake_compile(model, backend=None, mode=None, **kw):
+        if not isinstance(model, torch.nn.Identity):   # (the flags' early check wraps an Identity)
+            seen.append((backend, mode))
+        return real_compile(model, backend=backend, mode=mode) if isinstance(model, torch.nn.Identity) else model
+
+    real_compile = torch.compile
+
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    assert main(['train', data, *TINY, '-j', '0', '-b', '2', '--epochs', '1', '--torchcompile', 'aot_eager',
+                 '--output', str(tmp_path / 'out'), '--experiment', 'run']) == 0
+    assert main(['validate', data, *TINY, '-j', '0', '--checkpoint', str(tmp_path / 'out' / 'run' / 'last.pth.tar'),
+                 '--torchcompile-mode', 'reduce-overhead']) == 0
+    assert seen == [('aot_eager', None), ('inductor', 'reduce-overhead')]
+    # a bad mode stops the run before anything is written
+    assert main(['train', data, *TINY, '-j', '0', '-b', '2', '--torchcompile-mode', 'fastest',
+                 '--output', str(tmp_path / 'bad')]) == 2
+    assert not (tmp_path / 'bad').exists()
 
 
 SEED_1 = ('-b 256 -j 8 --opt adamw --epochs 300 --sched cosine --native-amp --img-size 224 --drop-path 0.1 --lr 2e-3 '

@@ -73,6 +73,9 @@ def _model_args(parser, training: bool):
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None,
                    help='compile the model with torch.compile (backend, default inductor)')
+    g.add_argument('--torchcompile-mode', default=None,
+                   help="torch.compile mode ('default', 'reduce-overhead': CUDA graphs, 'max-autotune', ...); "
+                        "implies --torchcompile")
     g.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
     g.add_argument('--log-interval', type=int, default=50, help='batches between log lines')
 

@@ -13,6 +13,31 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
+def _compile(module: nn.Module, backend: Optional[str], mode: Optional[str]) -> nn.Module:
+    """``torch.compile`` (which only wraps: compilation happens at the first call); an unknown backend or mode
+    is a user error naming its flag."""
+    from ..errors import UserError
+    try:
+        return torch.compile(module, backend=backend or 'inductor', mode=mode)
+    except RuntimeError as e:
+        flag = f'--torchcompile-mode {mode}' if mode and 'mode' in str(e) else f'--torchcompile {backend}'
+        raise UserError(f"{flag}: {str(e).splitlines()[0]}") from None
+
+
+def check_compile_flags(backend: Optional[str], mode: Optional[str]) -> None:
+    """Reject a bad ``--torchcompile`` / ``--torchcompile-mode`` before any work is done (or any file written)."""
+    if backend or mode:
+        _compile(nn.Identity(), backend, mode)
+
+
+def torch_compile(module: nn.Module, device: torch.device, backend: Optional[str], mode: Optional[str]) -> nn.Module:
+    """``torch.compile`` for ``--torchcompile [BACKEND]`` / ``--torchcompile-mode MODE`` (a mode alone means
+    inductor). The CPU kernel is loaded first, so that compiled graphs keep its ops."""
+    from ..layers.cpu_kernel import prepare_for_compile
+    prepare_for_compile(device)
+    return _compile(module, backend, mode)
+
+
 @torch.no_grad()
 def evaluate(
         model: nn.Module,

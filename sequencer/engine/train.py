@@ -33,11 +33,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, make_loader, num_classes_of
 from ..errors import UserError
-from ..layers.cpu_kernel import prepare_for_compile
 from ..models import create_model, load_checkpoint
 from ..models.weights import CheckpointError, read_file
 from .args import build_train_parser, parse
-from .evaluate import autocast, evaluate
+from .evaluate import autocast, check_compile_flags, evaluate, torch_compile
 from .io import save_torch, write_text
 from .malloc import keep_freed_memory
 
@@ -318,6 +317,7 @@ def train(args) -> Dict:
     log = Log(d.main)
     if not args.data_dir and not args.dataset.startswith('torch/'):
         raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
+    check_compile_flags(args.torchcompile, args.torchcompile_mode)
     if args.batch_size < 1 or args.grad_accum_steps < 1:
         raise UserError(f"--batch-size and --grad-accum-steps must be positive, got {args.batch_size} and "
                         f"{args.grad_accum_steps}")
@@ -468,9 +468,8 @@ def train(args) -> Dict:
     net = model
     if d.world > 1:
         net = DDP(model, device_ids=[d.device.index] if d.device.type == 'cuda' else None)
-    if args.torchcompile:
-        prepare_for_compile(d.device)
-        net = torch.compile(net, backend=args.torchcompile)
+    if args.torchcompile or args.torchcompile_mode:
+        net = torch_compile(net, d.device, args.torchcompile, args.torchcompile_mode)
     writer = None
     if args.log_tensorboard and d.main:
         try:

@@ -10,15 +10,13 @@ import os
 import time
 from typing import Dict
 
-import torch
 from timm.data import create_transform, resolve_data_config
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, num_classes_of, make_loader
 from ..errors import UserError
-from ..layers.cpu_kernel import prepare_for_compile
 from ..models import create_model, load_checkpoint
 from .args import build_validate_parser, parse
-from .evaluate import evaluate
+from .evaluate import check_compile_flags, evaluate, torch_compile
 from .io import write_text
 from .train import Dist, Log, amp_dtype_for
 
@@ -43,6 +41,7 @@ def validate(args) -> Dict:
     log = Log(d.main)
     if not args.data_dir and not args.dataset.startswith('torch/'):
         raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
+    check_compile_flags(args.torchcompile, args.torchcompile_mode)
     if args.results_file and not args.results_file.endswith(('.csv', '.json')):
         raise UserError(f"--results-file {args.results_file}: use a .csv or .json file name")
     if not args.checkpoint and not args.pretrained:
@@ -68,9 +67,8 @@ def validate(args) -> Dict:
                                  mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
                                  crop_mode=cfg.get('crop_mode'))
     model.to(d.device)
-    if args.torchcompile:
-        prepare_for_compile(d.device)
-        model = torch.compile(model, backend=args.torchcompile)
+    if args.torchcompile or args.torchcompile_mode:
+        model = torch_compile(model, d.device, args.torchcompile, args.torchcompile_mode)
     loader = make_loader(Samples(ds, transform, bad_samples=args.bad_samples),
                          ShardSampler(len(ds), d.world, d.rank, shuffle=False, drop_last=False),
                          args.batch_size, args.workers, d.device.type == 'cuda')
