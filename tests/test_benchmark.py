@@ -211,3 +211,28 @@ def test_check_compile_script_on_the_gpu_path(tmp_path):
     assert row.split()[1:3] == ['1', '0'] and ' ok' in row, row    # one graph, no break
     bad = subprocess.run(common, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip() == 'check_compile.py: error: --gpu-path needs --rnn-engine fused'
+
+
+def test_gpu_benchmarks_script_runs_the_steps_asked_for(tmp_path):
+    """scripts/gpu_benchmarks.sh selects steps by name or part (commands echoed here instead of run: no GPU),
+    passes each its options, and rejects an unknown name with exit 2."""
+    fake = tmp_path / 'bin'
+    fake.mkdir()
+    (fake / 'nvidia-smi').write_text('#!/bin/sh\necho a GPU\n')
+    (fake / 'nvidia-smi').chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHON='echo')
+    script = os.path.join(ROOT, 'scripts', 'gpu_benchmarks.sh')
+
+    def ran(what):
+        proc = subprocess.run(['bash', script, what, str(tmp_path / 'out')], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith('== ') and ' rc=' not in ln]
+
+    assert ran('train_fused_cudagraphs,tests') == ['train_fused_cudagraphs', 'tests']
+    assert ran('infer') == ['infer_eager', 'infer_compiled']
+    assert len(ran('all')) == 13
+    log = (tmp_path / 'out' / 'train_fused_cudagraphs.log').read_text()
+    assert '--compile-mode reduce-overhead --timm-eager' in log and '--batch-size 256 --precision bf16' in log
+    bad = subprocess.run(['bash', script, 'train,nosuchstep'], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown step or part 'nosuchstep'" in bad.stderr
