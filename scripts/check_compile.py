@@ -152,6 +152,7 @@ def render(rows, markdown: bool) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.gpu_path:
         if args.rnn_engine != 'fused':
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         if os.environ.get('TRITON_INTERPRET') != '1':
             # Triton reads it when it is imported (here, already by torch): start again with it set
             sys.stdout.flush()
-            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv],
                       dict(os.environ, TRITON_INTERPRET='1'))
         try:
             import triton  # noqa: F401

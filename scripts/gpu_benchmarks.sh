@@ -28,9 +28,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PARTS=(train infer diag)
 STEPS=(train_fused train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
        infer_eager infer_compiled tests accuracy profile_fused profile_timm recurrence)
-for w in ${WHAT//,/ }; do
-  if [[ $w != all && ! " ${PARTS[*]} ${STEPS[*]} " =~ " $w " ]]; then
-    echo "gpu_benchmarks.sh: error: unknown step or part '$w' (parts: ${PARTS[*]}; steps: ${STEPS[*]})" >&2
+IFS=, read -ra ITEMS <<<"$WHAT"
+if [[ ${#ITEMS[@]} -eq 0 ]]; then ITEMS=(""); fi
+for w in "${ITEMS[@]}"; do
+  if [[ $w != all && ! " ${PARTS[*]} ${STEPS[*]} " == *" $w "* ]] || [[ -z $w || $w == *" "* ]]; then
+    echo "gpu_benchmarks.sh: error: unknown step or part '$w' in '$WHAT' (a comma-separated list of: all," \
+         "${PARTS[*]}, ${STEPS[*]})" >&2
     exit 2
   fi
 done
@@ -67,7 +70,7 @@ step train mem_b32_gc 90 "${MEM[@]}" --grad-checkpointing --results-file "$OUT/s
 step infer infer_eager 120 "${INFER[@]}" --results-file "$OUT/s_infer_bf16_b256_eager.json"
 step infer infer_compiled 400 "${INFER[@]}" --compile --results-file "$OUT/s_infer_bf16_b256_compiled.json"
 
-step diag tests 150 "$PY" -m pytest -q -p no:warnings tests/test_fused.py -k cuda
+step diag tests 300 "$PY" -m pytest -q -p no:warnings tests/test_fused.py -k cuda
 step diag accuracy 60 "$PY" scripts/check_gpu_autocast_accuracy.py
 step diag profile_fused 90 "$PY" scripts/profile_step.py --rnn-engine fused --top 30
 step diag profile_timm 90 "$PY" scripts/profile_step.py --timm --top 15

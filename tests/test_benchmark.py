@@ -234,5 +234,6 @@ def test_gpu_benchmarks_script_runs_the_steps_asked_for(tmp_path):
     assert len(ran('all')) == 13
     log = (tmp_path / 'out' / 'train_fused_cudagraphs.log').read_text()
     assert '--compile-mode reduce-overhead --timm-eager' in log and '--batch-size 256 --precision bf16' in log
-    bad = subprocess.run(['bash', script, 'train,nosuchstep'], env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown step or part 'nosuchstep'" in bad.stderr
+    for what, name in (('train,nosuchstep', 'nosuchstep'), ('train infer', 'train infer'), ('train,,tests', '')):
+        bad = subprocess.run(['bash', script, what], env=env, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and f"unknown step or part '{name}'" in bad.stderr, (what, bad.stderr)

@@ -227,6 +227,27 @@ def test_resume_auto_skips_corrupt_checkpoints(tmp_path, data, finished, capsys)
     assert temporary_files(folder) == []
 
 
+def test_a_signal_during_the_last_evaluation_ends_the_run_as_finished(tmp_path, data, capsys, monkeypatch):
+    """SIGTERM arriving after the last training step (here: during the last epoch's evaluation) leaves nothing to
+    stop: the run ends as finished, with no advice to resume it."""
+    from sequencer.engine import train as train_module
+    real = train_module.evaluate
+    calls = []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:                       # the second epoch's evaluation: the last one
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, 'evaluate', evaluate)
+    folder = tmp_path / 'runs' / 'late'
+    assert train(data, folder, '--epochs', '2') == 0
+    out = capsys.readouterr().out
+    assert 'stopped after epoch' not in out and '--resume auto' not in out, out
+    assert [r['epoch'] for r in summary(folder)] == ['0', '1'] and 'best ' in out
+
+
 def test_sigint_saves_a_recovery_checkpoint_and_says_how_to_resume(tmp_path, data, trainers):
     folder = tmp_path / 'runs' / 'cut'
     (p,) = trainers(1)
@@ -394,6 +415,54 @@ def test_bad_samples_fail_naming_the_file_before_any_checkpoint(tmp_path, capsys
 
     assert train(root, folder, '--epochs', '1', '--bad-samples', 'skip', workers=workers) == 0
     assert 'epoch 0: skipped 3 unreadable sample(s)' in (folder / 'log.txt').read_text()
+    assert [r['epoch'] for r in summary(folder)] == ['0']
+
+
+def _kill_tree(pid):
+    """SIGKILL pid and every process below it (found through /proc; Linux)."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(tmp_path):
+    """DDP with --bad-samples skip and one image per rank and step: the step where one rank's only image is
+    unreadable is skipped by every rank (no rank waits in a collective the other skipped), and the run ends."""
+    root = tmp_path / 'ds'
+    make_image_folder(root, classes=3, train_per_class=2, val_per_class=1, size=(36, 36))
+    open(root / 'train' / 'n00000001' / 'empty.jpg', 'wb').close()   # 7 training files, one unreadable
+    folder = tmp_path / 'runs' / 'ddp'
+    argv = [os.path.join(ROOT, 'distributed_train.sh'), '2', str(root), *COMMON, '-b', '1', '--epochs', '1',
+            '-j', '0', '--bad-samples', 'skip', '--output', str(folder.parent), '--experiment', folder.name]
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1')
+    log = tmp_path / 'launch.log'
+    with open(log, 'w') as f:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)   # the launcher and the ranks it started (in sessions of their own)
+            proc.wait()
+            pytest.fail('the ranks hung: ' + log.read_text()[-2000:])
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert 'epoch 0: skipped 1 unreadable sample(s)' in out, out[-3000:]
     assert [r['epoch'] for r in summary(folder)] == ['0']
 
 

@@ -220,6 +220,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         (['validate', data, *TINY, '--checkpoint', str(tmp_path / 'none.pth')], 'no such checkpoint file'),
         (['train', data, *TINY[:-1], '4', '-b', '2'], 'smaller than the model\'s total patch size'),
         (['train', data, *TINY, '-b', '2', '--torchcompile-mode', 'fastest'], '--torchcompile-mode fastest: Unrecognized mode'),
+        (['train', data, *TINY, '-b', '2', '--torchcompile', 'aot_eager', '--torchcompile-mode', 'max-autotune'],
+         '--torchcompile-mode max-autotune: only the inductor backend takes a mode, not --torchcompile aot_eager'),
         (['train', data, *TINY, '-b', '2', '--torchcompile', 'nosuchbackend'], "--torchcompile nosuchbackend: Invalid backend"),
     ]
     for argv, message in cases:

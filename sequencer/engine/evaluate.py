@@ -17,8 +17,12 @@ def _compile(module: nn.Module, backend: Optional[str], mode: Optional[str]) -> 
     """``torch.compile`` (which only wraps: compilation happens at the first call); an unknown backend or mode
     is a user error naming its flag."""
     from ..errors import UserError
+    backend = backend or 'inductor'
+    if mode and backend != 'inductor':   # other backends would ignore the mode without a word
+        raise UserError(f"--torchcompile-mode {mode}: only the inductor backend takes a mode, not --torchcompile "
+                        f"{backend}")
     try:
-        return torch.compile(module, backend=backend or 'inductor', mode=mode)
+        return torch.compile(module, backend=backend, mode=mode)
     except RuntimeError as e:
         flag = f'--torchcompile-mode {mode}' if mode and 'mode' in str(e) else f'--torchcompile {backend}'
         raise UserError(f"{flag}: {str(e).splitlines()[0]}") from None

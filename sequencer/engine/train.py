@@ -530,7 +530,9 @@ def train(args) -> Dict:
             for i, (images, targets, n_bad) in enumerate(train_loader):
                 step = skip + i
                 skipped += n_bad
-                if images is None:
+                # a batch whose every sample was unreadable (--bad-samples skip) is skipped; with several
+                # ranks, by all of them together, since each step's collectives must match across ranks
+                if (images is None) if d.world == 1 else d.all_max(1.0 if images is None else 0.0) > 0:
                     continue
                 images, targets = images.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
                 if mixup is not None:
@@ -615,8 +617,8 @@ def train(args) -> Dict:
                 plot_curves(folder, rows)
                 keeper.save_epoch(state(epoch + 1, 0, metric=metric), epoch, metric)
             result = {'folder': folder, 'epoch': epoch, **metrics, 'best': keeper.best}
-            # (after the last epoch there is nothing left to stop: no agreement needed)
-            if agree_on_stop() if epoch + 1 < num_epochs else stop['signal']:
+            # (after the last epoch there is nothing left to stop: the run ends as finished)
+            if epoch + 1 < num_epochs and agree_on_stop():
                 log(f"{stop['signal']}: stopped after epoch {epoch}; continue with --resume auto "
                     f"--experiment {os.path.basename(folder)} --output {os.path.dirname(folder)}")
                 return {'interrupted': True, **result}
