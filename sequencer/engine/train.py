@@ -530,9 +530,12 @@ def train(args) -> Dict:
             for i, (images, targets, n_bad) in enumerate(train_loader):
                 step = skip + i
                 skipped += n_bad
-                # a batch whose every sample was unreadable (--bad-samples skip) is skipped; with several
-                # ranks, by all of them together, since each step's collectives must match across ranks
-                if (images is None) if d.world == 1 else d.all_max(1.0 if images is None else 0.0) > 0:
+                # a batch whose every sample was unreadable (only with --bad-samples skip) is skipped; with
+                # several ranks, by all of them together, since each step's collectives must match across ranks
+                if d.world > 1 and args.bad_samples == 'skip':
+                    if d.all_max(1.0 if images is None else 0.0) > 0:
+                        continue
+                elif images is None:
                     continue
                 images, targets = images.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
                 if mixup is not None:
