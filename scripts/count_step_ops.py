@@ -19,7 +19,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-class _Count(TorchDispatchMode):
+class OpCounter(TorchDispatchMode):
+    """Counts every operator dispatched while active, by name (``.ops``); also used by the tests."""
+
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
@@ -63,7 +65,7 @@ def main(argv=None):
         loss.backward()
 
     step()   # first use: builds and caches what later steps reuse
-    counter = _Count()
+    counter = OpCounter()
     with counter:
         step()
     what = f"{'timm' if args.timm else 'ours'}, {args.model}, {args.precision}"

@@ -334,18 +334,12 @@ def test_triton_kernels_through_interpreter():
 
 
 _GPU_PATH_OPS = textwrap.dedent('''
-    import collections, torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    import sys, torch
+    sys.path.insert(0, 'scripts')
+    from count_step_ops import OpCounter as Count
     from sequencer.layers import RNN2D
     from sequencer.layers import fused_lstm as fl
     fl._TRITON_ON_CPU[0] = True
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
     m = RNN2D(8, 4)
     m.engine = 'fused'
     x = torch.randn(2, 3, 3, 8, requires_grad=True)
