@@ -66,6 +66,28 @@ def test_autocast(dtype):
     assert out.shape == (1, 7) and out.dtype == dtype and torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize('engine', ['auto', 'native', 'fused'])
+def test_meta_device(engine):
+    """Shapes without memory or compute (deferred initialisation, shape inference): the meta device, where
+    autocast does not exist, runs forward and backward with every engine; a model built there and
+    materialised with ``to_empty`` loads weights and computes what a model built on the CPU computes."""
+    with torch.device('meta'):
+        model = create_model('sequencer2d_s', layers=(1, 1, 1, 1), num_classes=5)
+    model.set_rnn_engine(engine)
+    x = torch.randn(2, 3, 64, 48, device='meta')
+    out = model(x)
+    assert out.shape == (2, 5) and out.device.type == 'meta'
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+    ref = randomize(create_model('sequencer2d_s', layers=(1, 1, 1, 1), num_classes=5), seed=2).eval()
+    model = model.to_empty(device='cpu').eval()
+    load_state_dict(model, ref.state_dict())
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5, rtol=0)
+
+
 def test_custom_configuration_and_errors():
     m = Sequencer2D(layers=(1, 1), patch_sizes=(4, 2), embed_dims=(16, 32), hidden_sizes=(4, 8),
                     mlp_ratios=(2, 2), num_classes=3, union='add', rnn_layer='gru')

@@ -63,6 +63,23 @@ _GATE_ORDER = (0, 1, 3, 2)
 _G_SCALE = -2.0
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs this device type's ops in, or None: autocast off, or a device type without
+    autocast (such as 'meta', where ``torch.is_autocast_enabled`` raises)."""
+    available = getattr(torch.amp, 'is_autocast_available', None)
+    if available is not None and not available(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def autocast_off(device_type: str):
+    """A context that turns autocast off for this device type (a no-op where it has no autocast)."""
+    available = getattr(torch.amp, 'is_autocast_available', None)
+    if available is not None and not available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 # ---- the index plan -------------------------------------------------------------------------------------
 
 def _build_plan(B: int, H: int, W: int, kinds: Tuple[Tuple[bool, bool], ...], device):
@@ -252,7 +269,7 @@ class _FusedLSTM2D(torch.autograd.Function):
         ctx.triton = _use_triton(x, cdt, hidden, mm_dtype)
         if ctx.triton:
             return _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params)
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             rows, inv, prev, padded = _plan(B, H, W, kinds, x.device)
             T, DN = rows.shape
             N = DN // D
@@ -304,7 +321,7 @@ class _FusedLSTM2D(torch.autograd.Function):
         N = DN // D
         R = B * H * W * D
         BHW = B * H * W
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             gy = gy.to(cdt).reshape(R, hidden)
             if padded:  # padded steps read a zero row
                 gy = torch.cat([gy, gy.new_zeros(1, hidden)])
@@ -460,7 +477,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
     f32 = torch.float32
     lowp = mm_dtype in (torch.float16, torch.bfloat16)
     pdt = mm_dtype if lowp else f32                  # the products' dtype
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         rows, _, prev, _ = _plan(B, H, W, kinds, x.device)
         N = rows.shape[1] // D
         has_bias = params[2] is not None
@@ -491,7 +508,7 @@ def _backward_triton(ctx, gy):
     BHW = B * H * W
     R = BHW * D
     N = rows.shape[1] // D
-    with torch.autocast(gy.device.type, enabled=False):
+    with autocast_off(gy.device.type):
         gy = gy.reshape(R, hidden).contiguous()
         dxp = triton_lstm.backward(gy, act, cs, w_hh, rows, D, N, hidden).view(BHW, D * G)   # in w_hh's dtype
         dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x_dtype) if ctx.needs_input_grad[0] else None
@@ -590,8 +607,9 @@ def _use_triton(x: torch.Tensor, cdt: torch.dtype, hidden: int, mm_dtype: torch.
 def fused_rnn2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The united output of ``module`` (an ``RNN2D`` of single-layer LSTMs) for NHWC ``x``, before ``fc``."""
     kinds, params = module._lstm_params()
-    if torch.is_autocast_enabled(x.device.type):
-        out_dtype = mm_dtype = torch.get_autocast_dtype(x.device.type)
+    amp = autocast_dtype(x.device.type)
+    if amp is not None:
+        out_dtype = mm_dtype = amp
     else:
         out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
         mm_dtype = torch.float32

@@ -97,7 +97,8 @@ class RNN2D(nn.Module):
             kernel = loaded()
         else:
             kernel = None
-        autocast = torch.is_autocast_enabled(ref.device.type)
+        from .fused_lstm import autocast_dtype
+        autocast = autocast_dtype(ref.device.type) is not None
         triton = None
         if ref.device.type == 'cuda':
             from .fused_lstm import _triton_ok
