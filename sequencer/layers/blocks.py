@@ -26,6 +26,7 @@ class SequencerBlock(nn.Module):
     """
 
     fuse_residual: bool = True
+    fused_norm: bool = True   # the pre-norms' Triton kernels on CUDA (``norm_residual``)
 
     def __init__(
             self,
@@ -54,10 +55,12 @@ class SequencerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._residual_into_branches():
-            x = _residual_branch(self.norm1, self.rnn_tokens, x)
-            return _residual_branch(self.norm2, self.mlp_channels, x)
-        x = x + self.drop_path(self.rnn_tokens(self.norm1(x)))
-        x = x + self.drop_path(self.mlp_channels(self.norm2(x)))
+            x = _residual_branch(self.norm1, self.rnn_tokens, x, self.fused_norm)
+            return _residual_branch(self.norm2, self.mlp_channels, x, self.fused_norm)
+        for norm, branch in ((self.norm1, self.rnn_tokens), (self.norm2, self.mlp_channels)):
+            y, x = norm_residual(norm, x, lowp_out=_casts_input(branch, x), gpu_kernels=self.fused_norm,
+                                 cpu_kernels=False)
+            x = x + self.drop_path(branch(y))
         return x
 
 
@@ -110,13 +113,19 @@ def patch_linear(x: torch.Tensor, conv: nn.Conv2d, channels_first: bool = False)
     return F.linear(patches.reshape(B, Ho, Wo, C * ph * pw), weight, conv.bias)
 
 
-def _residual_branch(norm: nn.Module, branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _casts_input(branch: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the branch reads its input only through a cast to the autocast dtype (``casts_input``)."""
+    casts = getattr(branch, 'casts_input', None)
+    return casts is not None and casts(x)
+
+
+def _residual_branch(norm: nn.Module, branch: nn.Module, x: torch.Tensor, gpu_kernels: bool = True) -> torch.Tensor:
     """x + branch(norm(x)) with the residual handed to the branch. Where the branch can accumulate onto a
     residual that already holds its last linear layer's bias (``branch.residual_bias``), the norm writes
     x + bias in its own pass over x (``norm_residual``) and the branch's GEMM adds onto that in place."""
     get_bias = getattr(branch, 'residual_bias', None)
     bias = get_bias(x) if get_bias is not None and x.is_contiguous() else None
-    y, r = norm_residual(norm, x, bias)
+    y, r = norm_residual(norm, x, bias, lowp_out=bias is None and _casts_input(branch, x), gpu_kernels=gpu_kernels)
     if bias is None:
         return branch(y, residual=r)
     return branch(y, residual=r, bias_in_residual=True)

@@ -591,6 +591,12 @@ def _triton_ok() -> bool:
 _TRITON_ON_CPU = [False]
 
 
+def gpu_path(x: torch.Tensor) -> bool:
+    """Whether x takes the GPU path's kernels: on CUDA, or in tests on CPU tensors through Triton's interpreter
+    (``_TRITON_ON_CPU`` with the CPU kernels off), where the CPU-only fusions then stand aside as on CUDA."""
+    return x.is_cuda or (_TRITON_ON_CPU[0] and bool(_KERNEL_OFF[0]))
+
+
 def _use_triton(x: torch.Tensor, cdt: torch.dtype, hidden: int, mm_dtype: torch.dtype) -> bool:
     """Whether the Triton kernels run the recurrence: on CUDA where Triton is available, not in float64, and
     for hidden sizes whose tiles fit the GPU (``triton_lstm.supported``; others run the torch code)."""

@@ -178,6 +178,11 @@ class Mlp(_TimmMlp):
 
     takes_residual = True   # forward(x, residual) is residual + forward(x)
 
+    def casts_input(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` reads x only through a plain, hook-free ``fc1`` (under autocast: only its cast
+        to the autocast dtype), so that a pre-norm may hand x over in that dtype."""
+        return type(self.fc1) is nn.Linear and _unhooked(self, self.fc1)
+
 
 class _NormResidual(torch.autograd.Function):
     """(LayerNorm(x), x [+ r_bias]) over the last dimension: the pre-norm of a block and its residual, whose
@@ -210,18 +215,33 @@ class _NormResidual(torch.autograd.Function):
         return dx, dw, db, None, (drb if want_rb else None)
 
 
-def norm_residual(norm: nn.Module, x: torch.Tensor,
-                  r_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def norm_residual(norm: nn.Module, x: torch.Tensor, r_bias: Optional[torch.Tensor] = None,
+                  lowp_out: bool = False, gpu_kernels: bool = True,
+                  cpu_kernels: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(norm(x), x)``, or ``(norm(x), x + r_bias)``: a block's pre-norm and its residual.
 
     On CPU in float32 with a plain, hook-free ``nn.LayerNorm`` over the last dimension, the compiled kernel
     writes ``x + r_bias`` in the same pass as the norm, and when gradients are needed, the gradient reaching
     x through both (and r_bias's) is computed in one pass (``_NormResidual``; a double backward uses
     LayerNorm's own backward). ``x + r_bias`` is always a fresh tensor, which the branch may accumulate onto
-    in place.
+    in place. ``cpu_kernels=False`` leaves this out.
+
+    On CUDA with Triton (and ``gpu_kernels``), without ``r_bias``, the Triton kernels of ``triton_norm`` do
+    the same for the norm and the residual's gradient; with ``lowp_out`` (the caller's branch uses its input
+    only through a cast to the autocast dtype) the output is written in that dtype under autocast, else in
+    the dtype ``norm(x)`` would have.
     """
     C = x.shape[-1]
-    fusable = (not _tracing() and type(norm) is nn.LayerNorm and norm.weight is not None
+    if gpu_kernels and r_bias is None and fused_lstm.gpu_path(x):
+        out_dtype = _gpu_norm_dtype(norm, x, lowp_out)
+        if out_dtype is not None:
+            from .triton_norm import NormResidual, norm_forward
+            w, b = norm.weight, norm.bias
+            if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
+                return NormResidual.apply(x, w, b, norm.eps, out_dtype)
+            return norm_forward(x, w, b, norm.eps, out_dtype)[0], x
+        return norm(x), x
+    fusable = (cpu_kernels and not _tracing() and type(norm) is nn.LayerNorm and norm.weight is not None
                and norm.bias is not None and tuple(norm.normalized_shape) == (C,) and x.is_contiguous()
                and norm.weight.is_contiguous() and norm.bias.is_contiguous()
                and _cpu_float32(x, norm.weight, norm.bias) and _unhooked(norm)
@@ -236,6 +256,29 @@ def norm_residual(norm: nn.Module, x: torch.Tensor,
                 x, norm.weight, norm.bias, norm.eps, r_bias)
             return out, res
     return norm(x), (x if r_bias is None else (x + r_bias).contiguous())
+
+
+_TRITON_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _gpu_norm_dtype(norm: nn.Module, x: torch.Tensor, lowp_out: bool) -> Optional[torch.dtype]:
+    """The output dtype of the Triton LayerNorm on x, or None where it does not run: it needs a plain, hook-free
+    ``nn.LayerNorm`` over the last dimension with weight and bias, contiguous tensors of one device in
+    float32 / bfloat16 / float16, outside traced graphs, and Triton on CUDA (or the interpreter's CPU tensors in
+    tests). Under autocast the output is the autocast dtype with ``lowp_out``, else float32 on CUDA (autocast runs
+    LayerNorm in float32) and x's dtype elsewhere (as ``F.layer_norm``)."""
+    w, b = norm.weight, norm.bias
+    if not (type(norm) is nn.LayerNorm and w is not None and b is not None and x.dtype in _TRITON_NORM_DTYPES
+            and w.dtype in _TRITON_NORM_DTYPES and b.dtype == w.dtype and norm.normalized_shape == x.shape[-1:]
+            and x.is_contiguous() and w.is_contiguous() and b.is_contiguous() and w.device == x.device
+            and x.numel() > 0 and _unhooked(norm) and not _tracing()):
+        return None
+    if x.is_cuda and not fused_lstm._triton_ok():
+        return None
+    amp = fused_lstm.autocast_dtype(x.device.type)
+    if amp is None:
+        return x.dtype
+    return amp if lowp_out else (torch.float32 if x.is_cuda else x.dtype)
 
 
 class _AddmmInto(torch.autograd.Function):
@@ -264,7 +307,7 @@ def linear_into_ok(fc: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``linear_residual(fc, x, residual, bias_in_residual=True)`` may run: a plain, hook-free
     ``nn.Linear`` with a bias, CPU float32, not traced."""
     return (type(fc) is nn.Linear and fc.bias is not None and _cpu_float32(x, fc.weight, fc.bias)
-            and not _tracing() and _unhooked(fc))
+            and not _tracing() and _unhooked(fc) and not fused_lstm.gpu_path(x))
 
 
 def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],

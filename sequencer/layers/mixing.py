@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fused_mlp import linear_into_ok, linear_residual
+from .fused_mlp import _unhooked, linear_into_ok, linear_residual
 
 RNN_CLASSES = {'lstm': nn.LSTM, 'gru': nn.GRU, 'rnn': nn.RNN}
 UNIONS = ('cat', 'add', 'vertical', 'horizontal')
@@ -104,7 +104,9 @@ class RNN2D(nn.Module):
             from .fused_lstm import _triton_ok
             from .triton_lstm import supported
             triton = _triton_ok() and supported(self.hidden_size, autocast)
-        return auto_engine(ref.device.type, grad, ref.dtype, autocast, kernel, compiling=compiling, triton=triton)
+        # under autocast the engines cast the input to the autocast dtype: what matters is the weights' dtype
+        dtype = params[0].dtype if autocast else ref.dtype
+        return auto_engine(ref.device.type, grad, dtype, autocast, kernel, compiling=compiling, triton=triton)
 
     def _lstm_params(self):
         """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine.
@@ -127,6 +129,11 @@ class RNN2D(nn.Module):
         return self._lstm_refs
 
     takes_residual = True   # forward(x, residual) is residual + forward(x)
+
+    def casts_input(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` reads x only through its cast to the autocast dtype (the fused engine does, under
+        autocast), so that a pre-norm may hand x over in that dtype."""
+        return self.resolved_engine(x) == 'fused' and _unhooked(self)
 
     def residual_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """fc's bias where a residual that already holds it can be accumulated onto in place

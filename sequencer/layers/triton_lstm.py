@@ -46,6 +46,14 @@ except ImportError:  # pragma: no cover - triton is optional
     constexpr = int
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def available() -> bool:
     """Whether Triton can run the kernel on CUDA tensors here."""
     return triton is not None and torch.cuda.is_available()
@@ -273,7 +281,7 @@ def best_configs() -> Dict[str, dict]:
 
 def config_for(hidden: int) -> Tuple[Config, int]:
     """The default launch configuration (interpreter) and the padded (power-of-two) hidden size."""
-    block_h = max(16, triton.next_power_of_2(hidden))
+    block_h = max(16, _next_pow2(hidden))
     return Config(block_n=16, num_warps=4, reload=block_h >= 128), block_h
 
 
@@ -373,14 +381,14 @@ def _launch(fn, key_args, args, D: int, N: int, interpret: bool, config: Optiona
     """Launch ``fn`` over (D, N / BLOCK_N) programs: autotuned on CUDA, else with ``config`` or ``default``."""
     if not interpret and config is None and _TUNING[0]:
         try:
-            _tuned(fn, key_args)[lambda meta: (D, triton.cdiv(N, meta['BLOCK_N']))](*args, **consts, UPCAST=False)
+            _tuned(fn, key_args)[lambda meta: (D, _cdiv(N, meta['BLOCK_N']))](*args, **consts, UPCAST=False)
             return
         except (TypeError, AttributeError, KeyError, IndexError) as e:   # an autotuner API this Triton lacks
             _TUNING[0] = False
             warnings.warn(f'Triton autotuning failed ({type(e).__name__}: {e}); '
                           'using the default launch configuration')
     cfg = config or default
-    _kernel(fn, interpret)[(D, triton.cdiv(N, cfg.block_n))](
+    _kernel(fn, interpret)[(D, _cdiv(N, cfg.block_n))](
         *args, **consts, BLOCK_N=cfg.block_n, RELOAD=cfg.reload, UPCAST=interpret, num_warps=cfg.num_warps)
 
 

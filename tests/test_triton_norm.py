@@ -1,0 +1,189 @@
+"""The GPU pre-norm (Triton LayerNorm fused with the residual's gradient), run by Triton's interpreter on CPU
+tensors: the kernels against torch's LayerNorm, and whole models against the same models without them."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code: str) -> dict:
+    """Runs ``code`` with TRITON_INTERPRET=1 (read when Triton is imported); its lines 'NAME value ...'."""
+    pytest.importorskip('triton')
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=dict(os.environ, TRITON_INTERPRET='1'),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {}
+    for ln in proc.stdout.splitlines():
+        name, *vals = ln.split()
+        out[name] = vals
+    return out
+
+
+_KERNELS = '''
+    import torch
+    import torch.nn.functional as F
+    from sequencer.layers import triton_norm as tn
+    torch.manual_seed(0)
+    # rows not a multiple of the row block, channels not a power of two, several rows per program
+    for M, C, max_programs in [(37, 24, 1024), (130, 48, 3), (5, 200, 1)]:
+        x = torch.randn(M, C) * 3 + 1
+        w, b = torch.randn(C), torch.randn(C)
+        g, g_res = torch.randn(M, C), torch.randn(M, C)
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+        ref = F.layer_norm(xr, (C,), wr, br, 1e-6)
+        ref.backward(g)
+        out, mean, rstd = tn.layer_norm_forward(x, w, b, 1e-6, torch.float32)
+        assert out.dtype == torch.float32 and mean.shape == rstd.shape == (M,)
+        print(f'FWD_{M}', (out - ref).abs().max().item(), ref.abs().max().item())
+        for res in (None, g_res):
+            dx, dw, db = tn.layer_norm_backward(g, x, mean, rstd, w, res, max_programs=max_programs)
+            want = xr.grad if res is None else xr.grad + res
+            err = max((dx - want).abs().max().item(), (dw - wr.grad).abs().max().item(),
+                      (db - br.grad).abs().max().item())
+            print(f'BWD_{M}_{res is not None}', err, want.abs().max().item())
+        # low-precision output (what autocast's cast of a float32 output gives): within one rounding
+        for dt in (torch.bfloat16, torch.float16):
+            lp, _, _ = tn.layer_norm_forward(x, w, b, 1e-6, dt)
+            ulp = torch.finfo(dt).eps * ref.detach().abs().clamp_min(torch.finfo(dt).tiny)
+            print(f'LOWP_{M}_{dt}', ((lp.float() - ref.detach()).abs() / ulp).max().item(), 1.0)
+        # low-precision x and output gradient (the residual stream and the first product's gradient under
+        # autocast): the float32 computation on the same values, the input gradient rounded once
+        xb, gb, rb = x.bfloat16(), g.bfloat16(), g_res.bfloat16()
+        _, mean_b, rstd_b = tn.layer_norm_forward(xb, w, b, 1e-6, torch.bfloat16)
+        dx_b, dw_b, db_b = tn.layer_norm_backward(gb, xb, mean_b, rstd_b, w, rb)
+        xf = xb.float().requires_grad_()
+        F.layer_norm(xf, (C,), w, b, 1e-6).backward(gb.float())
+        want = xf.grad + rb.float()
+        print(f'BF16IN_{M}', ((dx_b.float() - want).abs() / want.abs().max()).max().item(), 1e-2 * 0.5)
+    for bad in [lambda: tn.layer_norm_forward(torch.randn(4, 8).t(), torch.ones(4), torch.zeros(4), 1e-6, torch.float32),
+                lambda: tn.layer_norm_forward(torch.randn(4, 8), torch.ones(7), torch.zeros(8), 1e-6, torch.float32),
+                lambda: tn.layer_norm_backward(torch.randn(4, 8), torch.randn(4, 8), torch.zeros(3), torch.ones(3),
+                                               torch.ones(8))]:
+        try:
+            bad()
+        except ValueError:
+            print('ERROR_RAISED 1 1')
+'''
+
+
+def test_triton_layer_norm_kernels():
+    """Forward and backward (with and without the residual's gradient, one or several programs per run of
+    rows) equal torch's LayerNorm within float32 rounding; low-precision outputs within one rounding of
+    the float32 result; bad shapes are a ValueError."""
+    found = _run(_KERNELS)
+    assert sum(1 for k in found if k.startswith('FWD')) == 3 and len(found['ERROR_RAISED']) == 2
+    for name, (err, scale) in found.items():
+        err, scale = float(err), float(scale)
+        if name.startswith(('FWD', 'BWD')):
+            assert err < 1e-5 * max(1.0, scale), (name, err, scale)
+        elif name.startswith('LOWP'):
+            assert err <= 1.0, (name, err)   # at most half a unit in the last place each way, plus float32 error
+        elif name.startswith('BF16IN'):
+            assert err < scale, (name, err)
+
+
+_MODELS = '''
+    import torch
+    from sequencer import Sequencer2D
+    from sequencer.layers import fused_lstm as fl, triton_norm
+    from sequencer.layers.blocks import SequencerBlock
+    fl._TRITON_ON_CPU[0] = True
+    calls = {'fwd': 0, 'bwd': 0}
+    for name in ('norm_forward', 'norm_backward'):
+        def spy(*a, _f=getattr(triton_norm, name), _k='fwd' if name == 'norm_forward' else 'bwd', **k):
+            calls[_k] += 1
+            return _f(*a, **k)
+        setattr(triton_norm, name, spy)
+
+    def model(drop_path):
+        torch.manual_seed(0)
+        m = Sequencer2D(layers=(1, 1, 1, 1), patch_sizes=(7, 2, 1, 1), embed_dims=(16, 24, 24, 24),
+                        hidden_sizes=(4, 8, 8, 8), mlp_ratios=(2, 2, 2, 2), num_classes=5,
+                        drop_path_rate=drop_path).set_rnn_engine('fused')
+        with torch.no_grad():   # the head starts at zero, the norms at (1, 0): random, so every gradient counts
+            for mod in m.modules():
+                if isinstance(mod, (torch.nn.LayerNorm, torch.nn.Linear)) and mod.weight.abs().max() in (0, 1):
+                    mod.weight.normal_(1.0 if isinstance(mod, torch.nn.LayerNorm) else 0.0, 0.5)
+                    mod.bias.normal_(0.0, 0.5)
+        return m
+
+    def run(m, fused_norm, autocast, seed=0):
+        for b in m.modules():
+            if isinstance(b, SequencerBlock):
+                b.fused_norm = fused_norm
+        m.zero_grad(set_to_none=True)
+        x = torch.randn(2, 3, 28, 42, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(seed)   # the same drop-path draws
+        with fl.cpu_kernel_disabled(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = m(x)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return [out.detach().float(), x.grad] + [p.grad for p in m.parameters()]
+
+    def err(ref, got):   # the largest error of any tensor relative to its largest entry
+        return max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(ref, got))
+
+    for drop_path in (0.0, 0.5):      # the residual handed to the branches, and the drop-path form
+        m = model(drop_path).train()
+        ref = run(m, False, False)
+        calls.update(fwd=0, bwd=0)
+        got = run(m, True, False)
+        print(f'MODEL_{drop_path}_fp32', err(ref, got), calls['fwd'], calls['bwd'])
+        # bf16 autocast: against the float32 model, no further off than the model without the kernels
+        plain = run(m, False, True)
+        calls.update(fwd=0, bwd=0)
+        got = run(m, True, True)
+        print(f'MODEL_{drop_path}_bf16', err(ref, got) / err(ref, plain), calls['fwd'], calls['bwd'])
+    # inference (no graph): the forward kernel alone
+    m = model(0.0).eval()
+    calls.update(fwd=0, bwd=0)
+    with torch.no_grad(), fl.cpu_kernel_disabled():
+        x = torch.randn(2, 3, 28, 42)
+        for b in m.modules():
+            if isinstance(b, SequencerBlock):
+                b.fused_norm = False
+        ref = m(x)
+        for b in m.modules():
+            if isinstance(b, SequencerBlock):
+                b.fused_norm = True
+        got = m(x)
+    print('INFER', (ref - got).abs().max().item(), calls['fwd'], calls['bwd'])
+    # a double backward (create_graph) takes LayerNorm's own, differentiable backward
+    m = model(0.0).train()
+    x = torch.randn(1, 3, 28, 28, requires_grad=True)
+    res = {}
+    for fused_norm in (False, True):
+        for b in m.modules():
+            if isinstance(b, SequencerBlock):
+                b.fused_norm = fused_norm
+        with fl.cpu_kernel_disabled():
+            m.set_rnn_engine('native')   # the fused engine's own backward is not differentiable
+            g, = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+            gg, = torch.autograd.grad(g.square().sum(), x)
+        res[fused_norm] = (g.detach(), gg)
+    print('DOUBLE', max((a - b).abs().max().item() / a.abs().max().item() for a, b in zip(res[False], res[True])), 0, 0)
+'''
+
+
+def test_models_through_the_triton_norm():
+    """A model's every pre-norm runs the Triton kernels (two per block, forward and backward), in both forms
+    of the block (residual handed to the branches; drop path), and outputs and all gradients equal the same
+    model without them within float32 rounding; under bf16 autocast (where the norm writes bfloat16 for the
+    branch's first product) they are as close to the float32 model as the model without them. Inference runs the forward kernel only; a double
+    backward works."""
+    found = _run(_MODELS)
+    assert set(found) == {'MODEL_0.0_fp32', 'MODEL_0.0_bf16', 'MODEL_0.5_fp32', 'MODEL_0.5_bf16', 'INFER',
+                          'DOUBLE'}, found
+    for name, (err, n_fwd, n_bwd) in found.items():
+        err = float(err)
+        if name.startswith('MODEL'):
+            assert (n_fwd, n_bwd) == ('8', '8'), (name, n_fwd, n_bwd)   # 4 blocks x 2 pre-norms
+            # float32: equal within rounding; bf16: its error against float32 over the plain model's (about 1)
+            assert err < (1.25 if name.endswith('bf16') else 1e-5), (name, err)
+        elif name == 'INFER':
+            assert (n_fwd, n_bwd) == ('8', '0') and err < 1e-5, (name, err, n_fwd, n_bwd)
+        else:
+            assert err < 1e-5, (name, err)
