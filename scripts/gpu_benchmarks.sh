@@ -7,13 +7,15 @@
 # train: Sequencer2D-S, 224 px, bf16 autocast, batch 256, training against timm's sequencer2d_s with the same
 #        weights, timm eager:
 #          train_fused             ours eager, fused engine                              (about 1.5 min)
+#          train_fused_plain_norm  the same with plain LayerNorms (--no-fused-norm): the pre-norm kernels' share
 #          train_fused_compiled    ours under torch.compile, fused engine                (about 3 min, compiling)
 #          train_native            ours eager, native engine (cuDNN)                     (about 1.5 min)
 #          train_fused_cudagraphs  ours under torch.compile 'reduce-overhead' (CUDA graphs)   (about 3 min)
 #          mem_b32, mem_b32_gc     training peak memory at batch 32, without / with gradient checkpointing
 # infer: inference, batch 256, bf16:
 #          infer_eager, infer_compiled   both models eager; both under torch.compile
-# diag:    tests        the CUDA tests (Triton kernels against float64, fp32 and bf16 autocast, torch.compile)
+# diag:    tests        the CUDA tests (Triton kernels against float64, fp32 and bf16 autocast, torch.compile;
+#                       the Triton pre-norms against plain LayerNorms)
 #          accuracy     each engine's error under bf16 autocast (scripts/check_gpu_autocast_accuracy.py)
 #          profile_fused, profile_timm   one training step of each model under torch.profiler
 #          recurrence   one BiLSTM2D and its kernels alone, every launch configuration
@@ -26,7 +28,7 @@ OUT=${2:-output/bench_gpu}
 PY=${PYTHON:-python}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PARTS=(train infer diag)
-STEPS=(train_fused train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
+STEPS=(train_fused train_fused_plain_norm train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
        infer_eager infer_compiled tests accuracy profile_fused profile_timm recurrence)
 IFS=, read -ra ITEMS <<<"$WHAT"
 if [[ ${#ITEMS[@]} -eq 0 ]]; then ITEMS=(""); fi
@@ -59,6 +61,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
 
 step train train_fused 150 "${TRAIN[@]}" --rnn-engine fused --results-file "$OUT/s_train_bf16_b256_fused.json"
+step train train_fused_plain_norm 150 "${TRAIN[@]}" --rnn-engine fused --no-fused-norm \
+    --results-file "$OUT/s_train_bf16_b256_fused_plain_norm.json"
 step train train_fused_compiled 420 "${TRAIN[@]}" --rnn-engine fused --compile --timm-eager \
     --results-file "$OUT/s_train_bf16_b256_fused_compiled.json"
 step train train_native 150 "${TRAIN[@]}" --rnn-engine native --results-file "$OUT/s_train_bf16_b256_native.json"
@@ -70,7 +74,7 @@ step train mem_b32_gc 90 "${MEM[@]}" --grad-checkpointing --results-file "$OUT/s
 step infer infer_eager 120 "${INFER[@]}" --results-file "$OUT/s_infer_bf16_b256_eager.json"
 step infer infer_compiled 400 "${INFER[@]}" --compile --results-file "$OUT/s_infer_bf16_b256_compiled.json"
 
-step diag tests 300 "$PY" -m pytest -q -p no:warnings tests/test_fused.py -k cuda
+step diag tests 300 "$PY" -m pytest -q -p no:warnings tests/test_fused.py tests/test_triton_norm.py -k cuda
 step diag accuracy 60 "$PY" scripts/check_gpu_autocast_accuracy.py
 step diag profile_fused 90 "$PY" scripts/profile_step.py --rnn-engine fused --top 30
 step diag profile_timm 90 "$PY" scripts/profile_step.py --timm --top 15

@@ -80,6 +80,25 @@ def test_fused_mlp_switch(tmp_path):
     assert rows[False]['fused_mlp'] is True and rows[True]['fused_mlp'] is False
 
 
+def test_fused_norm_switch(tmp_path, monkeypatch):
+    """--no-fused-norm turns the GPU pre-norm kernels off in every block of our model; rows record whether they
+    ran (on this CPU machine: never)."""
+    import argparse
+    from sequencer.analysis import benchmark
+    from sequencer.layers.blocks import SequencerBlock
+    for flag in (False, True):
+        args = argparse.Namespace(model='sequencer2d_s', num_classes=10, rnn_engine=None, no_fused_mlp=False,
+                                  no_fused_norm=flag)
+        model = benchmark.build_ours(args, (3, 28, 28), {'layers': (1, 1, 1, 1)})
+        assert [b.fused_norm for b in model.modules() if isinstance(b, SequencerBlock)] == [not flag] * 4
+    out = tmp_path / 'bench.json'
+    assert main(['benchmark', *TINY, '--mode', 'train', '--iters', '1', '--no-memory', '--no-fused-norm',
+                 '--results-file', str(out)]) == 0
+    with open(out) as f:
+        (row,) = json.load(f)['results']
+    assert row['fused_norm'] is False
+
+
 def test_timm_eager_compiles_ours_only(tmp_path, monkeypatch):
     """--compile --timm-eager: our model goes through torch.compile (with the mode asked for), timm's does not;
     each row records its own compile flag. (torch.compile is replaced by a recorder: inductor's C++ build takes
@@ -231,7 +250,8 @@ def test_gpu_benchmarks_script_runs_the_steps_asked_for(tmp_path):
 
     assert ran('train_fused_cudagraphs,tests') == ['train_fused_cudagraphs', 'tests']
     assert ran('infer') == ['infer_eager', 'infer_compiled']
-    assert len(ran('all')) == 13
+    assert len(ran('all')) == 14
+    assert ran('train')[:2] == ['train_fused', 'train_fused_plain_norm']
     log = (tmp_path / 'out' / 'train_fused_cudagraphs.log').read_text()
     assert '--compile-mode reduce-overhead --timm-eager' in log and '--batch-size 256 --precision bf16' in log
     for what, name in (('train,nosuchstep', 'nosuchstep'), ('train infer', 'train infer'), ('train,,tests', '')):

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,3 +188,41 @@ def test_models_through_the_triton_norm():
             assert (n_fwd, n_bwd) == ('8', '0') and err < 1e-5, (name, err, n_fwd, n_bwd)
         else:
             assert err < 1e-5, (name, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_triton_norm_on_cuda_matches_plain_layer_norm():
+    """On a GPU: Sequencer2D-S-like blocks under bf16 autocast with and without the pre-norm kernels; outputs
+    and gradients against the float32 model no further off with them than without."""
+    pytest.importorskip('triton')
+    from sequencer import Sequencer2D
+    from sequencer.layers.blocks import SequencerBlock
+    torch.manual_seed(0)
+    m = Sequencer2D(layers=(1, 1, 1, 1), embed_dims=(192, 384, 384, 384), hidden_sizes=(48, 96, 96, 96),
+                    num_classes=10).cuda().set_rnn_engine('fused')
+    with torch.no_grad():
+        m.head.fc.weight.normal_(0, 0.05)
+    x = torch.randn(4, 3, 224, 224, device='cuda')
+
+    def run(fused_norm, autocast):
+        for b in m.modules():
+            if isinstance(b, SequencerBlock):
+                b.fused_norm = fused_norm
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
+            out = m(xi)
+        out.float().square().sum().backward()
+        return [out.detach().float(), xi.grad] + [p.grad for p in m.parameters()]
+
+    def err(ref, got):
+        return max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(ref, got))
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = run(False, False)
+        assert err(ref, run(True, False)) < 1e-4
+        assert err(ref, run(True, True)) < 1.5 * err(ref, run(False, True)) + 1e-3
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

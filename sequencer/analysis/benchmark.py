@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--no-fused-mlp', action='store_true',
                         help="run our model's channel MLPs as timm's Mlp does (fc1, GELU, fc2 as separate ops) instead "
                              "of the fused CPU path")
+    parser.add_argument('--no-fused-norm', action='store_true',
+                        help="run our model's pre-norms as plain LayerNorms on CUDA instead of the Triton kernels "
+                             "(LayerNorm fused with the residual's gradient and the autocast cast)")
     parser.add_argument('--grad-checkpointing', action='store_true',
                         help='recompute every block in the backward pass (both models with --compare-timm)')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='cpu (default) or cuda')
@@ -189,6 +192,11 @@ def build_ours(args, input_size, overrides: Dict) -> nn.Module:
         for m in model.modules():
             if isinstance(m, Mlp):
                 m.fused = False
+    if getattr(args, 'no_fused_norm', False):
+        from ..layers.blocks import SequencerBlock
+        for m in model.modules():
+            if isinstance(m, SequencerBlock):
+                m.fused_norm = False
     return model
 
 
@@ -256,6 +264,14 @@ def _fused_mlp_active(model: nn.Module, mode: str, device: torch.device, precisi
     x = torch.zeros(1, mlps[0].fc1.in_features, device=device)
     with torch.set_grad_enabled(mode == 'train'), _autocast(device, precision):
         return mlps[0].fusable(x)
+
+
+def _fused_norm_active(model: nn.Module, device: torch.device, compiled: bool) -> bool:
+    """Whether our model's pre-norms run the Triton kernels (CUDA with Triton, eager, not ``--no-fused-norm``)."""
+    from ..layers.blocks import SequencerBlock
+    from ..layers.fused_lstm import _triton_ok
+    blocks = [m for m in model.modules() if isinstance(m, SequencerBlock)]
+    return bool(blocks) and blocks[0].fused_norm and device.type == 'cuda' and not compiled and _triton_ok()
 
 
 # ---- measurement ------------------------------------------------------------------------------------
@@ -511,7 +527,8 @@ def environment(device: torch.device) -> Dict:
 
 
 FIELDS = ('model', 'impl', 'timm_model', 'mode', 'device', 'precision', 'batch_size', 'input_size', 'compile',
-          'rnn_engine', 'fused_mlp', 'grad_checkpointing', 'threads', 'warmup', 'iters', 'img_per_s', 'latency_ms_median',
+          'rnn_engine', 'fused_mlp', 'fused_norm', 'grad_checkpointing', 'threads', 'warmup', 'iters', 'img_per_s',
+          'latency_ms_median',
           'latency_ms_p90', 'latency_ms_mean', 'peak_mem_mb', 'memory_method', 'gmacs_per_img', 'gmac_per_s',
           'gflop_per_s', 'matmul_peak_gflop_s', 'fraction_of_peak', 'ratio_vs_timm', 'ratio_vs_timm_median',
           'torch', 'timm', 'python', 'cpu', 'device_name', 'date')
@@ -617,7 +634,8 @@ def run(args) -> int:
         work = macs * (3 if mode == 'train' else 1)
         engine = _resolved_engine(ours, mode, device, args.precision, compiled=compile_)
         fused_mlp = _fused_mlp_active(ours, mode, device, args.precision, compile_)
-        engines.append(f"{mode}: {engine}" + (' + fused MLP' if fused_mlp else ''))
+        fused_norm = _fused_norm_active(ours, device, compile_)
+        engines.append(f"{mode}: {engine}" + (' + fused MLP' if fused_mlp else '') + (' + fused norm' if fused_norm else ''))
         for name, ts in times.items():
             mean = sum(ts) / len(ts)
             ips = args.batch_size / mean
@@ -625,6 +643,7 @@ def run(args) -> int:
                        precision=args.precision, batch_size=args.batch_size,
                        input_size='x'.join(map(str, input_size)), compile=compiled[name],
                        rnn_engine=engine if name == OURS else 'nn.LSTM', fused_mlp=fused_mlp and name == OURS,
+                       fused_norm=fused_norm and name == OURS,
                        grad_checkpointing=args.grad_checkpointing,
                        threads=torch.get_num_threads(), warmup=args.warmup, iters=args.iters,
                        img_per_s=ips, latency_ms_median=statistics.median(ts) * 1e3,

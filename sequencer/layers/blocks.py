@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from .fused_lstm import gpu_path
 from .fused_mlp import Mlp, _tracing, _unhooked, norm_residual
 
 default_norm = partial(nn.LayerNorm, eps=1e-6)
@@ -58,8 +59,8 @@ class SequencerBlock(nn.Module):
             x = _residual_branch(self.norm1, self.rnn_tokens, x, self.fused_norm)
             return _residual_branch(self.norm2, self.mlp_channels, x, self.fused_norm)
         for norm, branch in ((self.norm1, self.rnn_tokens), (self.norm2, self.mlp_channels)):
-            y, x = norm_residual(norm, x, lowp_out=_casts_input(branch, x), gpu_kernels=self.fused_norm,
-                                 cpu_kernels=False)
+            y, x = norm_residual(norm, x, lowp_out=_casts_input(branch, x, self.fused_norm),
+                                 gpu_kernels=self.fused_norm, cpu_kernels=False)
             x = x + self.drop_path(branch(y))
         return x
 
@@ -113,8 +114,11 @@ def patch_linear(x: torch.Tensor, conv: nn.Conv2d, channels_first: bool = False)
     return F.linear(patches.reshape(B, Ho, Wo, C * ph * pw), weight, conv.bias)
 
 
-def _casts_input(branch: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the branch reads its input only through a cast to the autocast dtype (``casts_input``)."""
+def _casts_input(branch: nn.Module, x: torch.Tensor, gpu_kernels: bool) -> bool:
+    """Whether the pre-norm may hand x over to the branch in the autocast dtype: on the GPU path (where the
+    pre-norm's kernels run), for a branch that reads its input only through that cast (``casts_input``)."""
+    if not (gpu_kernels and gpu_path(x)):
+        return False
     casts = getattr(branch, 'casts_input', None)
     return casts is not None and casts(x)
 
@@ -125,7 +129,8 @@ def _residual_branch(norm: nn.Module, branch: nn.Module, x: torch.Tensor, gpu_ke
     x + bias in its own pass over x (``norm_residual``) and the branch's GEMM adds onto that in place."""
     get_bias = getattr(branch, 'residual_bias', None)
     bias = get_bias(x) if get_bias is not None and x.is_contiguous() else None
-    y, r = norm_residual(norm, x, bias, lowp_out=bias is None and _casts_input(branch, x), gpu_kernels=gpu_kernels)
+    y, r = norm_residual(norm, x, bias, lowp_out=bias is None and _casts_input(branch, x, gpu_kernels),
+                         gpu_kernels=gpu_kernels)
     if bias is None:
         return branch(y, residual=r)
     return branch(y, residual=r, bias_in_residual=True)

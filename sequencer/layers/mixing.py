@@ -116,6 +116,12 @@ class RNN2D(nn.Module):
         because torch.compile cannot trace through ``nn.LSTM`` modules themselves.
         """
         if not torch.compiler.is_compiling():
+            refs = self.__dict__.get('_lstm_refs')
+            if refs is not None:   # still the modules' parameters (nn.LSTM's own list, kept current by it)?
+                flat = [w for rnn in (self.rnn_v, self.rnn_h) if rnn is not None
+                        for w in getattr(rnn, '_flat_weights', ())]
+                if len(flat) == len(refs[1]) and all(a is b for a, b in zip(flat, refs[1])):
+                    return refs
             kinds, params = [], []
             for rnn, vertical in ((self.rnn_v, True), (self.rnn_h, False)):
                 if rnn is None:

@@ -25,7 +25,7 @@ import torch
 from .triton_lstm import _cdiv, _kernel, _next_pow2, _on, constexpr, tl, triton
 
 
-def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, M, C, eps,
+def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, stats_ptr, M, C, eps,
                    BLOCK_M: constexpr, BLOCK_C: constexpr, RNE: constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -44,11 +44,11 @@ def _ln_fwd_kernel(x_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, M, C, eps,
         bits = y.to(tl.uint32, bitcast=True)
         y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=mask_m)
-    tl.store(rstd_ptr + rows, rstd, mask=mask_m)
+    tl.store(stats_ptr + rows, mean, mask=mask_m)        # stats (2, M): the means, then the 1 / std
+    tl.store(stats_ptr + M + rows, rstd, mask=mask_m)
 
 
-def _ln_bwd_kernel(g_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, gres_ptr, dx_ptr, part_ptr, M, C, rows_per_prog,
+def _ln_bwd_kernel(g_ptr, x_ptr, stats_ptr, w_ptr, gres_ptr, dx_ptr, part_ptr, M, C, rows_per_prog,
                    HAS_RES: constexpr, BLOCK_M: constexpr, BLOCK_C: constexpr, RNE: constexpr):
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -65,8 +65,8 @@ def _ln_bwd_kernel(g_ptr, x_ptr, mean_ptr, rstd_ptr, w_ptr, gres_ptr, dx_ptr, pa
         offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=mask_m, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=mask_m, other=0.0)
+        mean = tl.load(stats_ptr + rows, mask=mask_m, other=0.0)
+        rstd = tl.load(stats_ptr + M + rows, mask=mask_m, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         wg = g * w[None, :]
         c1 = tl.sum(xhat * wg, axis=1) / C
@@ -102,7 +102,7 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
     interpret = x.device.type != 'cuda'
     with _on(x.device):
         _kernel(_ln_fwd_kernel, interpret)[(_cdiv(M, block_m),)](
-            x, weight, bias, out, stats, stats[1], M, C, eps, BLOCK_M=block_m, BLOCK_C=block_c,
+            x, weight, bias, out, stats, M, C, eps, BLOCK_M=block_m, BLOCK_C=block_c,
             RNE=interpret and out_dtype == torch.bfloat16, num_warps=warps)
     return out, stats
 
@@ -121,7 +121,7 @@ def norm_backward(g: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, weight:
     interpret = x.device.type != 'cuda'
     with _on(x.device):
         _kernel(_ln_bwd_kernel, interpret)[(P,)](
-            g, x, stats, stats[1], weight, g if g_res is None else g_res, dx, part, M, C, per,
+            g, x, stats, weight, g if g_res is None else g_res, dx, part, M, C, per,
             HAS_RES=g_res is not None, BLOCK_M=block_m, BLOCK_C=block_c, RNE=interpret and x.dtype == torch.bfloat16,
             num_warps=warps)
     return dx, part.sum(1)
@@ -157,7 +157,7 @@ def layer_norm_backward(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rs
     if mean.shape != (x.shape[0],) or rstd.shape != mean.shape:
         raise ValueError('mean and rstd must have one entry per row')
     dx, dwb = norm_backward(g, x, torch.stack([mean, rstd]), weight, g_res, max_programs)
-    return dx, dwb[0], dwb[1]
+    return (dx, *dwb.unbind())
 
 
 class NormResidual(torch.autograd.Function):
@@ -183,5 +183,6 @@ class NormResidual(torch.autograd.Function):
                 [need_x, need_w, need_b])
             return (None if dx is None else dx + g_res), dw, db, None, None
         dx, dwb = norm_backward(g_out.contiguous(), x, stats, weight, g_res.contiguous())
-        return (dx if need_x else None, dwb[0].to(weight.dtype) if need_w else None,
-                dwb[1].to(bias.dtype) if need_b else None, None, None)
+        dw, db = dwb.unbind()
+        return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
+                db.to(bias.dtype) if need_b else None, None, None)
