@@ -182,6 +182,22 @@ def test_engine_resolution():
         _tiny_s().set_rnn_engine('cudnn')
 
 
+def test_fused_engine_follows_replaced_parameters():
+    """The fused engine's reference list of the LSTM parameters is reused between calls, and rebuilt when a
+    parameter is replaced (not just updated in place)."""
+    torch.manual_seed(0)
+    m = RNN2D(6, 4)
+    m.engine = 'fused'
+    x = torch.randn(2, 3, 5, 6)
+    with torch.no_grad():
+        before = m(x)
+        assert m._lstm_params() is m._lstm_params()
+        m.rnn_h.weight_hh_l0_reverse = torch.nn.Parameter(torch.randn_like(m.rnn_h.weight_hh_l0_reverse))
+        fused = m(x)
+        m.engine = 'native'
+        assert torch.allclose(fused, m(x), atol=1e-5) and not torch.allclose(fused, before, atol=1e-3)
+
+
 def test_gru_model_runs_with_fused_setting():
     torch.manual_seed(0)
     model = _tiny_s(rnn_layer='gru').eval()
