@@ -16,7 +16,7 @@ absolute figures.
     TRITON_INTERPRET=1 python scripts/count_step_ops.py [--model sequencer2d_s] [--triton] [--precision bf16]
         [--batch-size 2] [--img-size 64]
     python scripts/count_step_ops.py --timm
-    python scripts/count_step_ops.py --triton --host-time 30 [--timm]
+    python scripts/count_step_ops.py --triton --host-time 30 [--timm] [--no-fused-norm]
 """
 import argparse
 import collections
@@ -112,6 +112,8 @@ def main(argv=None):
     p.add_argument('--triton', action='store_true', help="the fused engine's GPU path (Triton interpreter)")
     p.add_argument('--timm', action='store_true', help="timm's model instead of ours")
     p.add_argument('--top', type=int, default=15, help='list the most frequent operators')
+    p.add_argument('--no-fused-norm', action='store_true', help="plain LayerNorms instead of the GPU path's Triton "
+                   "pre-norm kernels (as `sequencer benchmark --no-fused-norm`)")
     p.add_argument('--host-time', type=int, default=0, metavar='N',
                    help='time N steps that compute next to nothing (see the module doc) instead of counting')
     args = p.parse_args(argv)
@@ -128,6 +130,11 @@ def main(argv=None):
         from sequencer.layers import fused_lstm
         model = create_model(args.model, **narrow)
         model.set_rnn_engine('fused')
+        if args.no_fused_norm:
+            from sequencer.layers.blocks import SequencerBlock
+            for m in model.modules():
+                if isinstance(m, SequencerBlock):
+                    m.fused_norm = False
         if args.triton:
             fused_lstm._TRITON_ON_CPU[0] = True
     off = contextlib.nullcontext
@@ -135,7 +142,8 @@ def main(argv=None):
         off = fused_lstm.cpu_kernel_disabled
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     lowp = args.precision == 'bf16'
-    what = f"{'timm' if args.timm else 'ours'}, {args.model}, {args.precision}{', Triton path' if args.triton else ''}"
+    what = (f"{'timm' if args.timm else 'ours'}, {args.model}, {args.precision}{', Triton path' if args.triton else ''}"
+            f"{', plain LayerNorms' if args.no_fused_norm and not args.timm else ''}")
 
     if args.host_time:
         target = torch.randint(0, 10, (1,))

@@ -203,6 +203,20 @@ def test_step_analysis_scripts_run_on_cpu():
         assert proc.returncode == 0, proc.stderr[-2000:]
         head = proc.stdout.splitlines()[0]
         assert int(head.split()[0]) > 100 and 'operators in one training step' in head, proc.stdout
+    pytest.importorskip('triton')
+    # the GPU path through Triton's interpreter: two pre-norm launches per block and direction (forward,
+    # backward), none with plain LayerNorms; and the host-time proxy of a step
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    for extra, launches in (([], 72), (['--no-fused-norm'], 0)):
+        proc = subprocess.run([sys.executable, count, '--triton', '--img-size', '32', '--top', '1'] + extra,
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        head = proc.stdout.splitlines()[0]
+        assert (f' and {launches} Triton launches' in head) == bool(launches), head
+        assert proc.stdout.count('(Triton launch)') == (2 if launches else 0), proc.stdout
+    proc = subprocess.run([sys.executable, count, '--triton', '--host-time', '2'], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and 'host time of one training step' in proc.stdout, proc.stderr[-2000:]
     prof = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'profile_step.py'), '--device', 'cpu',
                            '--batch-size', '1', '--img-size', '32', '--precision', 'fp32', '--top', '3'],
                           capture_output=True, text=True, timeout=600)
