@@ -286,8 +286,10 @@ def config_for(hidden: int) -> Tuple[Config, int]:
 
 
 def _on(device: torch.device):
-    """Launch on ``device`` (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext()
+    """Launch on ``device`` (Triton launches on the current CUDA device; switched only when it differs)."""
+    if device.type != 'cuda' or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def supported(hidden: int, lowp: bool) -> bool:
