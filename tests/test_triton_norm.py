@@ -119,9 +119,10 @@ _MODELS = '''
         m.zero_grad(set_to_none=True)
         x = torch.randn(2, 3, 28, 42, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(seed)   # the same drop-path draws
-        with fl.cpu_kernel_disabled(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-            out = m(x)
-        (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        with fl.cpu_kernel_disabled():   # the backward too: checkpointed blocks run their forward again there
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+                out = m(x)
+            (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
         return [out.detach().float(), x.grad] + [p.grad for p in m.parameters()]
 
     def err(ref, got):   # the largest error of any tensor relative to its largest entry
@@ -138,6 +139,13 @@ _MODELS = '''
         calls.update(fwd=0, bwd=0)
         got = run(m, True, True)
         print(f'MODEL_{drop_path}_bf16', err(ref, got) / err(ref, plain), calls['fwd'], calls['bwd'])
+    # gradient checkpointing: the blocks' forwards (kernels included) run again in the backward
+    m = model(0.0).train()
+    ref = run(m, True, False)
+    m.set_grad_checkpointing(True)
+    calls.update(fwd=0, bwd=0)
+    got = run(m, True, False)
+    print('CHECKPOINTED', err(ref, got), calls['fwd'], calls['bwd'])
     # inference (no graph): the forward kernel alone
     m = model(0.0).eval()
     calls.update(fwd=0, bwd=0)
@@ -173,17 +181,20 @@ def test_models_through_the_triton_norm():
     """A model's every pre-norm runs the Triton kernels (two per block, forward and backward), in both forms
     of the block (residual handed to the branches; drop path), and outputs and all gradients equal the same
     model without them within float32 rounding; under bf16 autocast (where the norm writes bfloat16 for the
-    branch's first product) they are as close to the float32 model as the model without them. Inference runs the forward kernel only; a double
-    backward works."""
+    branch's first product) they are as close to the float32 model as the model without them. Gradient
+    checkpointing runs them again in the backward; inference runs the forward kernel only; a double backward
+    works."""
     found = _run(_MODELS)
     assert set(found) == {'MODEL_0.0_fp32', 'MODEL_0.0_bf16', 'MODEL_0.5_fp32', 'MODEL_0.5_bf16', 'INFER',
-                          'DOUBLE'}, found
+                          'DOUBLE', 'CHECKPOINTED'}, found
     for name, (err, n_fwd, n_bwd) in found.items():
         err = float(err)
         if name.startswith('MODEL'):
             assert (n_fwd, n_bwd) == ('8', '8'), (name, n_fwd, n_bwd)   # 4 blocks x 2 pre-norms
             # float32: equal within rounding; bf16: its error against float32 over the plain model's (about 1)
             assert err < (1.25 if name.endswith('bf16') else 1e-5), (name, err)
+        elif name == 'CHECKPOINTED':   # each block's forward twice (the second time inside the backward)
+            assert (n_fwd, n_bwd) == ('16', '8') and err < 1e-5, (name, err, n_fwd, n_bwd)
         elif name == 'INFER':
             assert (n_fwd, n_bwd) == ('8', '0') and err < 1e-5, (name, err, n_fwd, n_bwd)
         else:
