@@ -523,16 +523,18 @@ def _backward_triton(ctx, gy):
 def _param_grads(dw_ih: torch.Tensor, dw_hh: torch.Tensor, db: Optional[torch.Tensor], D: int,
                  dtypes) -> List[Optional[torch.Tensor]]:
     """The per-direction (w_ih, w_hh, b_ih, b_hh) gradients from the stacked ones in nn.LSTM's layout
-    (D*4h, C), (D, 4h, h) and (D*4h,): views, cast only where a parameter is not float32."""
+    (D*4h, C), (D, 4h, h) and (D*4h,): views, cast only where a parameter is not float32. ``b_ih`` and ``b_hh``
+    have the same gradient; ``b_hh``'s are views of one copy, so that autograd keeps every view as the
+    parameter's ``.grad`` (given the same tensor twice it copies the second, one small copy per direction)."""
     G = dw_hh.shape[1]
     grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
+    db_hh = db.clone() if db is not None else None
     for d in range(D):
         grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
         grads[4 * d + 1] = dw_hh[d].to(dtypes[4 * d + 1])
         if db is not None:
-            gb = db[d * G:(d + 1) * G]
-            grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
-            grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
+            grads[4 * d + 2] = db[d * G:(d + 1) * G].to(dtypes[4 * d + 2])
+            grads[4 * d + 3] = db_hh[d * G:(d + 1) * G].to(dtypes[4 * d + 3])
     return grads
 
 
