@@ -198,6 +198,22 @@ def test_fused_engine_follows_replaced_parameters():
         assert torch.allclose(fused, m(x), atol=1e-5) and not torch.allclose(fused, before, atol=1e-3)
 
 
+def test_lstm_gradients_are_kept_as_computed():
+    """Autograd keeps the fused engine's parameter gradients as the CPU kernel's path (and the GPU path, which
+    shares ``_param_grads``) returns them, slices of one buffer per kind (no per-parameter copy): each
+    direction's slice follows the previous one in memory. (The torch implementation reorders the gates.)"""
+    if not cpu_kernel.available():
+        pytest.skip('no CPU kernel')
+    m = RNN2D(8, 4)
+    m.engine = 'fused'
+    m(torch.randn(2, 3, 3, 8, requires_grad=True)).sum().backward()
+    params = [p for rnn in (m.rnn_v, m.rnn_h) for p in rnn.parameters()]   # (w_ih, w_hh, b_ih, b_hh) x 4
+    for kind in range(4):
+        grads = params[kind::4]
+        step = grads[0].numel() * grads[0].element_size()
+        assert [g.grad.data_ptr() - grads[0].grad.data_ptr() for g in grads] == [i * step for i in range(4)], kind
+
+
 def test_gru_model_runs_with_fused_setting():
     torch.manual_seed(0)
     model = _tiny_s(rnn_layer='gru').eval()
