@@ -183,19 +183,55 @@ def test_engine_resolution():
 
 
 def test_fused_engine_follows_replaced_parameters():
-    """The fused engine's reference list of the LSTM parameters is reused between calls, and rebuilt when a
-    parameter is replaced (not just updated in place)."""
+    """The fused engine uses the LSTM parameters of the moment: replaced by assignment, computed by a
+    parametrization, or swapped in by ``torch.func.functional_call`` (and not kept after it)."""
+    from torch.func import functional_call
+    from torch.nn.utils import parametrize
     torch.manual_seed(0)
     m = RNN2D(6, 4)
-    m.engine = 'fused'
     x = torch.randn(2, 3, 5, 6)
+
+    def both(call=lambda: m(x)):
+        out = {}
+        for engine in ('fused', 'native'):
+            m.engine = engine
+            out[engine] = call()
+        assert torch.allclose(out['fused'], out['native'], atol=1e-5), (out['fused'] - out['native']).abs().max()
+        return out['fused']
+
     with torch.no_grad():
-        before = m(x)
-        assert m._lstm_params() is m._lstm_params()
+        before = both()
         m.rnn_h.weight_hh_l0_reverse = torch.nn.Parameter(torch.randn_like(m.rnn_h.weight_hh_l0_reverse))
-        fused = m(x)
-        m.engine = 'native'
-        assert torch.allclose(fused, m(x), atol=1e-5) and not torch.allclose(fused, before, atol=1e-3)
+        assigned = both()
+        assert not torch.allclose(assigned, before, atol=1e-3)
+        swapped = {k: torch.zeros_like(v) if k.startswith('rnn_v') else v for k, v in m.named_parameters()}
+        both(lambda: functional_call(m, swapped, (x,)))
+        assert torch.allclose(both(), assigned, atol=1e-6)   # the module's own parameters again
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return 0.5 * w
+
+    parametrize.register_parametrization(m.rnn_v, 'weight_hh_l0', Half())
+    with torch.no_grad():
+        assert not torch.allclose(both(), assigned, atol=1e-4)
+
+
+def test_torch_func_transforms():
+    """torch.func.grad over a whole model (per-sample gradients, meta-learning): the fused paths step aside for
+    the plain ops, whose autograd functions the transforms support, and the gradients equal autograd's."""
+    from torch.func import functional_call, grad
+    torch.manual_seed(0)
+    m = _tiny_s()
+    torch.nn.init.normal_(m.head.fc.weight, std=0.5)   # zero at init: no gradient would reach the blocks
+    x = torch.randn(1, 3, 28, 28)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    g = grad(lambda p: functional_call(m, p, (x,)).square().sum())(params)
+    m.zero_grad(set_to_none=True)
+    m(x).square().sum().backward()
+    for k, p in m.named_parameters():   # float32 rounding, relative to each gradient's largest entry
+        assert (g[k] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-7, k
+    assert m.stages[0].blocks[0].rnn_tokens.rnn_v.weight_hh_l0.grad.abs().max() > 1e-6
 
 
 def test_lstm_gradients_are_kept_as_computed():

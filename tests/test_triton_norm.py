@@ -46,11 +46,10 @@ _KERNELS = '''
             err = max((dx - want).abs().max().item(), (dw - wr.grad).abs().max().item(),
                       (db - br.grad).abs().max().item())
             print(f'BWD_{M}_{res is not None}', err, want.abs().max().item())
-        # low-precision output (what autocast's cast of a float32 output gives): within one rounding
+        # low-precision output: exactly what casting the kernel's float32 output gives (round to nearest even)
         for dt in (torch.bfloat16, torch.float16):
             lp, _, _ = tn.layer_norm_forward(x, w, b, 1e-6, dt)
-            ulp = torch.finfo(dt).eps * ref.detach().abs().clamp_min(torch.finfo(dt).tiny)
-            print(f'LOWP_{M}_{dt}', ((lp.float() - ref.detach()).abs() / ulp).max().item(), 1.0)
+            print(f'LOWP_{M}_{dt}', int(not torch.equal(lp, out.to(dt))), 1.0)
         # low-precision x and output gradient (the residual stream and the first product's gradient under
         # autocast): the float32 computation on the same values, the input gradient rounded once
         xb, gb, rb = x.bfloat16(), g.bfloat16(), g_res.bfloat16()
@@ -60,29 +59,31 @@ _KERNELS = '''
         F.layer_norm(xf, (C,), w, b, 1e-6).backward(gb.float())
         want = xf.grad + rb.float()
         print(f'BF16IN_{M}', ((dx_b.float() - want).abs() / want.abs().max()).max().item(), 1e-2 * 0.5)
-    for bad in [lambda: tn.layer_norm_forward(torch.randn(4, 8).t(), torch.ones(4), torch.zeros(4), 1e-6, torch.float32),
-                lambda: tn.layer_norm_forward(torch.randn(4, 8), torch.ones(7), torch.zeros(8), 1e-6, torch.float32),
-                lambda: tn.layer_norm_backward(torch.randn(4, 8), torch.randn(4, 8), torch.zeros(3), torch.ones(3),
-                                               torch.ones(8))]:
+    for i, bad in enumerate([
+            lambda: tn.layer_norm_forward(torch.randn(4, 8).t(), torch.ones(4), torch.zeros(4), 1e-6, torch.float32),
+            lambda: tn.layer_norm_forward(torch.randn(4, 8), torch.ones(7), torch.zeros(8), 1e-6, torch.float32),
+            lambda: tn.layer_norm_backward(torch.randn(4, 8), torch.randn(4, 8), torch.zeros(3), torch.ones(3),
+                                           torch.ones(8))]):
         try:
             bad()
         except ValueError:
-            print('ERROR_RAISED 1 1')
+            print(f'ERROR_{i} 0 1')
 '''
 
 
 def test_triton_layer_norm_kernels():
     """Forward and backward (with and without the residual's gradient, one or several programs per run of
-    rows) equal torch's LayerNorm within float32 rounding; low-precision outputs within one rounding of
-    the float32 result; bad shapes are a ValueError."""
+    rows) equal torch's LayerNorm within float32 rounding; low-precision outputs are the float32 result rounded
+    to nearest even; each bad shape is a ValueError."""
     found = _run(_KERNELS)
-    assert sum(1 for k in found if k.startswith('FWD')) == 3 and len(found['ERROR_RAISED']) == 2
+    assert sum(1 for k in found if k.startswith('FWD')) == 3
+    assert {'ERROR_0', 'ERROR_1', 'ERROR_2'} <= set(found), found   # each bad call raised
     for name, (err, scale) in found.items():
         err, scale = float(err), float(scale)
         if name.startswith(('FWD', 'BWD')):
             assert err < 1e-5 * max(1.0, scale), (name, err, scale)
         elif name.startswith('LOWP'):
-            assert err <= 1.0, (name, err)   # at most half a unit in the last place each way, plus float32 error
+            assert err == 0, name            # 1: differs from the rounded float32 output
         elif name.startswith('BF16IN'):
             assert err < scale, (name, err)
 
@@ -134,11 +135,13 @@ _MODELS = '''
         calls.update(fwd=0, bwd=0)
         got = run(m, True, False)
         print(f'MODEL_{drop_path}_fp32', err(ref, got), calls['fwd'], calls['bwd'])
-        # bf16 autocast: against the float32 model, no further off than the model without the kernels
+        # bf16 autocast: against the float32 model, no further off than the model without the kernels: each
+        # tensor's error relative to its largest entry, summed over the output and all gradients
         plain = run(m, False, True)
         calls.update(fwd=0, bwd=0)
         got = run(m, True, True)
-        print(f'MODEL_{drop_path}_bf16', err(ref, got) / err(ref, plain), calls['fwd'], calls['bwd'])
+        errs = lambda res: sum(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(ref, res))
+        print(f'MODEL_{drop_path}_bf16', errs(got) / errs(plain), calls['fwd'], calls['bwd'])
     # gradient checkpointing: the blocks' forwards (kernels included) run again in the backward
     m = model(0.0).train()
     ref = run(m, True, False)
@@ -160,20 +163,26 @@ _MODELS = '''
                 b.fused_norm = True
         got = m(x)
     print('INFER', (ref - got).abs().max().item(), calls['fwd'], calls['bwd'])
-    # a double backward (create_graph) takes LayerNorm's own, differentiable backward
+    # a double backward (create_graph) takes LayerNorm's own, differentiable backward; under autocast its
+    # bfloat16 input meets float32 weights there
     m = model(0.0).train()
     x = torch.randn(1, 3, 28, 28, requires_grad=True)
-    res = {}
-    for fused_norm in (False, True):
-        for b in m.modules():
-            if isinstance(b, SequencerBlock):
-                b.fused_norm = fused_norm
-        with fl.cpu_kernel_disabled():
-            m.set_rnn_engine('native')   # the fused engine's own backward is not differentiable
-            g, = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
-            gg, = torch.autograd.grad(g.square().sum(), x)
-        res[fused_norm] = (g.detach(), gg)
-    print('DOUBLE', max((a - b).abs().max().item() / a.abs().max().item() for a, b in zip(res[False], res[True])), 0, 0)
+    for autocast in (False, True):
+        res = {}
+        for fused_norm in (False, True):
+            for b in m.modules():
+                if isinstance(b, SequencerBlock):
+                    b.fused_norm = fused_norm
+            calls.update(fwd=0, bwd=0)
+            with fl.cpu_kernel_disabled():
+                m.set_rnn_engine('native')   # the fused engine's own backward is not differentiable
+                with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+                    y = m(x)
+                g, = torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
+                gg, = torch.autograd.grad(g.square().sum(), x)
+            res[fused_norm] = (g.detach(), gg)
+        print(f'DOUBLE_{autocast}', max((a - b).abs().max().item() / a.abs().max().item()
+                                       for a, b in zip(res[False], res[True])), calls['fwd'], calls['bwd'])
 '''
 
 
@@ -186,19 +195,20 @@ def test_models_through_the_triton_norm():
     works."""
     found = _run(_MODELS)
     assert set(found) == {'MODEL_0.0_fp32', 'MODEL_0.0_bf16', 'MODEL_0.5_fp32', 'MODEL_0.5_bf16', 'INFER',
-                          'DOUBLE', 'CHECKPOINTED'}, found
+                          'DOUBLE_False', 'DOUBLE_True', 'CHECKPOINTED'}, found
     for name, (err, n_fwd, n_bwd) in found.items():
         err = float(err)
         if name.startswith('MODEL'):
             assert (n_fwd, n_bwd) == ('8', '8'), (name, n_fwd, n_bwd)   # 4 blocks x 2 pre-norms
-            # float32: equal within rounding; bf16: its error against float32 over the plain model's (about 1)
-            assert err < (1.25 if name.endswith('bf16') else 1e-5), (name, err)
+            # float32: equal within rounding; bf16: its summed error against float32 over the plain model's
+            # (0.94-0.95 here; 1.3-1.7 when the bfloat16 stores truncated instead of rounding)
+            assert err < (1.1 if name.endswith('bf16') else 1e-5), (name, err)
         elif name == 'CHECKPOINTED':   # each block's forward twice (the second time inside the backward)
             assert (n_fwd, n_bwd) == ('16', '8') and err < 1e-5, (name, err, n_fwd, n_bwd)
         elif name == 'INFER':
             assert (n_fwd, n_bwd) == ('8', '0') and err < 1e-5, (name, err, n_fwd, n_bwd)
-        else:
-            assert err < 1e-5, (name, err)
+        else:   # DOUBLE: the kernels ran forward (their backward is LayerNorm's own here)
+            assert n_fwd == '8' and err < (5e-2 if name.endswith('True') else 1e-5), (name, err, n_fwd)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')

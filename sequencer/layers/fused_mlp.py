@@ -102,10 +102,17 @@ def _fx_tracing() -> bool:
     return bool(is_tracing and is_tracing())
 
 
+def _functorch_active() -> bool:
+    """A torch.func transform (grad, vmap, jvp, ...) in progress: the fused paths' autograd functions do not
+    support them, so they step aside for the plain ops."""
+    active = getattr(torch._C, '_are_functorch_transforms_active', None)
+    return bool(active and active())
+
+
 def _tracing() -> bool:
-    """torch.compile, export, TorchScript or FX tracing, or ONNX export in progress."""
+    """torch.compile, export, TorchScript or FX tracing, ONNX export, or a torch.func transform in progress."""
     return (torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export() or _fx_tracing())
+            or torch.onnx.is_in_onnx_export() or _fx_tracing() or _functorch_active())
 
 
 def _cpu_float32(*tensors: torch.Tensor) -> bool:
@@ -263,15 +270,16 @@ _TRITON_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _gpu_norm_dtype(norm: nn.Module, x: torch.Tensor, lowp_out: bool) -> Optional[torch.dtype]:
     """The output dtype of the Triton LayerNorm on x, or None where it does not run: it needs a plain, hook-free
-    ``nn.LayerNorm`` over the last dimension with weight and bias, contiguous tensors of one device in
-    float32 / bfloat16 / float16, outside traced graphs, and Triton on CUDA (or the interpreter's CPU tensors in
+    ``nn.LayerNorm`` over the last dimension (at most 8192 channels: a program holds a whole row) with weight and
+    bias, contiguous tensors of one device in float32 / bfloat16 / float16, outside traced graphs, and Triton on CUDA (or the interpreter's CPU tensors in
     tests). Under autocast the output is the autocast dtype with ``lowp_out``, else float32 on CUDA (autocast runs
     LayerNorm in float32) and x's dtype elsewhere (as ``F.layer_norm``)."""
     w, b = norm.weight, norm.bias
     if not (type(norm) is nn.LayerNorm and w is not None and b is not None and x.dtype in _TRITON_NORM_DTYPES
             and w.dtype in _TRITON_NORM_DTYPES and b.dtype == w.dtype and norm.normalized_shape == x.shape[-1:]
-            and x.is_contiguous() and w.is_contiguous() and b.is_contiguous() and w.device == x.device
-            and x.numel() > 0 and _unhooked(norm) and not _tracing()):
+            and x.shape[-1] <= 8192 and x.is_contiguous() and w.is_contiguous() and b.is_contiguous()
+            and w.device == x.device and b.device == x.device and x.numel() > 0 and _unhooked(norm)
+            and not _tracing()):
         return None
     if x.is_cuda and not fused_lstm._triton_ok():
         return None

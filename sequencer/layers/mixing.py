@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .fused_mlp import _unhooked, linear_into_ok, linear_residual
+from .fused_mlp import _functorch_active, _unhooked, linear_into_ok, linear_residual
 
 RNN_CLASSES = {'lstm': nn.LSTM, 'gru': nn.GRU, 'rnn': nn.RNN}
 UNIONS = ('cat', 'add', 'vertical', 'horizontal')
@@ -82,11 +82,13 @@ class RNN2D(nn.Module):
         if not fusable:
             return 'native'
         if self.engine != 'auto':
-            return self.engine
+            return 'native' if self.engine == 'fused' and _functorch_active() else self.engine
         if compiling is None:
             compiling = torch.compiler.is_compiling()
         if not compiling and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             return 'native'  # exported graphs need the standard LSTM ops
+        if _functorch_active():
+            return 'native'  # the fused engine's autograd functions do not support torch.func transforms
         params = self._lstm_params()[1]
         ref = x if x is not None else params[0]
         grad = torch.is_grad_enabled() and (ref.requires_grad or any(
@@ -116,12 +118,6 @@ class RNN2D(nn.Module):
         because torch.compile cannot trace through ``nn.LSTM`` modules themselves.
         """
         if not torch.compiler.is_compiling():
-            refs = self.__dict__.get('_lstm_refs')
-            if refs is not None:   # still the modules' parameters (nn.LSTM's own list, kept current by it)?
-                flat = [w for rnn in (self.rnn_v, self.rnn_h) if rnn is not None
-                        for w in getattr(rnn, '_flat_weights', ())]
-                if len(flat) == len(refs[1]) and all(a is b for a, b in zip(flat, refs[1])):
-                    return refs
             kinds, params = [], []
             for rnn, vertical in ((self.rnn_v, True), (self.rnn_h, False)):
                 if rnn is None:

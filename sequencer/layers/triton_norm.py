@@ -18,8 +18,9 @@ block casts x to float32, normalises, and casts the result back for the branch's
 it casts the gradient up, runs LayerNorm's backward, casts the result down and adds the residual's
 gradient. Per element of one pre-norm the kernels move about 4 bytes instead of 20 forward and 8 instead
 of about 30 backward, in three kernel launches instead of about eight. The price is host time: the Python
-of an autograd function (about 60 - 80 microseconds more per pre-norm, forward and backward, than the
-plain ops where those need no casts; ``scripts/count_step_ops.py --host-time``). The GPU figures of this
+of an autograd function (a median of about 36 microseconds more per pre-norm, forward and backward, than
+the plain ops where those need no casts, on this project's 2-core Xeon; ``scripts/count_step_ops.py
+--host-time``, which replaces the launches by no-ops). The GPU figures of this
 change are not measured; the kernels are tested through Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``), which runs the same kernel source (rounding to bfloat16 as the GPU does: the
 interpreter itself truncates, ``RNE``).
@@ -187,10 +188,12 @@ class NormResidual(torch.autograd.Function):
         if torch.is_grad_enabled():   # create_graph
             C = x.shape[-1]
             stat = (*x.shape[:-1], 1)
+            f32 = torch.float32 if x.dtype != weight.dtype else x.dtype   # LayerNorm's kernels take one dtype
             dx, dw, db = torch.ops.aten.native_layer_norm_backward(
-                g_out.to(x.dtype), x, (C,), stats[0].view(stat), stats[1].view(stat), weight, bias,
-                [need_x, need_w, need_b])
-            return (None if dx is None else dx + g_res), dw, db, None, None
+                g_out.to(f32), x.to(f32), (C,), stats[0].view(stat), stats[1].view(stat), weight.to(f32),
+                bias.to(f32), [need_x, need_w, need_b])
+            return ((None if dx is None else dx.to(x.dtype) + g_res), None if dw is None else dw.to(weight.dtype),
+                    None if db is None else db.to(bias.dtype), None, None)
         dx, dwb = norm_backward(g_out.contiguous(), x, stats, weight, g_res.contiguous())
         dw, db = dwb.unbind()
         return (dx if need_x else None, dw.to(weight.dtype) if need_w else None,
