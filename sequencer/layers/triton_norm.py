@@ -18,9 +18,9 @@ block casts x to float32, normalises, and casts the result back for the branch's
 it casts the gradient up, runs LayerNorm's backward, casts the result down and adds the residual's
 gradient. Per element of one pre-norm the kernels move about 4 bytes instead of 20 forward and 8 instead
 of about 30 backward, in three kernel launches instead of about eight. The price is host time: the Python
-of an autograd function (a median of about 36 microseconds more per pre-norm, forward and backward, than
-the plain ops where those need no casts, on this project's 2-core Xeon; ``scripts/count_step_ops.py
---host-time``, which replaces the launches by no-ops). The GPU figures of this
+of an autograd function (36 - 53 microseconds more per pre-norm, forward and backward, than the plain ops
+where those need no casts, on the 2-core Xeon of BENCHMARKS.md; ``scripts/count_step_ops.py --host-time``,
+which replaces the launches by no-ops). The GPU figures of this
 change are not measured; the kernels are tested through Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``), which runs the same kernel source (rounding to bfloat16 as the GPU does: the
 interpreter itself truncates, ``RNE``).
