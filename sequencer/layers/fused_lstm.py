@@ -527,14 +527,12 @@ def _param_grads(dw_ih: torch.Tensor, dw_hh: torch.Tensor, db: Optional[torch.Te
     have the same gradient; ``b_hh``'s are views of one copy, so that autograd keeps every view as the
     parameter's ``.grad`` (given the same tensor twice it copies the second, one small copy per direction)."""
     G = dw_hh.shape[1]
-    grads: List[Optional[torch.Tensor]] = [None] * (4 * D)
-    db_hh = db.clone() if db is not None else None
-    for d in range(D):
-        grads[4 * d] = dw_ih[d * G:(d + 1) * G].to(dtypes[4 * d])
-        grads[4 * d + 1] = dw_hh[d].to(dtypes[4 * d + 1])
-        if db is not None:
-            grads[4 * d + 2] = db[d * G:(d + 1) * G].to(dtypes[4 * d + 2])
-            grads[4 * d + 3] = db_hh[d * G:(d + 1) * G].to(dtypes[4 * d + 3])
+    parts = [dw_ih.split(G), dw_hh.unbind(0)]
+    parts += [db.split(G), db.clone().split(G)] if db is not None else [(None,) * D] * 2
+    grads: List[Optional[torch.Tensor]] = [p[d] for d in range(D) for p in parts]   # (w_ih, w_hh, b_ih, b_hh)
+    for i, (g, dt) in enumerate(zip(grads, dtypes)):
+        if g is not None and g.dtype != dt:
+            grads[i] = g.to(dt)
     return grads
 
 
