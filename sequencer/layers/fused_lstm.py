@@ -63,21 +63,22 @@ _GATE_ORDER = (0, 1, 3, 2)
 _G_SCALE = -2.0
 
 
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast runs this device type's ops in, or None: autocast off, or a device type without
-    autocast (such as 'meta', where ``torch.is_autocast_enabled`` raises)."""
+def _has_autocast(device_type: str) -> bool:
+    """Whether autocast exists for this device type (not for 'meta', where asking about it raises)."""
     available = getattr(torch.amp, 'is_autocast_available', None)
-    if available is not None and not available(device_type):
+    return available is None or available(device_type)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs this device type's ops in, or None: autocast off, or no autocast there."""
+    if not (_has_autocast(device_type) and torch.is_autocast_enabled(device_type)):
         return None
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    return torch.get_autocast_dtype(device_type)
 
 
 def autocast_off(device_type: str):
     """A context that turns autocast off for this device type (a no-op where it has no autocast)."""
-    available = getattr(torch.amp, 'is_autocast_available', None)
-    if available is not None and not available(device_type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, enabled=False) if _has_autocast(device_type) else contextlib.nullcontext()
 
 
 # ---- the index plan -------------------------------------------------------------------------------------

@@ -270,10 +270,11 @@ _TRITON_NORM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _gpu_norm_dtype(norm: nn.Module, x: torch.Tensor, lowp_out: bool) -> Optional[torch.dtype]:
     """The output dtype of the Triton LayerNorm on x, or None where it does not run: it needs a plain, hook-free
-    ``nn.LayerNorm`` over the last dimension (at most 8192 channels: a program holds a whole row) with weight and
-    bias, contiguous tensors of one device in float32 / bfloat16 / float16, outside traced graphs, and Triton on CUDA (or the interpreter's CPU tensors in
-    tests). Under autocast the output is the autocast dtype with ``lowp_out``, else float32 on CUDA (autocast runs
-    LayerNorm in float32) and x's dtype elsewhere (as ``F.layer_norm``)."""
+    ``nn.LayerNorm`` over the last dimension (at most 8192 channels: a program holds a whole row) with weight
+    and bias, contiguous tensors of one device in float32 / bfloat16 / float16, outside traced graphs, and
+    Triton on CUDA (or the interpreter's CPU tensors in tests). Under autocast the output is the autocast dtype
+    with ``lowp_out``, else float32 on CUDA (autocast runs LayerNorm in float32) and x's dtype elsewhere (as
+    ``F.layer_norm``)."""
     w, b = norm.weight, norm.bias
     if not (type(norm) is nn.LayerNorm and w is not None and b is not None and x.dtype in _TRITON_NORM_DTYPES
             and w.dtype in _TRITON_NORM_DTYPES and b.dtype == w.dtype and norm.normalized_shape == x.shape[-1:]

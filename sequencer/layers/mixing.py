@@ -74,21 +74,21 @@ class RNN2D(nn.Module):
         with ``compiling=True``, inside a torch.compile graph.
 
         'native' and 'fused' are taken as set, except that GRU / tanh-RNN / stacked (num_layers > 1)
-        recurrences always run natively (the fused engine covers single-layer LSTMs). 'auto' follows what
+        recurrences, and every recurrence under torch.func transforms, run natively (the fused engine covers
+        single-layer LSTMs outside such transforms). 'auto' follows what
         was measured to be faster (see ``auto_engine``): it depends on the device, on whether gradients
         are being computed, on the dtype and on autocast; while tracing or exporting to ONNX it is 'native'.
         """
         fusable = self.rnn_layer == 'lstm' and self.num_layers == 1
-        if not fusable:
+        # the fused engine's autograd functions do not support torch.func transforms
+        if not fusable or self.engine == 'native' or _functorch_active():
             return 'native'
-        if self.engine != 'auto':
-            return 'native' if self.engine == 'fused' and _functorch_active() else self.engine
+        if self.engine == 'fused':
+            return 'fused'
         if compiling is None:
             compiling = torch.compiler.is_compiling()
         if not compiling and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             return 'native'  # exported graphs need the standard LSTM ops
-        if _functorch_active():
-            return 'native'  # the fused engine's autograd functions do not support torch.func transforms
         params = self._lstm_params()[1]
         ref = x if x is not None else params[0]
         grad = torch.is_grad_enabled() and (ref.requires_grad or any(
