@@ -13,7 +13,8 @@
 #          train_fused_cudagraphs  ours under torch.compile 'reduce-overhead' (CUDA graphs)   (about 3 min)
 #          mem_b32, mem_b32_gc     training peak memory at batch 32, without / with gradient checkpointing
 # infer: inference, batch 256, bf16:
-#          infer_eager, infer_compiled   both models eager; both under torch.compile
+#          infer_eager, infer_compiled   both models eager; both under torch.compile (fused engine)
+#          infer_auto   both models eager, ours with the default engine ('auto': cuDNN for eager inference)
 # diag:    tests        the CUDA tests (Triton kernels against float64, fp32 and bf16 autocast, torch.compile;
 #                       the Triton pre-norms against plain LayerNorms)
 #          accuracy     each engine's error under bf16 autocast (scripts/check_gpu_autocast_accuracy.py)
@@ -29,7 +30,7 @@ PY=${PYTHON:-python}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PARTS=(train infer diag)
 STEPS=(train_fused train_fused_plain_norm train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
-       infer_eager infer_compiled tests accuracy profile_fused profile_timm recurrence)
+       infer_eager infer_compiled infer_auto tests accuracy profile_fused profile_timm recurrence)
 IFS=, read -ra ITEMS <<<"$WHAT"
 if [[ ${#ITEMS[@]} -eq 0 ]]; then ITEMS=(""); fi
 for w in "${ITEMS[@]}"; do
@@ -56,7 +57,7 @@ BENCH=("$PY" -m sequencer.cli benchmark --model sequencer2d_s --device cuda --co
 TRAIN=("${BENCH[@]}" --batch-size 256 --precision bf16 --mode train --matmul-peak --warmup 5 --iters 20)
 MEM=("$PY" -m sequencer.cli benchmark --model sequencer2d_s --device cuda --batch-size 32 --precision bf16
      --mode train --rnn-engine fused --warmup 2 --iters 3)
-INFER=("${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --rnn-engine fused --warmup 5 --iters 30)
+INFER=("${BENCH[@]}" --batch-size 256 --precision bf16 --mode infer --warmup 5 --iters 30)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__)"
 
@@ -71,8 +72,9 @@ step train train_fused_cudagraphs 420 "${TRAIN[@]}" --rnn-engine fused --compile
 step train mem_b32 90 "${MEM[@]}" --results-file "$OUT/s_train_b32_mem.json"
 step train mem_b32_gc 90 "${MEM[@]}" --grad-checkpointing --results-file "$OUT/s_train_b32_mem_gc.json"
 
-step infer infer_eager 120 "${INFER[@]}" --results-file "$OUT/s_infer_bf16_b256_eager.json"
-step infer infer_compiled 400 "${INFER[@]}" --compile --results-file "$OUT/s_infer_bf16_b256_compiled.json"
+step infer infer_eager 120 "${INFER[@]}" --rnn-engine fused --results-file "$OUT/s_infer_bf16_b256_eager.json"
+step infer infer_compiled 400 "${INFER[@]}" --rnn-engine fused --compile --results-file "$OUT/s_infer_bf16_b256_compiled.json"
+step infer infer_auto 120 "${INFER[@]}" --rnn-engine auto --results-file "$OUT/s_infer_bf16_b256_auto.json"
 
 step diag tests 300 "$PY" -m pytest -q -p no:warnings tests/test_fused.py tests/test_triton_norm.py -k cuda
 step diag accuracy 60 "$PY" scripts/check_gpu_autocast_accuracy.py

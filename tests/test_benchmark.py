@@ -263,11 +263,14 @@ def test_gpu_benchmarks_script_runs_the_steps_asked_for(tmp_path):
         return [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith('== ') and ' rc=' not in ln]
 
     assert ran('train_fused_cudagraphs,tests') == ['train_fused_cudagraphs', 'tests']
-    assert ran('infer') == ['infer_eager', 'infer_compiled']
-    assert len(ran('all')) == 14
+    assert ran('infer') == ['infer_eager', 'infer_compiled', 'infer_auto']
+    assert len(ran('all')) == 15
     assert ran('train')[:2] == ['train_fused', 'train_fused_plain_norm']
     log = (tmp_path / 'out' / 'train_fused_cudagraphs.log').read_text()
     assert '--compile-mode reduce-overhead --timm-eager' in log and '--batch-size 256 --precision bf16' in log
+    ran('infer_auto')
+    log = (tmp_path / 'out' / 'infer_auto.log').read_text()
+    assert '--mode infer' in log and '--rnn-engine auto' in log and '--rnn-engine fused' not in log
     for what, name in (('train,nosuchstep', 'nosuchstep'), ('train infer', 'train infer'), ('train,,tests', '')):
         bad = subprocess.run(['bash', script, what], env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and f"unknown step or part '{name}'" in bad.stderr, (what, bad.stderr)
