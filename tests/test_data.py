@@ -114,3 +114,22 @@ def test_atomic_writes_leave_no_temporary_files_and_normal_permissions(tmp_path)
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(tmp_path / 'a.txt').st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path):
+    """A write that fails (here the disk fills while a checkpoint is serialised) raises a UserError naming the file;
+    the previous file is intact and no temporary file is left."""
+    import errno
+    from sequencer.engine.io import save_torch, write_with
+    from sequencer.errors import UserError
+    path = str(tmp_path / 'last.pth.tar')
+    save_torch({'epoch': 1}, path)
+
+    def fill_disk(f):
+        f.write(b'partial')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(UserError, match=f'^cannot write {path}: No space left on device$'):
+        write_with(path, fill_disk)
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+    assert os.listdir(tmp_path) == ['last.pth.tar']

@@ -139,6 +139,9 @@ def _check_args(args) -> Tuple[int, int, int]:
         raise UserError("training needs a classifier: --num-classes 0 works only with --mode infer")
     if args.results_file and os.path.splitext(args.results_file)[1].lower() not in ('.csv', '.json'):
         raise UserError(f"--results-file {args.results_file}: the name must end in .csv or .json")
+    if args.results_file:
+        from ..engine.io import check_output
+        check_output(args.results_file, '--results-file')
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to torch on this machine")
     if args.timm_eager and not (args.compare_timm and (args.compile or args.compile_mode is not None)):

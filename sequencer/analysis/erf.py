@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.io import atomic_open, write_with
+from ..engine.io import atomic_open, check_output, write_with
 from ..engine.loading import add_model_arguments, list_images, load_image, model_from_args, resolve_device
 from ..errors import UserError
 
@@ -163,6 +163,7 @@ def run(args) -> int:
 
     if args.num_images < 1:
         raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+    check_output(args.output, '--output', folder=True)
     paths = list_images([args.data])[:args.num_images]
     device = resolve_device(args.device)
     loaded = model_from_args(args, device=device)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..engine.io import atomic_open, write_text, write_with
+from ..engine.io import atomic_open, check_output, write_text, write_with
 from ..engine.loading import add_model_arguments, models_from_args, resolve_device
 from ..errors import UserError
 
@@ -123,6 +123,7 @@ def run(args) -> int:
     sizes = sorted(set(args.sizes))
     if sizes[0] < 8:
         raise UserError(f"--sizes: {sizes[0]} px is too small")
+    check_output(args.output, '--output', folder=True)
     device = resolve_device(args.device)
     amp = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     models = models_from_args(args, device)

@@ -22,7 +22,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from ..engine.io import atomic_open, write_text
+from ..engine.io import atomic_open, check_output, write_text
 from ..engine.loading import add_model_arguments, model_from_args, resolve_device
 from ..errors import UserError
 
@@ -230,6 +230,7 @@ def run(args) -> int:
     for key, path in list(benches.items()) + ([('imagenet_c', args.imagenet_c)] if args.imagenet_c else []):
         if not os.path.isdir(path):
             raise UserError(f"{path}: {key.replace('_', '-')} folder does not exist")
+    check_output(args.output, '--output', folder=True)
     device = resolve_device(args.device)
     amp = getattr(torch, args.amp_dtype) if args.amp_dtype else None
     loaded = model_from_args(args, device=device)

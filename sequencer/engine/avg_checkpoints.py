@@ -2,6 +2,7 @@
 import argparse
 
 from .checkpoint_tools import average_checkpoints
+from .io import check_output
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -22,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+    check_output(args.output, '--output')
     sha, used = average_checkpoints(args.run, args.output, last=args.last, best=args.best, use_ema=args.use_ema,
                                     lower_is_better=args.lower_is_better)
     print(f"avg-checkpoints: wrote {args.output} (mean of {len(used)} checkpoints, sha256 {sha[:8]})")

@@ -7,20 +7,55 @@ from typing import Callable, Dict, IO
 
 import torch
 
+from ..errors import UserError
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
+
+
+def _temp_in(folder: str, name: str):
+    """(fd, path) of a new temporary file in ``folder`` (created with its parents if missing)."""
+    os.makedirs(folder, exist_ok=True)
+    return tempfile.mkstemp(prefix='.' + name + '.', suffix='.tmp', dir=folder)
+
+
+def check_output(path: str, what: str, folder: bool = False) -> None:
+    """Fail early, with one line naming ``what`` (the option) and ``path``, where an output could not be written:
+    a command checks its outputs before its long work, not after it. ``folder``: ``path`` is a folder that will
+    hold the outputs (created if missing), else a file (its folder is created if missing). Writes and removes a
+    temporary file there."""
+    if not folder and os.path.isdir(path):
+        raise UserError(f"{what} {path}: is a folder, not a file")
+    target = path if folder else os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = _temp_in(target, os.path.basename(path) or 'check')
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write there ({_reason(e)})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
 
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = 'w'):
-    """Open a temporary sibling of ``path`` for writing; on success it replaces ``path`` atomically."""
+    """Open a temporary sibling of ``path`` for writing; on success it replaces ``path`` atomically. Where the
+    folder cannot be created, the file cannot be made or the rename fails, a ``UserError`` names ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    try:
+        fd, tmp = _temp_in(folder, os.path.basename(path))
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {_reason(e)}") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise UserError(f"cannot write {path}: {_reason(e)}") from None
         _fsync_dir(folder)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -44,8 +79,13 @@ def _fsync_dir(folder: str):
 
 
 def write_with(path: str, writer: Callable[[IO], None], mode: str = 'wb'):
-    with atomic_open(path, mode) as f:
-        writer(f)
+    """``writer(f)`` into ``path``, atomically; a failed write (a full disk) is a ``UserError`` naming ``path``, and
+    the previous file stays as it was."""
+    try:
+        with atomic_open(path, mode) as f:
+            writer(f)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {_reason(e)}") from None
 
 
 def save_torch(obj, path: str):

@@ -37,7 +37,7 @@ from ..models import create_model, load_checkpoint
 from ..models.weights import CheckpointError, read_file
 from .args import build_train_parser, parse
 from .evaluate import autocast, check_compile_flags, evaluate, torch_compile
-from .io import save_torch, write_text
+from .io import check_output, save_torch, write_text
 from .malloc import keep_freed_memory
 
 SUMMARY_FIELDS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
@@ -420,7 +420,7 @@ def train(args) -> Dict:
     # output folder and resuming
     folder = run_folder(args, args.resume)
     if d.main:
-        os.makedirs(folder, exist_ok=True)
+        check_output(folder, '--output' if args.output else 'run folder', folder=True)   # creates it
         for name in os.listdir(folder):  # temporary files of writes that a crash cut short
             if (name.startswith('.') and name.endswith('.tmp')) or name.endswith('.tmp-link'):
                 try:

@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..models import create_model, load_checkpoint
 from .args import build_validate_parser, parse
 from .evaluate import check_compile_flags, evaluate, torch_compile
-from .io import write_text
+from .io import check_output, write_text
 from .train import Dist, Log, amp_dtype_for
 
 
@@ -44,6 +44,8 @@ def validate(args) -> Dict:
     check_compile_flags(args.torchcompile, args.torchcompile_mode)
     if args.results_file and not args.results_file.endswith(('.csv', '.json')):
         raise UserError(f"--results-file {args.results_file}: use a .csv or .json file name")
+    if args.results_file and d.main:
+        check_output(args.results_file, '--results-file')
     if not args.checkpoint and not args.pretrained:
         args.pretrained = True  # as timm's validate.py: with no checkpoint, evaluate the published weights
     amp_dtype = amp_dtype_for(args, d.device, log)

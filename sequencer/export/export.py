@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from ..engine.io import write_with
+from ..engine.io import check_output, write_with
 from ..engine.loading import add_model_arguments, model_from_args
 from ..errors import UserError
 
@@ -172,6 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+    check_output(args.output, '--output')
     loaded = model_from_args(args, device=torch.device('cpu'))
     model = loaded.model
     args.img_size = args.img_size or loaded.img_size
