@@ -28,8 +28,8 @@ WHAT=${1:-all}
 OUT=${2:-output/bench_gpu}
 PY=${PYTHON:-python}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# each step is a process of its own: with this, Triton versions that know the variable keep the LSTM kernels' autotuning results on disk
-# beside its compiled kernels, so that only the first step times the launch candidates of each shape
+# each step is a process of its own: with this, Triton versions that know the variable keep the LSTM kernels'
+# autotuning results on disk beside the compiled kernels, so only the first step times the launch candidates
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 PARTS=(train infer diag)
 STEPS=(train_fused train_fused_plain_norm train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
