@@ -114,3 +114,11 @@ def test_checkpoint_tool_user_errors(run_dir, tmp_path, capsys):
     assert main(['avg-checkpoints', str(tmp_path / 'bad.pth.tar'), '--output', str(tmp_path / 'x.safetensors')]) == 2
     err = capsys.readouterr().err.strip()
     assert 'bad.pth.tar: not a readable checkpoint' in err and '\n' not in err
+
+
+def test_average_refuses_to_overwrite_one_of_its_inputs(run_dir, capsys):
+    target = run_dir / 'checkpoint-4.pth.tar'
+    before = target.read_bytes()
+    assert main(['avg-checkpoints', str(run_dir), '--last', '2', '--output', str(target)]) == 2
+    assert 'is one of the checkpoints being averaged' in capsys.readouterr().err
+    assert target.read_bytes() == before

@@ -81,3 +81,28 @@ def test_unwritable_outputs_fail_before_the_work_with_one_line(tmp_path, capsys)
         with atomic_open(str(target)) as f:
             f.write('x')
     assert sorted(os.listdir(tmp_path)) == ['a_file', 'data', 'folder_in_the_way', 'x.json']   # no temporary file left
+
+
+def test_out_of_range_options_and_model_arguments_are_one_line(tmp_path, capsys):
+    """Option values and --model-kwargs the models reject end with one line and exit 2 before any work."""
+    make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
+    data = str(tmp_path / 'data')
+    tiny = ['--model', 'sequencer2d_s', '--model-kwargs', 'layers=(1,1,1,1)', 'embed_dims=(8,8,8,8)',
+            'hidden_sizes=(4,4,4,4)', '--img-size', '32']
+    out = ['--output', str(tmp_path / 'runs')]
+    cases = [
+        (['train', data, *tiny, '-b', '2', '-j', '0', '--epochs', '0', *out], '--epochs must be at least 1, got 0'),
+        (['train', data, *tiny, '-b', '2', '-j', '0', '--log-interval', '0', *out], '--log-interval must be at least 1'),
+        (['train', data, *tiny[:6], 'mlp_ratios=(1,1)', *tiny[6:], '-b', '2', '-j', '0', *out],
+         'per-stage settings must have one entry per stage'),
+        (['validate', data, '--model', 'sequencer2d_s', '-b', '0'], '--batch-size must be at least 1'),
+        (['predict', '--model', 'sequencer2d_s', '--num-classes', '2', '--model-kwargs', 'patch_sizes=(0,2,1,1)', '--',
+          data], 'bad model arguments'),
+        (['benchmark', '--model', 'sequencer2d_s', '--layers', '1,1,1,1', '--compile-mode', 'bogus'],
+         '--compile-mode bogus: '),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()   # (torch may warn about the zero-size layer first)
+        assert 'Traceback' not in err and message in err.splitlines()[-1], (argv, err)
+    assert not os.path.exists(tmp_path / 'runs')

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from timm.data import create_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .transfer import TRANSFER_SETS
 
 class BadSampleError(UserError):
@@ -86,7 +86,7 @@ def build_dataset(name: str, root: str, split: str, training: bool, class_map: s
         ds = create_dataset(name, root=root, split=split, is_training=training, class_map=class_map,
                             download=download)
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, OSError) as e:
-        raise UserError(f"{root}: cannot read split {split!r} ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{root}: cannot read split {split!r} ({first_line(e)})") from None
     if len(ds) == 0:
         raise UserError(f"{root}: split {split!r} holds no images")
     return ds

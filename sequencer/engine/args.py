@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 
 class ParseKwargs(argparse.Action):
@@ -205,7 +205,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> 
         except OSError as e:
             raise UserError(f"{known.config}: cannot read recipe ({e.strerror})") from None
         except yaml.YAMLError as e:
-            raise UserError(f"{known.config}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{known.config}: not valid YAML ({first_line(e)})") from None
         if not isinstance(cfg, dict):
             raise UserError(f"{known.config}: a recipe must be a mapping of option: value")
         valid = {a.dest for a in parser._actions}

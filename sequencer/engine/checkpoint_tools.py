@@ -161,6 +161,8 @@ def average_checkpoints(paths: Sequence[str], output: str, last: Optional[int] =
                         use_ema: bool = False, lower_is_better: bool = False, log=print) -> Tuple[str, List[RunCheckpoint]]:
     """Average the chosen checkpoints' weights into ``output``; returns (sha256, the checkpoints used)."""
     chosen = select_checkpoints(find_checkpoints(paths), last=last, best=best, lower_is_better=lower_is_better)
+    if any(os.path.exists(output) and os.path.samefile(c.path, output) for c in chosen):
+        raise UserError(f"--output {output}: is one of the checkpoints being averaged; choose another file")
     sds, arch = [], None
     if log is not None:
         log(f"averaging {len(chosen)} checkpoint(s){' (EMA weights)' if use_ema else ''}:")

@@ -16,7 +16,7 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 def _compile(module: nn.Module, backend: Optional[str], mode: Optional[str]) -> nn.Module:
     """``torch.compile`` (which only wraps: compilation happens at the first call); an unknown backend or mode
     is a user error naming its flag."""
-    from ..errors import UserError
+    from ..errors import UserError, first_line
     backend = backend or 'inductor'
     if mode and backend != 'inductor':   # other backends would ignore the mode without a word
         raise UserError(f"--torchcompile-mode {mode}: only the inductor backend takes a mode, not --torchcompile "
@@ -25,7 +25,7 @@ def _compile(module: nn.Module, backend: Optional[str], mode: Optional[str]) -> 
         return torch.compile(module, backend=backend, mode=mode)
     except RuntimeError as e:
         flag = f'--torchcompile-mode {mode}' if mode and 'mode' in str(e) else f'--torchcompile {backend}'
-        raise UserError(f"{flag}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{flag}: {first_line(e)}") from None
 
 
 def check_compile_flags(backend: Optional[str], mode: Optional[str]) -> None:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .args import ParseKwargs
 from ..models import create_model
 from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
@@ -144,8 +144,8 @@ def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pr
         num_classes = _head_width(sd)
     try:
         model = create_model(name, pretrained=pretrained and sd is None, num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        raise UserError(f"{name}: bad model arguments {kwargs} ({e})") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{name}: bad model arguments {kwargs} ({first_line(e)})") from None
     if sd is not None:
         load_state_dict(model, sd, source=checkpoint)
     elif not pretrained and log is not None:

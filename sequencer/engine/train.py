@@ -32,7 +32,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, make_loader, num_classes_of
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..models import create_model, load_checkpoint
 from ..models.weights import CheckpointError, read_file
 from .args import build_train_parser, parse
@@ -120,8 +120,11 @@ def build_model(args, num_classes: int, dist_: Dist, log: Log):
     size = args.input_size[-1] if args.input_size else args.img_size
     if size:
         kwargs['img_size'] = size
-    model = create_model(args.model, pretrained=args.pretrained and not args.pretrained_path,
-                         num_classes=num_classes, drop_rate=args.drop, rnn_engine=args.rnn_engine, **kwargs)
+    try:
+        model = create_model(args.model, pretrained=args.pretrained and not args.pretrained_path,
+                             num_classes=num_classes, drop_rate=args.drop, rnn_engine=args.rnn_engine, **kwargs)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{args.model}: bad model arguments {kwargs} or --drop {args.drop} ({first_line(e)})") from None
     if args.pretrained_path:
         load_checkpoint(model, args.pretrained_path, reset_head=True)
     if args.initial_checkpoint:
@@ -318,6 +321,10 @@ def train(args) -> Dict:
     if not args.data_dir and not args.dataset.startswith('torch/'):
         raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
     check_compile_flags(args.torchcompile, args.torchcompile_mode)
+    for flag, value, least in (('--epochs', args.epochs, 1), ('--log-interval', args.log_interval, 1),
+                               ('--workers', args.workers, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
     if args.batch_size < 1 or args.grad_accum_steps < 1:
         raise UserError(f"--batch-size and --grad-accum-steps must be positive, got {args.batch_size} and "
                         f"{args.grad_accum_steps}")
@@ -405,7 +412,7 @@ def train(args) -> Dict:
     try:
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     except (ValueError, AssertionError) as e:
-        raise UserError(f"--opt {args.opt}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"--opt {args.opt}: {first_line(e)}") from None
     scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 and d.device.type == 'cuda' else None
     ema = ModelEmaV3(model, decay=args.model_ema_decay,
                      device='cpu' if args.model_ema_force_cpu else None) if args.model_ema else None
@@ -413,7 +420,7 @@ def train(args) -> Dict:
         scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
                                                     updates_per_epoch=updates_per_epoch)
     except (ValueError, AssertionError) as e:
-        raise UserError(f"--sched {args.sched}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"--sched {args.sched}: {first_line(e)}") from None
     if scheduler is None:
         raise UserError(f"--sched {args.sched}: unknown scheduler")
 

@@ -42,6 +42,9 @@ def validate(args) -> Dict:
     if not args.data_dir and not args.dataset.startswith('torch/'):
         raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
     check_compile_flags(args.torchcompile, args.torchcompile_mode)
+    if args.batch_size < 1 or args.workers < 0:
+        raise UserError(f"--batch-size must be at least 1 and --workers at least 0, got {args.batch_size} and "
+                        f"{args.workers}")
     if args.results_file and not args.results_file.endswith(('.csv', '.json')):
         raise UserError(f"--results-file {args.results_file}: use a .csv or .json file name")
     if args.results_file and d.main:
