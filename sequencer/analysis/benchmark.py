@@ -144,8 +144,8 @@ def _check_args(args) -> Tuple[int, int, int]:
         check_output(args.results_file, '--results-file')
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to torch on this machine")
-    if args.compile_mode is not None:
-        from ..engine.evaluate import check_compile_flags
+    if args.compile_mode not in (None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
+        from ..engine.evaluate import check_compile_flags   # torch's own message for a mode it does not know
         try:
             check_compile_flags(None, args.compile_mode)
         except UserError as e:

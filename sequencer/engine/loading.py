@@ -144,6 +144,8 @@ def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pr
         num_classes = _head_width(sd)
     try:
         model = create_model(name, pretrained=pretrained and sd is None, num_classes=num_classes, **kwargs)
+    except UserError:
+        raise
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise UserError(f"{name}: bad model arguments {kwargs} ({first_line(e)})") from None
     if sd is not None:

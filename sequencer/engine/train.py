@@ -123,6 +123,8 @@ def build_model(args, num_classes: int, dist_: Dist, log: Log):
     try:
         model = create_model(args.model, pretrained=args.pretrained and not args.pretrained_path,
                              num_classes=num_classes, drop_rate=args.drop, rnn_engine=args.rnn_engine, **kwargs)
+    except UserError:
+        raise
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise UserError(f"{args.model}: bad model arguments {kwargs} or --drop {args.drop} ({first_line(e)})") from None
     if args.pretrained_path:
