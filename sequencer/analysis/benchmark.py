@@ -144,12 +144,11 @@ def _check_args(args) -> Tuple[int, int, int]:
         check_output(args.results_file, '--results-file')
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to torch on this machine")
-    if args.compile_mode not in (None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs'):
-        from ..engine.evaluate import check_compile_flags   # torch's own message for a mode it does not know
-        try:
-            check_compile_flags(None, args.compile_mode)
-        except UserError as e:
-            raise UserError(str(e).replace('--torchcompile-mode', '--compile-mode', 1)) from None
+    if args.compile_mode is not None:
+        from torch._inductor import list_mode_options
+        if args.compile_mode not in list_mode_options():
+            raise UserError(f"--compile-mode {args.compile_mode}: unknown mode; torch.compile knows "
+                            f"{', '.join(list_mode_options())}")
     if args.timm_eager and not (args.compare_timm and (args.compile or args.compile_mode is not None)):
         raise UserError("--timm-eager compiles our model only: it needs --compare-timm and --compile (or "
                         "--compile-mode)")

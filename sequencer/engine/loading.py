@@ -126,6 +126,18 @@ def _args_of(meta: Dict) -> Dict:
     return args if isinstance(args, dict) else {}
 
 
+def create_model_checked(name: str, kwargs: Dict, what: str = '', **options) -> nn.Module:
+    """``create_model(name, **options, **kwargs)`` where ``kwargs`` come from the user (``--model-kwargs``): the
+    model's own rejection of them (TypeError, ValueError, ...) becomes one ``UserError`` naming them and ``what``
+    (other options the user gave)."""
+    try:
+        return create_model(name, **options, **kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{name}: bad model arguments {kwargs}{what} ({first_line(e)})") from None
+
+
 def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pretrained: bool = False,
                 num_classes: Optional[int] = None, use_ema: bool = False, model_kwargs: Optional[Dict] = None,
                 device: torch.device = torch.device('cpu'), log=print) -> LoadedModel:
@@ -142,12 +154,7 @@ def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pr
     kwargs.update(model_kwargs or {})
     if num_classes is None and sd is not None:
         num_classes = _head_width(sd)
-    try:
-        model = create_model(name, pretrained=pretrained and sd is None, num_classes=num_classes, **kwargs)
-    except UserError:
-        raise
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise UserError(f"{name}: bad model arguments {kwargs} ({first_line(e)})") from None
+    model = create_model_checked(name, kwargs, pretrained=pretrained and sd is None, num_classes=num_classes)
     if sd is not None:
         load_state_dict(model, sd, source=checkpoint)
     elif not pretrained and log is not None:

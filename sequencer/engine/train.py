@@ -33,11 +33,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, make_loader, num_classes_of
 from ..errors import UserError, first_line
-from ..models import create_model, load_checkpoint
+from ..models import load_checkpoint
 from ..models.weights import CheckpointError, read_file
 from .args import build_train_parser, parse
 from .evaluate import autocast, check_compile_flags, evaluate, torch_compile
 from .io import check_output, save_torch, write_text
+from .loading import create_model_checked
 from .malloc import keep_freed_memory
 
 SUMMARY_FIELDS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
@@ -120,13 +121,9 @@ def build_model(args, num_classes: int, dist_: Dist, log: Log):
     size = args.input_size[-1] if args.input_size else args.img_size
     if size:
         kwargs['img_size'] = size
-    try:
-        model = create_model(args.model, pretrained=args.pretrained and not args.pretrained_path,
-                             num_classes=num_classes, drop_rate=args.drop, rnn_engine=args.rnn_engine, **kwargs)
-    except UserError:
-        raise
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise UserError(f"{args.model}: bad model arguments {kwargs} or --drop {args.drop} ({first_line(e)})") from None
+    model = create_model_checked(args.model, kwargs, f' or --drop {args.drop}',
+                                 pretrained=args.pretrained and not args.pretrained_path, num_classes=num_classes,
+                                 drop_rate=args.drop, rnn_engine=args.rnn_engine)
     if args.pretrained_path:
         load_checkpoint(model, args.pretrained_path, reset_head=True)
     if args.initial_checkpoint:

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from torch import nn
 
 __all__ = ['CheckpointError', 'load_checkpoint', 'load_pretrained', 'read_state_dict', 'convert_state_dict',
@@ -81,7 +81,7 @@ def read_file(path: str) -> Dict:
             return load_file(path, device='cpu')
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         if 'weights_only' in str(e) or 'Unsupported global' in str(e):
             msg = 'it holds Python objects that would execute code when unpickled; refusing to load it'
         raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from None
