@@ -4,6 +4,7 @@ import argparse
 import importlib
 import sys
 
+from .engine.args import Parser
 from .errors import UserError, one_line
 
 # name -> (module, one-line help)
@@ -30,8 +31,8 @@ OWN_PARSER = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='sequencer', description='Sequencer: Deep LSTM for Image Classification.')
-    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    parser = Parser(prog='sequencer', description='Sequencer: Deep LSTM for Image Classification.')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND', parser_class=Parser)
     for name, (_, help_) in OWN_PARSER.items():
         sub.add_parser(name, help=help_, add_help=False)
     for name, (module, help_) in COMMANDS.items():

@@ -83,26 +83,75 @@ def test_unwritable_outputs_fail_before_the_work_with_one_line(tmp_path, capsys)
     assert sorted(os.listdir(tmp_path)) == ['a_file', 'data', 'folder_in_the_way', 'x.json']   # no temporary file left
 
 
+def _exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own checks
+        return e.code
+
+
 def test_out_of_range_options_and_model_arguments_are_one_line(tmp_path, capsys):
-    """Option values and --model-kwargs the models reject end with one line and exit 2 before any work."""
+    """Option values outside their range (on the command line or in a -c recipe), input sizes the model cannot
+    take and --model-kwargs the models reject end with one line and exit 2 before any work."""
     make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
     data = str(tmp_path / 'data')
-    tiny = ['--model', 'sequencer2d_s', '--model-kwargs', 'layers=(1,1,1,1)', 'embed_dims=(8,8,8,8)',
-            'hidden_sizes=(4,4,4,4)', '--img-size', '32']
+    (tmp_path / 'images').mkdir()
+    from PIL import Image
+    Image.new('RGB', (40, 40), (90, 30, 20)).save(tmp_path / 'images' / 'a.jpg')
+    images = str(tmp_path / 'images')
+    kw = ['--model-kwargs', 'layers=(1,1,1,1)', 'embed_dims=(8,8,8,8)', 'hidden_sizes=(4,4,4,4)']
+    tiny = ['--model', 'sequencer2d_s', *kw, '--img-size', '32']
     out = ['--output', str(tmp_path / 'runs')]
+    train = ['train', data, *tiny, '-b', '2', '-j', '0', *out]
+    recipes = {'zero_epochs.yaml': 'epochs: 0\n', 'one_scale.yaml': 'scale: [0.5]\n',
+               'engine.yaml': 'rnn_engine: bogus\n', 'channels.yaml': 'mean: [0.5, 0.5]\n'}
+    for name, text in recipes.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / 'binary.yaml').write_bytes(bytes(range(128, 256)))
+    recipe = lambda name: ['-c', str(tmp_path / name)]  # noqa: E731
     cases = [
-        (['train', data, *tiny, '-b', '2', '-j', '0', '--epochs', '0', *out], '--epochs must be at least 1, got 0'),
-        (['train', data, *tiny, '-b', '2', '-j', '0', '--log-interval', '0', *out], '--log-interval must be at least 1'),
-        (['train', data, *tiny[:6], 'mlp_ratios=(1,1)', *tiny[6:], '-b', '2', '-j', '0', *out],
-         'per-stage settings must have one entry per stage'),
-        (['validate', data, '--model', 'sequencer2d_s', '-b', '0'], '--batch-size must be at least 1'),
+        ([*train, '--epochs', '0'], 'argument --epochs: must be an integer at least 1, got 0'),
+        ([*train, '--log-interval', '0'], 'argument --log-interval: must be an integer at least 1, got 0'),
+        ([*train, '--smoothing', '1'], 'argument --smoothing: must be a number at least 0 and below 1, got 1'),
+        ([*train, '--reprob', '2'], 'argument --reprob: must be a number at least 0 and at most 1, got 2'),
+        ([*train, '--drop-path', '2'], 'argument --drop-path: must be a number at least 0 and below 1'),
+        ([*train, '--model-ema-decay', '1.5'], 'argument --model-ema-decay: must be a number at least 0'),
+        ([*train, '--warmup-epochs', '-1'], 'argument --warmup-epochs: must be an integer at least 0, got -1'),
+        ([*train, '--checkpoint-hist', '0'], 'argument --checkpoint-hist: must be an integer at least 1'),
+        ([*train, '--lr', 'nan'], "argument --lr: must be a number at least 0, got 'nan'"),
+        ([*train, '--scale', '0.5'], 'argument --scale: expected 2 arguments'),
+        ([*train, '--scale', '1', '0.5'], '--scale 1.0 0.5: give the smaller value first'),
+        ([*train, '--ratio', '0', '1'], 'argument --ratio: must be a number above 0, got 0'),
+        ([*train, '--interpolation', 'bogus'], "argument --interpolation: invalid choice: 'bogus'"),
+        ([*train, '--mean', '1', '2'], '--mean 1.0 2.0: give one value or one per channel (3)'),
+        ([*train, '--img-size', '8'], "--img-size 8x8: smaller than the model's total patch size 14"),
+        ([*train, *recipe('zero_epochs.yaml')], 'zero_epochs.yaml: --epochs must be an integer at least 1, got 0'),
+        ([*train, *recipe('one_scale.yaml')], 'one_scale.yaml: --scale takes 2 values, got 1'),
+        ([*train, *recipe('engine.yaml')], "engine.yaml: --rnn-engine must be one of 'auto', 'native', 'fused'"),
+        ([*train, *recipe('channels.yaml')], '--mean 0.5 0.5: give one value or one per channel (3)'),
+        ([*train, *recipe('binary.yaml')], 'binary.yaml: not a text file'),
+        ([*train[:6], 'mlp_ratios=(1,1)', *train[6:]], 'per-stage settings must have one entry per stage'),
+        (['validate', data, '--model', 'sequencer2d_s', '-b', '0'], 'argument -b/--batch-size: must be an integer'),
+        (['validate', data, '--model', 'sequencer2d_s', '--crop-pct', '0'], 'argument --crop-pct: must be a number '
+                                                                             'above 0'),
         (['predict', '--model', 'sequencer2d_s', '--num-classes', '2', '--model-kwargs', 'patch_sizes=(0,2,1,1)', '--',
           data], 'bad model arguments'),
+        (['predict', '--model', 'sequencer2d_s', *kw, '-b', '0', '--', images], 'argument -b/--batch-size: must be'),
+        (['predict', '--model', 'sequencer2d_s', *kw, '--img-size', '13', '--', images],
+         "--img-size 13x13: smaller than the model's total patch size 14"),
+        (['erf', images, '--model', 'sequencer2d_s', *kw, '--img-size', '-3', '-o', str(tmp_path / 'erf')],
+         'argument --img-size: must be an integer at least 1, got -3'),
+        (['robustness', '--model', 'sequencer2d_s', '--imagenet-a', images, '-j', '-1', '-o', str(tmp_path / 'r')],
+         'argument -j/--workers: must be an integer at least 0, got -1'),
+        (['export', '--model', 'sequencer2d_s', *kw, '--tolerance', '-1', '--format', 'onnx', '-o',
+          str(tmp_path / 'x.onnx')], 'argument --tolerance: must be a number at least 0, got -1'),
+        (['demo', '--epochs', '0', '--output', str(tmp_path / 'demo')], 'argument --epochs: must be an integer'),
+        (['demo', '--output', str(tmp_path / 'images' / 'a.jpg')], 'a.jpg: is a file, not a folder'),
         (['benchmark', '--model', 'sequencer2d_s', '--layers', '1,1,1,1', '--compile-mode', 'bogus'],
          '--compile-mode bogus: '),
     ]
     for argv, message in cases:
-        assert main(argv) == 2, argv
+        assert _exit_code(argv) == 2, argv
         err = capsys.readouterr().err.strip()   # (torch may warn about the zero-size layer first)
-        assert 'Traceback' not in err and message in err.splitlines()[-1], (argv, err)
+        assert 'Traceback' not in err and 'usage:' not in err and message in err.splitlines()[-1], (argv, err)
     assert not os.path.exists(tmp_path / 'runs')

@@ -67,12 +67,17 @@ def test_torchscript_export_matches_pytorch(tmp_path, trained):
         torch.testing.assert_close(scripted(x), model(x), atol=1e-4, rtol=0)
 
 
-def test_export_failed_verification_removes_the_file(tmp_path, trained, capsys):
+def test_export_failed_verification_removes_the_file(tmp_path, trained, capsys, monkeypatch):
+    """A file whose runtime disagrees with PyTorch beyond --tolerance is removed (the disagreement is simulated:
+    the runtime is made to report a difference of 0.5)."""
+    import sequencer.export.export as export_mod
+    monkeypatch.setattr(export_mod, 'verify_torchscript', lambda *a, **k: 0.5)
     _, ckpt = trained
     out = tmp_path / 'model.pt'
-    assert main(['export', '--checkpoint', ckpt, '--format', 'torchscript', '--img-size', '35', '--tolerance', '-1',
+    assert main(['export', '--checkpoint', ckpt, '--format', 'torchscript', '--img-size', '35', '--tolerance', '0.1',
                  '--output', str(out)]) == 2
-    assert 'file removed' in capsys.readouterr().err and not out.exists()
+    assert 'differs from PyTorch by 0.5 (> tolerance 0.1); file removed' in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_export_user_errors_are_one_line(tmp_path, capsys):
@@ -83,7 +88,8 @@ def test_export_user_errors_are_one_line(tmp_path, capsys):
     assert proc.stderr.count('\n') == 1
     for args, expected in (
             (['--model', 'sequencer2d_s', '--checkpoint', str(tmp_path / 'missing.pth')], 'no such checkpoint file'),
-            (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '13'], 'opset 17 or newer')):
+            (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '13'], 'opsets 17 (LayerNorm'),
+            (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '99'], '--opset 99: the dynamo')):
         assert main(['export', *args, '--format', 'onnx', '--output', str(tmp_path / 'x.onnx')]) == 2
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and expected in err

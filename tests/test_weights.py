@@ -194,6 +194,27 @@ def test_pickles_that_execute_code_are_refused(tmp_path):
         load_checkpoint(small(), str(path))
 
 
+def test_files_that_are_not_checkpoints_or_hold_no_weights_are_named(tmp_path, capsys):
+    from PIL import Image
+    from sequencer.cli import main
+    torch.save({'epoch': 3}, tmp_path / 'epoch.pth')
+    save_file({}, str(tmp_path / 'none.safetensors'))
+    (tmp_path / 'notes.pth').write_text('hello\n')
+    Image.new('RGB', (8, 8)).save(tmp_path / 'photo.pth', format='JPEG')
+    not_checkpoint = ': not a readable checkpoint (not a PyTorch (torch.save) or safetensors file)'
+    for name, message in [('epoch.pth', ': holds no weights (no tensors; keys: epoch)'),
+                          ('none.safetensors', ': holds no weights'),
+                          ('notes.pth', not_checkpoint), ('photo.pth', not_checkpoint)]:
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(small(), str(tmp_path / name))
+        assert str(e.value).startswith(str(tmp_path / name) + message) and '\n' not in str(e.value), str(e.value)
+    Image.new('RGB', (8, 8)).save(tmp_path / 'x.jpg')
+    argv = ['predict', '--model', 'sequencer2d_s', '--checkpoint', str(tmp_path / 'photo.pth'), str(tmp_path / 'x.jpg')]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"sequencer predict: error: {tmp_path / 'photo.pth'}{not_checkpoint}", err
+
+
 def test_position_embedding_is_resampled_on_load(tmp_path):
     src = create_model('v_sequencer_s_pe', layers=(1, 1, 1, 1), img_size=224)
     torch.save(src.state_dict(), tmp_path / 'pe.pth')

@@ -47,6 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..engine.args import COUNT, NATURAL, Parser, Range
 from ..errors import UserError
 from ..layers.cpu_kernel import prepare_for_compile
 
@@ -63,12 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--mode', choices=MODES, default='both',
                         help='infer: forward under no_grad; train: zero_grad + forward + loss + backward + SGD step; '
                              'both (default)')
-    parser.add_argument('--batch-size', '-b', type=int, default=8, help='images per step (default 8)')
-    parser.add_argument('--img-size', type=int, default=None,
+    parser.add_argument('--batch-size', '-b', type=COUNT, default=8, help='images per step (default 8)')
+    parser.add_argument('--img-size', type=COUNT, default=None,
                         help="square input side in pixels (default: the model's input size, e.g. 224)")
-    parser.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'), default=None,
+    parser.add_argument('--input-size', type=COUNT, nargs=3, metavar=('C', 'H', 'W'), default=None,
                         help='full input size, for non-square inputs or other channel counts; overrides --img-size')
-    parser.add_argument('--num-classes', type=int, default=1000, help='classifier width (default 1000)')
+    parser.add_argument('--num-classes', type=NATURAL, default=1000, help='classifier width (default 1000)')
     parser.add_argument('--layers', default=None, metavar='N,N,N,N',
                         help='blocks per stage, overriding the model\'s (e.g. 1,1,1,1 for a quick smoke run)')
     parser.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32',
@@ -94,18 +95,18 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--grad-checkpointing', action='store_true',
                         help='recompute every block in the backward pass (both models with --compare-timm)')
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'), help='cpu (default) or cuda')
-    parser.add_argument('--num-threads', type=int, default=None,
+    parser.add_argument('--num-threads', type=COUNT, default=None,
                         help='CPU threads for torch (torch.set_num_threads; default: torch\'s own choice)')
-    parser.add_argument('--warmup', type=int, default=3,
+    parser.add_argument('--warmup', type=NATURAL, default=3,
                         help='untimed steps per model and mode before measuring (default 3; compilation happens here)')
-    parser.add_argument('--iters', type=int, default=20, help='measured steps per model and mode (default 20)')
+    parser.add_argument('--iters', type=COUNT, default=20, help='measured steps per model and mode (default 20)')
     parser.add_argument('--compare-timm', action='store_true',
                         help="also build timm's model of the same architecture with identical weights and time both "
                              "alternately in this one run; prints the ratio ours / timm")
     parser.add_argument('--matmul-peak', action='store_true',
                         help='measure the machine\'s matrix-multiply peak (a large GEMM in the benchmark precision) '
                              'and report achieved FLOP/s as a fraction of it')
-    parser.add_argument('--matmul-size', type=int, default=None,
+    parser.add_argument('--matmul-size', type=Range(int, 16), default=None,
                         help='side of the square GEMM of --matmul-peak (default 2048 on CPU, 8192 on CUDA)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory step')
     parser.add_argument('--malloc-tuning', action='store_true',
@@ -124,17 +125,6 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def _check_args(args) -> Tuple[int, int, int]:
     """Validate what argparse cannot; return the input size (C, H, W)."""
-    for name in ('batch_size', 'iters'):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be 0 or more, got {args.warmup}")
-    if args.num_threads is not None and args.num_threads < 1:
-        raise UserError(f"--num-threads must be at least 1, got {args.num_threads}")
-    if args.matmul_size is not None and args.matmul_size < 16:
-        raise UserError(f"--matmul-size must be at least 16, got {args.matmul_size}")
-    if args.num_classes < 0:
-        raise UserError(f"--num-classes must be 0 or more, got {args.num_classes}")
     if args.mode in ('train', 'both') and args.num_classes == 0:
         raise UserError("training needs a classifier: --num-classes 0 works only with --mode infer")
     if args.results_file and os.path.splitext(args.results_file)[1].lower() not in ('.csv', '.json'):
@@ -162,8 +152,6 @@ def _check_args(args) -> Tuple[int, int, int]:
         size = (spec.input_size[0], args.img_size, args.img_size)
     else:
         size = tuple(spec.input_size)
-    if min(size) < 1:
-        raise UserError(f"input size must be positive, got {size}")
     return size
 
 
@@ -602,6 +590,8 @@ def run(args) -> int:
 
     torch.manual_seed(args.seed)
     ours = build_ours(args, input_size, overrides)
+    from ..data.loaders import check_input_size
+    check_input_size(ours, input_size, '--input-size' if args.input_size else '--img-size')
     models = {OURS: ours}
     timm_name = None
     if args.compare_timm:
@@ -699,7 +689,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """Entry point of the root ``benchmark.py``: the same options as ``sequencer benchmark``."""
-    parser = argparse.ArgumentParser(prog='benchmark.py', description=__doc__.split('\n\n')[0])
+    parser = Parser(prog='benchmark.py', description=__doc__.split('\n\n')[0])
     add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:

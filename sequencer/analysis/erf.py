@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.args import COUNT, NATURAL
 from ..engine.io import atomic_open, check_output, write_with
 from ..engine.loading import add_model_arguments, list_images, load_image, model_from_args, resolve_device
 from ..errors import UserError
@@ -150,10 +151,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('data', metavar='DATA', help='an image folder (ImageFolder layout or plain images, '
                         'searched recursively) or image files')
     add_model_arguments(parser)
-    parser.add_argument('--img-size', type=int, default=None,
+    parser.add_argument('--img-size', type=COUNT, default=None,
                         help="input resolution (default: the run's training resolution, else the model's)")
-    parser.add_argument('--num-images', '-k', type=int, default=32, help='images used: the first K, sorted (default: %(default)s)')
-    parser.add_argument('--stages', type=int, nargs='+', default=None,
+    parser.add_argument('--num-images', '-k', type=COUNT, default=32, help='images used: the first K, sorted (default: %(default)s)')
+    parser.add_argument('--stages', type=NATURAL, nargs='+', default=None,
                         help='stages to analyse (default: all)')
     parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
 
@@ -161,8 +162,6 @@ def add_arguments(parser: argparse.ArgumentParser):
 def run(args) -> int:
     import timm.data
 
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be at least 1, got {args.num_images}")
     check_output(args.output, '--output', folder=True)
     paths = list_images([args.data])[:args.num_images]
     device = resolve_device(args.device)

@@ -15,34 +15,58 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..data.loaders import check_input_size
+from ..engine.args import COUNT, NATURAL, POSITIVE
 from ..engine.io import atomic_open, check_output, write_text, write_with
 from ..engine.loading import add_model_arguments, models_from_args, resolve_device
-from ..errors import UserError
 
 __all__ = ['sweep', 'plot_sweep', 'FIELDS']
 
 FIELDS = ('label', 'model', 'checkpoint', 'img_size', 'top1', 'top5', 'loss', 'count')
 
 
+def eval_dataset(data_dir: str, split: str = 'validation'):
+    """The images of ``split`` in ``data_dir``, found as validate finds them (validation -> val/ etc., or
+    ``data_dir`` itself when it holds no split folders); a missing split is one line naming both."""
+    from ..data.datasets import build_dataset
+    return build_dataset('', data_dir, split, False)
+
+
+def data_folder(dataset, data_dir: str) -> str:
+    """The folder the images of ``dataset`` come from (its split folder), for messages."""
+    return getattr(getattr(dataset, 'reader', None), 'root', None) or data_dir
+
+
+def check_classes(model: nn.Module, dataset, weights: Optional[str], data_dir: str) -> None:
+    """The model has an output for every class of ``dataset`` (see ``evaluate.check_num_classes``)."""
+    from ..engine.evaluate import check_num_classes, label_count
+    name = weights or getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    check_num_classes(getattr(model, 'num_classes', None), label_count(dataset), name,
+                      data_folder(dataset, data_dir))
+
+
 def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'validation', batch_size: int = 64,
           workers: int = 2, device: torch.device = torch.device('cpu'), crop_pct: Optional[float] = None,
           amp_dtype: Optional[torch.dtype] = None, config: Optional[Callable[[int], Dict]] = None,
-          log=print, log_every: int = 0) -> List[Dict]:
+          log=print, log_every: int = 0, dataset=None, bad_samples: str = 'fail', weights: Optional[str] = None) \
+        -> List[Dict]:
     """top-1 / top-5 / loss of ``model`` on ``data_dir`` at each of ``sizes`` (one dict per size).
 
     ``config(size)`` gives the data config at a size (default: the model's evaluation transform at that size).
+    ``dataset`` (from ``eval_dataset``) saves finding the images again; ``weights`` names the model in messages.
+    Data with more classes than the model has outputs is refused before any image is read; an unreadable image
+    stops the sweep with one line naming the file, as in validate (``bad_samples='skip'`` skips and counts it).
     """
-    from ..data import create_eval_dataset, create_eval_loader, data_config
+    from ..data import create_eval_loader, data_config
     from ..engine.evaluate import evaluate
 
-    dataset = create_eval_dataset(data_dir, split)
+    dataset = dataset if dataset is not None else eval_dataset(data_dir, split)
+    check_classes(model, dataset, weights, data_dir)
     results = []
     for size in sizes:
-        if size < 8:
-            raise UserError(f"--sizes: {size} px is too small")
-        cfg = config(size) if config is not None else data_config(model, img_size=size, crop_pct=crop_pct)
-        dataset.transform = None  # the loader factory installs the transform for this size
-        loader = create_eval_loader(dataset, cfg, batch_size=batch_size, workers=workers, device=device)
+        cfg = config(size) if config is not None else data_config(model, img_size=size, crop_pct=crop_pct, flag='--sizes')
+        loader = create_eval_loader(dataset, cfg, batch_size=batch_size, workers=workers, device=device,
+                                    bad_samples=bad_samples)
         r = evaluate(model, loader, device=device, amp_dtype=amp_dtype, log_every=log_every if log else 0,
                      log=lambda msg: log(f'  {size:4d} px: {msg}'))
         results.append(dict(img_size=size, **r))
@@ -107,33 +131,36 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('data', metavar='DATA', help='evaluation images in ImageFolder layout (DATA/val/<class>/* '
                         'or DATA/<class>/*)')
     add_model_arguments(parser, multiple=True)
-    parser.add_argument('--sizes', type=int, nargs='+', required=True, metavar='PX',
+    parser.add_argument('--sizes', type=COUNT, nargs='+', required=True, metavar='PX',
                         help='test resolutions, e.g. 128 160 192 224 256 320 384')
     parser.add_argument('--split', default='validation', help="split folder to use if DATA has several (default: %(default)s, which finds val/)")
-    parser.add_argument('--crop-pct', type=float, default=None, help="centre-crop fraction (default: the model's)")
-    parser.add_argument('-b', '--batch-size', type=int, default=64, help='batch size (default: %(default)s)')
-    parser.add_argument('-j', '--workers', type=int, default=2, help='data loading processes (default: %(default)s)')
+    parser.add_argument('--crop-pct', type=POSITIVE, default=None, help="centre-crop fraction (default: the model's)")
+    parser.add_argument('-b', '--batch-size', type=COUNT, default=64, help='batch size (default: %(default)s)')
+    parser.add_argument('-j', '--workers', type=NATURAL, default=2, help='data loading processes (default: %(default)s)')
     parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
                         help='evaluate under autocast with this dtype (default: float32)')
-    parser.add_argument('--log-interval', type=int, default=50, help='batches between progress lines, 0 for none (default: %(default)s)')
+    parser.add_argument('--log-interval', type=NATURAL, default=50, help='batches between progress lines, 0 for none (default: %(default)s)')
     parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
 
 
 def run(args) -> int:
     sizes = sorted(set(args.sizes))
-    if sizes[0] < 8:
-        raise UserError(f"--sizes: {sizes[0]} px is too small")
     check_output(args.output, '--output', folder=True)
     device = resolve_device(args.device)
     amp = getattr(torch, args.amp_dtype) if args.amp_dtype else None
+    dataset = eval_dataset(args.data, args.split)  # a missing split or folder: one line, before any model is built
     models = models_from_args(args, device)
+    for label, lm in models:  # every model fits the data and takes every size before the first sweep starts
+        check_classes(lm.model, dataset, lm.checkpoint or lm.label, args.data)
+        check_input_size(lm.model, (sizes[0], sizes[0]), '--sizes')
     rows, native = [], {}
     for label, lm in models:
         print(f"resolution: {label}")
         native[label] = lm.img_size
         for r in sweep(lm.model, args.data, sizes, split=args.split, batch_size=args.batch_size,
                        workers=args.workers, device=device, amp_dtype=amp, log_every=args.log_interval,
-                       config=lambda size, lm=lm: lm.data_config(img_size=size, crop_pct=args.crop_pct)):
+                       config=lambda size, lm=lm: lm.data_config(img_size=size, crop_pct=args.crop_pct, flag='--sizes'),
+                       dataset=dataset, weights=lm.checkpoint or lm.label):
             rows.append(dict(label=label, model=lm.name, checkpoint=lm.checkpoint or '', **r))
         lm.model.cpu()
     os.makedirs(args.output, exist_ok=True)

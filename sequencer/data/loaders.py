@@ -1,20 +1,33 @@
 """Datasets and loaders, from timm's factories; this module only resolves arguments and checks paths."""
+import math
 import os
 from typing import Dict, Optional, Sequence
 
 import torch
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import create_dataset, resolve_data_config
 
 from ..errors import UserError
 
 
 def data_config(model: torch.nn.Module, img_size: Optional[int] = None, input_size: Optional[Sequence[int]] = None,
                 crop_pct: Optional[float] = None, interpolation: Optional[str] = None,
-                mean=None, std=None) -> Dict:
-    """The model's evaluation transform (bicubic, crop_pct, mean / std), overridden where arguments are given."""
+                mean=None, std=None, flag: str = '--img-size') -> Dict:
+    """The model's evaluation transform (bicubic, crop_pct, mean / std), overridden where arguments are given.
+    An input the model cannot take is a one-line error naming ``flag``."""
     args = dict(img_size=img_size, input_size=tuple(input_size) if input_size else None, crop_pct=crop_pct,
                 interpolation=interpolation or '', mean=mean, std=std)
-    return resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
+    cfg = resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
+    check_input_size(model, cfg['input_size'], flag)
+    return cfg
+
+
+def check_input_size(model: torch.nn.Module, input_size: Sequence[int], flag: str = '--img-size') -> None:
+    """One line where an input side is below the model's total patch size (its stem and downsampling layers
+    would be left with an empty feature map)."""
+    patch = math.prod(getattr(model, 'patch_sizes', None) or (1,))
+    if min(input_size[-2:]) < patch:
+        raise UserError(f"{flag} {'x'.join(map(str, input_size[-2:]))}: smaller than the model's total patch size "
+                        f"{patch}, the smallest input it takes")
 
 
 def check_data_dir(data_dir: str, dataset: str = '') -> None:
@@ -37,11 +50,16 @@ def create_eval_dataset(data_dir: str, split: str = 'validation', dataset: str =
     return ds
 
 
-def create_eval_loader(dataset, cfg: Dict, batch_size: int = 64, workers: int = 2, distributed: bool = False,
-                       device: torch.device = torch.device('cpu')):
-    """A deterministic evaluation loader with the transform described by ``cfg`` (see ``data_config``)."""
-    return create_loader(
-        dataset, input_size=cfg['input_size'], batch_size=batch_size, is_training=False, use_prefetcher=False,
-        interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
-        crop_mode=cfg.get('crop_mode'), num_workers=workers, distributed=distributed,
-        pin_memory=device.type == 'cuda', device=device, persistent_workers=False)
+def create_eval_loader(dataset, cfg: Dict, batch_size: int = 64, workers: int = 2,
+                       device: torch.device = torch.device('cpu'), bad_samples: str = 'fail'):
+    """A deterministic evaluation loader with the transform described by ``cfg`` (see ``data_config``). An
+    unreadable image stops it with one line naming the file, as in validate (``bad_samples='skip'``: skipped
+    and counted in the batches' third field)."""
+    from timm.data import create_transform
+    from .datasets import Samples, ShardSampler, make_loader
+    transform = create_transform(cfg['input_size'], is_training=False, interpolation=cfg['interpolation'],
+                                 mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
+                                 crop_mode=cfg.get('crop_mode'))
+    return make_loader(Samples(dataset, transform, bad_samples=bad_samples),
+                       ShardSampler(len(dataset), shuffle=False, drop_last=False), batch_size, workers,
+                       device.type == 'cuda')

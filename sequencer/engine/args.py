@@ -3,11 +3,81 @@ meanings, so the reference README's command lines run verbatim. ``-c FILE.yaml``
 recipe; flags given on the command line win."""
 import argparse
 import ast
+import math
 from typing import List, Optional, Tuple
 
 import yaml
 
 from ..errors import UserError, first_line
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``PROG: error: MESSAGE (see PROG --help)``, exit 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Range:
+    """An argparse ``type``: a number of ``kind`` in [low, high] (None: unbounded; ``open_low`` / ``open_high``
+    exclude the bound). A value outside ends with argparse's one line naming the flag, exit 2; ``check`` does
+    the same for values that came from a recipe."""
+
+    def __init__(self, kind, low=None, high=None, open_low=False, open_high=False):
+        self.kind, self.low, self.high, self.open_low, self.open_high = kind, low, high, open_low, open_high
+
+    def describe(self) -> str:
+        word = 'an integer' if self.kind is int else 'a number'
+        lo = None if self.low is None else f"{'above' if self.open_low else 'at least'} {self.low}"
+        hi = None if self.high is None else f"{'below' if self.open_high else 'at most'} {self.high}"
+        return f"{word} {' and '.join(b for b in (lo, hi) if b)}".strip()
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text) if not isinstance(text, bool) else None
+            if value is None or not math.isfinite(value) or (self.kind is int and isinstance(text, float)
+                                                               and text != value):
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text!r}") from None
+        if ((self.low is not None and (value < self.low or (self.open_low and value == self.low))) or
+                (self.high is not None and (value > self.high or (self.open_high and value == self.high)))):
+            raise argparse.ArgumentTypeError(f"must be {self.describe()}, got {text}")
+        return value
+
+    def __repr__(self):  # argparse names the type in some messages
+        return self.describe()
+
+
+COUNT, NATURAL = Range(int, 1), Range(int, 0)   # sizes, batches, epochs; processes, epochs that may be 0
+PROB, RATE = Range(float, 0, 1), Range(float, 0, 1, open_high=True)   # probabilities; rates below 1
+NONNEG, POSITIVE = Range(float, 0), Range(float, 0, open_low=True)
+INTERPOLATIONS = ['nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos']   # timm's names
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace, source: str):
+    """Apply the parser's ``Range`` types and choices to the values a recipe set (argparse checks only the
+    command line's): converted in place, or a one-line error naming the recipe and the option."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or not (isinstance(action.type, Range) or action.choices is not None):
+            continue
+        many = action.nargs not in (None, '?')
+        if many and not isinstance(value, (list, tuple)):
+            value = [value]
+        flag = max(action.option_strings, key=len) if action.option_strings else action.dest
+        try:
+            if isinstance(action.type, Range):
+                value = [action.type(v) for v in value] if many else action.type(value)
+            for v in (value if many else [value]):
+                if action.choices is not None and v not in action.choices:
+                    raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(repr, action.choices))}, "
+                                                     f"got {v!r}")
+            if many and isinstance(action.nargs, int) and len(value) != action.nargs:
+                raise argparse.ArgumentTypeError(f"takes {action.nargs} values, got {len(value)}")
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{source}: {flag} {e}") from None
+        setattr(args, action.dest, value)
 
 
 class ParseKwargs(argparse.Action):
@@ -41,26 +111,32 @@ def _data_args(parser, training: bool):
         g.add_argument('--split', default='validation', help="split to evaluate (default: validation, finds val/)")
     g.add_argument('--dataset-download', action='store_true', help='download torch/* datasets if missing')
     g.add_argument('--class-map', default='', help='file mapping class folder names to indices')
-    g.add_argument('-j', '--workers', type=int, default=4, help='data loading processes (default: 4)')
+    g.add_argument('-j', '--workers', type=NATURAL, default=4, help='data loading processes (default: 4)')
 
 
 def _model_args(parser, training: bool):
     g = parser.add_argument_group('Model')
     g.add_argument('--model', default='sequencer2d_s', help='model name (see `sequencer models`)')
-    g.add_argument('--pretrained', action='store_true', help='start from the published ImageNet-1K weights')
-    g.add_argument('--pretrained-path', default=None, help='load pretrained weights from this file instead '
-                   '(head replaced when --num-classes differs)')
-    g.add_argument('--num-classes', type=int, default=None, help='classes of the head (default: the dataset\'s)')
+    if training:
+        g.add_argument('--pretrained', action='store_true', help='start from the published ImageNet-1K weights')
+        g.add_argument('--pretrained-path', default=None, help='load pretrained weights from this file instead '
+                       '(head replaced when --num-classes differs)')
+    else:
+        g.add_argument('--pretrained', action='store_true',
+                       help="evaluate the published ImageNet-1K weights; without --checkpoint / --pretrained-path "
+                            "they are evaluated anyway, as timm's validate.py does, with a note saying so")
+        g.add_argument('--pretrained-path', default=None, help='the same as --checkpoint; give one of the two')
+    g.add_argument('--num-classes', type=COUNT, default=None, help='classes of the head (default: the dataset\'s)')
     g.add_argument('--gp', default=None, help='global pool type (default: avg)')
-    g.add_argument('--img-size', type=int, default=None, help='image size (default: the model\'s)')
-    g.add_argument('--in-chans', type=int, default=None, help='image channels')
-    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N',
+    g.add_argument('--img-size', type=COUNT, default=None, help='image size (default: the model\'s)')
+    g.add_argument('--in-chans', type=COUNT, default=None, help='image channels')
+    g.add_argument('--input-size', default=None, nargs=3, type=COUNT, metavar='N',
                    help='input dimensions C H W, e.g. 3 392 392 (default: the model\'s)')
-    g.add_argument('--crop-pct', default=None, type=float, help='evaluation crop fraction')
+    g.add_argument('--crop-pct', default=None, type=POSITIVE, help='evaluation crop fraction')
     g.add_argument('--mean', type=float, nargs='+', default=None, help='override the mean pixel value')
-    g.add_argument('--std', type=float, nargs='+', default=None, help='override the pixel std')
-    g.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s)')
-    g.add_argument('-b', '--batch-size', type=int, default=128 if training else 256,
+    g.add_argument('--std', type=POSITIVE, nargs='+', default=None, help='override the pixel std')
+    g.add_argument('--interpolation', default='', choices=['', *INTERPOLATIONS], help='resize interpolation (default: the model\'s)')
+    g.add_argument('-b', '--batch-size', type=COUNT, default=128 if training else 256,
                    help='batch size per process')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='extra model arguments, e.g. layers="(1,1,2,1)" hidden_sizes="(8,16,16,16)"')
@@ -77,11 +153,11 @@ def _model_args(parser, training: bool):
                    help="torch.compile mode ('default', 'reduce-overhead': CUDA graphs, 'max-autotune', ...); "
                         "implies --torchcompile")
     g.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
-    g.add_argument('--log-interval', type=int, default=50, help='batches between log lines')
+    g.add_argument('--log-interval', type=COUNT, default=50, help='batches between log lines')
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog='sequencer train', description='Train or fine-tune a Sequencer model (timm train.py flags).',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe setting default values')
@@ -92,25 +168,25 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--resume', default='', help="resume a run from this checkpoint ('auto': the newest valid "
                    "checkpoint of the output folder)")
     g.add_argument('--no-resume-opt', action='store_true', help='do not restore optimizer state when resuming')
-    g.add_argument('--start-epoch', type=int, default=None, help='override the starting epoch')
+    g.add_argument('--start-epoch', type=NATURAL, default=None, help='override the starting epoch')
     g.add_argument('--grad-checkpointing', action='store_true', help='recompute blocks in backward (less memory)')
-    g.add_argument('--grad-accum-steps', type=int, default=1, help='batches accumulated per optimizer step')
-    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, help='eval batch size')
+    g.add_argument('--grad-accum-steps', type=COUNT, default=1, help='batches accumulated per optimizer step')
+    g.add_argument('-vb', '--validation-batch-size', type=COUNT, default=None, help='eval batch size')
     g = parser.add_argument_group('Optimizer')
     g.add_argument('--opt', default='sgd', help='optimizer (timm name: adamw, sgd, lamb, ...)')
-    g.add_argument('--opt-eps', type=float, default=None)
+    g.add_argument('--opt-eps', type=NONNEG, default=None)
     g.add_argument('--opt-betas', type=float, nargs='+', default=None)
-    g.add_argument('--momentum', type=float, default=0.9)
-    g.add_argument('--weight-decay', type=float, default=2e-5)
-    g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value (off by default)')
+    g.add_argument('--momentum', type=NONNEG, default=0.9)
+    g.add_argument('--weight-decay', type=NONNEG, default=2e-5)
+    g.add_argument('--clip-grad', type=POSITIVE, default=None, help='gradient clipping value (off by default)')
     g.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'])
-    g.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+    g.add_argument('--layer-decay', type=POSITIVE, default=None, help='layer-wise learning rate decay')
     g = parser.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', default='cosine', help='scheduler (timm name: cosine, step, plateau, ...)')
     g.add_argument('--sched-on-updates', action='store_true', help='step the schedule every optimizer update')
-    g.add_argument('--lr', type=float, default=None, help='learning rate (default: lr-base scaled by batch)')
-    g.add_argument('--lr-base', type=float, default=0.1, help='lr for a global batch of --lr-base-size')
-    g.add_argument('--lr-base-size', type=int, default=256)
+    g.add_argument('--lr', type=NONNEG, default=None, help='learning rate (default: lr-base scaled by batch)')
+    g.add_argument('--lr-base', type=NONNEG, default=0.1, help='lr for a global batch of --lr-base-size')
+    g.add_argument('--lr-base-size', type=COUNT, default=256)
     g.add_argument('--lr-base-scale', default='', choices=['', 'linear', 'sqrt'],
                    help="lr scaling with batch size (default: sqrt for adam-like, linear otherwise)")
     g.add_argument('--lr-noise', type=float, nargs='+', default=None)
@@ -118,52 +194,52 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr-noise-std', type=float, default=1.0)
     g.add_argument('--lr-cycle-mul', type=float, default=1.0)
     g.add_argument('--lr-cycle-decay', type=float, default=0.5)
-    g.add_argument('--lr-cycle-limit', type=int, default=1)
+    g.add_argument('--lr-cycle-limit', type=COUNT, default=1)
     g.add_argument('--lr-k-decay', type=float, default=1.0)
-    g.add_argument('--warmup-lr', type=float, default=1e-5)
-    g.add_argument('--min-lr', type=float, default=0)
-    g.add_argument('--epochs', type=int, default=300)
-    g.add_argument('--epoch-repeats', type=float, default=0.)
-    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
-    g.add_argument('--decay-epochs', type=float, default=90)
-    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-lr', type=NONNEG, default=1e-5)
+    g.add_argument('--min-lr', type=NONNEG, default=0)
+    g.add_argument('--epochs', type=COUNT, default=300)
+    g.add_argument('--epoch-repeats', type=NONNEG, default=0.)
+    g.add_argument('--decay-milestones', type=NATURAL, nargs='+', default=[90, 180, 270])
+    g.add_argument('--decay-epochs', type=POSITIVE, default=90)
+    g.add_argument('--warmup-epochs', type=NATURAL, default=5)
     g.add_argument('--warmup-prefix', action='store_true')
-    g.add_argument('--cooldown-epochs', type=int, default=0)
-    g.add_argument('--patience-epochs', type=int, default=10)
-    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+    g.add_argument('--cooldown-epochs', type=NATURAL, default=0)
+    g.add_argument('--patience-epochs', type=NATURAL, default=10)
+    g.add_argument('--decay-rate', '--dr', type=NONNEG, default=0.1)
     g = parser.add_argument_group('Augmentation and regularisation')
     g.add_argument('--no-aug', action='store_true', help='no training augmentation at all')
-    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], help='random-resized-crop scale')
-    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
-    g.add_argument('--hflip', type=float, default=0.5)
-    g.add_argument('--vflip', type=float, default=0.)
-    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--scale', type=Range(float, 0, 1, open_low=True), nargs=2, default=[0.08, 1.0], help='random-resized-crop scale')
+    g.add_argument('--ratio', type=POSITIVE, nargs=2, default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
+    g.add_argument('--hflip', type=PROB, default=0.5)
+    g.add_argument('--vflip', type=PROB, default=0.)
+    g.add_argument('--color-jitter', type=NONNEG, default=0.4)
     g.add_argument('--aa', default=None, help="AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
-    g.add_argument('--aug-repeats', type=float, default=0)
-    g.add_argument('--reprob', type=float, default=0., help='random erasing probability')
+    g.add_argument('--aug-repeats', type=NONNEG, default=0)
+    g.add_argument('--reprob', type=PROB, default=0., help='random erasing probability')
     g.add_argument('--remode', default='pixel', help='random erasing mode')
-    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--recount', type=COUNT, default=1)
     g.add_argument('--resplit', action='store_true')
-    g.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
-    g.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0: off)')
-    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
-    g.add_argument('--mixup-prob', type=float, default=1.0)
-    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup', type=NONNEG, default=0.0, help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=NONNEG, default=0.0, help='cutmix alpha (0: off)')
+    g.add_argument('--cutmix-minmax', type=PROB, nargs=2, default=None)
+    g.add_argument('--mixup-prob', type=PROB, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=PROB, default=0.5)
     g.add_argument('--mixup-mode', default='batch')
-    g.add_argument('--mixup-off-epoch', type=int, default=0)
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    g.add_argument('--train-interpolation', default='random')
-    g.add_argument('--drop', type=float, default=0.0, help='dropout before the classifier')
-    g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate (grows linearly)')
+    g.add_argument('--mixup-off-epoch', type=NATURAL, default=0)
+    g.add_argument('--smoothing', type=RATE, default=0.1, help='label smoothing')
+    g.add_argument('--train-interpolation', default='random', choices=['random', *INTERPOLATIONS])
+    g.add_argument('--drop', type=RATE, default=0.0, help='dropout before the classifier')
+    g.add_argument('--drop-path', type=RATE, default=None, help='stochastic depth rate (grows linearly)')
     g.add_argument('--model-ema', action='store_true', help='keep an exponential moving average of the weights')
-    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-decay', type=PROB, default=0.9998)
     g.add_argument('--model-ema-force-cpu', action='store_true')
     g = parser.add_argument_group('Output')
     g.add_argument('--output', default='', help='output root (default: ./output/train)')
     g.add_argument('--experiment', default='', help='run folder name (default: date-model-size)')
     g.add_argument('--eval-metric', default='top1', choices=['top1', 'top5', 'loss'])
-    g.add_argument('--checkpoint-hist', type=int, default=10, help='best checkpoints kept')
-    g.add_argument('--recovery-interval', type=int, default=0,
+    g.add_argument('--checkpoint-hist', type=COUNT, default=10, help='best checkpoints kept')
+    g.add_argument('--recovery-interval', type=NATURAL, default=0,
                    help='also save recovery.pth.tar every N batches within an epoch (0: off)')
     g.add_argument('--log-tensorboard', action='store_true', help='also write TensorBoard event files')
     g.add_argument('--pin-mem', action='store_true')
@@ -180,13 +256,14 @@ def build_train_parser() -> argparse.ArgumentParser:
 
 
 def build_validate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog='sequencer validate', description='Evaluate a Sequencer model: top-1, top-5, loss.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file setting default values')
     _data_args(parser, training=False)
     _model_args(parser, training=False)
-    parser.add_argument('--checkpoint', default='', help='weights to evaluate (any supported layout)')
+    parser.add_argument('--checkpoint', default='', help='weights to evaluate: a file in any supported layout, URL '
+                        'or hf-hub: id (a training checkpoint also gives the head width and model arguments)')
     parser.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
     parser.add_argument('--results-file', default='', help='write the results to this .csv or .json file')
     parser.add_argument('--bad-samples', default='fail', choices=['fail', 'skip'], help=argparse.SUPPRESS)
@@ -204,6 +281,8 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> 
                 cfg = yaml.safe_load(f) or {}
         except OSError as e:
             raise UserError(f"{known.config}: cannot read recipe ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{known.config}: not a text file (a recipe is YAML text)") from None
         except yaml.YAMLError as e:
             raise UserError(f"{known.config}: not valid YAML ({first_line(e)})") from None
         if not isinstance(cfg, dict):
@@ -214,5 +293,15 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> 
             raise UserError(f"{known.config}: unknown option(s) {', '.join(unknown)}")
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
+    if known.config:
+        check_ranges(parser, args, known.config)
+    channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    for flag, values in (('--mean', args.mean), ('--std', args.std)):
+        if values and len(values) not in (1, channels):
+            raise UserError(f"{flag} {' '.join(map(str, values))}: give one value or one per channel ({channels})")
+    for flag in ('--scale', '--ratio', '--cutmix-minmax'):
+        low_high = getattr(args, flag[2:].replace('-', '_'), None)
+        if low_high and low_high[0] > low_high[1]:
+            raise UserError(f"{flag} {low_high[0]} {low_high[1]}: give the smaller value first")
     args.data_dir = args.data_dir or args.data
     return args, yaml.safe_dump({k: v for k, v in sorted(vars(args).items())}, default_flow_style=False)

@@ -9,14 +9,14 @@ Equivalent command line (after the digits are written to output/demo/digits):
         --lr 2e-3 --weight-decay 0.05 --epochs 12 --warmup-epochs 1 --sched cosine --smoothing 0.1
         --scale 0.75 1.0 --hflip 0 --color-jitter 0 --output output/demo --experiment digits-run
 """
-import argparse
 import os
 import time
 
 from ..data.demo import write_digits
 from . import train as train_mod
 from . import validate as validate_mod
-from .args import build_train_parser, build_validate_parser, parse
+from .args import COUNT, Parser, build_train_parser, build_validate_parser, parse
+from .io import check_output
 
 MODEL = ['--model', 'sequencer2d_s', '--model-kwargs', 'layers=(1,1,1,1)', 'patch_sizes=(4,2,1,1)',
          'embed_dims=(64,128,128,128)', 'hidden_sizes=(16,32,32,32)']
@@ -27,10 +27,11 @@ RECIPE = ['-b', '32', '-j', '0', '--opt', 'adamw', '--lr', '2e-3', '--weight-dec
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog='sequencer demo', description=__doc__.split('\n\n')[0])
+    p = Parser(prog='sequencer demo', description=__doc__.split('\n\n')[0])
     p.add_argument('--output', default=os.path.join('output', 'demo'), help='where data and the run go')
-    p.add_argument('--epochs', type=int, default=None, help='override the recipe\'s 12 epochs')
+    p.add_argument('--epochs', type=COUNT, default=None, help='override the recipe\'s 12 epochs')
     a = p.parse_args(argv)
+    check_output(a.output, '--output', folder=True)
     t0 = time.time()
     data = write_digits(os.path.join(a.output, 'digits'))
     experiment = 'digits-run'

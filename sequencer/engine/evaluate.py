@@ -42,6 +42,27 @@ def torch_compile(module: nn.Module, device: torch.device, backend: Optional[str
     return _compile(module, backend, mode)
 
 
+def label_count(dataset) -> Optional[int]:
+    """How many outputs the labels of ``dataset`` need: its largest class index + 1 (a class map may leave
+    gaps), else its number of classes; None where the dataset does not say."""
+    reader = getattr(dataset, 'reader', None)
+    mapping = getattr(reader, 'class_to_idx', None) or getattr(dataset, 'class_to_idx', None)
+    if isinstance(mapping, dict) and mapping and all(isinstance(v, int) for v in mapping.values()):
+        return max(mapping.values()) + 1
+    classes = getattr(dataset, 'classes', None)
+    return len(classes) if classes else None
+
+
+def check_num_classes(outputs: Optional[int], classes: Optional[int], weights: str, data: str) -> None:
+    """Labels the model has no output for cannot be scored: one ``UserError`` naming the weights (``weights``:
+    a checkpoint, or the model and where its head comes from), its output count, the data folder and its class
+    count, before any image is read. More outputs than classes is fine (an ImageNet model on a subset)."""
+    from ..errors import UserError
+    if outputs is not None and classes and classes > outputs:
+        raise UserError(f"{weights}: the model has {outputs} outputs but {data} has {classes} classes (the labels "
+                        f"past its outputs cannot be scored); evaluate it on data with at most {outputs} classes")
+
+
 @torch.no_grad()
 def evaluate(
         model: nn.Module,
@@ -67,12 +88,17 @@ def evaluate(
         skipped += int(batch[2]) if len(batch) > 2 else 0
         if images is None:
             continue
+        top_label = int(target.max()) if target.numel() else -1  # read on the host, before the copy
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         if class_index is not None:
             logits = logits[:, class_index.to(device)]
+        if top_label >= logits.shape[1]:  # else an IndexError deep in cross_entropy
+            from ..errors import UserError
+            raise UserError(f"label {top_label} in the data, but the model has {logits.shape[1]} outputs: "
+                            f"the data has more classes than the model can score")
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         hit = topk == target[:, None]

@@ -27,6 +27,8 @@ def check_output(path: str, what: str, folder: bool = False) -> None:
     temporary file there."""
     if not folder and os.path.isdir(path):
         raise UserError(f"{what} {path}: is a folder, not a file")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path}: is a file, not a folder")
     target = path if folder else os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = _temp_in(target, os.path.basename(path) or 'check')

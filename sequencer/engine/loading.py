@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError, first_line
-from .args import ParseKwargs
+from .args import COUNT, ParseKwargs
 from ..models import create_model
 from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
 
@@ -44,7 +44,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False,
     g.add_argument('--pretrained', action='store_true',
                    help='load the published ImageNet-1K weights (where no checkpoint is given)')
     g.add_argument('--use-ema', action='store_true', help="use a training checkpoint's EMA weights")
-    g.add_argument('--num-classes', type=int, default=None,
+    g.add_argument('--num-classes', type=COUNT, default=None,
                    help='classifier width (default: from the checkpoint, else 1000)')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help="constructor arguments of a custom configuration, e.g. layers='(1,1,1,1)' "
@@ -81,7 +81,8 @@ class LoadedModel:
         size = args.get('img_size') or (args.get('input_size') or [None])[-1]
         return int(size) if isinstance(size, (int, float)) and size else int(self.model.pretrained_cfg['input_size'][-1])
 
-    def data_config(self, img_size: Optional[int] = None, crop_pct: Optional[float] = None) -> Dict:
+    def data_config(self, img_size: Optional[int] = None, crop_pct: Optional[float] = None,
+                    flag: str = '--img-size') -> Dict:
         """The evaluation transform: explicit arguments first, then the run's (mean, std, crop_pct,
         interpolation, resolution recorded in a training checkpoint), then the model's defaults."""
         from ..data import data_config
@@ -89,7 +90,7 @@ class LoadedModel:
         run = {k: args.get(k) for k in ('mean', 'std', 'crop_pct', 'interpolation') if args.get(k)}
         if crop_pct is not None:
             run['crop_pct'] = crop_pct
-        return data_config(self.model, img_size=img_size or self.img_size, **run)
+        return data_config(self.model, img_size=img_size or self.img_size, flag=flag, **run)
 
     @property
     def label(self) -> str:

@@ -32,6 +32,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, make_loader, num_classes_of
+from ..data.loaders import check_input_size
 from ..errors import UserError, first_line
 from ..models import load_checkpoint
 from ..models.weights import CheckpointError, read_file
@@ -320,13 +321,6 @@ def train(args) -> Dict:
     if not args.data_dir and not args.dataset.startswith('torch/'):
         raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
     check_compile_flags(args.torchcompile, args.torchcompile_mode)
-    for flag, value, least in (('--epochs', args.epochs, 1), ('--log-interval', args.log_interval, 1),
-                               ('--workers', args.workers, 0)):
-        if value is not None and value < least:
-            raise UserError(f"{flag} must be at least {least}, got {value}")
-    if args.batch_size < 1 or args.grad_accum_steps < 1:
-        raise UserError(f"--batch-size and --grad-accum-steps must be positive, got {args.batch_size} and "
-                        f"{args.grad_accum_steps}")
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
         if args.batch_size % 2:
             raise UserError(f"--mixup / --cutmix need an even --batch-size, got {args.batch_size}")
@@ -355,13 +349,7 @@ def train(args) -> Dict:
     # model
     model = build_model(args, num_classes, d, log)
     data_cfg = resolve_data_config(vars(args), model=model)
-    patch = int(np.prod(model.patch_sizes))
-    if min(data_cfg['input_size'][1:]) < patch:
-        raise UserError(f"input size {data_cfg['input_size'][1:]} is smaller than the model's total patch size "
-                        f"{patch} ({args.model})")
-    if any(float(s) == 0 for s in data_cfg['std']):  # else every image fails to transform, as if unreadable
-        raise UserError(f"--std {' '.join(str(s) for s in data_cfg['std'])}: the normalisation divides by each "
-                        f"value, none may be 0")
+    check_input_size(model, data_cfg['input_size'], '--input-size' if args.input_size else '--img-size')
     model.to(d.device)
     if args.aa and args.aa.startswith('rand'):  # timm silently ignores RandAugment sections without a value
         bad = [c for c in args.aa.split('-')[1:] if not c.startswith('t') and not any(ch.isdigit() for ch in c)]

@@ -1,22 +1,30 @@
 """Validation: top-1 / top-5 / loss of a model on a dataset split, with the paper's evaluation transform.
 
 ``sequencer validate DIR --model sequencer2d_s --pretrained`` or ``--checkpoint FILE`` (any layout, a
-training checkpoint's EMA weights with ``--use-ema``); ``--results-file`` writes CSV or JSON.
+training checkpoint's EMA weights with ``--use-ema``; ``--pretrained-path FILE`` is the same as
+``--checkpoint FILE``); ``--results-file`` writes CSV or JSON.
+
+With none of the weight options the published weights are evaluated, as timm's validate.py does
+(``args.pretrained = args.pretrained or not args.checkpoint``), and a note says so before anything is
+downloaded; a configuration the published weights cannot fit (``--model-kwargs`` that change the shapes,
+a model without published weights) is refused up front, naming ``--checkpoint``.
 """
 import csv
 import io
 import json
-import os
 import time
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 from timm.data import create_transform, resolve_data_config
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, num_classes_of, make_loader
+from ..data.loaders import check_input_size
 from ..errors import UserError
-from ..models import create_model, load_checkpoint
+from ..models import get_spec
+from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
 from .args import build_validate_parser, parse
-from .evaluate import check_compile_flags, evaluate, torch_compile
+from .evaluate import check_compile_flags, check_num_classes, evaluate, label_count, torch_compile
+from .loading import create_model_checked
 from .io import check_output, write_text
 from .train import Dist, Log, amp_dtype_for
 
@@ -27,13 +35,55 @@ def main(argv=None) -> int:
     return 0
 
 
-def _checkpoint_meta(path: str) -> Dict:
-    """num_classes / model_kwargs recorded in a training checkpoint, if it is one."""
-    if not path or not os.path.isfile(path):
-        return {}
-    from ..models.weights import read_file
-    obj = read_file(path)
-    return {k: obj[k] for k in ('num_classes', 'model_kwargs', 'arch') if isinstance(obj, dict) and k in obj}
+def _read_weights(path: str, use_ema: bool = False) -> Tuple[Dict, Dict]:
+    """The state dict of a weight file (path, URL or hf-hub: id; read once) and what a training checkpoint records
+    (num_classes, model_kwargs, arch, args; empty for plain weights)."""
+    obj = read_file(resolve_path(path))
+    try:
+        sd = unwrap(obj, use_ema=use_ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    keys = ('num_classes', 'model_kwargs', 'arch', 'args')
+    meta = {k: obj[k] for k in keys if isinstance(obj, dict) and obj.get(k) is not None}
+    if 'model_kwargs' not in meta and isinstance(meta.get('args'), dict) \
+            and isinstance(meta['args'].get('model_kwargs'), dict):
+        meta['model_kwargs'] = meta['args']['model_kwargs']
+    return sd, meta
+
+
+def _head_width(sd: Dict) -> Optional[int]:
+    w = convert_state_dict(sd).get('head.fc.weight')
+    return int(w.shape[0]) if w is not None else None
+
+
+def _check_published_weights_fit(name: str, kwargs: Dict, implicit: bool) -> None:
+    """Before anything is downloaded: the model has published weights, and they fit the configuration
+    ``kwargs`` describes (the head aside, which is replaced for another class count). Shapes are compared on
+    the meta device: nothing is allocated."""
+    import torch
+    from ..models import create_model
+    spec = get_spec(name)  # an unknown name raises its own one-line error
+    if not spec.weights:
+        why = "no --checkpoint given, and the model has no published weights to evaluate instead" if implicit \
+            else "--pretrained: the model has no published weights"
+        raise UserError(f"{name}: {why}; pass --checkpoint FILE")
+    try:
+        with torch.device('meta'):
+            ref = create_model(name).state_dict()
+            own = create_model(name, **kwargs).state_dict()
+    except Exception:  # bad arguments: left to the real construction, which names them
+        return
+    skip = ('head.', 'absolute_pos_embed')  # a new head; a position embedding is resampled
+    wrong = [k for k in own if not k.startswith(skip) and (k not in ref or ref[k].shape != own[k].shape)]
+    wrong += [k for k in ref if not k.startswith(skip) and k not in own]
+    if wrong:
+        k = wrong[0]
+        detail = (f"{k} {tuple(own[k].shape)} vs {tuple(ref[k].shape)}" if k in own and k in ref else k)
+        given = ' '.join(f'{a}={v}' for a, v in kwargs.items() if a != 'img_size') or 'the model arguments'
+        why = ("no --checkpoint given, and the published weights (evaluated without one, as by timm's validate.py)"
+               if implicit else "--pretrained: the published weights")
+        raise UserError(f"{name} with {given}: {why} do not fit this configuration ({detail}); pass --checkpoint "
+                        f"FILE with its weights")
 
 
 def validate(args) -> Dict:
@@ -49,25 +99,40 @@ def validate(args) -> Dict:
         raise UserError(f"--results-file {args.results_file}: use a .csv or .json file name")
     if args.results_file and d.main:
         check_output(args.results_file, '--results-file')
-    if not args.checkpoint and not args.pretrained:
-        args.pretrained = True  # as timm's validate.py: with no checkpoint, evaluate the published weights
+    pretrained_path = getattr(args, 'pretrained_path', None)
+    if args.checkpoint and pretrained_path:
+        raise UserError(f"--checkpoint {args.checkpoint} and --pretrained-path {pretrained_path}: both name the "
+                        f"weights to evaluate; give one")
+    weights = args.checkpoint or pretrained_path or ''
+    implicit = not weights and not args.pretrained
     amp_dtype = amp_dtype_for(args, d.device, log)
     ds = build_dataset(args.dataset, args.data_dir, args.split, False, args.class_map, args.dataset_download)
-    meta = _checkpoint_meta(args.checkpoint)
-    num_classes = args.num_classes or meta.get('num_classes') or (1000 if args.pretrained else None) \
-        or num_classes_of(ds) or 1000
-    kwargs = {**meta.get('model_kwargs', {}), **(args.model_kwargs or {})}
+    sd, meta = _read_weights(weights, use_ema=args.use_ema) if weights else (None, {})
+    pretrained = not weights  # as timm's validate.py: with no weight file, the published weights
+    num_classes = args.num_classes or meta.get('num_classes') or (sd is not None and _head_width(sd)) \
+        or (1000 if pretrained else None) or num_classes_of(ds) or 1000
+    recorded = meta.get('model_kwargs')
+    kwargs = {**(recorded if isinstance(recorded, dict) else {}), **(args.model_kwargs or {})}
     size = args.input_size[-1] if args.input_size else args.img_size
     if size:
         kwargs['img_size'] = size
-    model = create_model(args.model, pretrained=args.pretrained, num_classes=num_classes,
-                         rnn_engine=args.rnn_engine, **kwargs)
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
+    if weights:
+        source = weights
+    else:
+        source = f"{args.model} (published weights" + (f", --num-classes {num_classes})" if args.num_classes else ')')
+    data = getattr(getattr(ds, 'reader', None), 'root', None) or (args.data_dir or args.dataset)
+    check_num_classes(num_classes, label_count(ds), source, data)  # before any download or image is read
+    if pretrained:
+        _check_published_weights_fit(args.model, kwargs, implicit)
+    if implicit:
+        log(f"note: neither --checkpoint nor --pretrained given: evaluating the published {args.model} weights, "
+            f"as timm's validate.py does (--checkpoint FILE evaluates other weights)")
+    model = create_model_checked(args.model, kwargs, pretrained=pretrained, num_classes=num_classes,
+                                 rnn_engine=args.rnn_engine)
+    if sd is not None:
+        load_state_dict(model, sd, source=weights)
     cfg = resolve_data_config(vars(args), model=model)
-    if any(float(s) == 0 for s in cfg['std']):  # else every image fails to transform, as if unreadable
-        raise UserError(f"--std {' '.join(str(s) for s in cfg['std'])}: the normalisation divides by each value, "
-                        f"none may be 0")
+    check_input_size(model, cfg['input_size'], '--input-size' if args.input_size else '--img-size')
     transform = create_transform(cfg['input_size'], is_training=False, interpolation=cfg['interpolation'],
                                  mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
                                  crop_mode=cfg.get('crop_mode'))
@@ -77,12 +142,12 @@ def validate(args) -> Dict:
     loader = make_loader(Samples(ds, transform, bad_samples=args.bad_samples),
                          ShardSampler(len(ds), d.world, d.rank, shuffle=False, drop_last=False),
                          args.batch_size, args.workers, d.device.type == 'cuda')
-    log(f"validating {args.model} ({args.checkpoint or ('published weights' if args.pretrained else 'random init')})"
+    log(f"validating {args.model} ({weights or 'published weights'})"
         f" on {len(ds)} images of {args.data_dir} [{args.split}], input {tuple(cfg['input_size'])}, "
         f"crop {cfg['crop_pct']}, {cfg['interpolation']}")
     start = time.time()
     m = evaluate(model, loader, d.device, amp_dtype, log_every=args.log_interval, log=log)
-    result = {'model': args.model, 'checkpoint': args.checkpoint, 'top1': round(m['top1'], 4),
+    result = {'model': args.model, 'checkpoint': weights, 'top1': round(m['top1'], 4),
               'top5': round(m['top5'], 4), 'loss': round(m['loss'], 6), 'images': m['count'],
               'img_size': cfg['input_size'][-1], 'crop_pct': cfg['crop_pct'], 'interpolation': cfg['interpolation'],
               'skipped': m['skipped'], 'seconds': round(time.time() - start, 2)}

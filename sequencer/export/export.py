@@ -17,6 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from ..engine.args import COUNT, NONNEG
 from ..engine.io import check_output, write_with
 from ..engine.loading import add_model_arguments, model_from_args
 from ..errors import UserError
@@ -43,6 +44,16 @@ def _input(model: nn.Module, img_size: Optional[int], batch: int, seed: int = 0)
     return torch.randn(batch, getattr(model, 'in_chans', 3), size, size, generator=g)
 
 
+def check_opset(opset: int, dynamo: bool = True) -> None:
+    """Opsets from 17 (LayerNormalization) to the newest torch's exporter supports (its own constants; a newer
+    one fails only after the whole export)."""
+    from torch.onnx import _constants
+    newest = getattr(_constants, 'ONNX_MAX_OPSET' if dynamo else 'ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET', 10 ** 6)
+    if not 17 <= opset <= newest:
+        raise UserError(f"--opset {opset}: the {'dynamo' if dynamo else 'torchscript'} exporter of this torch writes "
+                        f"opsets 17 (LayerNormalization) to {newest}")
+
+
 def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, opset: int = 18,
                 dynamo: bool = True, metadata: Optional[Dict[str, str]] = None) -> Dict:
     """Write ``model`` as ONNX with a dynamic batch axis (input 'input' NCHW float32, output 'logits').
@@ -51,8 +62,7 @@ def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, ops
     ``metadata`` is stored in the file's metadata_props (e.g. the preprocessing it expects).
     Returns a dict with the exporter used and the opset written.
     """
-    if opset < 17:
-        raise UserError(f"--opset {opset}: ONNX opset 17 or newer is needed (LayerNormalization)")
+    check_opset(opset, dynamo)
     model = _prepare(model)
     x = _input(model, img_size, batch=2)
     buf = io.BytesIO()
@@ -161,18 +171,20 @@ def add_arguments(parser: argparse.ArgumentParser):
     add_model_arguments(parser, device=False)
     parser.add_argument('--format', required=True, choices=FORMATS, help='output format')
     parser.add_argument('--output', '-o', required=True, metavar='FILE', help='output file (.onnx / .pt)')
-    parser.add_argument('--img-size', type=int, default=None,
+    parser.add_argument('--img-size', type=COUNT, default=None,
                         help="input resolution (default: the run's training resolution, else the model's)")
-    parser.add_argument('--opset', type=int, default=18, help='ONNX opset, 17 or newer (default: %(default)s)')
+    parser.add_argument('--opset', type=int, default=18, help="ONNX opset, from 17 to the newest torch's exporter supports (default: %(default)s)")
     parser.add_argument('--exporter', default='dynamo', choices=['dynamo', 'torchscript'],
                         help="ONNX exporter: torch.export ('dynamo', the supported one) or the older "
                              "TorchScript-based one, faster (default: %(default)s)")
-    parser.add_argument('--tolerance', type=float, default=1e-4, help='largest allowed absolute difference (default: %(default)s)')
+    parser.add_argument('--tolerance', type=NONNEG, default=1e-4, help='largest allowed absolute difference (default: %(default)s)')
     parser.add_argument('--no-verify', action='store_true', help='skip loading the file back and comparing')
 
 
 def run(args) -> int:
     check_output(args.output, '--output')
+    if args.format == 'onnx':
+        check_opset(args.opset, args.exporter == 'dynamo')
     loaded = model_from_args(args, device=torch.device('cpu'))
     model = loaded.model
     args.img_size = args.img_size or loaded.img_size

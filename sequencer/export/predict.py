@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..engine.args import COUNT
 from ..engine.loading import add_model_arguments, class_names, list_images, load_image, model_from_args, resolve_device
 from ..errors import UserError
 
@@ -55,12 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser):
         "or those of --class-map. --json prints a JSON list with one entry per image instead.")
     parser.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR', help='image files or folders (searched recursively)')
     add_model_arguments(parser)
-    parser.add_argument('--topk', '-k', type=int, default=5, help='classes per image (default: %(default)s)')
+    parser.add_argument('--topk', '-k', type=COUNT, default=5, help='classes per image (default: %(default)s)')
     parser.add_argument('--class-map', default=None, metavar='FILE',
                         help='class names, one per line in output-index order (timm class-map format)')
-    parser.add_argument('--img-size', type=int, default=None,
+    parser.add_argument('--img-size', type=COUNT, default=None,
                         help="input resolution (default: the run's training resolution, else the model's)")
-    parser.add_argument('-b', '--batch-size', type=int, default=32, help='batch size (default: %(default)s)')
+    parser.add_argument('-b', '--batch-size', type=COUNT, default=32, help='batch size (default: %(default)s)')
     parser.add_argument('--json', action='store_true', help='print a JSON list, one entry per image')
 
 

@@ -72,33 +72,62 @@ def _check_sha256(path: str, expected: str):
         raise CheckpointError(f"{path}: sha256 {h.hexdigest()[:12]} does not match the expected {expected}")
 
 
+def _format(path: str) -> str:
+    """'torch' (a torch.save zip or pickle), 'safetensors', 'empty' or '' (anything else), from the leading bytes."""
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if not head:
+        return 'empty'
+    if head.startswith(b'PK\x03\x04') or (head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5):
+        return 'torch'  # zip archive, or pickle protocol 2-5
+    if len(head) == 9 and head[8:] == b'{' and 8 + int.from_bytes(head[:8], 'little') <= os.path.getsize(path):
+        return 'safetensors'  # 8-byte little-endian header length, then the JSON header
+    return ''
+
+
 def read_file(path: str) -> Dict:
-    """The raw object of a .safetensors / .pth / .pt / .bin file; pickles are read with weights_only=True."""
+    """The raw object of a torch.save (.pth / .pt / .bin) or safetensors file, whatever its name; pickles are read
+    with weights_only=True. A file of another kind, or one that holds no tensors, raises ``CheckpointError``."""
     path = os.fspath(path)
     try:
-        if path.endswith('.safetensors'):
+        kind = _format(path)
+        if kind == 'safetensors':
             from safetensors.torch import load_file
-            return load_file(path, device='cpu')
-        return torch.load(path, map_location='cpu', weights_only=True)
+            obj = load_file(path, device='cpu')
+        elif kind == 'torch':
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+        else:
+            what = 'the file is empty' if kind == 'empty' else 'not a PyTorch (torch.save) or safetensors file'
+            raise CheckpointError(f"{path}: not a readable checkpoint ({what})")
+    except CheckpointError:
+        raise
     except Exception as e:
         msg = first_line(e)
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+        if 'weights_only' in str(e):  # a real pickle the safe unpickler rejected
             msg = 'it holds Python objects that would execute code when unpickled; refusing to load it'
         raise CheckpointError(f"{path}: not a readable checkpoint ({msg})") from None
+    if isinstance(obj, dict) and not (_tensors(obj) or _tensors(obj, use_ema=True)):
+        raise CheckpointError(f"{path}: holds no weights (no tensors; keys: {_summarise(map(str, obj)) or 'none'})")
+    return obj
+
+
+def _tensors(obj: Dict, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of ``obj`` or of its first non-empty wrapper (``state_dict``, ``model``, ...)."""
+    order = ('state_dict_ema', 'model_ema') + _WRAPPERS if use_ema else _WRAPPERS
+    for key in order:
+        if isinstance(obj.get(key), dict) and obj[key]:
+            obj = obj[key]
+            break
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
 def unwrap(obj, use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """The tensor dict inside a training checkpoint (``state_dict_ema`` first when ``use_ema``)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"expected a dict of tensors, found {type(obj).__name__}")
-    order = ('state_dict_ema', 'model_ema') + _WRAPPERS if use_ema else _WRAPPERS
-    for key in order:
-        if isinstance(obj.get(key), dict) and obj[key]:
-            obj = obj[key]
-            break
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = _tensors(obj, use_ema)
     if not sd:
-        raise CheckpointError("no tensors found")
+        raise CheckpointError("holds no weights (no tensors)")
     if all(k.startswith('module.') for k in sd):
         sd = {k[len('module.'):]: v for k, v in sd.items()}
     return sd
