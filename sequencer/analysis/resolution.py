@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..data.datasets import build_dataset
 from ..data.loaders import check_input_size
 from ..engine.args import COUNT, NATURAL, POSITIVE
 from ..engine.io import atomic_open, check_output, write_text, write_with
@@ -25,24 +26,11 @@ __all__ = ['sweep', 'plot_sweep', 'FIELDS']
 FIELDS = ('label', 'model', 'checkpoint', 'img_size', 'top1', 'top5', 'loss', 'count')
 
 
-def eval_dataset(data_dir: str, split: str = 'validation'):
-    """The images of ``split`` in ``data_dir``, found as validate finds them (validation -> val/ etc., or
-    ``data_dir`` itself when it holds no split folders); a missing split is one line naming both."""
-    from ..data.datasets import build_dataset
-    return build_dataset('', data_dir, split, False)
-
-
-def data_folder(dataset, data_dir: str) -> str:
-    """The folder the images of ``dataset`` come from (its split folder), for messages."""
-    return getattr(getattr(dataset, 'reader', None), 'root', None) or data_dir
-
-
 def check_classes(model: nn.Module, dataset, weights: Optional[str], data_dir: str) -> None:
     """The model has an output for every class of ``dataset`` (see ``evaluate.check_num_classes``)."""
-    from ..engine.evaluate import check_num_classes, label_count
+    from ..engine.evaluate import check_num_classes
     name = weights or getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-    check_num_classes(getattr(model, 'num_classes', None), label_count(dataset), name,
-                      data_folder(dataset, data_dir))
+    check_num_classes(getattr(model, 'num_classes', None), dataset, name, data_dir)
 
 
 def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'validation', batch_size: int = 64,
@@ -53,14 +41,14 @@ def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'v
     """top-1 / top-5 / loss of ``model`` on ``data_dir`` at each of ``sizes`` (one dict per size).
 
     ``config(size)`` gives the data config at a size (default: the model's evaluation transform at that size).
-    ``dataset`` (from ``eval_dataset``) saves finding the images again; ``weights`` names the model in messages.
+    ``dataset`` (from ``build_dataset``) saves finding the images again; ``weights`` names the model in messages.
     Data with more classes than the model has outputs is refused before any image is read; an unreadable image
     stops the sweep with one line naming the file, as in validate (``bad_samples='skip'`` skips and counts it).
     """
     from ..data import create_eval_loader, data_config
     from ..engine.evaluate import evaluate
 
-    dataset = dataset if dataset is not None else eval_dataset(data_dir, split)
+    dataset = dataset if dataset is not None else build_dataset('', data_dir, split, False)
     check_classes(model, dataset, weights, data_dir)
     results = []
     for size in sizes:
@@ -148,7 +136,7 @@ def run(args) -> int:
     check_output(args.output, '--output', folder=True)
     device = resolve_device(args.device)
     amp = getattr(torch, args.amp_dtype) if args.amp_dtype else None
-    dataset = eval_dataset(args.data, args.split)  # a missing split or folder: one line, before any model is built
+    dataset = build_dataset('', args.data, args.split, False)  # as validate finds it, before any model is built
     models = models_from_args(args, device)
     for label, lm in models:  # every model fits the data and takes every size before the first sweep starts
         check_classes(lm.model, dataset, lm.checkpoint or lm.label, args.data)

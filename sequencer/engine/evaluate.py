@@ -53,12 +53,15 @@ def label_count(dataset) -> Optional[int]:
     return len(classes) if classes else None
 
 
-def check_num_classes(outputs: Optional[int], classes: Optional[int], weights: str, data: str) -> None:
+def check_num_classes(outputs: Optional[int], dataset, weights: str, data: str) -> None:
     """Labels the model has no output for cannot be scored: one ``UserError`` naming the weights (``weights``:
-    a checkpoint, or the model and where its head comes from), its output count, the data folder and its class
-    count, before any image is read. More outputs than classes is fine (an ImageNet model on a subset)."""
+    a checkpoint, or the model and where its head comes from), its output count, the data folder (its split
+    folder where the dataset knows it, else ``data``) and its class count, before any image is read. More
+    outputs than classes is fine (an ImageNet model on a subset)."""
     from ..errors import UserError
+    classes = label_count(dataset)
     if outputs is not None and classes and classes > outputs:
+        data = getattr(getattr(dataset, 'reader', None), 'root', None) or data
         raise UserError(f"{weights}: the model has {outputs} outputs but {data} has {classes} classes (the labels "
                         f"past its outputs cannot be scored); evaluate it on data with at most {outputs} classes")
 

@@ -23,7 +23,7 @@ from ..errors import UserError
 from ..models import get_spec
 from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
 from .args import build_validate_parser, parse
-from .evaluate import check_compile_flags, check_num_classes, evaluate, label_count, torch_compile
+from .evaluate import check_compile_flags, check_num_classes, evaluate, torch_compile
 from .loading import create_model_checked
 from .io import check_output, write_text
 from .train import Dist, Log, amp_dtype_for
@@ -120,8 +120,7 @@ def validate(args) -> Dict:
         source = weights
     else:
         source = f"{args.model} (published weights" + (f", --num-classes {num_classes})" if args.num_classes else ')')
-    data = getattr(getattr(ds, 'reader', None), 'root', None) or (args.data_dir or args.dataset)
-    check_num_classes(num_classes, label_count(ds), source, data)  # before any download or image is read
+    check_num_classes(num_classes, ds, source, args.data_dir or args.dataset)  # before any download or image
     if pretrained:
         _check_published_weights_fit(args.model, kwargs, implicit)
     if implicit:
