@@ -489,10 +489,10 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         else:
             xp = torch.mm(x2, w_ih.t())
         save = any(ctx.needs_input_grad)
-        y, act, cs = triton_lstm.forward(xp.view(BHW * D, 4 * hidden), w_hh, rows, D, N, hidden, save)
-        y = y.view(B, H, W, D * hidden)                          # the 'cat' layout, no permute
+        yz, act, cs = triton_lstm.forward(xp.view(BHW * D, 4 * hidden), w_hh, rows, D, N, hidden, save)
+        y = yz[:BHW * D].view(B, H, W, D * hidden)               # the 'cat' layout, no permute
         if save:
-            ctx.save_for_backward(x2, w_ih, w_hh, rows, prev, act, cs, y)
+            ctx.save_for_backward(x2, w_ih, w_hh, rows, prev, act, cs, yz)   # yz: y and a zero row
             ctx.meta = (kinds, hidden, has_bias, x.shape, x.dtype, [p.dtype if p is not None else None for p in params])
         if out_dtype != y.dtype:
             y = y.to(out_dtype)
@@ -501,7 +501,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
 
 def _backward_triton(ctx, gy):
     from . import triton_lstm
-    x2, w_ih, w_hh, rows, prev, act, cs, y = ctx.saved_tensors
+    x2, w_ih, w_hh, rows, prev, act, cs, yz = ctx.saved_tensors
     kinds, hidden, has_bias, x_shape, x_dtype, dtypes = ctx.meta
     B, H, W, C = x_shape
     D = len(kinds)
@@ -514,8 +514,7 @@ def _backward_triton(ctx, gy):
         dxp = triton_lstm.backward(gy, act, cs, w_hh, rows, D, N, hidden).view(BHW, D * G)   # in w_hh's dtype
         dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x_dtype) if ctx.needs_input_grad[0] else None
         dw_ih = torch.mm(dxp.t(), x2).float()                                                   # (D*4h, C)
-        yz = torch.cat([y.view(R, hidden).to(dxp.dtype), y.new_zeros(1, hidden, dtype=dxp.dtype)])  # + a zero row
-        h_prev = yz.index_select(0, prev).view(BHW, D, hidden)                                    # h_{t-1} by token
+        h_prev = yz.index_select(0, prev).view(BHW, D, hidden)   # h_{t-1} by token (row R: zeros)
         dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1)).float()   # (D, 4h, h)
         db = dxp.sum(0, dtype=torch.float32) if has_bias else None
     return (dx, None, None, None, None, *_param_grads(dw_ih, dw_hh, db, D, dtypes))

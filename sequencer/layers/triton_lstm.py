@@ -403,7 +403,8 @@ def _launch(fn, key_args, args, D: int, N: int, interpret: bool, config: Optiona
 def _forward_op(xp: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int, hidden: int,
                 save: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     R = xp.shape[0]
-    y = torch.empty(R, hidden, device=xp.device, dtype=xp.dtype)
+    y = torch.empty(R + 1, hidden, device=xp.device, dtype=xp.dtype)
+    y[R].zero_()   # the state before the first step: the backward reads h_{t-1} by row, row R for a first step
     saved = lstm_recurrence_triton(xp, w_hh, rows, D, N, hidden, y, save, R=R)
     if saved is None:
         saved = (xp.new_empty(0, dtype=_saved_dtype(w_hh.dtype)), xp.new_empty(0, dtype=_saved_dtype(w_hh.dtype)))
@@ -414,7 +415,7 @@ def _forward_op(xp: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int
 def _(xp, w_hh, rows, D, N, hidden, save):
     T = rows.shape[0]
     keep = _saved_dtype(w_hh.dtype)
-    y = xp.new_empty(xp.shape[0], hidden)
+    y = xp.new_empty(xp.shape[0] + 1, hidden)
     if not save:
         return y, xp.new_empty(0, dtype=keep), xp.new_empty(0, dtype=keep)
     return y, xp.new_empty(T, D, N, 4 * hidden, dtype=keep), xp.new_empty(T, D, N, hidden, dtype=keep)
@@ -436,7 +437,8 @@ def _(gy, act, cs, w_hh, rows, D, N, hidden):
 
 def forward(xp: torch.Tensor, w_hh: torch.Tensor, rows: torch.Tensor, D: int, N: int, hidden: int,
             save: bool) -> Tuple[torch.Tensor, ...]:
-    """(y (R, h) in xp's dtype, act, cs) for xp (R, 4h): the op form of ``lstm_recurrence_triton``."""
+    """(y (R + 1, h) in xp's dtype, act, cs) for xp (R, 4h): the op form of ``lstm_recurrence_triton``. Row R of
+    y is zero (h before the first step, which the backward's weight gradient reads by row)."""
     return torch.ops.sequencer_triton.lstm2d_forward(xp, w_hh, rows, D, N, hidden, save)
 
 
