@@ -139,7 +139,7 @@ def test_resolution_sweep_sees_each_size():
 
 def test_resolution_command_two_checkpoints_on_one_plot(tmp_path):
     # class n0 holds 3 images, n1 one: a model that always answers n0 scores 75%, one that answers n1 25%
-    data = image_folder(tmp_path / 'imagenet' / 'val', {WNIDS[0]: 3, WNIDS[1]: 1})
+    image_folder(tmp_path / 'imagenet' / 'val', {WNIDS[0]: 3, WNIDS[1]: 1})
     a = save_training_checkpoint(str(tmp_path / 'a.pth.tar'), constant_head(tiny_model(num_classes=2), {0: 1.0}))
     b = save_training_checkpoint(str(tmp_path / 'b.pth.tar'), constant_head(tiny_model(num_classes=2), {1: 1.0}))
     out = tmp_path / 'res'
@@ -159,7 +159,7 @@ def test_resolution_command_two_checkpoints_on_one_plot(tmp_path):
 
 
 def test_resolution_pairs_models_and_checkpoints(tmp_path, capsys):
-    data = image_folder(tmp_path / 'val', {'a': 1})
+    image_folder(tmp_path / 'val', {'a': 1})
     assert main(['resolution', str(tmp_path), '--model', 'sequencer2d_s', 'sequencer2d_m', '--checkpoint', 'x', 'y',
                  'z', '--sizes', '32', '--output', str(tmp_path / 'o')]) == 2
     assert '2 models but 3 checkpoints' in capsys.readouterr().err

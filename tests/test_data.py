@@ -133,3 +133,19 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path)
         write_with(path, fill_disk)
     assert torch.load(path, weights_only=True) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['last.pth.tar']
+
+
+def test_randaugment_posterize_at_full_magnitude_gives_a_black_image():
+    """The paper's policy (rand-m9-mstd0.5-inc1) reaches posterize with 0 bits, which Pillow 13 refuses; the
+    op returns the black image older Pillow computed, for RGB and greyscale images."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    from sequencer.data.loaders import posterize_keeps_zero_bits
+    posterize_keeps_zero_bits()
+    posterize_keeps_zero_bits()   # idempotent
+    rgb = Image.fromarray(np.random.default_rng(0).integers(1, 256, (8, 8, 3), dtype=np.uint8))
+    for img in (rgb, rgb.convert('L')):
+        out = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(img)   # 4 - 4 = 0 bits kept
+        assert out.mode == img.mode and out.size == img.size and not np.asarray(out).any()
+        kept = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)   # 2 bits kept: unchanged behaviour
+        assert np.array_equal(np.asarray(kept), np.asarray(img) & 0b11000000)

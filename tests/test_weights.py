@@ -2,6 +2,7 @@
 import os
 import pickle
 import re
+import zipfile
 
 import pytest
 import timm
@@ -179,6 +180,15 @@ def test_corrupt_truncated_and_missing_files(tmp_path, trained):
             load_checkpoint(small(), str(tmp_path / name))
     with pytest.raises(CheckpointError, match='no such checkpoint file'):
         load_checkpoint(small(), str(tmp_path / 'nope.pth'))
+    # bytes flipped inside a stored tensor: torch.load would read them; the archive's checksum catches them
+    with zipfile.ZipFile(good) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.orig_filename.encode()) + len(info.extra)
+    damaged = bytearray(data)
+    damaged[start + 64:start + 96] = bytes(255 - b for b in damaged[start + 64:start + 96])
+    (tmp_path / 'flipped.pth').write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / 'flipped.pth')) + r': .*checksum of \S+ does'):
+        load_checkpoint(small(), str(tmp_path / 'flipped.pth'))
 
 
 class Exploit:

@@ -63,3 +63,22 @@ def create_eval_loader(dataset, cfg: Dict, batch_size: int = 64, workers: int = 
     return make_loader(Samples(dataset, transform, bad_samples=bad_samples),
                        ShardSampler(len(dataset), shuffle=False, drop_last=False), batch_size, workers,
                        device.type == 'cuda')
+
+
+def posterize_keeps_zero_bits() -> None:
+    """RandAugment's posterize in timm (``rand-...-inc1``, the paper's policy) asks for 0 bits at the largest
+    magnitude, which Pillow up to 12 turned into a black image and Pillow 13 refuses (``ValueError: bits must be
+    between ... 1 and 8``): training would stop on an arbitrary image about once per thousand. This makes timm's
+    posterize ops return that black image again (the same result as before, whatever the Pillow version).
+    Idempotent."""
+    from timm.data import auto_augment as aa
+    for name, op in list(aa.NAME_TO_OP.items()):
+        if op is aa.posterize:
+            aa.NAME_TO_OP[name] = _posterize
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    from timm.data import auto_augment as aa
+    if bits_to_keep <= 0:   # every bit masked off, as ImageOps.posterize computed it before Pillow 13
+        return img.point([0] * 256 * len(img.getbands()))
+    return aa.posterize(img, bits_to_keep, **kwargs)

@@ -1,4 +1,5 @@
 """Evaluation: top-1 / top-5 / loss over a loader, on one process or summed over all DDP ranks."""
+import math
 import time
 from typing import Dict, Optional
 
@@ -117,6 +118,7 @@ def evaluate(
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     loss, top1, top5, count, skipped = totals.tolist()
-    count = max(count, 1.0)
+    if not count:   # nothing evaluated (every sample skipped as unreadable): no figure, not a zero
+        return {'loss': math.nan, 'top1': math.nan, 'top5': math.nan, 'count': 0, 'skipped': int(skipped)}
     return {'loss': loss / count, 'top1': 100 * top1 / count, 'top5': 100 * top5 / count, 'count': int(count),
             'skipped': int(skipped)}

@@ -32,7 +32,7 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, make_loader, num_classes_of
-from ..data.loaders import check_input_size
+from ..data.loaders import check_input_size, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
 from ..models import load_checkpoint
 from ..models.weights import CheckpointError, read_file
@@ -211,14 +211,16 @@ class Keeper:
         os.replace(tmp, dst)
 
     def save_epoch(self, state: Dict, epoch: int, metric: float):
-        ranked = sorted(self.best + [[metric, epoch]], key=lambda r: r[0], reverse=not self.decreasing)
+        # best first; an epoch without a figure (NaN: nothing could be evaluated) ranks below every other
+        ranked = sorted(self.best + [[metric, epoch]],
+                        key=lambda r: (math.isnan(r[0]), r[0] if self.decreasing else -r[0]))
         kept, dropped = ranked[:self.keep], ranked[self.keep:]
         state['best'] = kept
         last = self._path('last.pth.tar')
         save_torch(state, last)
-        if [metric, epoch] in kept:
+        if any(e == epoch for _, e in kept):
             self._link(last, self._path(f'checkpoint-{epoch}.pth.tar'))
-            if kept[0] == [metric, epoch]:
+            if kept[0][1] == epoch:
                 self._link(last, self._path('model_best.pth.tar'))
         for _, e in dropped:
             p = self._path(f'checkpoint-{e}.pth.tar')
@@ -355,6 +357,7 @@ def train(args) -> Dict:
         bad = [c for c in args.aa.split('-')[1:] if not c.startswith('t') and not any(ch.isdigit() for ch in c)]
         if bad:
             raise UserError(f"--aa {args.aa}: not a valid augmentation policy (section {bad[0]!r} has no value)")
+    posterize_keeps_zero_bits()
     try:
         train_tf = create_transform(
             data_cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
@@ -594,7 +597,8 @@ def train(args) -> Dict:
             train_loss = loss_sum / loss_count if loss_count else float('nan')  # nan: every step was skipped
             metrics = evaluate(model, eval_loader, d.device, amp_dtype)
             if metrics['skipped']:
-                log(f"epoch {epoch}: skipped {metrics['skipped']} unreadable validation sample(s)")
+                log(f"epoch {epoch}: skipped {metrics['skipped']} unreadable validation sample(s)"
+                    + ('; none could be read: the eval figures are NaN' if not metrics['count'] else ''))
             row = {'epoch': epoch, 'train_loss': f"{train_loss:.6f}", 'eval_loss': f"{metrics['loss']:.6f}",
                    'eval_top1': f"{metrics['top1']:.4f}", 'eval_top5': f"{metrics['top5']:.4f}",
                    'lr': f"{optimizer.param_groups[0]['lr']:.6e}"}

@@ -13,6 +13,8 @@ Pickled files are opened with ``weights_only=True``: they cannot execute code wh
 import hashlib
 import os
 import re
+import warnings
+import zipfile
 from typing import Dict, Iterable, Optional, Tuple
 from urllib.parse import urlparse
 
@@ -85,6 +87,21 @@ def _format(path: str) -> str:
     return ''
 
 
+def _check_archive(path: str) -> None:
+    """A torch.save zip archive whose stored checksums do not match its bytes (torch.load does not check them, and
+    would load the damaged tensors) raises ``CheckpointError``; a pickle has no checksum to check."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint (damaged archive: {first_line(e)})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: not a readable checkpoint (damaged: the checksum of {bad} does not match; "
+                              "the file was corrupted after it was written)")
+
+
 def read_file(path: str) -> Dict:
     """The raw object of a torch.save (.pth / .pt / .bin) or safetensors file, whatever its name; pickles are read
     with weights_only=True. A file of another kind, or one that holds no tensors, raises ``CheckpointError``."""
@@ -95,7 +112,10 @@ def read_file(path: str) -> Dict:
             from safetensors.torch import load_file
             obj = load_file(path, device='cpu')
         elif kind == 'torch':
-            obj = torch.load(path, map_location='cpu', weights_only=True)
+            _check_archive(path)
+            with warnings.catch_warnings():   # an old pickle protocol is no reason to print more than one line
+                warnings.filterwarnings('ignore', message='.*pickle protocol', category=UserWarning)
+                obj = torch.load(path, map_location='cpu', weights_only=True)
         else:
             what = 'the file is empty' if kind == 'empty' else 'not a PyTorch (torch.save) or safetensors file'
             raise CheckpointError(f"{path}: not a readable checkpoint ({what})")
