@@ -45,21 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in OWN_PARSER:
-        try:
-            return importlib.import_module(OWN_PARSER[argv[0]][0]).main(argv[1:]) or 0
-        except UserError as e:
-            print(f"sequencer {argv[0]}: error: {one_line(e)}", file=sys.stderr)
-            return 2
+        return _run(argv[0], lambda: importlib.import_module(OWN_PARSER[argv[0]][0]).main(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    return _run(args.command, lambda: importlib.import_module(args._module).run(args))
+
+
+def _run(command: str, work) -> int:
+    """``work()``'s exit status; a user mistake is one line and 2, Ctrl-C before a command saves anything (or in
+    one that has nothing to save) one line and 130."""
     try:
-        return importlib.import_module(args._module).run(args) or 0
+        return work() or 0
     except UserError as e:
-        print(f"sequencer {args.command}: error: {one_line(e)}", file=sys.stderr)
+        print(f"sequencer {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"sequencer {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

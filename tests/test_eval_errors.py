@@ -188,3 +188,33 @@ def test_resolution_unreadable_image_fails_naming_the_file(tmp_path, data, capsy
                  '--output', str(tmp_path / 'res')]) == 2
     err = one_error(capsys, 'resolution')
     assert f"{broken}: unreadable image" in err, err
+
+
+# ---- validate: what a training checkpoint brings ------------------------------------------------------------
+def test_validate_takes_the_runs_architecture_resolution_and_checks_ema_and_classes(tmp_path, data, capsys):
+    """Without --model / --img-size, a training checkpoint's architecture and resolution are used (as predict
+    and export do); --use-ema on a file without EMA weights is refused; other class folders get a warning."""
+    model = sequencer.create_model('sequencer2d_m', num_classes=3, **KWARGS)
+    path = str(tmp_path / 'm.pth.tar')
+    torch.save({'epoch': 1, 'arch': 'sequencer2d_m', 'state_dict': model.state_dict(), 'num_classes': 3,
+                'model_kwargs': dict(KWARGS), 'class_names': sorted(os.listdir(os.path.join(data, 'val'))),
+                'args': {'model': 'sequencer2d_m', 'img_size': 40, 'crop_pct': 1.0}}, path)
+    out = tmp_path / 'r.json'
+    assert main(['validate', data, '--checkpoint', path, '-j', '0', '--results-file', str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result['model'] == 'sequencer2d_m' and result['img_size'] == 40 and result['crop_pct'] == 1.0
+    logged = capsys.readouterr()
+    assert 'img_size 40' in logged.out + logged.err and 'warning' not in logged.out + logged.err
+    # the command line wins over the run's settings
+    assert main(['validate', data, '--checkpoint', path, '-j', '0', '--img-size', '32', '--results-file',
+                 str(out)]) == 0
+    assert json.loads(out.read_text())['img_size'] == 32
+    capsys.readouterr()
+    assert main(['validate', data, '--checkpoint', path, '-j', '0', '--use-ema']) == 2
+    assert '--use-ema given but the file holds no EMA weights' in one_error(capsys, 'validate')
+    obj = torch.load(path, weights_only=True)
+    obj['class_names'] = ['x', 'y', 'z']
+    torch.save(obj, path)
+    assert main(['validate', data, '--checkpoint', path, '-j', '0']) == 0
+    logged = capsys.readouterr()
+    assert "warning: the data's classes are not those" in logged.out + logged.err

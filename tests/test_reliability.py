@@ -256,7 +256,7 @@ def test_sigint_saves_a_recovery_checkpoint_and_says_how_to_resume(tmp_path, dat
           '--experiment', folder.name])
     assert p.wait_for(lambda out: steps_done(out, 12) >= 2), p.output()
     p.signal(signal.SIGINT)  # to the whole group, as Ctrl-C does: the loader workers get it too
-    assert p.proc.wait(timeout=120) == 0, p.output()
+    assert p.proc.wait(timeout=120) == 130, p.output()   # 128 + SIGINT: stopped, not finished
     out = p.output()
     assert 'SIGINT: saved' in out and '--resume auto' in out and 'Traceback' not in out, out
     assert f"--experiment cut --output {folder.parent}" in out
@@ -593,7 +593,7 @@ def test_a_signal_after_the_ranks_agreed_stops_every_rank_at_the_same_step(tmp_p
             os.killpg(p.pid, signal.SIGKILL)
         pytest.fail('the ranks hung after one of them was signalled: ' + ''.join(
             (p.communicate()[0] or '')[-1500:] for p in procs))
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [143, 143], outs   # 128 + SIGTERM on every rank
     assert 'SIGTERM: saved' in outs[0], outs[0]
     ckpt = torch.load(folder / 'recovery.pth.tar', map_location='cpu', weights_only=True)
     assert ckpt['next_epoch'] == 0 and ckpt['next_batch'] == 3    # the agreement after the third step
@@ -622,3 +622,41 @@ def test_sigterm_to_a_ddp_launch_saves_on_all_ranks_and_resumes(tmp_path, data):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert 'resumed from' in done.stdout
     assert [r['epoch'] for r in summary(folder)] == ['0', '1']
+
+
+def test_an_epoch_without_an_eval_figure_never_ranks_best(tmp_path):
+    """NaN (no validation sample could be read) ranks below every figure, for either direction of the metric."""
+    import math
+    from sequencer.engine.train import Keeper
+    for decreasing, figures in ((False, [math.nan, 50.0, 60.0]), (True, [math.nan, 2.0, 1.0])):
+        folder = tmp_path / str(decreasing)
+        folder.mkdir()
+        keeper = Keeper(str(folder), 2, decreasing=decreasing)
+        for epoch, m in enumerate(figures):
+            keeper.save_epoch({'epoch': epoch}, epoch, m)
+        assert [e for _, e in keeper.best] == [2, 1]
+        assert sorted(os.listdir(folder)) == ['checkpoint-1.pth.tar', 'checkpoint-2.pth.tar', 'last.pth.tar',
+                                              'model_best.pth.tar']
+        assert os.path.samefile(folder / 'model_best.pth.tar', folder / 'checkpoint-2.pth.tar')
+
+
+def test_resume_refuses_what_the_run_did_not_train_on(tmp_path, data, finished, capsys):
+    """Resuming continues the same run: other classes (folder order decides the labels), another optimizer,
+    or another batch geometry in the middle of an epoch are refused in one line, before anything is trained."""
+    folder = copy_run(finished, tmp_path)
+    other = tmp_path / 'other'
+    shutil.copytree(data, other)
+    first = sorted(os.listdir(other / 'train'))[0]
+    for split in ('train', 'val'):
+        os.rename(other / split / first, other / split / 'zzz')
+    last = str(folder / 'last.pth.tar')
+    assert train(other, folder, '--epochs', '3', '--resume', last) == 2
+    assert 'the run trained on other classes' in one_error(capsys)
+    assert train(data, folder, '--epochs', '3', '--resume', last, '--opt', 'sgd') == 2
+    assert 'the run trained with --opt adamw, not --opt sgd' in one_error(capsys)
+    recovery = folder / 'recovery.pth.tar'
+    assert torch.load(recovery, map_location='cpu', weights_only=True)['next_batch'] > 0
+    assert train(data, folder, '--epochs', '3', '--resume', str(recovery), '-b', '2') == 2
+    assert 'with --batch-size 4 on 1 process(es)' in one_error(capsys)
+    for name in ('last.pth.tar', 'recovery.pth.tar', 'summary.csv'):   # nothing of the run was touched
+        assert (folder / name).read_bytes() == (finished / name).read_bytes(), name

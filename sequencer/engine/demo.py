@@ -39,9 +39,12 @@ def main(argv=None) -> int:
     args, _ = parse(build_train_parser(), [data, *MODEL, *DATA, *RECIPE, *extra, '--output', a.output,
                                            '--experiment', experiment])
     folder = os.path.join(a.output, experiment)
-    if os.path.exists(os.path.join(folder, 'last.pth.tar')):
+    if any(os.path.exists(os.path.join(folder, f)) for f in ('last.pth.tar', 'recovery.pth.tar')):
         args.resume = 'auto'  # a finished run stays finished; an interrupted one continues
+    args.resume_hint = f"run `sequencer demo --output {a.output}` again to continue"
     result = train_mod.train(args)
+    if result.get('interrupted'):
+        return train_mod.exit_status(result)
     best = os.path.join(folder, 'model_best.pth.tar')
     vargs, _ = parse(build_validate_parser(), [data, *MODEL, *DATA, '--checkpoint', best, '-b', '64', '-j', '0',
                                                '--results-file', os.path.join(folder, 'validation.json')])
@@ -53,4 +56,4 @@ def main(argv=None) -> int:
     print(f"best checkpoint   {best}")
     print(f"training curves   {os.path.join(folder, 'train_curve.png')}")
     print(f"summary           {os.path.join(folder, 'summary.csv')}")
-    return 0 if not result.get('interrupted') else 1
+    return 0

@@ -170,6 +170,29 @@ def valid_checkpoint(path: str) -> Optional[Dict]:
     return ckpt if isinstance(ckpt, dict) and 'state_dict' in ckpt and 'next_epoch' in ckpt else None
 
 
+def _check_resume_fits(ckpt: Dict, path: str, args, classes: Optional[List[str]], world: int) -> None:
+    """A run continues only on what it was trained on: the same optimizer, the same classes in the same order
+    (folder order decides which output is which class), and, from the middle of an epoch, the same batch
+    geometry (the batches already done are skipped by count)."""
+    run = ckpt.get('args') if isinstance(ckpt.get('args'), dict) else {}
+    if not args.no_resume_opt and run.get('opt') and str(run['opt']).lower() != str(args.opt).lower():
+        raise UserError(f"{path}: the run trained with --opt {run['opt']}, not --opt {args.opt}; resume with "
+                        f"--opt {run['opt']}, or pass --no-resume-opt to start the optimizer afresh")
+    recorded = ckpt.get('class_names')
+    if isinstance(recorded, (list, tuple)) and classes and list(recorded) != list(classes):
+        i = next((i for i, (a, b) in enumerate(zip(recorded, classes)) if a != b), min(len(recorded), len(classes)))
+        what = (f"class {i} is {classes[i]!r} in the data, {recorded[i]!r} in the run" if i < min(len(recorded),
+                len(classes)) else f"{len(classes)} classes in the data, {len(recorded)} in the run")
+        raise UserError(f"{path}: the run trained on other classes ({what}); resume on the run's data, or start a "
+                        f"new run from these weights with --initial-checkpoint")
+    if ckpt.get('next_batch'):
+        saved = (run.get('batch_size'), ckpt.get('world_size', world), run.get('grad_accum_steps', 1))
+        if saved != (args.batch_size, world, args.grad_accum_steps):
+            raise UserError(f"{path}: saved at batch {ckpt['next_batch']} of epoch {ckpt['next_epoch']} with "
+                            f"--batch-size {saved[0]} on {saved[1]} process(es), --grad-accum-steps {saved[2]}; "
+                            f"resume it with the same, or resume from the end of an epoch (last.pth.tar)")
+
+
 def find_resume(folder: str, log: Log) -> Optional[str]:
     """The newest valid checkpoint of a run folder; corrupt ones are named and skipped."""
     if not os.path.isdir(folder):
@@ -313,8 +336,15 @@ class Progress:
 # ---- the run ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args, _ = parse(build_train_parser(), argv)
-    train(args)
-    return 0
+    result = train(args)
+    return exit_status(result)
+
+
+def exit_status(result: Dict) -> int:
+    """0 for a finished run; 128 + the signal's number (130 SIGINT, 143 SIGTERM) for one stopped by a signal
+    (its progress saved), as shells report a process a signal ended, so that scripts and schedulers can tell."""
+    sig = result.get('interrupted')
+    return 128 + signal.Signals[sig].value if sig else 0
 
 
 def train(args) -> Dict:
@@ -437,9 +467,14 @@ def train(args) -> Dict:
         ckpt = valid_checkpoint(resume_path) if os.path.isfile(resume_path) else None
         if ckpt is None:
             raise UserError(f"{resume_path}: not a complete training checkpoint (missing, truncated or corrupt)")
+        _check_resume_fits(ckpt, resume_path, args, classes, d.world)
         load_checkpoint(model, resume_path)
         if not args.no_resume_opt:
-            optimizer.load_state_dict(ckpt['optimizer'])
+            try:
+                optimizer.load_state_dict(ckpt['optimizer'])
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise UserError(f"{resume_path}: its optimizer state does not fit --opt {args.opt} ({first_line(e)}); "
+                                f"resume with the run's optimizer, or pass --no-resume-opt") from None
             if scaler is not None and ckpt.get('scaler'):
                 scaler.load_state_dict(ckpt['scaler'])
         if ema is not None and ckpt.get('state_dict_ema'):
@@ -482,6 +517,10 @@ def train(args) -> Dict:
         f"{global_batch}, lr {args.lr:.3e}, {num_epochs} epochs, output {folder}")
 
     stop = {'signal': None}
+    # how to continue (``args.resume_hint``: a caller's own command, such as the demo's)
+    resume_hint = getattr(args, 'resume_hint', None) or (
+        f"continue with the same command plus --resume auto --experiment {os.path.basename(folder)} "
+        f"--output {os.path.dirname(folder)}")
 
     def on_signal(signum, frame):
         stop['signal'] = signal.Signals(signum).name
@@ -507,7 +546,7 @@ def train(args) -> Dict:
                 'state_dict_ema': ema.module.state_dict() if ema is not None else None,
                 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
                 'scheduler': scheduler.state_dict(), 'args': _plain(vars(args)), 'metric': metric,
-                'summary': rows, 'partial': list(part), 'rng': rng_state()}
+                'summary': rows, 'partial': list(part), 'rng': rng_state(), 'world_size': d.world}
 
     result = {}
     num_updates = start_epoch * updates_per_epoch + start_batch // args.grad_accum_steps
@@ -587,9 +626,8 @@ def train(args) -> Dict:
                         keeper.save_recovery(state(epoch, step + 1, part=(loss_sum, loss_count)))
                     bar.close()
                     log(f"{stop['signal']}: saved {os.path.join(folder, 'recovery.pth.tar')} at epoch {epoch}, "
-                        f"step {step + 1}; continue with the same command plus --resume auto "
-                        f"--experiment {os.path.basename(folder)} --output {os.path.dirname(folder)}")
-                    return {'interrupted': True, 'folder': folder}
+                        f"step {step + 1}; {resume_hint}")
+                    return {'interrupted': stop['signal'], 'folder': folder}
             bar.close()
             loss_sum, loss_count, skipped = d.all_sum(loss_sum, loss_count, skipped)
             if skipped:
@@ -620,9 +658,8 @@ def train(args) -> Dict:
             result = {'folder': folder, 'epoch': epoch, **metrics, 'best': keeper.best}
             # (after the last epoch there is nothing left to stop: the run ends as finished)
             if epoch + 1 < num_epochs and agree_on_stop():
-                log(f"{stop['signal']}: stopped after epoch {epoch}; continue with --resume auto "
-                    f"--experiment {os.path.basename(folder)} --output {os.path.dirname(folder)}")
-                return {'interrupted': True, **result}
+                log(f"{stop['signal']}: stopped after epoch {epoch}; {resume_hint}")
+                return {**result, 'interrupted': stop['signal']}
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -631,8 +668,9 @@ def train(args) -> Dict:
         if d.world > 1 and dist.is_initialized():
             dist.barrier()
     if keeper.best:
-        log(f"best {args.eval_metric}: {keeper.best[0][0]:.4f} at epoch {keeper.best[0][1]} "
-            f"({os.path.join(folder, 'model_best.pth.tar')})")
+        best = os.path.join(folder, 'model_best.pth.tar')
+        where = best if os.path.exists(best) else 'saved by the run this one resumed from'
+        log(f"best {args.eval_metric}: {keeper.best[0][0]:.4f} at epoch {keeper.best[0][1]} ({where})")
     return result
 
 

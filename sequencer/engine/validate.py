@@ -13,42 +13,65 @@ import csv
 import io
 import json
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from timm.data import create_transform, resolve_data_config
 
-from ..data.datasets import Samples, ShardSampler, build_dataset, num_classes_of, make_loader
+from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, num_classes_of, make_loader
 from ..data.loaders import check_input_size
 from ..errors import UserError
 from ..models import get_spec
-from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
+from ..models.weights import convert_state_dict, load_state_dict
 from .args import build_validate_parser, parse
 from .evaluate import check_compile_flags, check_num_classes, evaluate, torch_compile
-from .loading import create_model_checked
+from .loading import _args_of, create_model_checked, read_checkpoint
 from .io import check_output, write_text
 from .train import Dist, Log, amp_dtype_for
 
 
+DEFAULT_MODEL = 'sequencer2d_s'
+# what a training checkpoint records of its run and validate takes where the command line leaves it unset
+RUN_TRANSFORM = ('img_size', 'input_size', 'mean', 'std', 'crop_pct', 'interpolation')
+
+
 def main(argv=None) -> int:
-    args, _ = parse(build_validate_parser(), argv)
+    parser = build_validate_parser()
+    parser.set_defaults(model=None)   # None: the training checkpoint's architecture, else DEFAULT_MODEL
+    args, _ = parse(parser, argv)
     validate(args)
     return 0
 
 
-def _read_weights(path: str, use_ema: bool = False) -> Tuple[Dict, Dict]:
-    """The state dict of a weight file (path, URL or hf-hub: id; read once) and what a training checkpoint records
-    (num_classes, model_kwargs, arch, args; empty for plain weights)."""
-    obj = read_file(resolve_path(path))
-    try:
-        sd = unwrap(obj, use_ema=use_ema)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    keys = ('num_classes', 'model_kwargs', 'arch', 'args')
-    meta = {k: obj[k] for k in keys if isinstance(obj, dict) and obj.get(k) is not None}
-    if 'model_kwargs' not in meta and isinstance(meta.get('args'), dict) \
-            and isinstance(meta['args'].get('model_kwargs'), dict):
-        meta['model_kwargs'] = meta['args']['model_kwargs']
-    return sd, meta
+def _run_settings(args, meta: Dict, log) -> None:
+    """Fill what the command line left unset from the training checkpoint's run: the architecture, then the
+    resolution and normalisation of its evaluation transform (as predict, export and the analysis commands
+    do); say so."""
+    run = _args_of(meta)
+    if not args.model:
+        args.model = meta.get('arch') or run.get('model') or DEFAULT_MODEL
+    if run.get('model', args.model) != args.model:
+        return   # another architecture than the run's: its transform is not the run's either
+    taken = []
+    for key in RUN_TRANSFORM:
+        if key in ('img_size', 'input_size') and (args.img_size or args.input_size):
+            continue
+        if getattr(args, key, None) in (None, '') and run.get(key) not in (None, ''):
+            setattr(args, key, run[key])
+            taken.append(f"{key} {run[key]}")
+    if taken:
+        log(f"note: from the training run of the checkpoint: {', '.join(taken)} (set them to override)")
+
+
+def _check_class_names(meta: Dict, ds, weights: str, log) -> None:
+    """A note when the data's class folders are not those the checkpoint was trained on (their order decides
+    which output is which class, so the figures would compare other classes)."""
+    recorded, found = meta.get('class_names'), class_names_of(ds)
+    if isinstance(recorded, (list, tuple)) and found and list(recorded) != list(found):
+        diff = next((i for i, (a, b) in enumerate(zip(recorded, found)) if a != b), min(len(recorded), len(found)))
+        what = (f"class {diff} is {found[diff]!r} here, {recorded[diff]!r} in training"
+                if diff < min(len(recorded), len(found)) else f"{len(found)} classes here, {len(recorded)} in training")
+        log(f"warning: the data's classes are not those {weights} was trained on ({what}); the figures compare "
+            f"each output with another class than it learned")
 
 
 def _head_width(sd: Dict) -> Optional[int]:
@@ -107,11 +130,14 @@ def validate(args) -> Dict:
     implicit = not weights and not args.pretrained
     amp_dtype = amp_dtype_for(args, d.device, log)
     ds = build_dataset(args.dataset, args.data_dir, args.split, False, args.class_map, args.dataset_download)
-    sd, meta = _read_weights(weights, use_ema=args.use_ema) if weights else (None, {})
+    sd, meta = read_checkpoint(weights, use_ema=args.use_ema) if weights else (None, {})
+    _run_settings(args, meta, log)
+    if weights:
+        _check_class_names(meta, ds, weights, log)
     pretrained = not weights  # as timm's validate.py: with no weight file, the published weights
     num_classes = args.num_classes or meta.get('num_classes') or (sd is not None and _head_width(sd)) \
         or (1000 if pretrained else None) or num_classes_of(ds) or 1000
-    recorded = meta.get('model_kwargs')
+    recorded = meta.get('model_kwargs', _args_of(meta).get('model_kwargs'))
     kwargs = {**(recorded if isinstance(recorded, dict) else {}), **(args.model_kwargs or {})}
     size = args.input_size[-1] if args.input_size else args.img_size
     if size:
