@@ -507,7 +507,7 @@ def train(args) -> Dict:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("--log-tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            raise UserError("--log-tensorboard needs the tensorboard package (pip install tensorboard, or the tensorboard extra of this package)") from None
         writer = SummaryWriter(os.path.join(folder, 'tensorboard'))
 
     global_batch = args.batch_size * d.world * args.grad_accum_steps
