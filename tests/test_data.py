@@ -149,3 +149,8 @@ def test_randaugment_posterize_at_full_magnitude_gives_a_black_image():
         assert out.mode == img.mode and out.size == img.size and not np.asarray(out).any()
         kept = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)   # 2 bits kept: unchanged behaviour
         assert np.array_equal(np.asarray(kept), np.asarray(img) & 0b11000000)
+
+
+def test_a_missing_torchvision_dataset_points_to_the_download_option(tmp_path):
+    with pytest.raises(UserError, match=r"cannot read split 'train' \(.*pass --dataset-download to download it"):
+        build_dataset('torch/cifar10', str(tmp_path), 'train', True, '', False)

@@ -86,7 +86,9 @@ def build_dataset(name: str, root: str, split: str, training: bool, class_map: s
         ds = create_dataset(name, root=root, split=split, is_training=training, class_map=class_map,
                             download=download)
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, OSError) as e:
-        raise UserError(f"{root}: cannot read split {split!r} ({first_line(e)})") from None
+        why = first_line(e).replace('You can use download=True to download it', 'pass --dataset-download to '
+                                    'download it')   # torchvision's advice, in this command line's words
+        raise UserError(f"{root}: cannot read split {split!r} ({why})") from None
     if len(ds) == 0:
         raise UserError(f"{root}: split {split!r} holds no images")
     return ds
