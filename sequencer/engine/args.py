@@ -3,7 +3,9 @@ meanings, so the reference README's command lines run verbatim. ``-c FILE.yaml``
 recipe; flags given on the command line win."""
 import argparse
 import ast
+import difflib
 import math
+import shlex
 from typing import List, Optional, Tuple
 
 import yaml
@@ -20,7 +22,7 @@ class Parser(argparse.ArgumentParser):
 
 class Range:
     """An argparse ``type``: a number of ``kind`` in [low, high] (None: unbounded; ``open_low`` / ``open_high``
-    exclude the bound). A value outside ends with argparse's one line naming the flag, exit 2; ``check`` does
+    exclude the bound). A value outside ends with argparse's one line naming the flag, exit 2; ``check_recipe`` does
     the same for values that came from a recipe."""
 
     def __init__(self, kind, low=None, high=None, open_low=False, open_high=False):
@@ -55,45 +57,94 @@ NONNEG, POSITIVE = Range(float, 0), Range(float, 0, open_low=True)
 INTERPOLATIONS = ['nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos']   # timm's names
 
 
-def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace, source: str):
-    """Apply the parser's ``Range`` types and choices to the values a recipe set (argparse checks only the
-    command line's): converted in place, or a one-line error naming the recipe and the option."""
-    for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if value is None or not (isinstance(action.type, Range) or action.choices is not None):
-            continue
-        many = action.nargs not in (None, '?')
-        if many and not isinstance(value, (list, tuple)):
-            value = [value]
-        flag = max(action.option_strings, key=len) if action.option_strings else action.dest
+def check_recipe(parser: argparse.ArgumentParser, cfg: dict, source: str) -> dict:
+    """A recipe's values as the command line would give them, from the parser's actions: a flag takes true or
+    false; --model-kwargs KEY=VALUE text (split as a shell would), a list of it or a mapping; an option of several
+    values one value or a list; each value a number of the option's type and range, or a string (a number becomes its
+    text), within its choices; null only where the default is null. Anything else is one line naming the recipe
+    and the option."""
+    actions = {a.dest: a for a in parser._actions if a.default is not argparse.SUPPRESS}
+    unknown = sorted(str(key) for key in cfg if key not in actions)
+    if unknown:
+        close = [m for key in unknown for m in difflib.get_close_matches(key.replace('-', '_'), actions, 1)]
+        raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ''))
+    values = {}
+    for key, value in cfg.items():
+        action = actions[key]
         try:
-            if isinstance(action.type, Range):
-                value = [action.type(v) for v in value] if many else action.type(value)
-            for v in (value if many else [value]):
-                if action.choices is not None and v not in action.choices:
-                    raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(repr, action.choices))}, "
-                                                     f"got {v!r}")
-            if many and isinstance(action.nargs, int) and len(value) != action.nargs:
-                raise argparse.ArgumentTypeError(f"takes {action.nargs} values, got {len(value)}")
+            values[key] = _recipe_value(action, value)
         except argparse.ArgumentTypeError as e:
+            flag = '--' + key.replace('_', '-')
+            if flag not in action.option_strings:
+                flag = max(action.option_strings, key=len) if action.option_strings else key
             raise UserError(f"{source}: {flag} {e}") from None
-        setattr(args, action.dest, value)
+    return values
+
+
+def _recipe_value(action: argparse.Action, value):
+    if value is None and action.default is None:
+        return None
+    if action.nargs == 0:   # store_true, store_false, BooleanOptionalAction
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
+        return value
+    if isinstance(action, ParseKwargs):
+        if value is None:   # an empty `model_kwargs:` entry: no extra arguments
+            return {}
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return value
+        try:
+            tokens = shlex.split(value) if isinstance(value, str) else value
+        except ValueError as e:   # an unclosed quote
+            raise argparse.ArgumentTypeError(f"{str(e).lower()} in {value!r}") from None
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+            raise argparse.ArgumentTypeError(f"must be KEY=VALUE text, a list of it or a mapping, got {value!r}")
+        return parse_kwargs(tokens)
+    if action.nargs == '?' and action.const is not None and isinstance(value, bool):
+        return action.const if value else action.default   # `--torchcompile: true` is the bare flag
+    many = action.nargs not in (None, '?')
+    convert = Range(action.type) if action.type in (int, float) else action.type
+    out = []
+    for v in (value if many and isinstance(value, list) else [value]):
+        if isinstance(convert, Range):
+            v = convert(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        elif not isinstance(v, str):
+            raise argparse.ArgumentTypeError(f"must be a string, got {v!r}")
+        if action.choices is not None and v not in action.choices:
+            raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(repr, action.choices))}, got {v!r}")
+        out.append(v)
+    if isinstance(action.nargs, int) and len(out) != action.nargs:
+        raise argparse.ArgumentTypeError(f"takes {action.nargs} values, got {len(out)}")
+    if action.nargs == '+' and not out:
+        raise argparse.ArgumentTypeError("takes at least 1 value, got none")
+    return out if many else out[0]
+
+
+def parse_kwargs(pairs: List[str]) -> dict:
+    """``['layers=(1,1,2,1)', 'union=add']`` -> dict, values parsed as Python literals when possible."""
+    kw = {}
+    for pair in pairs:
+        if '=' not in pair:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {pair!r}")
+        key, raw = pair.split('=', 1)
+        try:
+            kw[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kw[key] = raw
+    return kw
 
 
 class ParseKwargs(argparse.Action):
     """``--model-kwargs layers='(1,1,2,1)' union=add`` -> dict (values parsed as Python literals when possible)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        kw = dict(getattr(namespace, self.dest) or {})
-        for value in values:
-            if '=' not in value:
-                raise argparse.ArgumentError(self, f"expected key=value, got {value!r}")
-            key, raw = value.split('=', 1)
-            try:
-                kw[key] = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                kw[key] = raw
-        setattr(namespace, self.dest, kw)
+        try:
+            setattr(namespace, self.dest, {**(getattr(namespace, self.dest) or {}), **parse_kwargs(values)})
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
 
 
 def _data_args(parser, training: bool):
@@ -287,14 +338,8 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> 
             raise UserError(f"{known.config}: not valid YAML ({first_line(e)})") from None
         if not isinstance(cfg, dict):
             raise UserError(f"{known.config}: a recipe must be a mapping of option: value")
-        valid = {a.dest for a in parser._actions}
-        unknown = sorted(set(cfg) - valid)
-        if unknown:
-            raise UserError(f"{known.config}: unknown option(s) {', '.join(unknown)}")
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**check_recipe(parser, cfg, known.config))
     args = parser.parse_args(argv)
-    if known.config:
-        check_ranges(parser, args, known.config)
     channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
     for flag, values in (('--mean', args.mean), ('--std', args.std)):
         if values and len(values) not in (1, channels):
