@@ -32,6 +32,7 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(tmp_path, trained, capsys
     out = tmp_path / 'model.onnx'
     assert main(['export', '--checkpoint', ckpt, '--format', 'onnx', '--img-size', '42', '--output', str(out)]) == 0
     assert 'verified with onnxruntime' in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ['model.onnx', 'run']  # one self-contained file: no side or temporary files
     proto = onnx.load(str(out))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta['img_size'] == '42' and json.loads(meta['mean']) == pytest.approx([0.485, 0.456, 0.406])
@@ -67,17 +68,63 @@ def test_torchscript_export_matches_pytorch(tmp_path, trained):
         torch.testing.assert_close(scripted(x), model(x), atol=1e-4, rtol=0)
 
 
-def test_export_failed_verification_removes_the_file(tmp_path, trained, capsys, monkeypatch):
-    """A file whose runtime disagrees with PyTorch beyond --tolerance is removed (the disagreement is simulated:
-    the runtime is made to report a difference of 0.5)."""
+def test_export_failed_verification_writes_nothing_and_keeps_the_earlier_file(tmp_path, trained, capsys,
+                                                                               monkeypatch):
+    """The new file is checked as a temporary file beside --output, which it replaces only once it passes: a
+    failed check leaves no file of its own, and an earlier good export of that name as it was. The failures are
+    simulated: a runtime reporting a difference of 0.5, and one whose loaded file gives NaN (a weight set to NaN
+    after loading), which ``max`` used to drop from the difference."""
     import sequencer.export.export as export_mod
-    monkeypatch.setattr(export_mod, 'verify_torchscript', lambda *a, **k: 0.5)
     _, ckpt = trained
     out = tmp_path / 'model.pt'
-    assert main(['export', '--checkpoint', ckpt, '--format', 'torchscript', '--img-size', '35', '--tolerance', '0.1',
+    argv = ['export', '--checkpoint', ckpt, '--format', 'torchscript', '--img-size', '35', '--tolerance', '0.1',
+            '--output', str(out)]
+    assert main(argv) == 0
+    good = out.read_bytes()
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(export_mod, 'verify_torchscript', lambda *a, **k: 0.5)
+        assert main(argv) == 2
+    assert f'{out}: torch.jit.load differs from PyTorch by 0.5 (> tolerance 0.1); not written' in capsys.readouterr().err
+    assert out.read_bytes() == good
+
+    def load_with_a_nan_weight(*a, **k):
+        scripted = real_load(*a, **k)
+        with torch.no_grad():
+            next(scripted.parameters()).view(-1)[0] = float('nan')
+        return scripted
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, 'load', load_with_a_nan_weight)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and f"{out}: TorchScript gives NaN/inf logits for batch 1 where PyTorch's are finite" in err
+    assert out.read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ['model.pt', 'run']  # no temporary file left beside it
+
+
+def test_export_of_a_model_giving_nan_fails(tmp_path, trained, capsys):
+    """A NaN weight makes the logits NaN in PyTorch and in the exported file alike: the export fails naming the
+    checkpoint (it used to pass, a NaN difference being dropped by ``max``), and verify_* refuse NaN on either
+    side rather than report a difference of 0."""
+    from sequencer.export import ExportError, export_torchscript, verify_torchscript
+    model, _ = trained
+    broken = tiny_model(num_classes=5)
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.head.fc.weight[0, 0] = float('nan')
+    ckpt = save_training_checkpoint(str(tmp_path / 'nan.pth'), broken)
+    out = tmp_path / 'nan.pt'
+    assert main(['export', '--checkpoint', ckpt, '--format', 'torchscript', '--img-size', '35',
                  '--output', str(out)]) == 2
-    assert 'differs from PyTorch by 0.5 (> tolerance 0.1); file removed' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and f'{ckpt}: the model itself gives NaN/inf logits' in err
     assert not out.exists()
+    export_torchscript(broken, str(out), img_size=35)
+    with pytest.raises(ExportError, match="TorchScript gives NaN/inf logits for batch 1 where PyTorch's are finite"):
+        verify_torchscript(model, str(out), img_size=35)
+    export_torchscript(model, str(tmp_path / 'good.pt'), img_size=35)
+    with pytest.raises(ExportError, match="PyTorch's own logits are NaN/inf for batch 1: the model itself"):
+        verify_torchscript(broken, str(tmp_path / 'good.pt'), img_size=35)
 
 
 def test_export_user_errors_are_one_line(tmp_path, capsys):
@@ -88,7 +135,8 @@ def test_export_user_errors_are_one_line(tmp_path, capsys):
     assert proc.stderr.count('\n') == 1
     for args, expected in (
             (['--model', 'sequencer2d_s', '--checkpoint', str(tmp_path / 'missing.pth')], 'no such checkpoint file'),
-            (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '13'], 'opsets 17 (LayerNorm'),
+            (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '13'], 'opsets 18 to'),
+            (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '17'], 'with --exporter torchscript'),
             (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '99'], '--opset 99: the dynamo')):
         assert main(['export', *args, '--format', 'onnx', '--output', str(tmp_path / 'x.onnx')]) == 2
         err = capsys.readouterr().err

@@ -1,9 +1,10 @@
 """Atomic file writes: a temporary file in the same folder, flushed and fsynced, then renamed over the
 target, so that a crash at any instant leaves either the old file or the new one, never half of one."""
 import contextlib
+import errno
 import os
 import tempfile
-from typing import Callable, Dict, IO
+from typing import Callable, Dict, IO, Optional
 
 import torch
 
@@ -14,10 +15,29 @@ def _reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
+def _file_in_the_way(folder: str):
+    """The nearest existing one of ``folder`` and its parents where that is a file, not a folder; else None."""
+    while folder and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder if folder and not os.path.isdir(folder) else None
+
+
 def _temp_in(folder: str, name: str):
-    """(fd, path) of a new temporary file in ``folder`` (created with its parents if missing)."""
-    os.makedirs(folder, exist_ok=True)
+    """(fd, path) of a new temporary file in ``folder`` (created with its parents if missing). Where a file stands
+    in the place of the folder or of one of its parents, the ``OSError`` names it (makedirs says 'File exists')."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        blocker = _file_in_the_way(folder)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, f"Not a directory: {blocker} is a file, not a folder") from None
     return tempfile.mkstemp(prefix='.' + name + '.', suffix='.tmp', dir=folder)
+
+
+def _folder_of(path: str) -> str:
+    """The folder of a file's ``path``, as given (relative stays relative, for messages)."""
+    return os.path.dirname(os.path.normpath(path)) or os.curdir
 
 
 def check_output(path: str, what: str, folder: bool = False) -> None:
@@ -29,7 +49,7 @@ def check_output(path: str, what: str, folder: bool = False) -> None:
         raise UserError(f"{what} {path}: is a folder, not a file")
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"{what} {path}: is a file, not a folder")
-    target = path if folder else os.path.dirname(os.path.abspath(path))
+    target = path if folder else _folder_of(path)
     try:
         fd, tmp = _temp_in(target, os.path.basename(path) or 'check')
     except OSError as e:
@@ -40,10 +60,12 @@ def check_output(path: str, what: str, folder: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = 'w'):
+def atomic_open(path: str, mode: str = 'w', check: Optional[Callable[[str], None]] = None):
     """Open a temporary sibling of ``path`` for writing; on success it replaces ``path`` atomically. Where the
-    folder cannot be created, the file cannot be made or the rename fails, a ``UserError`` names ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
+    folder cannot be created, the file cannot be made or the rename fails, a ``UserError`` names ``path``.
+    ``check(temporary_path)``, if given, runs on the written file before the rename: if it raises, the temporary
+    file is removed and ``path`` stays as it was (an export that does not reproduce its model)."""
+    folder = _folder_of(path)
     try:
         fd, tmp = _temp_in(folder, os.path.basename(path))
     except OSError as e:
@@ -54,6 +76,8 @@ def atomic_open(path: str, mode: str = 'w'):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         try:
             os.replace(tmp, path)
         except OSError as e:
@@ -80,11 +104,12 @@ def _fsync_dir(folder: str):
             os.close(fd)
 
 
-def write_with(path: str, writer: Callable[[IO], None], mode: str = 'wb'):
+def write_with(path: str, writer: Callable[[IO], None], mode: str = 'wb',
+               check: Optional[Callable[[str], None]] = None):
     """``writer(f)`` into ``path``, atomically; a failed write (a full disk) is a ``UserError`` naming ``path``, and
-    the previous file stays as it was."""
+    the previous file stays as it was. ``check``: see ``atomic_open``."""
     try:
-        with atomic_open(path, mode) as f:
+        with atomic_open(path, mode, check) as f:
             writer(f)
     except OSError as e:
         raise UserError(f"cannot write {path}: {_reason(e)}") from None

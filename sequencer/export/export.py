@@ -4,15 +4,17 @@ The recurrences are exported from the native engine (``torch.nn.LSTM`` / ``GRU``
 exporters translate into ONNX's own LSTM / GRU / RNN operators. ONNX files have a dynamic batch axis;
 the spatial size is fixed at export time (``--img-size``). After writing, the file is loaded back and
 run on a random batch of another size; the largest absolute difference from the PyTorch logits is
-reported and must be within the tolerance (1e-4 by default) or the export fails. An ONNX file records the
-preprocessing it expects (mean, std, resolution, crop_pct, interpolation) in its metadata_props.
+reported and must be within the tolerance (1e-4 by default) or the export fails; NaN or inf in either
+output fails it too. The check runs on a temporary file beside the output, which replaces the output only once
+it passes: a failed export leaves an earlier file of that name as it was. An ONNX file is self-contained (its
+weights inside, no external-data side files; protobuf limits it to 2 GB, far above any Sequencer) and records
+the preprocessing it expects (mean, std, resolution, crop_pct, interpolation) in its metadata_props.
 """
 import argparse
 import io
 import json
-import os
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,22 +47,27 @@ def _input(model: nn.Module, img_size: Optional[int], batch: int, seed: int = 0)
 
 
 def check_opset(opset: int, dynamo: bool = True) -> None:
-    """Opsets from 17 (LayerNormalization) to the newest torch's exporter supports (its own constants; a newer
-    one fails only after the whole export)."""
+    """Opsets from 17 (LayerNormalization; 18 for the dynamo exporter, whose conversion down to 17 fails on these
+    models' reductions) to the newest torch's exporter supports (its own constants; a newer one fails only after
+    the whole export)."""
     from torch.onnx import _constants
     newest = getattr(_constants, 'ONNX_MAX_OPSET' if dynamo else 'ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET', 10 ** 6)
-    if not 17 <= opset <= newest:
+    oldest = 18 if dynamo else 17
+    if not oldest <= opset <= newest:
         raise UserError(f"--opset {opset}: the {'dynamo' if dynamo else 'torchscript'} exporter of this torch writes "
-                        f"opsets 17 (LayerNormalization) to {newest}")
+                        f"opsets {oldest} to {newest} of these models"
+                        + (" (17, the first with LayerNormalization, with --exporter torchscript)" if dynamo else ''))
 
 
 def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, opset: int = 18,
-                dynamo: bool = True, metadata: Optional[Dict[str, str]] = None) -> Dict:
+                dynamo: bool = True, metadata: Optional[Dict[str, str]] = None,
+                check: Optional[Callable[[str], None]] = None) -> Dict:
     """Write ``model`` as ONNX with a dynamic batch axis (input 'input' NCHW float32, output 'logits').
 
     ``dynamo=True`` uses torch.export (the supported exporter); ``False`` the TorchScript-based one.
-    ``metadata`` is stored in the file's metadata_props (e.g. the preprocessing it expects).
-    Returns a dict with the exporter used and the opset written.
+    ``metadata`` is stored in the file's metadata_props (e.g. the preprocessing it expects). The file is
+    self-contained (no external data). ``check(temporary_path)`` runs on the written file before it replaces
+    ``path``; if it raises, ``path`` stays as it was. Returns a dict with the exporter used and the opset written.
     """
     check_opset(opset, dynamo)
     model = _prepare(model)
@@ -89,9 +96,13 @@ def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, ops
         entry = proto.metadata_props.add()
         entry.key, entry.value = str(key), str(value)
     onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
-    write_with(path, lambda f: f.write(data))
     written = max(o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx'))
+    if written != opset:   # the dynamo exporter falls back to its own opset where it cannot convert down
+        raise ExportError(f"--opset {opset}: the {'dynamo' if dynamo else 'torchscript-based'} exporter wrote opset "
+                          f"{written} instead (it cannot convert this model to {opset}); nothing written. Use "
+                          f"--opset {written}" + (", or --exporter torchscript for opset 17" if dynamo else ''))
+    data = proto.SerializeToString()
+    write_with(path, lambda f: f.write(data), check=check)
     return dict(exporter='dynamo' if dynamo else 'torchscript-based', opset=written, size=x.shape[-1])
 
 
@@ -103,7 +114,8 @@ def _warn_if_constant(ref: torch.Tensor, log=print):
 
 def verify_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, batches: Sequence[int] = (1, 3),
                 log=None) -> float:
-    """Largest absolute difference between onnxruntime's and PyTorch's logits over random batches."""
+    """Largest absolute difference between onnxruntime's and PyTorch's logits over random batches (an
+    ``ExportError`` where either gives NaN/inf or the shapes differ)."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -111,12 +123,13 @@ def verify_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, bat
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     return _max_difference(model, lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0]),
-                           path, 'onnxruntime', img_size, batches, log)
+                           'onnxruntime', img_size, batches, log)
 
 
-def _max_difference(model: nn.Module, exported, path: str, runtime: str, img_size: Optional[int],
+def _max_difference(model: nn.Module, exported, runtime: str, img_size: Optional[int],
                     batches: Sequence[int], log) -> float:
-    """Largest absolute difference between ``exported(x)`` and the PyTorch logits over random batches."""
+    """Largest absolute difference between ``exported(x)`` and the PyTorch logits over random batches; NaN or inf
+    in either, or differing shapes, is an ``ExportError`` (``max`` would silently drop a NaN difference)."""
     model = _prepare(model)
     worst = 0.0
     for i, b in enumerate(batches):
@@ -124,17 +137,23 @@ def _max_difference(model: nn.Module, exported, path: str, runtime: str, img_siz
         with torch.no_grad():
             ref = model(x)
             out = exported(x)
+        if not torch.isfinite(ref).all():
+            raise ExportError(f"PyTorch's own logits are NaN/inf for batch {b}: the model itself produces them")
         if i == 0:
             _warn_if_constant(ref, log)
         if out.shape != ref.shape:
-            raise ExportError(f"{path}: {runtime} gives shape {tuple(out.shape)} for batch {b}, PyTorch "
+            raise ExportError(f"{runtime} gives shape {tuple(out.shape)} for batch {b}, PyTorch "
                               f"{tuple(ref.shape)}")
+        if not torch.isfinite(out).all():
+            raise ExportError(f"{runtime} gives NaN/inf logits for batch {b} where PyTorch's are finite")
         worst = max(worst, (out - ref).abs().max().item())
     return worst
 
 
-def export_torchscript(model: nn.Module, path: str, img_size: Optional[int] = None) -> Dict:
-    """Write ``model`` as TorchScript (traced on the native RNN engine; any batch size)."""
+def export_torchscript(model: nn.Module, path: str, img_size: Optional[int] = None,
+                       check: Optional[Callable[[str], None]] = None) -> Dict:
+    """Write ``model`` as TorchScript (traced on the native RNN engine; any batch size). ``check``: as for
+    ``export_onnx``."""
     model = _prepare(model)
     x = _input(model, img_size, batch=2)
     with warnings.catch_warnings(), torch.no_grad():
@@ -147,17 +166,18 @@ def export_torchscript(model: nn.Module, path: str, img_size: Optional[int] = No
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
     data = buf.getvalue()
-    write_with(path, lambda f: f.write(data))
+    write_with(path, lambda f: f.write(data), check=check)
     return dict(exporter='torch.jit.trace', size=x.shape[-1])
 
 
 def verify_torchscript(model: nn.Module, path: str, img_size: Optional[int] = None,
                        batches: Sequence[int] = (1, 3), log=None) -> float:
-    """Largest absolute difference between the TorchScript file's and PyTorch's logits over random batches."""
+    """Largest absolute difference between the TorchScript file's and PyTorch's logits over random batches (an
+    ``ExportError`` where either gives NaN/inf or the shapes differ)."""
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         loaded = torch.jit.load(path, map_location='cpu')
-    return _max_difference(model, loaded, path, 'TorchScript', img_size, batches, log)
+    return _max_difference(model, loaded, 'TorchScript', img_size, batches, log)
 
 
 # ---- command --------------------------------------------------------------------------------------------
@@ -186,33 +206,43 @@ def run(args) -> int:
     if args.format == 'onnx':
         check_opset(args.opset, args.exporter == 'dynamo')
     loaded = model_from_args(args, device=torch.device('cpu'))
-    model = loaded.model
+    model = _prepare(loaded.model)
     args.img_size = args.img_size or loaded.img_size
     cfg = loaded.data_config(img_size=args.img_size)
+    with torch.no_grad():
+        if not torch.isfinite(model(_input(model, args.img_size, batch=1))).all():
+            raise ExportError(f"{loaded.checkpoint or loaded.label}: the model itself gives NaN/inf logits (NaN/inf "
+                              f"weights?); nothing exported")
     print(f"export: {loaded.label} -> {args.output} ({args.format})")
+    runtime = 'onnxruntime' if args.format == 'onnx' else 'torch.jit.load'
+    verify = verify_onnx if args.format == 'onnx' else verify_torchscript
+
+    def check(tmp: str):  # on the temporary file, which replaces args.output only if this returns
+        try:
+            diff = verify(model, tmp, img_size=args.img_size, log=print)
+        except ExportError as e:
+            raise ExportError(f"{args.output}: {e}; not written") from None
+        if not diff <= args.tolerance:
+            raise ExportError(f"{args.output}: {runtime} differs from PyTorch by {diff:.3g} (> tolerance "
+                              f"{args.tolerance:g}); not written")
+        print(f"export: verified with {runtime}: max |difference| {diff:.3g} <= {args.tolerance:g} "
+              f"(batches of 1 and 3)")
+
+    check = None if args.no_verify else check
     if args.format == 'onnx':
         meta = dict(architecture=loaded.name, img_size=args.img_size, mean=list(cfg['mean']), std=list(cfg['std']),
                     crop_pct=cfg['crop_pct'], interpolation=cfg['interpolation'], num_classes=model.num_classes)
         info = export_onnx(model, args.output, img_size=args.img_size, opset=args.opset,
-                           dynamo=args.exporter == 'dynamo', metadata={k: json.dumps(v) if isinstance(v, list) else v
-                                                                       for k, v in meta.items()})
+                           dynamo=args.exporter == 'dynamo', check=check,
+                           metadata={k: json.dumps(v) if isinstance(v, list) else v for k, v in meta.items()})
         print(f"export: wrote {args.output} (ONNX opset {info['opset']}, {info['exporter']} exporter, "
               f"input N x {getattr(model, 'in_chans', 3)} x {info['size']} x {info['size']})")
-        verify = verify_onnx
     else:
-        info = export_torchscript(model, args.output, img_size=args.img_size)
+        info = export_torchscript(model, args.output, img_size=args.img_size, check=check)
         print(f"export: wrote {args.output} (TorchScript, input N x {getattr(model, 'in_chans', 3)} x "
               f"{info['size']} x {info['size']})")
-        verify = verify_torchscript
     if args.no_verify:
         return 0
-    diff = verify(model, args.output, img_size=args.img_size, log=print)
-    runtime = 'onnxruntime' if args.format == 'onnx' else 'torch.jit.load'
-    if not diff <= args.tolerance:
-        os.unlink(args.output)  # a file that does not reproduce the model is not left behind
-        raise ExportError(f"{args.output}: {runtime} differs from PyTorch by {diff:.3g} (> tolerance "
-                          f"{args.tolerance:g}); file removed")
-    print(f"export: verified with {runtime}: max |difference| {diff:.3g} <= {args.tolerance:g} (batches of 1 and 3)")
     print(f"export: inputs are RGB in [0, 1] normalised with mean {tuple(round(m, 4) for m in cfg['mean'])} and std "
           f"{tuple(round(s, 4) for s in cfg['std'])}, resized and centre-cropped to {args.img_size} px "
           f"(crop_pct {cfg['crop_pct']}, {cfg['interpolation']})")
