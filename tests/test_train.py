@@ -314,3 +314,23 @@ def test_cpu_training_keeps_freed_heap_memory_unless_told_not_to(tmp_path, monke
         assert main(['train', data, *TINY, '-b', '2', '--epochs', '1', '-j', '0', '--device', 'cpu',
                      '--output', str(tmp_path / 'out'), '--experiment', f'run{len(extra)}', *extra]) == 0
         assert len(calls) == want
+
+
+def test_interrupted_demo_resumes_from_its_recovery_checkpoint(tmp_path, monkeypatch, capsys):
+    """An interrupted demo exits 128 + signal without validating, with a hint that is its own command; the next
+    demo resumes from recovery.pth.tar (the only checkpoint of a first epoch cut short)."""
+    from sequencer.engine import demo
+    seen = []
+
+    def fake_train(args):
+        seen.append((args.resume, args.resume_hint))
+        return {'interrupted': 'SIGINT', 'folder': str(tmp_path / 'digits-run')}
+
+    monkeypatch.setattr(demo.train_mod, 'train', fake_train)
+    monkeypatch.setattr(demo.validate_mod, 'validate', lambda args: pytest.fail('validated an interrupted run'))
+    assert demo.main(['--output', str(tmp_path), '--epochs', '1']) == 130
+    (tmp_path / 'digits-run').mkdir(exist_ok=True)
+    (tmp_path / 'digits-run' / 'recovery.pth.tar').write_bytes(b'')
+    assert demo.main(['--output', str(tmp_path), '--epochs', '1']) == 130
+    assert [r for r, _ in seen] == ['', 'auto']
+    assert seen[0][1] == f"run `sequencer demo --output {tmp_path}` again to continue"
