@@ -129,6 +129,19 @@ def class_names_of(ds) -> Optional[list]:
     return list(getattr(ds, 'classes', []) or []) or None
 
 
+def class_difference(recorded, found) -> Optional[str]:
+    """Where the class names a model was trained on (``recorded``, a checkpoint's ``class_names``) and a dataset's
+    (``found``) first differ, in words; None where they agree or either is unknown. Their order decides which
+    output is which class."""
+    if not isinstance(recorded, (list, tuple)) or not found or list(recorded) == list(found):
+        return None
+    n = min(len(recorded), len(found))
+    i = next((i for i in range(n) if recorded[i] != found[i]), n)
+    if i < n:
+        return f"class {i} is {found[i]!r} in the data, {recorded[i]!r} in training"
+    return f"{len(found)} classes in the data, {len(recorded)} in training"
+
+
 class Samples(Dataset):
     """Seeded, explicit-error view of a dataset: ``(image_tensor, target)`` or ``None`` for a skipped sample."""
 

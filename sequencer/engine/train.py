@@ -31,7 +31,8 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, make_loader, num_classes_of
+from ..data.datasets import (Samples, ShardSampler, build_dataset, class_difference, class_names_of, make_loader,
+                              num_classes_of)
 from ..data.loaders import check_input_size, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
 from ..models import load_checkpoint
@@ -178,11 +179,8 @@ def _check_resume_fits(ckpt: Dict, path: str, args, classes: Optional[List[str]]
     if not args.no_resume_opt and run.get('opt') and str(run['opt']).lower() != str(args.opt).lower():
         raise UserError(f"{path}: the run trained with --opt {run['opt']}, not --opt {args.opt}; resume with "
                         f"--opt {run['opt']}, or pass --no-resume-opt to start the optimizer afresh")
-    recorded = ckpt.get('class_names')
-    if isinstance(recorded, (list, tuple)) and classes and list(recorded) != list(classes):
-        i = next((i for i, (a, b) in enumerate(zip(recorded, classes)) if a != b), min(len(recorded), len(classes)))
-        what = (f"class {i} is {classes[i]!r} in the data, {recorded[i]!r} in the run" if i < min(len(recorded),
-                len(classes)) else f"{len(classes)} classes in the data, {len(recorded)} in the run")
+    what = class_difference(ckpt.get('class_names'), classes)
+    if what:
         raise UserError(f"{path}: the run trained on other classes ({what}); resume on the run's data, or start a "
                         f"new run from these weights with --initial-checkpoint")
     if ckpt.get('next_batch'):

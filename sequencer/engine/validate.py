@@ -17,7 +17,8 @@ from typing import Dict, Optional
 
 from timm.data import create_transform, resolve_data_config
 
-from ..data.datasets import Samples, ShardSampler, build_dataset, class_names_of, num_classes_of, make_loader
+from ..data.datasets import (Samples, ShardSampler, build_dataset, class_difference, class_names_of, make_loader,
+                              num_classes_of)
 from ..data.loaders import check_input_size
 from ..errors import UserError
 from ..models import get_spec
@@ -63,13 +64,9 @@ def _run_settings(args, meta: Dict, log) -> None:
 
 
 def _check_class_names(meta: Dict, ds, weights: str, log) -> None:
-    """A note when the data's class folders are not those the checkpoint was trained on (their order decides
-    which output is which class, so the figures would compare other classes)."""
-    recorded, found = meta.get('class_names'), class_names_of(ds)
-    if isinstance(recorded, (list, tuple)) and found and list(recorded) != list(found):
-        diff = next((i for i, (a, b) in enumerate(zip(recorded, found)) if a != b), min(len(recorded), len(found)))
-        what = (f"class {diff} is {found[diff]!r} here, {recorded[diff]!r} in training"
-                if diff < min(len(recorded), len(found)) else f"{len(found)} classes here, {len(recorded)} in training")
+    """A warning when the data's class folders are not those the checkpoint was trained on."""
+    what = class_difference(meta.get('class_names'), class_names_of(ds))
+    if what:
         log(f"warning: the data's classes are not those {weights} was trained on ({what}); the figures compare "
             f"each output with another class than it learned")
 
