@@ -4,7 +4,7 @@ import os
 from typing import Dict, Optional, Sequence
 
 import torch
-from timm.data import create_dataset, resolve_data_config
+from timm.data import auto_augment, create_dataset, resolve_data_config
 
 from ..errors import UserError
 
@@ -71,14 +71,12 @@ def posterize_keeps_zero_bits() -> None:
     between ... 1 and 8``): training would stop on an arbitrary image about once per thousand. This makes timm's
     posterize ops return that black image again (the same result as before, whatever the Pillow version).
     Idempotent."""
-    from timm.data import auto_augment as aa
-    for name, op in list(aa.NAME_TO_OP.items()):
-        if op is aa.posterize:
-            aa.NAME_TO_OP[name] = _posterize
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
 
 
 def _posterize(img, bits_to_keep, **kwargs):
-    from timm.data import auto_augment as aa
     if bits_to_keep <= 0:   # every bit masked off, as ImageOps.posterize computed it before Pillow 13
         return img.point([0] * 256 * len(img.getbands()))
-    return aa.posterize(img, bits_to_keep, **kwargs)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)

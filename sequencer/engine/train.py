@@ -36,7 +36,7 @@ from ..data.datasets import (Samples, ShardSampler, build_dataset, class_differe
 from ..data.loaders import check_input_size, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
 from ..models import load_checkpoint
-from ..models.weights import CheckpointError, read_file
+from ..models.weights import CheckpointError, load_state_dict, read_file, unwrap
 from .args import build_train_parser, parse
 from .evaluate import autocast, check_compile_flags, evaluate, torch_compile
 from .io import check_output, save_torch, write_text
@@ -466,7 +466,7 @@ def train(args) -> Dict:
         if ckpt is None:
             raise UserError(f"{resume_path}: not a complete training checkpoint (missing, truncated or corrupt)")
         _check_resume_fits(ckpt, resume_path, args, classes, d.world)
-        load_checkpoint(model, resume_path)
+        load_state_dict(model, unwrap(ckpt), source=resume_path)   # the file read once, above
         if not args.no_resume_opt:
             try:
                 optimizer.load_state_dict(ckpt['optimizer'])
@@ -505,7 +505,8 @@ def train(args) -> Dict:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("--log-tensorboard needs the tensorboard package (pip install tensorboard, or the tensorboard extra of this package)") from None
+            raise UserError("--log-tensorboard needs the tensorboard package (pip install tensorboard, or the "
+                            "tensorboard extra of this package)") from None
         writer = SummaryWriter(os.path.join(folder, 'tensorboard'))
 
     global_batch = args.batch_size * d.world * args.grad_accum_steps

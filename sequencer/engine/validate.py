@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 from timm.data import create_transform, resolve_data_config
 
@@ -22,10 +22,10 @@ from ..data.datasets import (Samples, ShardSampler, build_dataset, class_differe
 from ..data.loaders import check_input_size
 from ..errors import UserError
 from ..models import get_spec
-from ..models.weights import convert_state_dict, load_state_dict
+from ..models.weights import load_state_dict
 from .args import build_validate_parser, parse
 from .evaluate import check_compile_flags, check_num_classes, evaluate, torch_compile
-from .loading import _args_of, create_model_checked, read_checkpoint
+from .loading import _args_of, _head_width, create_model_checked, read_checkpoint
 from .io import check_output, write_text
 from .train import Dist, Log, amp_dtype_for
 
@@ -69,11 +69,6 @@ def _check_class_names(meta: Dict, ds, weights: str, log) -> None:
     if what:
         log(f"warning: the data's classes are not those {weights} was trained on ({what}); the figures compare "
             f"each output with another class than it learned")
-
-
-def _head_width(sd: Dict) -> Optional[int]:
-    w = convert_state_dict(sd).get('head.fc.weight')
-    return int(w.shape[0]) if w is not None else None
 
 
 def _check_published_weights_fit(name: str, kwargs: Dict, implicit: bool) -> None:
