@@ -276,6 +276,25 @@ def test_autocast_bf16_dtype_and_values():
     assert xr.grad.dtype == torch.float32 and m.rnn_v.weight_hh_l0.grad.dtype == torch.float32
 
 
+def test_fused_layer_does_not_query_autocast_availability_on_cpu_or_cuda(monkeypatch):
+    """torch 2.11's torch.compile cannot trace ``torch.amp.is_autocast_available`` (seen on an H200: a graph
+    break in every fused layer, an error under fullgraph), so the fused layer must not ask it for CPU or CUDA
+    tensors, whose autocast always exists."""
+    def refuse(device_type):
+        raise AssertionError(f'is_autocast_available({device_type!r}) was called')
+
+    monkeypatch.setattr(torch.amp, 'is_autocast_available', refuse)
+    torch.manual_seed(0)
+    m = RNN2D(16, 4)
+    m.engine = 'fused'
+    x = torch.randn(2, 3, 5, 16, requires_grad=True)
+    for autocast in (False, True):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            y = m(x)
+        y.float().sum().backward()
+    assert x.grad is not None
+
+
 def test_torch_compile_fused_whole_graph(impl):
     """The fused engine compiles without graph breaks and matches eager (forward and backward).
 

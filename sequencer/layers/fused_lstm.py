@@ -64,7 +64,11 @@ _G_SCALE = -2.0
 
 
 def _has_autocast(device_type: str) -> bool:
-    """Whether autocast exists for this device type (not for 'meta', where asking about it raises)."""
+    """Whether autocast exists for this device type (not for 'meta', where asking about it raises). CPU and
+    CUDA always have it, answered without the query, which torch.compile cannot trace in torch 2.11 (a graph
+    break in every fused layer there; torch 2.14 traces it)."""
+    if device_type in ('cpu', 'cuda'):
+        return True
     available = getattr(torch.amp, 'is_autocast_available', None)
     return available is None or available(device_type)
 
