@@ -79,7 +79,7 @@ step infer infer_eager 120 "${INFER[@]}" --rnn-engine fused --results-file "$OUT
 step infer infer_compiled 400 "${INFER[@]}" --rnn-engine fused --compile --results-file "$OUT/s_infer_bf16_b256_compiled.json"
 step infer infer_auto 120 "${INFER[@]}" --rnn-engine auto --results-file "$OUT/s_infer_bf16_b256_auto.json"
 
-step diag tests 300 "$PY" -m pytest -q -p no:warnings tests/test_fused.py tests/test_triton_norm.py -k cuda
+step diag tests 300 "$PY" -m pytest -p no:warnings tests/test_fused.py tests/test_triton_norm.py -k cuda
 step diag accuracy 60 "$PY" scripts/check_gpu_autocast_accuracy.py
 step diag profile_fused 90 "$PY" scripts/profile_step.py --rnn-engine fused --top 30
 step diag profile_timm 90 "$PY" scripts/profile_step.py --timm --top 15

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sequencer.analysis.benchmark import FIELDS, timm_name_for
+from sequencer.analysis.benchmark import FIELDS, _uses_cuda_graphs, timm_name_for
 from sequencer.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,3 +279,11 @@ def test_gpu_benchmarks_script_runs_the_steps_asked_for(tmp_path):
     for what, name in (('train,nosuchstep', 'nosuchstep'), ('train infer', 'train infer'), ('train,,tests', '')):
         bad = subprocess.run(['bash', script, what], env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and f"unknown step or part '{name}'" in bad.stderr, (what, bad.stderr)
+
+
+def test_cuda_graph_modes_are_recognised():
+    """The compile modes that replay CUDA graphs, whose replays' CUDA peak memory is not reported (the graphs'
+    pool was allocated at capture)."""
+    assert _uses_cuda_graphs('reduce-overhead') and _uses_cuda_graphs('max-autotune')
+    assert not _uses_cuda_graphs('max-autotune-no-cudagraphs')
+    assert not _uses_cuda_graphs('default') and not _uses_cuda_graphs(None)

@@ -14,7 +14,9 @@ Figures reported per model and mode:
 
 * ``img_per_s``: images per second over the measured steps (batch * steps / total step time);
 * ``latency_ms_median`` / ``latency_ms_p90``: per-step wall time;
-* ``peak_mem_mb``: on CUDA the maximum allocated memory during one step (weights included); on CPU the
+* ``peak_mem_mb``: on CUDA the maximum allocated memory during one step (weights included; not reported for
+  a model replaying CUDA graphs, ``--compile-mode reduce-overhead`` or ``max-autotune``, whose memory pool
+  was allocated when the graphs were captured, so a replay's peak leaves it out); on CPU the
   increase of the process's resident set during one step, measured by resetting the kernel's RSS
   high-water mark (``/proc/self/clear_refs``) after returning freed heap memory to the system
   (``malloc_trim``), then reading ``VmHWM``; or, with ``--cpu-memory tensors``, the peak of the bytes of
@@ -456,6 +458,14 @@ class _CpuPeakTensors:
         return peak / 2 ** 20
 
 
+def _uses_cuda_graphs(compile_mode: Optional[str]) -> bool:
+    """Whether torch.compile's mode replays CUDA graphs ('reduce-overhead', 'max-autotune')."""
+    if compile_mode is None:
+        return False
+    from torch._inductor import list_mode_options
+    return bool(list_mode_options(compile_mode).get('triton.cudagraphs'))
+
+
 def peak_memory_mb(step: Step, device: torch.device, cpu_probe) -> float:
     step.prepare()
     if device.type == 'cuda':
@@ -628,6 +638,8 @@ def run(args) -> int:
         mems = {}
         if not args.no_memory:
             for name, s in steps.items():
+                if device.type == 'cuda' and compiled[name] and _uses_cuda_graphs(args.compile_mode):
+                    continue   # the graphs' memory pool was allocated at capture: a replay's peak omits it
                 mems[name] = peak_memory_mb(s, device, cpu_probe)
         work = macs * (3 if mode == 'train' else 1)
         engine = _resolved_engine(ours, mode, device, args.precision, compiled=compile_)
