@@ -115,6 +115,48 @@ def test_hf_hub_id_from_the_cache(trained):
     check(load_checkpoint(small(), 'hf-hub:someone/tiny-seq'), x, y)
 
 
+def _online_without_network(monkeypatch, refuse):
+    """The hub not in offline mode, no proxy, and ``socket.create_connection`` replaced by ``refuse``."""
+    import huggingface_hub.constants as hf_constants
+    import socket
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
+    for var in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy'):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+
+
+def test_hf_hub_id_in_the_cache_needs_no_network(monkeypatch, trained):
+    model, x, y = trained
+    _put_in_hf_cache('someone/tiny-seq', 'model.safetensors', model.state_dict())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('a connection was opened for a cached file')
+    _online_without_network(monkeypatch, refuse)
+    check(load_checkpoint(small(), 'hf-hub:someone/tiny-seq'), x, y)
+
+
+def test_hf_hub_id_without_network_fails_at_once_in_one_line(monkeypatch):
+    """Offline and not cached: one line naming the id and the unreachable host, without a download attempt
+    (huggingface_hub retries each for tens of seconds)."""
+    import huggingface_hub
+    calls = []
+    real = huggingface_hub.hf_hub_download
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get('local_files_only', False))
+        return real(*args, **kwargs)
+
+    def refuse(*args, **kwargs):
+        raise OSError('[Errno -2] Name or service not known')
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', recording)
+    _online_without_network(monkeypatch, refuse)
+    with pytest.raises(CheckpointError, match=r'^hf-hub:someone/absent: not in the local Hugging Face cache .* '
+                                              r'huggingface\.co cannot be reached \(\[Errno -2\]') as e:
+        load_checkpoint(small(), 'hf-hub:someone/absent')
+    assert '\n' not in str(e.value)
+    assert calls and all(calls), calls   # the cache only: no download was attempted
+
+
 def test_pretrained_uses_the_reference_release(monkeypatch):
     ref = randomize(create_model('sequencer2d_s'), seed=11).eval()
     cache = os.path.join(torch.hub.get_dir(), 'checkpoints')

@@ -13,6 +13,7 @@ Pickled files are opened with ``weights_only=True``: they cannot execute code wh
 import hashlib
 import os
 import re
+import socket
 import warnings
 import zipfile
 from typing import Dict, Iterable, Optional, Tuple
@@ -37,15 +38,7 @@ def resolve_path(path_or_url: str, check_hash: Optional[str] = None) -> str:
     """A local file for a path, an http(s) URL (via the torch hub cache) or an ``hf-hub:org/name`` id."""
     path_or_url = os.fspath(path_or_url)
     if path_or_url.startswith('hf-hub:'):
-        from huggingface_hub import hf_hub_download
-        repo = path_or_url[len('hf-hub:'):]
-        errors = []
-        for filename in ('model.safetensors', 'pytorch_model.bin'):
-            try:
-                return hf_hub_download(repo, filename)
-            except Exception as e:  # offline, missing file, unknown repo
-                errors.append(f"{filename}: {type(e).__name__}")
-        raise CheckpointError(f"{path_or_url}: could not fetch weights from the Hugging Face hub ({'; '.join(errors)})")
+        return _from_hub(path_or_url)
     if path_or_url.startswith(('http://', 'https://')):
         name = os.path.basename(urlparse(path_or_url).path)
         cached = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
@@ -63,6 +56,41 @@ def resolve_path(path_or_url: str, check_hash: Optional[str] = None) -> str:
     if check_hash:
         _check_sha256(path_or_url, check_hash)
     return path_or_url
+
+
+_HUB_FILES = ('model.safetensors', 'pytorch_model.bin')
+_PROXY_VARS = ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')
+
+
+def _from_hub(spec: str) -> str:
+    """A local file for an ``hf-hub:org/name`` id. The local cache is read first, without a request; a file
+    not there is downloaded, after a short check that the hub's host can be reached at all: offline,
+    huggingface_hub retries each request for tens of seconds before it gives up."""
+    from huggingface_hub import constants, hf_hub_download
+    repo = spec[len('hf-hub:'):]
+    for filename in _HUB_FILES:
+        try:
+            return hf_hub_download(repo, filename, local_files_only=True)
+        except Exception:  # not in the cache (or a malformed id: the download below names the error)
+            pass
+    if constants.is_offline_mode():
+        raise CheckpointError(f"{spec}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                              f"HF_HUB_OFFLINE is set")
+    host = urlparse(constants.ENDPOINT).hostname
+    if host and not any(os.environ.get(v) for v in _PROXY_VARS):   # through a proxy, the proxy decides
+        try:
+            socket.create_connection((host, 443), timeout=10).close()
+        except OSError as e:
+            raise CheckpointError(f"{spec}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                                  f"and {host} cannot be reached ({e}); fetch it where there is a network, "
+                                  f"or pass a local file") from None
+    errors = []
+    for filename in _HUB_FILES:
+        try:
+            return hf_hub_download(repo, filename)
+        except Exception as e:  # missing file, unknown repo, network
+            errors.append(f"{filename}: {type(e).__name__}")
+    raise CheckpointError(f"{spec}: could not fetch weights from the Hugging Face hub ({'; '.join(errors)})")
 
 
 def _check_sha256(path: str, expected: str):
