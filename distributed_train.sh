@@ -14,4 +14,10 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PY="$HERE/.venv/bin/python"; else PY=python3; fi
 fi
+# the flags are checked once, here, so that a mistake gives one line (exit 2) rather than one per process
+# and torchrun's traceback; --help is shown once
+"$PY" "$HERE/train.py" --check-args "$@"
+for a in "$@"; do
+  if [ "$a" = "-h" ] || [ "$a" = "--help" ]; then exit 0; fi
+done
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NUM_PROC" "$HERE/train.py" "$@"

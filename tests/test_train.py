@@ -52,6 +52,28 @@ def weights(path):
     return read_file(path)['state_dict']
 
 
+@pytest.mark.parametrize('flags, message', [
+    (['/no/such/folder', '--model', 'sequencer2d_s'], '/no/such/folder: data directory does not exist'),
+    (['.', '--model', 'sequencer2d_s', '--mixup', '0.8', '-b', '3'], '--mixup / --cutmix need an even --batch-size'),
+    (['.', '--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+])
+def test_distributed_launch_refuses_bad_flags_once_before_starting(tmp_path, flags, message):
+    """A mistake in the flags of ./distributed_train.sh: one line and exit status 2, checked in one process
+    before torchrun starts any (not one error per process followed by torchrun's traceback)."""
+    proc = run([os.path.join(ROOT, 'distributed_train.sh'), '2', *flags], cwd=tmp_path, timeout=120, check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert 'torch.distributed' not in proc.stderr and os.listdir(tmp_path) == []
+
+
+def test_check_args_builds_and_writes_nothing(tmp_path):
+    make_image_folder(tmp_path / 'data', classes=2, train_per_class=1, val_per_class=1)
+    proc = run([sys.executable, os.path.join(ROOT, 'train.py'), str(tmp_path / 'data'), *TINY, '--check-args'],
+               cwd=tmp_path, timeout=120)
+    assert proc.stdout == '' and sorted(os.listdir(tmp_path)) == ['data']
+
+
 def test_seed_command_1_from_scratch_ddp(tmp_path):
     data = make_image_folder(tmp_path / 'imagenet', classes=3, train_per_class=2, val_per_class=1)
     run([os.path.join(ROOT, 'distributed_train.sh'), '2', data, '--model', 'sequencer2d_s', '-b', '2', '-j', '0',

@@ -334,8 +334,25 @@ class Progress:
 # ---- the run ----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args, _ = parse(build_train_parser(), argv)
+    if args.check_args:   # the flags and the data folder only: nothing is built, nothing is written
+        check_args(args)
+        return 0
     result = train(args)
     return exit_status(result)
+
+
+def check_args(args) -> None:
+    """The checks of the flags that need neither a process group nor the data's contents: one line (a
+    UserError) for the first that fails."""
+    if not args.data_dir and not args.dataset.startswith('torch/'):
+        raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
+    if args.data_dir and not args.dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) \
+            and not os.path.isdir(args.data_dir):
+        raise UserError(f"{args.data_dir}: data directory does not exist")
+    check_compile_flags(args.torchcompile, args.torchcompile_mode)
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
+        if args.batch_size % 2:
+            raise UserError(f"--mixup / --cutmix need an even --batch-size, got {args.batch_size}")
 
 
 def exit_status(result: Dict) -> int:
@@ -348,12 +365,7 @@ def exit_status(result: Dict) -> int:
 def train(args) -> Dict:
     d = Dist(args.device)
     log = Log(d.main)
-    if not args.data_dir and not args.dataset.startswith('torch/'):
-        raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
-    check_compile_flags(args.torchcompile, args.torchcompile_mode)
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
-        if args.batch_size % 2:
-            raise UserError(f"--mixup / --cutmix need an even --batch-size, got {args.batch_size}")
+    check_args(args)
     amp_dtype = amp_dtype_for(args, d.device, log)
     random.seed(args.seed + d.rank)
     np.random.seed(args.seed + d.rank)
