@@ -303,8 +303,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--nonfinite', default='stop', choices=['stop', 'skip'],
                    help='non-finite loss: stop keeping the last good checkpoint, or skip the step')
     g.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
-    # distributed_train.sh checks the flags once, in one process, before torchrun starts the processes
-    g.add_argument('--check-args', action='store_true', help=argparse.SUPPRESS)
+    g.add_argument('--check-args', action='store_true',
+                   help='check the flags and the data folder, then exit without training (distributed_train.sh '
+                   'runs this once before torchrun)')
     return parser
 
 
