@@ -20,6 +20,7 @@
 #          accuracy     each engine's error under bf16 autocast (scripts/check_gpu_autocast_accuracy.py)
 #          profile_fused, profile_timm   one training step of each model under torch.profiler
 #          recurrence   one BiLSTM2D and its kernels alone, every launch configuration
+#          norm         the Triton pre-norm kernels alone; the backward in a grid of launch configurations
 # The minute figures are estimates (compilation dominates the compiled steps), not measurements.
 # Every step writes its log and results into OUTPUT_DIR; a step that fails or overruns does not stop the others.
 set -uo pipefail
@@ -33,7 +34,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 PARTS=(train infer diag)
 STEPS=(train_fused train_fused_plain_norm train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
-       infer_eager infer_compiled infer_auto tests accuracy profile_fused profile_timm recurrence)
+       infer_eager infer_compiled infer_auto tests accuracy profile_fused profile_timm recurrence norm)
 IFS=, read -ra ITEMS <<<"$WHAT"
 if [[ ${#ITEMS[@]} -eq 0 ]]; then ITEMS=(""); fi
 for w in "${ITEMS[@]}"; do
@@ -84,4 +85,5 @@ step diag accuracy 60 "$PY" scripts/check_gpu_autocast_accuracy.py
 step diag profile_fused 90 "$PY" scripts/profile_step.py --rnn-engine fused --top 30
 step diag profile_timm 90 "$PY" scripts/profile_step.py --timm --top 15
 step diag recurrence 150 "$PY" scripts/microbench_gpu_recurrence.py --configs --json "$OUT/recurrence.json"
+step diag norm 120 "$PY" scripts/microbench_gpu_norm.py --json "$OUT/norm.json"
 echo "results in $OUT"

@@ -1,5 +1,6 @@
 """The GPU pre-norm (Triton LayerNorm fused with the residual's gradient), run by Triton's interpreter on CPU
 tensors: the kernels against torch's LayerNorm, and whole models against the same models without them."""
+import json
 import os
 import subprocess
 import sys
@@ -46,6 +47,13 @@ _KERNELS = '''
             err = max((dx - want).abs().max().item(), (dw - wr.grad).abs().max().item(),
                       (db - br.grad).abs().max().item())
             print(f'BWD_{M}_{res is not None}', err, want.abs().max().item())
+        # other launch configurations (rows per loop step, warps) give the same gradients
+        for block_m, warps in ((1, 1), (16, 8)):
+            dx, dwb = tn.norm_backward(g, x, torch.stack([mean, rstd]), w, g_res, max_programs=max_programs,
+                                       block_m=block_m, num_warps=warps)
+            err = max((dx - xr.grad - g_res).abs().max().item(), (dwb[0] - wr.grad).abs().max().item(),
+                      (dwb[1] - br.grad).abs().max().item())
+            print(f'BWDCFG_{M}_{block_m}', err, (xr.grad + g_res).abs().max().item())
         # low-precision output: exactly what casting the kernel's float32 output gives (round to nearest even)
         for dt in (torch.bfloat16, torch.float16):
             lp, _, _ = tn.layer_norm_forward(x, w, b, 1e-6, dt)
@@ -77,6 +85,7 @@ def test_triton_layer_norm_kernels():
     to nearest even; each bad shape is a ValueError."""
     found = _run(_KERNELS)
     assert sum(1 for k in found if k.startswith('FWD')) == 3
+    assert sum(1 for k in found if k.startswith('BWDCFG')) == 6
     assert {'ERROR_0', 'ERROR_1', 'ERROR_2'} <= set(found), found   # each bad call raised
     for name, (err, scale) in found.items():
         err, scale = float(err), float(scale)
@@ -262,3 +271,17 @@ def test_kernels_compile_for_the_gpu():
     assert sum(ln.startswith('layer_norm_') for ln in lines) == 8, proc.stdout
     assert all(' 0 B spilled' in ln for ln in lines if ln.startswith('layer_norm_')), proc.stdout
     assert lines[-1].startswith('8 kernels compiled for sm_90; no compile error'), lines[-1]
+
+
+def test_norm_microbenchmark_runs_through_the_interpreter(tmp_path):
+    """``scripts/microbench_gpu_norm.py --smoke``: the GPU microbenchmark's code on tiny shapes, so that a run on
+    a GPU does not fail on the script itself; every configuration timed, the JSON written."""
+    pytest.importorskip('triton')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / 'norm.json'
+    proc = subprocess.run([sys.executable, os.path.join(root, 'scripts', 'microbench_gpu_norm.py'), '--smoke',
+                           '--json', str(out)], env=dict(os.environ, TRITON_INTERPRET='1'), cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())['results']
+    assert len(row['configs']) == 4 and row['best']['ms'] == min(c['ms'] for c in row['configs'])

@@ -120,12 +120,16 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
 
 
 def norm_backward(g: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, weight: torch.Tensor,
-                  g_res: Optional[torch.Tensor], max_programs: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
+                  g_res: Optional[torch.Tensor], max_programs: int = 1024, block_m: Optional[int] = None,
+                  num_warps: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(dx of x's shape and dtype, dwb (2, C) float32: the weight and bias gradients) for contiguous g (and
-    ``g_res``) of x's shape; no argument checks (``layer_norm_backward`` checks)."""
+    ``g_res``) of x's shape; no argument checks (``layer_norm_backward`` checks). ``max_programs``,
+    ``block_m`` (rows per step of a program's loop, a power of two) and ``num_warps`` override the launch
+    configuration (``scripts/microbench_gpu_norm.py`` times the alternatives)."""
     C = x.shape[-1]
     M = x.numel() // C
-    block_c, block_m, warps = _blocks(C)
+    block_c, default_m, default_warps = _blocks(C)
+    block_m, warps = block_m or default_m, num_warps or default_warps
     per = _cdiv(_cdiv(M, max_programs), block_m) * block_m   # rows per program: a multiple of BLOCK_M
     P = max(1, _cdiv(M, per))
     dx = torch.empty_like(x)
