@@ -14,42 +14,21 @@ Shapes (224 px, bf16 residual stream): stage 1, 32x32 tokens, 192 channels (8 pr
 2-4, 16x16 tokens, 384 channels (28 pre-norms).
 """
 import argparse
+import functools
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+
+from microbench_gpu_recurrence import timed as _timed   # this script's folder is on the path
 
 # name: (tokens per image, channels, pre-norms per training step of Sequencer2D-S)
 SHAPES = {'stage1': (32 * 32, 192, 8), 'stage2-4': (16 * 16, 384, 28)}
 MAX_PROGRAMS = (1024, 2048, 4096, 8192, 16384, 65536)
 WARPS = (4, 8)
-
-
-def timer(device: torch.device, iters: int):
-    """A function timing ``fn`` (median ms over ``iters`` calls after 3 warm-ups): CUDA events on a GPU."""
-    def timed(fn):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(iters):
-            if device.type == 'cuda':
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-    return timed
 
 
 def main(argv=None):
@@ -72,7 +51,7 @@ def main(argv=None):
             sys.exit('microbench_gpu_norm.py: needs a CUDA device (or --smoke)')
         dev, shapes, iters = torch.device('cuda'), SHAPES, args.iters
         B = args.batch_size
-    timed = timer(dev, iters)
+    timed = functools.partial(_timed, iters=iters, cuda=dev.type == 'cuda')
     dt = torch.bfloat16
     results, saving = [], 0.0
     for stage, (tokens, C, count) in shapes.items():
