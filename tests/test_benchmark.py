@@ -269,7 +269,8 @@ def test_gpu_benchmarks_script_runs_the_steps_asked_for(tmp_path):
 
     assert ran('train_fused_cudagraphs,tests') == ['train_fused_cudagraphs', 'tests']
     assert ran('infer') == ['infer_eager', 'infer_compiled', 'infer_auto']
-    assert len(ran('all')) == 15
+    assert len(ran('all')) == 16
+    assert ran('diag')[-2:] == ['recurrence', 'norm']
     assert ran('train')[:2] == ['train_fused', 'train_fused_plain_norm']
     log = (tmp_path / 'out' / 'train_fused_cudagraphs.log').read_text()
     assert '--compile-mode reduce-overhead --timm-eager' in log and '--batch-size 256 --precision bf16' in log
