@@ -72,6 +72,9 @@ def test_check_args_builds_and_writes_nothing(tmp_path):
     proc = run([sys.executable, os.path.join(ROOT, 'train.py'), str(tmp_path / 'data'), *TINY, '--check-args'],
                cwd=tmp_path, timeout=120)
     assert proc.stdout == '' and sorted(os.listdir(tmp_path)) == ['data']
+    proc = run([os.path.join(ROOT, 'distributed_train.sh'), '2', str(tmp_path / 'data'), *TINY, '--check-args'],
+               cwd=tmp_path, timeout=120)   # the check alone: torchrun starts no process
+    assert proc.stdout == proc.stderr == '' and sorted(os.listdir(tmp_path)) == ['data']
 
 
 def test_seed_command_1_from_scratch_ddp(tmp_path):
