@@ -15,9 +15,9 @@ if [ -z "$PY" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PY="$HERE/.venv/bin/python"; else PY=python3; fi
 fi
 # the flags are checked once, here, so that a mistake gives one line (exit 2) rather than one per process
-# and torchrun's traceback; --help is shown once, and --check-args alone starts nothing more
-"$PY" "$HERE/train.py" --check-args "$@"
-for a in "$@"; do
-  case "$a" in -h|--help|--check-args) exit 0 ;; esac
-done
+# and torchrun's traceback. Exit status 3: --help was shown, or --check-args asked for the check alone.
+rc=0
+"$PY" "$HERE/train.py" --before-launch "$@" || rc=$?
+if [ "$rc" -eq 3 ]; then exit 0; fi
+if [ "$rc" -ne 0 ]; then exit "$rc"; fi
 exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NUM_PROC" "$HERE/train.py" "$@"

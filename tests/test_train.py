@@ -56,6 +56,7 @@ def weights(path):
     (['/no/such/folder', '--model', 'sequencer2d_s'], '/no/such/folder: data directory does not exist'),
     (['.', '--model', 'sequencer2d_s', '--mixup', '0.8', '-b', '3'], '--mixup / --cutmix need an even --batch-size'),
     (['.', '--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+    (['.', '--model', 'sequencer2d_x'], "unknown model 'sequencer2d_x'"),
 ])
 def test_distributed_launch_refuses_bad_flags_once_before_starting(tmp_path, flags, message):
     """A mistake in the flags of ./distributed_train.sh: one line and exit status 2, checked in one process
@@ -72,9 +73,12 @@ def test_check_args_builds_and_writes_nothing(tmp_path):
     proc = run([sys.executable, os.path.join(ROOT, 'train.py'), str(tmp_path / 'data'), *TINY, '--check-args'],
                cwd=tmp_path, timeout=120)
     assert proc.stdout == '' and sorted(os.listdir(tmp_path)) == ['data']
-    proc = run([os.path.join(ROOT, 'distributed_train.sh'), '2', str(tmp_path / 'data'), *TINY, '--check-args'],
-               cwd=tmp_path, timeout=120)   # the check alone: torchrun starts no process
+    # the check alone (abbreviated as argparse allows): torchrun starts no process
+    proc = run([os.path.join(ROOT, 'distributed_train.sh'), '2', str(tmp_path / 'data'), *TINY, '--check-a'],
+               cwd=tmp_path, timeout=120)
     assert proc.stdout == proc.stderr == '' and sorted(os.listdir(tmp_path)) == ['data']
+    proc = run([os.path.join(ROOT, 'distributed_train.sh'), '2', '--hel'], cwd=tmp_path, timeout=120)
+    assert proc.stdout.count('usage: sequencer train') == 1 and proc.stderr == ''   # help shown once
 
 
 def test_seed_command_1_from_scratch_ddp(tmp_path):

@@ -47,7 +47,7 @@ _KERNELS = '''
             err = max((dx - want).abs().max().item(), (dw - wr.grad).abs().max().item(),
                       (db - br.grad).abs().max().item())
             print(f'BWD_{M}_{res is not None}', err, want.abs().max().item())
-        # other launch configurations (rows per loop step, warps) give the same gradients
+        # other rows per loop step give the same gradients (the interpreter ignores num_warps)
         for block_m, warps in ((1, 1), (16, 8)):
             dx, dwb = tn.norm_backward(g, x, torch.stack([mean, rstd]), w, g_res, max_programs=max_programs,
                                        block_m=block_m, num_warps=warps)

@@ -115,46 +115,68 @@ def test_hf_hub_id_from_the_cache(trained):
     check(load_checkpoint(small(), 'hf-hub:someone/tiny-seq'), x, y)
 
 
-def _online_without_network(monkeypatch, refuse):
-    """The hub not in offline mode, no proxy, and ``socket.create_connection`` replaced by ``refuse``."""
-    import huggingface_hub.constants as hf_constants
+def _online_without_network(monkeypatch):
+    """The hub not in offline mode, no proxy, and host names that do not resolve; returns the list of the
+    ``local_files_only`` flags of every ``hf_hub_download`` call made."""
     import socket
+    import huggingface_hub
+    import huggingface_hub.constants as hf_constants
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
-    for var in ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy'):
+    for var in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy'):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(socket, 'create_connection', refuse)
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, 'Name or service not known')
+    monkeypatch.setattr(socket, 'getaddrinfo', no_dns)
+    calls, real = [], huggingface_hub.hf_hub_download
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get('local_files_only', False))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', recording)
+    return calls
 
 
-def test_hf_hub_id_in_the_cache_needs_no_network(monkeypatch, trained):
+def test_hf_hub_id_in_the_cache_loads_without_network(monkeypatch, trained):
     model, x, y = trained
     _put_in_hf_cache('someone/tiny-seq', 'model.safetensors', model.state_dict())
-
-    def refuse(*args, **kwargs):
-        raise AssertionError('a connection was opened for a cached file')
-    _online_without_network(monkeypatch, refuse)
+    calls = _online_without_network(monkeypatch)
     check(load_checkpoint(small(), 'hf-hub:someone/tiny-seq'), x, y)
+    assert calls == [True]   # the cache only, at once
 
 
 def test_hf_hub_id_without_network_fails_at_once_in_one_line(monkeypatch):
     """Offline and not cached: one line naming the id and the unreachable host, without a download attempt
     (huggingface_hub retries each for tens of seconds)."""
-    import huggingface_hub
-    calls = []
-    real = huggingface_hub.hf_hub_download
-
-    def recording(*args, **kwargs):
-        calls.append(kwargs.get('local_files_only', False))
-        return real(*args, **kwargs)
-
-    def refuse(*args, **kwargs):
-        raise OSError('[Errno -2] Name or service not known')
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', recording)
-    _online_without_network(monkeypatch, refuse)
+    calls = _online_without_network(monkeypatch)
     with pytest.raises(CheckpointError, match=r'^hf-hub:someone/absent: not in the local Hugging Face cache .* '
-                                              r'huggingface\.co cannot be reached \(\[Errno -2\]') as e:
+                                              r'and huggingface\.co cannot be reached \(\[Errno -2\]') as e:
         load_checkpoint(small(), 'hf-hub:someone/absent')
     assert '\n' not in str(e.value)
     assert calls and all(calls), calls   # the cache only: no download was attempted
+    with pytest.raises(CheckpointError, match=r'^hf-hub:bad//id: not a Hugging Face repository id \('):
+        load_checkpoint(small(), 'hf-hub:bad//id')
+
+
+def test_hub_reachability_check_uses_the_endpoint_port(monkeypatch):
+    """The check connects to the endpoint's own port (a mirror on http://host:port), and leaves the decision to
+    the proxy when one is set."""
+    import socket
+    from sequencer.models.weights import _hub_unreachable
+    for var in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy'):
+        monkeypatch.delenv(var, raising=False)
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        assert _hub_unreachable(f'http://127.0.0.1:{port}') is None
+    finally:
+        server.close()
+    why = _hub_unreachable(f'http://127.0.0.1:{port}')
+    assert why is not None and why.startswith('127.0.0.1 cannot be reached (')
+    monkeypatch.setenv('HTTP_PROXY', 'http://proxy.invalid:3128')
+    assert _hub_unreachable(f'http://127.0.0.1:{port}') is None
 
 
 def test_pretrained_uses_the_reference_release(monkeypatch):

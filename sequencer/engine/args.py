@@ -304,8 +304,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help='non-finite loss: stop keeping the last good checkpoint, or skip the step')
     g.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument('--check-args', action='store_true',
-                   help='check the flags and the data folder, then exit without training (distributed_train.sh '
-                   'runs this once before torchrun)')
+                   help='check the flags, the model name and that the data folder exists, then exit without '
+                   'training (distributed_train.sh runs this once before torchrun)')
     return parser
 
 

@@ -35,7 +35,7 @@ from ..data.datasets import (Samples, ShardSampler, build_dataset, class_differe
                               num_classes_of)
 from ..data.loaders import check_input_size, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
-from ..models import load_checkpoint
+from ..models import get_spec, load_checkpoint
 from ..models.weights import CheckpointError, load_state_dict, read_file, unwrap
 from .args import build_train_parser, parse
 from .evaluate import autocast, check_compile_flags, evaluate, torch_compile
@@ -332,11 +332,24 @@ class Progress:
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
+# distributed_train.sh's check before torchrun: the first argument, then the training flags. Its exit status
+# is 0 (start the processes), 2 (a mistake, said in one line) or NOTHING_TO_LAUNCH (--help was shown, or
+# --check-args asked for the check alone).
+PRELAUNCH, NOTHING_TO_LAUNCH = '--before-launch', 3
+
+
 def main(argv=None) -> int:
-    args, _ = parse(build_train_parser(), argv)
-    if args.check_args:   # the flags and the data folder only: nothing is built, nothing is written
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prelaunch = argv[:1] == [PRELAUNCH]
+    try:
+        args, _ = parse(build_train_parser(), argv[1:] if prelaunch else argv)
+    except SystemExit as e:
+        if prelaunch and e.code in (0, None):   # --help, shown once
+            return NOTHING_TO_LAUNCH
+        raise
+    if args.check_args or prelaunch:   # the flags, the model and the data folder: nothing built or written
         check_args(args)
-        return 0
+        return NOTHING_TO_LAUNCH if prelaunch and args.check_args else 0
     result = train(args)
     return exit_status(result)
 
@@ -344,6 +357,7 @@ def main(argv=None) -> int:
 def check_args(args) -> None:
     """The checks of the flags that need neither a process group nor the data's contents: one line (a
     UserError) for the first that fails."""
+    get_spec(args.model)   # an unknown name: one line with the closest names
     if not args.data_dir and not args.dataset.startswith('torch/'):
         raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
     if args.data_dir and not args.dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) \

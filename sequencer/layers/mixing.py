@@ -226,9 +226,10 @@ def auto_engine(device_type: str, grad: bool, dtype: torch.dtype, autocast: bool
       the kernel.
     * CUDA, float32 weights under float16 / bfloat16 autocast, with the Triton kernels for the layer's
       hidden size: 'fused' for training and under torch.compile, 'native' (cuDNN) for eager inference.
-      On an H200 (Sequencer2D-S, batch 256, bf16 autocast) the fused engine trained at 1.33x timm's eager
-      step (the native engine 1.10x), and compiled inference ran 2.36x timm's compiled model (whose
-      LSTMs break the graph); eager inference ran 0.91x timm. Float32 on CUDA (not timed): 'native'.
+      On an H200 (Sequencer2D-S, batch 256, bf16 autocast) the fused engine trained at 2.40x timm's eager
+      step (3.59x compiled with CUDA graphs; the native engine 1.10x, in an earlier run), and compiled
+      inference ran 2.36x timm's compiled model (whose LSTMs break the graph); eager inference ran 0.91x
+      timm. Float32 on CUDA (not timed): 'native'.
     * Anything else (other devices, float16 / bfloat16 weights, CUDA without Triton): 'native'.
 
     ``cpu_kernel``: whether the compiled CPU kernel is usable (default: ask ``cpu_kernel.available()``,

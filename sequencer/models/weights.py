@@ -59,31 +59,49 @@ def resolve_path(path_or_url: str, check_hash: Optional[str] = None) -> str:
 
 
 _HUB_FILES = ('model.safetensors', 'pytorch_model.bin')
-_PROXY_VARS = ('HTTPS_PROXY', 'https_proxy', 'ALL_PROXY', 'all_proxy')
+_PROXY_VARS = ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy')
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> Optional[str]:
+    """Why the hub at ``endpoint`` cannot be reached ('HOST cannot be reached (...)'), or None: a name that
+    does not resolve or a refused or timed-out connection to its first address (the endpoint's port).
+    Not checked through a proxy (the proxy decides) or without a host name."""
+    u = urlparse(endpoint)
+    if not u.hostname or any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    try:
+        port = u.port or (443 if u.scheme == 'https' else 80)
+        family, kind, proto, _, address = socket.getaddrinfo(u.hostname, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.settimeout(timeout)
+            s.connect(address)
+    except (OSError, ValueError) as e:
+        return f"{u.hostname} cannot be reached ({e})"
+    return None
 
 
 def _from_hub(spec: str) -> str:
-    """A local file for an ``hf-hub:org/name`` id. The local cache is read first, without a request; a file
-    not there is downloaded, after a short check that the hub's host can be reached at all: offline,
-    huggingface_hub retries each request for tens of seconds before it gives up."""
+    """A local file for an ``hf-hub:org/name`` id: downloaded (or found up to date in the cache) by
+    huggingface_hub. Where the hub cannot be reached (a short check first: offline, huggingface_hub retries
+    each request for tens of seconds before it gives up) or ``HF_HUB_OFFLINE`` is set, the cached copy,
+    else one line saying why."""
     from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import validate_repo_id
     repo = spec[len('hf-hub:'):]
-    for filename in _HUB_FILES:
-        try:
-            return hf_hub_download(repo, filename, local_files_only=True)
-        except Exception:  # not in the cache (or a malformed id: the download below names the error)
-            pass
-    if constants.is_offline_mode():
+    try:
+        validate_repo_id(repo)
+    except Exception as e:  # HFValidationError
+        raise CheckpointError(f"{spec}: not a Hugging Face repository id ({first_line(e)})") from None
+    offline = 'HF_HUB_OFFLINE is set' if getattr(constants, 'HF_HUB_OFFLINE', False) else \
+        _hub_unreachable(constants.ENDPOINT)
+    if offline:
+        for filename in _HUB_FILES:
+            try:
+                return hf_hub_download(repo, filename, local_files_only=True)
+            except Exception:  # not in the cache
+                pass
         raise CheckpointError(f"{spec}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                              f"HF_HUB_OFFLINE is set")
-    host = urlparse(constants.ENDPOINT).hostname
-    if host and not any(os.environ.get(v) for v in _PROXY_VARS):   # through a proxy, the proxy decides
-        try:
-            socket.create_connection((host, 443), timeout=10).close()
-        except OSError as e:
-            raise CheckpointError(f"{spec}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
-                                  f"and {host} cannot be reached ({e}); fetch it where there is a network, "
-                                  f"or pass a local file") from None
+                              f"{offline}; fetch it where there is a network, or pass a local file")
     errors = []
     for filename in _HUB_FILES:
         try:
