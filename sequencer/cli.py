@@ -17,7 +17,7 @@ COMMANDS = {
     'clean-checkpoint': ('sequencer.engine.clean_checkpoint', 'training checkpoint -> weights-only safetensors named with its sha256'),
     'predict': ('sequencer.export.predict', 'top-k classes of images, with class names (text or JSON)'),
     'export': ('sequencer.export.export', 'ONNX or TorchScript file, checked against PyTorch'),
-    'build-kernel': ('sequencer.layers.cpu_kernel', "build the fused engine's compiled CPU recurrence now (otherwise built on first use)"),
+    'build-kernel': ('sequencer.fast.build_kernel', "build the fused engine's compiled CPU recurrence now (otherwise built on first use)"),
     'benchmark': ('sequencer.analysis.benchmark', 'throughput, latency and peak memory; --compare-timm times timm alongside'),
 }
 

@@ -49,9 +49,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import fast
 from ..engine.args import COUNT, NATURAL, Parser, Range
 from ..errors import UserError
-from ..layers.cpu_kernel import prepare_for_compile
+from ..factory import create_model
+from ..fast import cpu_kernel
+from ..fast.cpu_kernel import prepare_for_compile
+from ..fast.runtime import triton_ok
+from ..models.blocks import RNN2D
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 MODES = ('infer', 'train', 'both')
@@ -144,8 +149,6 @@ def _check_args(args) -> Tuple[int, int, int]:
     if args.timm_eager and not (args.compare_timm and (args.compile or args.compile_mode is not None)):
         raise UserError("--timm-eager compiles our model only: it needs --compare-timm and --compile (or "
                         "--compile-mode)")
-    if args.rnn_engine == 'fused' and not _fused_engine_available():
-        raise UserError("--rnn-engine fused: the fused RNN engine is not available in this installation")
     from ..models.registry import get_spec
     spec = get_spec(args.model)  # unknown names: one line with suggestions
     if args.input_size is not None:
@@ -169,15 +172,9 @@ def _parse_layers(text: Optional[str]) -> Optional[Tuple[int, ...]]:
     return layers
 
 
-def _fused_engine_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec('sequencer.layers.fused_lstm') is not None
-
-
 # ---- models -----------------------------------------------------------------------------------------
 
 def build_ours(args, input_size, overrides: Dict) -> nn.Module:
-    from ..models.registry import create_model
     try:
         model = create_model(args.model, num_classes=args.num_classes, rnn_engine=args.rnn_engine,
                              in_chans=input_size[0], **overrides)
@@ -185,16 +182,9 @@ def build_ours(args, input_size, overrides: Dict) -> nn.Module:
         if isinstance(e, UserError):
             raise
         raise UserError(f"{args.model}: cannot build with {overrides or 'these settings'}: {e}") from None
-    if getattr(args, 'no_fused_mlp', False):
-        from ..layers.fused_mlp import Mlp
-        for m in model.modules():
-            if isinstance(m, Mlp):
-                m.fused = False
-    if getattr(args, 'no_fused_norm', False):
-        from ..layers.blocks import SequencerBlock
-        for m in model.modules():
-            if isinstance(m, SequencerBlock):
-                m.fused_norm = False
+    if fast.engine_of(model) != 'native':
+        fast.set_engine(model, args.rnn_engine or 'auto', fused_mlp=not getattr(args, 'no_fused_mlp', False),
+                        fused_norm=not getattr(args, 'no_fused_norm', False))
     return model
 
 
@@ -240,23 +230,21 @@ def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precisio
     available); on CUDA 'fused[triton]' (Triton installed; its kernels are torch ops, kept in compiled graphs)
     or 'fused[torch]'.
     """
-    from ..layers import RNN2D, cpu_kernel
     with torch.set_grad_enabled(mode == 'train'), _autocast(device, precision):
-        engines = sorted({m.resolved_engine(compiling=compiled) for m in model.modules() if isinstance(m, RNN2D)})
+        engines = sorted({m.resolved_engine(compiling=compiled) if isinstance(m, fast.FastRNN2D) else 'native'
+                          for m in model.modules() if isinstance(m, RNN2D)})
     if 'fused' in engines:
         if device.type == 'cpu':
             impl = 'kernel' if cpu_kernel.available() else 'torch'
         else:
-            from ..layers.fused_lstm import _triton_ok
-            impl = 'triton' if _triton_ok() else 'torch'
+            impl = 'triton' if triton_ok() else 'torch'
         engines = [f'fused[{impl}]' if e == 'fused' else e for e in engines]
     return '+'.join(engines) if engines else 'native'
 
 
 def _fused_mlp_active(model: nn.Module, mode: str, device: torch.device, precision: str, compiled: bool) -> bool:
     """Whether our model's channel MLPs take the fused CPU path in ``mode`` (never inside compiled graphs)."""
-    from ..layers.fused_mlp import Mlp
-    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    mlps = [m for m in model.modules() if isinstance(m, fast.FastMlp)]
     if not mlps or compiled:
         return False
     x = torch.zeros(1, mlps[0].fc1.in_features, device=device)
@@ -266,10 +254,8 @@ def _fused_mlp_active(model: nn.Module, mode: str, device: torch.device, precisi
 
 def _fused_norm_active(model: nn.Module, device: torch.device, compiled: bool) -> bool:
     """Whether our model's pre-norms run the Triton kernels (CUDA with Triton, eager, not ``--no-fused-norm``)."""
-    from ..layers.blocks import SequencerBlock
-    from ..layers.fused_lstm import _triton_ok
-    blocks = [m for m in model.modules() if isinstance(m, SequencerBlock)]
-    return bool(blocks) and blocks[0].fused_norm and device.type == 'cuda' and not compiled and _triton_ok()
+    blocks = [m for m in model.modules() if isinstance(m, fast.FastSequencerBlock)]
+    return bool(blocks) and blocks[0].fused_norm and device.type == 'cuda' and not compiled and triton_ok()
 
 
 # ---- measurement ------------------------------------------------------------------------------------

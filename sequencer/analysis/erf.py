@@ -25,6 +25,7 @@ from ..engine.args import COUNT, NATURAL
 from ..engine.io import atomic_open, check_output, write_with
 from ..engine.loading import add_model_arguments, list_images, load_image, model_from_args, resolve_device
 from ..errors import UserError
+from ..fast import set_engine
 
 __all__ = ['erf_sums', 'erf_map', 'area_ratio', 'save_heatmaps']
 
@@ -37,8 +38,7 @@ def _stage_count(model: nn.Module) -> int:
 
 def _prepare(model: nn.Module) -> nn.Module:
     model.eval()
-    if hasattr(model, 'set_rnn_engine'):
-        model.set_rnn_engine('native')
+    set_engine(model, 'native')
     for m in model.modules():
         if isinstance(m, nn.RNNBase):
             m.train()  # cuDNN's RNN backward needs training mode; these modules have no dropout

@@ -10,7 +10,7 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-from ..layers import RNN1D, RNN2D
+from ..models.blocks import RNN1D, RNN2D
 
 _GATES = {'lstm': 4, 'gru': 3, 'rnn': 1}
 

@@ -8,6 +8,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..fast.cpu_kernel import prepare_for_compile
+
 
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     """torch.autocast for ``amp_dtype`` on ``device`` (a no-op context when amp_dtype is None)."""
@@ -38,7 +40,6 @@ def check_compile_flags(backend: Optional[str], mode: Optional[str]) -> None:
 def torch_compile(module: nn.Module, device: torch.device, backend: Optional[str], mode: Optional[str]) -> nn.Module:
     """``torch.compile`` for ``--torchcompile [BACKEND]`` / ``--torchcompile-mode MODE`` (a mode alone means
     inductor). The CPU kernel is loaded first, so that compiled graphs keep its ops."""
-    from ..layers.cpu_kernel import prepare_for_compile
     prepare_for_compile(device)
     return _compile(module, backend, mode)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError, first_line
 from .args import COUNT, ParseKwargs
-from ..models import create_model
+from ..factory import create_model
 from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
 
 __all__ = ['add_model_arguments', 'build_model', 'model_from_args', 'resolve_device', 'list_images', 'load_image',

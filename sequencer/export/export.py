@@ -23,6 +23,7 @@ from ..engine.args import COUNT, NONNEG
 from ..engine.io import check_output, write_with
 from ..engine.loading import add_model_arguments, model_from_args
 from ..errors import UserError
+from ..fast import set_engine
 
 __all__ = ['export_onnx', 'export_torchscript', 'verify_onnx', 'verify_torchscript', 'ExportError']
 
@@ -35,9 +36,7 @@ class ExportError(UserError):
 
 def _prepare(model: nn.Module) -> nn.Module:
     model = model.eval().cpu().float()
-    if hasattr(model, 'set_rnn_engine'):
-        model.set_rnn_engine('native')
-    return model
+    return set_engine(model, 'native')   # the paper's plain modules: standard ops only
 
 
 def _input(model: nn.Module, img_size: Optional[int], batch: int, seed: int = 0) -> torch.Tensor:

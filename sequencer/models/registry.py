@@ -125,10 +125,9 @@ def create_model(
         num_classes: Optional[int] = None,
         features_only: bool = False,
         out_indices: Optional[Sequence[int]] = None,
-        rnn_engine: Optional[str] = None,
         **overrides,
 ) -> nn.Module:
-    """Build a model from the table.
+    """Build the plain model ``name`` from the table (``sequencer.create_model`` also applies the fast engine).
 
     Args:
         name: a name from ``list_models()``.
@@ -138,7 +137,6 @@ def create_model(
         num_classes: classifier width (default 1000; 0 gives a model without head).
         features_only: return a backbone whose forward gives NCHW maps of the ``out_indices`` stages
             (all four by default).
-        rnn_engine: 'auto' | 'native' | 'fused' (see ``set_rnn_engine``).
         **overrides: any constructor argument of the family (drop_path_rate, img_size, ...).
     """
     from .weights import load_checkpoint, load_pretrained  # weights does I/O; import on use
@@ -151,8 +149,6 @@ def create_model(
     model = spec.family(**args)
     model.pretrained_cfg = spec.pretrained_cfg
     model.default_cfg = model.pretrained_cfg
-    if rnn_engine is not None:
-        model.set_rnn_engine(rnn_engine)
     if pretrained:
         load_pretrained(model, spec)
     if checkpoint_path:

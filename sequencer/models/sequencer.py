@@ -14,15 +14,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, Format, PatchEmbed, lecun_normal_, trunc_normal_
+from timm.layers import ClassifierHead, PatchEmbed, lecun_normal_, register_notrace_function, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import named_apply
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import ENGINES, RNN1D, RNN2D, Downsample2D, SequencerBlock, Shuffle, default_norm
-from ..layers.blocks import conv_as_gemm, patch_linear
-from ..layers.fused_mlp import _unhooked
+from .blocks import RNN1D, RNN2D, Downsample2D, SequencerBlock, Shuffle, default_norm
 
 __all__ = ['Sequencer2D', 'VanillaSequencer']
 
@@ -64,7 +62,7 @@ class SequencerStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        if self.grad_checkpointing and not torch.jit.is_scripting():
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
@@ -144,16 +142,6 @@ class _Sequencer(nn.Module):
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def set_rnn_engine(self, engine: str = 'auto'):
-        """Choose how the recurrences run: 'native' (torch RNN kernels), 'fused' or 'auto'."""
-        if engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        for m in self.modules():
-            if isinstance(m, RNN2D):
-                m.engine = engine
-        return self
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
@@ -169,23 +157,8 @@ class _Sequencer(nn.Module):
             nn.init.zeros_(self.head.fc.weight)
             nn.init.zeros_(self.head.fc.bias)
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """The patch embedding, NCHW in, contiguous NHWC out.
-
-        On CPU the stem's convolution (kernel = stride) runs as one GEMM over the gathered patches, which
-        writes NHWC directly (``patch_linear``); otherwise the convolution writes NCHW and one copy here
-        keeps every later layer on contiguous NHWC tensors (else each LayerNorm and Linear of the stage
-        copies its input). A hooked or replaced stem, and traced graphs, get timm's ``PatchEmbed`` itself.
-        """
-        stem = self.stem
-        if (type(stem) is PatchEmbed and stem.img_size is None and not stem.dynamic_img_pad
-                and not stem.flatten and stem.output_fmt == Format.NHWC
-                and conv_as_gemm(stem.proj, x, channels_first=True) and _unhooked(stem)):
-            return stem.norm(patch_linear(x, stem.proj, channels_first=True))
-        return stem(x).contiguous()
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self._stem(x)
+        return self.stem(x)
 
     def forward_intermediates(
             self,
@@ -283,17 +256,23 @@ class VanillaSequencer(_Sequencer):
             self.absolute_pos_embed = None
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._stem(x)
+        x = self.stem(x)
         if self.absolute_pos_embed is not None:
-            x = x + resample_pos_embed(self.absolute_pos_embed, x.shape[1:3])
+            x = x + resample_pos_embed(self.absolute_pos_embed, [x.shape[1], x.shape[2]])
         if self.shuffle_patches is not None:
             x = self.shuffle_patches(x)
         return x
 
 
-def resample_pos_embed(pos: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bicubically resize a (1, H, W, C) position embedding to ``size`` (identity when it already fits)."""
-    if tuple(pos.shape[1:3]) == tuple(size):
+@register_notrace_function
+def resample_pos_embed(pos: torch.Tensor, size: List[int]) -> torch.Tensor:
+    """Bicubically resize a (1, H, W, C) position embedding to ``size`` (identity when it already fits).
+    A leaf function for FX tracing (its size check reads the input's shape)."""
+    if pos.shape[1] == size[0] and pos.shape[2] == size[1]:
         return pos
-    out = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=tuple(size), mode='bicubic', align_corners=False)
+    out = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(size[0], size[1]), mode='bicubic',
+                        align_corners=False)
     return out.permute(0, 2, 3, 1).to(pos.dtype)
+
+
+torch.fx.wrap('resample_pos_embed')

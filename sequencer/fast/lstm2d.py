@@ -36,7 +36,7 @@ the recurrence (state, cell, recurrent matmul) runs in float32; the output is re
 dtype, which is what ``nn.LSTM`` returns under autocast. Gradients are computed in float32 and returned
 in the dtypes of the input and the parameters.
 
-On CPU in float32 the recurrence runs in a compiled kernel (``sequencer/csrc/lstm2d_cpu.cpp``, built on
+On CPU in float32 the recurrence runs in a compiled kernel (``sequencer/fast/csrc/lstm2d_cpu.cpp``, built on
 first use by ``cpu_kernel``): one call per BiLSTM2D runs every step of every direction, the cell is one
 fused, vectorised pass that reads the input gates and writes the output at each token's position (so
 the gathers of the torch implementation disappear too), the bias is added there (the input GEMM has no
@@ -51,38 +51,17 @@ backward), in ``nn.LSTM``'s own weight layout; the input projection and the inpu
 single GEMMs in the autocast dtype (bf16 / fp16 tensor cores) or float32, while the cell state stays
 float32. The kernels are torch ops, so compiled graphs keep them (``_forward_triton``).
 """
-import contextlib
 import threading
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .runtime import autocast_dtype, autocast_off, cpu_kernel_ok, gpu_path, triton_ok, triton_on_cpu_active
+
 # internal gate order (i, f, o, g) taken from nn.LSTM's (i, f, g, o); the map is its own inverse
 _GATE_ORDER = (0, 1, 3, 2)
 _G_SCALE = -2.0
-
-
-def _has_autocast(device_type: str) -> bool:
-    """Whether autocast exists for this device type (not for 'meta', where asking about it raises). CPU and
-    CUDA always have it, answered without the query, which torch.compile cannot trace in torch 2.11 (a graph
-    break in every fused layer there; torch 2.14 traces it)."""
-    if device_type in ('cpu', 'cuda'):
-        return True
-    available = getattr(torch.amp, 'is_autocast_available', None)
-    return available is None or available(device_type)
-
-
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast runs this device type's ops in, or None: autocast off, or no autocast there."""
-    if not (_has_autocast(device_type) and torch.is_autocast_enabled(device_type)):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def autocast_off(device_type: str):
-    """A context that turns autocast off for this device type (a no-op where it has no autocast)."""
-    return torch.autocast(device_type, enabled=False) if _has_autocast(device_type) else contextlib.nullcontext()
 
 
 # ---- the index plan -------------------------------------------------------------------------------------
@@ -268,7 +247,7 @@ class _FusedLSTM2D(torch.autograd.Function):
         D = len(kinds)
         G = 4 * hidden
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32   # recurrence dtype
-        ctx.kernel = cdt == torch.float32 and x.device.type == 'cpu' and _cpu_kernel_ok()
+        ctx.kernel = cdt == torch.float32 and x.device.type == 'cpu' and cpu_kernel_ok()
         if ctx.kernel:
             return _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params)
         ctx.triton = _use_triton(x, cdt, hidden, mm_dtype)
@@ -475,7 +454,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
     """Forward through the Triton recurrence. Under autocast (``mm_dtype`` float16 / bfloat16) the input
     projection, the recurrent products (tensor cores, float32 accumulation) and the output are in that dtype,
     as cuDNN's LSTM runs under autocast; the cell state and the gate arithmetic stay float32."""
-    from . import triton_lstm
+    from . import triton_lstm   # optional dependency (triton)
     B, H, W, C = x.shape
     D = len(kinds)
     BHW = B * H * W
@@ -504,7 +483,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
 
 
 def _backward_triton(ctx, gy):
-    from . import triton_lstm
+    from . import triton_lstm   # optional dependency (triton)
     x2, w_ih, w_hh, rows, prev, act, cs, yz = ctx.saved_tensors
     kinds, hidden, has_bias, x_shape, x_dtype, dtypes = ctx.meta
     B, H, W, C = x_shape
@@ -552,66 +531,17 @@ def _graph_kept() -> bool:
         return True
 
 
-_KERNEL_OFF = [0]
-
-
-@contextlib.contextmanager
-def cpu_kernel_disabled():
-    """Within this context the fused engine runs its torch implementation on CPU (tests, comparisons)."""
-    _KERNEL_OFF[0] += 1
-    try:
-        yield
-    finally:
-        _KERNEL_OFF[0] -= 1
-
-
-def _cpu_kernel_ok() -> bool:
-    from . import cpu_kernel
-    if _KERNEL_OFF[0]:
-        return False
-    if torch.compiler.is_compiling():
-        # torch.compile keeps the kernel's ops in its graph when the kernel was loaded before tracing
-        # (any eager forward, or ``sequencer build-kernel`` in this process, loads it); it does not build it
-        return cpu_kernel.loaded()
-    return cpu_kernel.available()
-
-
-_TRITON_OK: Optional[bool] = None
-
-
-def _triton_ok() -> bool:
-    global _TRITON_OK
-    if _TRITON_OK is None:
-        try:
-            from . import triton_lstm  # noqa: F401
-            _TRITON_OK = triton_lstm.available()
-        except Exception:
-            _TRITON_OK = False
-    return _TRITON_OK
-
-
-# tests and `scripts/check_compile.py --gpu-path` only: run the Triton kernels on CPU tensors (through Triton's
-# interpreter, TRITON_INTERPRET=1)
-_TRITON_ON_CPU = [False]
-
-
-def gpu_path(x: torch.Tensor) -> bool:
-    """Whether x takes the GPU path's kernels: on CUDA, or in tests on CPU tensors through Triton's interpreter
-    (``_TRITON_ON_CPU`` with the CPU kernels off), where the CPU-only fusions then stand aside as on CUDA."""
-    return x.is_cuda or (_TRITON_ON_CPU[0] and bool(_KERNEL_OFF[0]))
-
-
 def _use_triton(x: torch.Tensor, cdt: torch.dtype, hidden: int, mm_dtype: torch.dtype) -> bool:
-    """Whether the Triton kernels run the recurrence: on CUDA where Triton is available, not in float64, and
-    for hidden sizes whose tiles fit the GPU (``triton_lstm.supported``; others run the torch code)."""
-    if cdt != torch.float32:
+    """Whether the Triton kernels run the recurrence: on the GPU path where Triton is available, not in float64,
+    and for hidden sizes whose tiles fit the GPU (``triton_lstm.supported``; others run the torch code)."""
+    if cdt != torch.float32 or not gpu_path(x):
         return False
-    if _TRITON_ON_CPU[0]:
+    if triton_on_cpu_active():
         return True
-    if not (x.is_cuda and _triton_ok()):
+    if not triton_ok():
         return False
-    from .triton_lstm import supported
-    return supported(hidden, mm_dtype in (torch.float16, torch.bfloat16))
+    from . import triton_lstm   # optional dependency (triton)
+    return triton_lstm.supported(hidden, mm_dtype in (torch.float16, torch.bfloat16))
 
 
 def fused_rnn2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

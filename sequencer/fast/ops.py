@@ -1,44 +1,29 @@
-"""The channel MLP of a Sequencer block (fc1, exact GELU, fc2), fused on CPU in float32.
+"""The fused operations of the fast modules: autograd functions over the compiled CPU kernels and plain GEMMs.
 
-``Mlp`` is timm's ``Mlp`` (same submodules, so the same state_dict keys) with one change: on CPU, in
-float32 without autocast, with the exact GELU, no dropout in effect and no hidden norm, it runs
-``fused_mlp`` instead of four separate ops. Everywhere else (other devices and dtypes, autocast,
-``torch.compile``, which fuses by itself, TorchScript / ONNX export), and whenever ``fc1``, ``act`` or
-``fc2`` carry hooks or are not the plain modules (the fused path does not call them, so hooks such as
-the FLOP counter's, or a replaced ``fc1``, keep working), it runs timm's forward.
-
-What the fused path changes, with the same GEMMs:
-
-* **Forward.** fc1 is a GEMM without its bias; one pass of the compiled kernel
-  (``sequencer/csrc/mlp_cpu.cpp``) adds the bias, applies the exact GELU in place and, when gradients
-  are needed, writes the GELU's derivative beside it. fc2 is the usual ``addmm``. Compared with
-  ``addmm`` + ``gelu``, the bias is no longer broadcast into the output before the GEMM, and the
-  pre-activation is not kept (it is overwritten).
-* **Backward.** The GELU's gradient is one multiplication by the saved derivative (instead of evaluating
-  erf and exp again), done in place on fc2's input gradient together with the column sums that give
-  fc1's bias gradient; the weight and input gradients are the usual GEMMs.
-* **Residual.** ``forward(x, residual)`` returns ``residual + MLP(x)`` (``SequencerBlock`` hands its
-  residual add over this way): fc2's GEMM accumulates onto ``residual + b2`` with ``addmm_``, so the
-  add makes no pass of its own. ``linear_residual`` does the same for any plain ``nn.Linear`` (the
-  BiLSTM2D's fusing ``fc``).
-* **Pre-norm.** ``norm_residual(norm, x)`` returns ``(norm(x), x)``; when gradients are needed, the
-  gradient that reaches x through the LayerNorm and through the residual is summed inside LayerNorm's
-  backward (the compiled ``sequencer/csrc/norm_cpu.cpp``), instead of in a separate pass by autograd.
-
-The kernel's erf is accurate to 1.5e-7 (absolute), so outputs and gradients agree with timm's ``Mlp``
-to float32 rounding (the tests check 1e-5). Double backward through the fused path is not supported
-(``once_differentiable``). ``fused_lstm.cpu_kernel_disabled()`` and ``SEQUENCER_CPU_KERNEL=0`` turn the
-fused path off, like the fused RNN engine's kernel.
+* ``fused_mlp``: the channel MLP (fc1, exact GELU, fc2) on CPU in float32. fc1 is a GEMM without its bias;
+  one pass of the compiled kernel (``sequencer/fast/csrc/mlp_cpu.cpp``) adds the bias, applies the exact GELU
+  in place and, when gradients are needed, writes the GELU's derivative beside it, so that the backward's
+  GELU gradient is one multiplication (done in place together with the column sums of fc1's bias gradient).
+  The kernel's erf is accurate to 1.5e-7 (absolute): outputs and gradients agree with timm's ``Mlp`` to
+  float32 rounding. Double backward is not supported (``once_differentiable``).
+* ``linear_residual``: ``residual + fc(x)`` as one ``addmm_`` onto ``residual + bias`` (the residual add makes
+  no pass of its own); with ``bias_in_residual`` the residual already holds the bias and is accumulated onto
+  in place.
+* ``norm_residual``: a block's pre-norm and its residual, ``(norm(x), x [+ r_bias])``. On CPU in float32 the
+  compiled kernel (``norm_cpu.cpp``) writes ``x + r_bias`` in the same pass as the norm and sums the gradients
+  reaching x through the norm and through the residual in LayerNorm's own backward pass; on the GPU path the
+  Triton kernels of ``triton_norm`` do the same for the norm and the residual's gradient.
+* ``patch_linear``: a convolution whose kernel equals its stride (the stem, the downsampling layers) as one
+  GEMM over the gathered patches, writing NHWC directly.
 """
 from typing import Optional, Tuple
 
 import torch
-from timm.layers import Mlp as _TimmMlp
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.nn.modules import module as _nn_module
 
-from . import cpu_kernel, fused_lstm
+from .runtime import autocast_dtype, cpu_float32, cpu_kernel_ok, gpu_path, tracing, triton_ok, unhooked
 
 
 class _FusedMlp(torch.autograd.Function):
@@ -82,113 +67,13 @@ class _FusedMlp(torch.autograd.Function):
         return dx, dw1, db1 if need_b1 else None, dw2, db2, dres, None
 
 
-def fused_mlp(module: '_TimmMlp', x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+def fused_mlp(module: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
               bias_in_residual: bool = False) -> torch.Tensor:
-    """``module(x)``, or ``residual + module(x)``, through the fused path (see ``Mlp.fusable``). With
+    """``module(x)``, or ``residual + module(x)``, through the fused path (see ``FastMlp.fusable``). With
     ``bias_in_residual``, ``residual`` already holds fc2's bias and is accumulated onto in place."""
     if bias_in_residual:
         return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, None, residual, True)
     return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual)
-
-
-def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)   # torch >= 2.5
-    return bool(is_exporting and is_exporting())
-
-
-def _fx_tracing() -> bool:
-    trace = getattr(torch.fx, '_symbolic_trace', None)
-    is_tracing = getattr(trace, 'is_fx_symbolic_tracing', None) or getattr(trace, 'is_fx_tracing', None)
-    return bool(is_tracing and is_tracing())
-
-
-def _functorch_active() -> bool:
-    """A torch.func transform (grad, vmap, jvp, ...) in progress: the fused paths' autograd functions do not
-    support them, so they step aside for the plain ops."""
-    active = getattr(torch._C, '_are_functorch_transforms_active', None)
-    return bool(active and active())
-
-
-def _tracing() -> bool:
-    """torch.compile, export, TorchScript or FX tracing, ONNX export, or a torch.func transform in progress."""
-    return (torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export() or _fx_tracing() or _functorch_active())
-
-
-def _cpu_float32(*tensors: torch.Tensor) -> bool:
-    return (not torch.is_autocast_enabled('cpu')
-            and all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors))
-
-
-def _unhooked(*modules: nn.Module) -> bool:
-    """No forward / backward hooks on these modules, nor global ones: the fused path does not call them."""
-    if (_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
-            or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks):
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in modules)
-
-
-def _inactive_dropout(m: nn.Module, training: bool) -> bool:
-    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not training))
-
-
-class Mlp(_TimmMlp):
-    """timm's ``Mlp`` that runs ``fused_mlp`` where it applies (CPU, float32, exact GELU; see the module doc).
-
-    ``fused = False`` on an instance (or ``sequencer benchmark --no-fused-mlp`` for a whole model) keeps it
-    on timm's forward everywhere.
-    """
-
-    fused: bool = True
-
-    def fusable(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` takes the fused path."""
-        if not self.fused:
-            return False
-        if not _cpu_float32(x) or _tracing():
-            return False
-        fc1, fc2 = self.fc1, self.fc2
-        if not (type(fc1) is nn.Linear and type(fc2) is nn.Linear and fc1.bias is not None
-                and fc2.bias is not None and isinstance(self.norm, nn.Identity)
-                and type(self.act) is nn.GELU and self.act.approximate == 'none'
-                and _inactive_dropout(self.drop1, self.training) and _inactive_dropout(self.drop2, self.training)
-                and _unhooked(fc1, self.act, fc2)):
-            return False
-        if any(p.dtype != torch.float32 for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)):
-            return False
-        return not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available()
-
-    def residual_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """fc2's bias where the fused path would run on x: a residual that already holds it is then accumulated
-        onto in place (``forward(x, residual, bias_in_residual=True)``); else None."""
-        return self.fc2.bias if self.fusable(x) else None
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                bias_in_residual: bool = False) -> torch.Tensor:
-        """``MLP(x)``, or ``residual + MLP(x)`` when ``residual`` is given (see ``SequencerBlock``).
-
-        ``bias_in_residual=True`` (only where ``residual_bias(x)`` is not None): ``residual`` already holds
-        fc2's bias, and the result is accumulated onto it in place (the caller's fresh tensor).
-        """
-        res_ok = residual is None or (_cpu_float32(residual)
-                                      and residual.shape == (*x.shape[:-1], self.fc2.out_features))
-        if bias_in_residual:
-            if residual is None or not (self.fusable(x) and res_ok and residual.is_contiguous()):
-                raise ValueError('Mlp: bias_in_residual needs a float32 CPU residual of the output shape and '
-                                 'the fused path (see residual_bias)')
-            return fused_mlp(self, x, residual, bias_in_residual=True)
-        if self.fusable(x) and res_ok:
-            return fused_mlp(self, x, residual)
-        y = super().forward(x)
-        return y if residual is None else residual + y
-
-    takes_residual = True   # forward(x, residual) is residual + forward(x)
-
-    def casts_input(self, x: torch.Tensor) -> bool:
-        """Whether ``forward(x)`` reads x only through a plain, hook-free ``fc1`` (under autocast: only its cast
-        to the autocast dtype), so that a pre-norm may hand x over in that dtype."""
-        return type(self.fc1) is nn.Linear and _unhooked(self, self.fc1)
 
 
 class _NormResidual(torch.autograd.Function):
@@ -239,21 +124,21 @@ def norm_residual(norm: nn.Module, x: torch.Tensor, r_bias: Optional[torch.Tenso
     the dtype ``norm(x)`` would have.
     """
     C = x.shape[-1]
-    if gpu_kernels and r_bias is None and fused_lstm.gpu_path(x):
+    if gpu_kernels and r_bias is None and gpu_path(x):
         out_dtype = _gpu_norm_dtype(norm, x, lowp_out)
         if out_dtype is not None:
-            from .triton_norm import NormResidual, norm_forward
+            from .triton_norm import NormResidual, norm_forward   # optional dependency (triton)
             w, b = norm.weight, norm.bias
             if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
                 return NormResidual.apply(x, w, b, norm.eps, out_dtype)
             return norm_forward(x, w, b, norm.eps, out_dtype)[0], x
         return norm(x), x
-    fusable = (cpu_kernels and not _tracing() and type(norm) is nn.LayerNorm and norm.weight is not None
+    fusable = (cpu_kernels and not tracing() and type(norm) is nn.LayerNorm and norm.weight is not None
                and norm.bias is not None and tuple(norm.normalized_shape) == (C,) and x.is_contiguous()
                and norm.weight.is_contiguous() and norm.bias.is_contiguous()
-               and _cpu_float32(x, norm.weight, norm.bias) and _unhooked(norm)
-               and (r_bias is None or (_cpu_float32(r_bias) and r_bias.shape == (C,) and r_bias.is_contiguous()))
-               and not fused_lstm._KERNEL_OFF[0] and cpu_kernel.available())
+               and cpu_float32(x, norm.weight, norm.bias) and unhooked(norm)
+               and (r_bias is None or (cpu_float32(r_bias) and r_bias.shape == (C,) and r_bias.is_contiguous()))
+               and cpu_kernel_ok())
     if fusable:
         params = (norm.weight, norm.bias) if r_bias is None else (norm.weight, norm.bias, r_bias)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
@@ -279,12 +164,12 @@ def _gpu_norm_dtype(norm: nn.Module, x: torch.Tensor, lowp_out: bool) -> Optiona
     if not (type(norm) is nn.LayerNorm and w is not None and b is not None and x.dtype in _TRITON_NORM_DTYPES
             and w.dtype in _TRITON_NORM_DTYPES and b.dtype == w.dtype and norm.normalized_shape == x.shape[-1:]
             and x.shape[-1] <= 8192 and x.is_contiguous() and w.is_contiguous() and b.is_contiguous()
-            and w.device == x.device and b.device == x.device and x.numel() > 0 and _unhooked(norm)
-            and not _tracing()):
+            and w.device == x.device and b.device == x.device and x.numel() > 0 and unhooked(norm)
+            and not tracing()):
         return None
-    if x.is_cuda and not fused_lstm._triton_ok():
+    if x.is_cuda and not triton_ok():
         return None
-    amp = fused_lstm.autocast_dtype(x.device.type)
+    amp = autocast_dtype(x.device.type)
     if amp is None:
         return x.dtype
     return amp if lowp_out else (torch.float32 if x.is_cuda else x.dtype)
@@ -315,8 +200,8 @@ class _AddmmInto(torch.autograd.Function):
 def linear_into_ok(fc: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``linear_residual(fc, x, residual, bias_in_residual=True)`` may run: a plain, hook-free
     ``nn.Linear`` with a bias, CPU float32, not traced."""
-    return (type(fc) is nn.Linear and fc.bias is not None and _cpu_float32(x, fc.weight, fc.bias)
-            and not _tracing() and _unhooked(fc) and not fused_lstm.gpu_path(x))
+    return (type(fc) is nn.Linear and fc.bias is not None and cpu_float32(x, fc.weight, fc.bias)
+            and not tracing() and unhooked(fc) and not gpu_path(x))
 
 
 def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor],
@@ -336,8 +221,57 @@ def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Ten
         return _AddmmInto.apply(residual, x, fc.weight)
     if residual is None:
         return fc(x)
-    if (linear_into_ok(fc, x) and _cpu_float32(residual)
+    if (linear_into_ok(fc, x) and cpu_float32(residual)
             and residual.shape == (*x.shape[:-1], fc.out_features)):
         out = torch.add(residual.reshape(-1, fc.out_features), fc.bias)
         return out.addmm_(x.reshape(-1, fc.in_features), fc.weight.t()).view(residual.shape)
     return residual + fc(x)
+
+
+def conv_as_gemm(conv: nn.Module, x: torch.Tensor, channels_first: bool = False) -> bool:
+    """Whether ``patch_linear`` may stand in for ``conv`` on x (NHWC, or NCHW with ``channels_first``): a
+    plain, hook-free ``nn.Conv2d`` whose kernel equals its stride (non-overlapping patches, no padding,
+    dilation or groups), on CPU, with at least one whole patch, outside traced or exported graphs (the FLOP
+    counter hooks convolutions: it still sees them)."""
+    if tracing() or type(conv) is not nn.Conv2d or x.device.type != 'cpu' or x.dim() != 4:
+        return False
+    H, W = x.shape[2:] if channels_first else x.shape[1:3]
+    return (conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == 'zeros' and H >= conv.kernel_size[0]
+            and W >= conv.kernel_size[1] and unhooked(conv))
+
+
+class _KernelLastWeight(torch.autograd.Function):
+    """A conv weight (O, C, kh, kw) as the (O, kh * kw * C) matrix of NHWC patches; its gradient comes back
+    contiguous in the weight's own layout (autograd's permute would hand DDP's buckets a permuted one)."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.shape = weight.shape
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        O, C, kh, kw = ctx.shape
+        return g.reshape(O, kh, kw, C).permute(0, 3, 1, 2).contiguous()
+
+
+def patch_linear(x: torch.Tensor, conv: nn.Conv2d, channels_first: bool = False) -> torch.Tensor:
+    """``conv`` (see ``conv_as_gemm``) as one GEMM over the patches, NHWC out; x is NHWC, or NCHW with
+    ``channels_first``. The same sum as the convolution (rows and columns past the last whole patch are
+    dropped, as the convolution does); the patches are a view for 1x1 kernels on NHWC input, one gathering
+    copy otherwise, laid out (kh, kw, c) for NHWC input (whole channel rows) and (c, kh, kw) for NCHW (the
+    weight's own order). The weight's gradient has the weight's strides, as DDP's gradient buckets expect."""
+    ph, pw = conv.kernel_size
+    if channels_first:
+        B, C, H, W = x.shape
+        Ho, Wo = H // ph, W // pw
+        patches = x[:, :, :Ho * ph, :Wo * pw].reshape(B, C, Ho, ph, Wo, pw).permute(0, 2, 4, 1, 3, 5)
+        weight = conv.weight.reshape(conv.out_channels, C * ph * pw)
+    else:
+        B, H, W, C = x.shape
+        Ho, Wo = H // ph, W // pw
+        patches = x[:, :Ho * ph, :Wo * pw].reshape(B, Ho, ph, Wo, pw, C).transpose(2, 3)
+        weight = (conv.weight.reshape(conv.out_channels, C) if ph == pw == 1
+                  else _KernelLastWeight.apply(conv.weight))
+    return F.linear(patches.reshape(B, Ho, Wo, C * ph * pw), weight, conv.bias)

@@ -1,6 +1,6 @@
-"""The compiled CPU kernels: the fused engine's recurrence (``sequencer/csrc/lstm2d_cpu.cpp``), the fused
-MLP's bias + GELU passes (``sequencer/csrc/mlp_cpu.cpp``) and the pre-norm's backward with the residual's
-gradient (``sequencer/csrc/norm_cpu.cpp``), built together as one extension.
+"""The compiled CPU kernels: the fused engine's recurrence (``sequencer/fast/csrc/lstm2d_cpu.cpp``), the fused
+MLP's bias + GELU passes (``sequencer/fast/csrc/mlp_cpu.cpp``) and the pre-norm's backward with the residual's
+gradient (``sequencer/fast/csrc/norm_cpu.cpp``), built together as one extension.
 
 The kernel is built from source with the system's C++ compiler (and ``ninja``, a dependency of this
 package) the first time it is needed -- about 10 s; ``torch.utils.cpp_extension`` caches the build
@@ -22,7 +22,9 @@ import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-CSRC = Path(__file__).resolve().parent.parent / 'csrc'
+import torch
+
+CSRC = Path(__file__).resolve().parent / 'csrc'
 SOURCES = [CSRC / 'lstm2d_cpu.cpp', CSRC / 'mlp_cpu.cpp', CSRC / 'norm_cpu.cpp']   # and cpu_math.h
 ENV = 'SEQUENCER_CPU_KERNEL'
 BASE_FLAGS = ['-O3', '-fno-trapping-math', '-fno-math-errno']
@@ -71,7 +73,7 @@ def _build(name: str, flags: List[str], ldflags: List[str], verbose: bool) -> No
     if not verbose:
         quiet.setLevel(logging.ERROR)   # "No CUDA runtime is found" (logged on import): irrelevant here
     try:
-        from torch.utils import cpp_extension
+        from torch.utils import cpp_extension   # imported here, after the logger is quietened (it logs on import)
         built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f'{name}.so'
         if not built.exists() and not verbose:
             print(f"sequencer: building the fused RNN engine's CPU kernel ({name}, first use only, about "
@@ -118,7 +120,6 @@ def load(verbose: bool = False, raise_errors: bool = False) -> bool:
 def prepare_for_compile(device) -> None:
     """Load (building if needed) the kernel before ``torch.compile`` traces a model that runs on ``device``:
     tracing keeps the kernel's ops in the graph only when it is already loaded, and never builds it."""
-    import torch
     if torch.device(device).type == 'cpu':
         available()
 
@@ -130,7 +131,6 @@ def loaded() -> bool:
 
 def _register_fake_ops() -> None:
     """Shape-only versions of the kernel's ops, so that torch.compile can keep them in its graphs."""
-    import torch
 
     def dims(B, H, W, kinds, hidden):
         T = max(H if k & 2 else W for k in kinds)
@@ -175,46 +175,10 @@ def build_directory() -> Optional[str]:
     """Where the loaded build lives (None when not loaded)."""
     if not _state['ok']:
         return None
-    from torch.utils.cpp_extension import _get_build_directory
-    return _get_build_directory(_state['name'], verbose=False)
+    from torch.utils import cpp_extension
+    return cpp_extension._get_build_directory(_state['name'], verbose=False)
 
 
-# ---- `sequencer build-kernel` --------------------------------------------------------------------------
-
-def add_arguments(p) -> None:
-    p.add_argument('--verbose', action='store_true', help="show the compiler's command lines and output")
-
-
-def run(args) -> int:
-    """Build (or load) the kernel, check it against the fused engine's torch implementation, say where it is."""
-    import time
-
-    import torch
-
-    from ..errors import UserError
-    if not enabled():
-        raise UserError(f'{ENV}=0 in the environment: the CPU kernel is disabled')
-    t0 = time.perf_counter()
-    try:
-        load(verbose=args.verbose, raise_errors=True)
-    except RuntimeError as e:
-        raise UserError(f'{e} (is a C++ compiler installed? `--verbose` shows the build)') from None
-    took = time.perf_counter() - t0
-    from . import fused_lstm
-    from .mixing import RNN2D
-    torch.manual_seed(0)
-    m = RNN2D(16, 8).float()
-    x = torch.randn(2, 5, 7, 16)
-    m.engine = 'fused'
-    with torch.no_grad():
-        y_kernel = m(x)
-        with fused_lstm.cpu_kernel_disabled():
-            y_torch = m(x)
-        diff = (y_kernel - y_torch).abs().max().item()
-    print(f"CPU LSTM kernel {_state['name']}: ready in {took:.1f} s, build directory {build_directory()}")
-    print(f"self-check against the torch implementation: max |difference| {diff:.2e}")
-    if not diff < 1e-5:
-        print("build-kernel: error: the kernel disagrees with the torch implementation; "
-              f"set {ENV}=0 to disable it", flush=True)
-        return 1
-    return 0
+def loaded_name() -> Optional[str]:
+    """The loaded build's name (its x86-64 level), or None."""
+    return _state['name']

@@ -1,0 +1,308 @@
+"""The fast modules: subclasses of the plain layers that keep their parameters (and so their state_dict keys) and
+run fused paths where they apply, the plain forward everywhere else.
+
+Each one decides per call from what it is given (device, dtype, autocast, gradients, hooks, tracing), because
+one model instance meets all of these: training and evaluation, CPU and GPU, eager and compiled. Inside traced
+or exported graphs, and where hooks must see a submodule's own call, they run the plain forward.
+"""
+from typing import Optional
+
+import torch
+from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_module
+from timm.layers.format import Format
+from torch import nn
+
+from ..models.blocks import RNN2D, Downsample2D, SequencerBlock
+from . import cpu_kernel, lstm2d
+from .ops import conv_as_gemm, fused_mlp, linear_into_ok, linear_residual, norm_residual, patch_linear
+from .rules import auto_engine
+from .runtime import (autocast_dtype, cpu_float32, cpu_kernel_ok, exporting_graph, functorch_active, gpu_path,
+                      tracing, triton_ok, unhooked)
+
+ENGINES = ('auto', 'native', 'fused')
+
+
+class FastModule:
+    """Mixin of the fast modules. TorchScript cannot compile them: scripting turns each back into its plain class
+    (``PLAIN``), in place, so a scripted model is the paper's model with the same weights."""
+
+    def __prepare_scriptable__(self):
+        to_plain(self)
+        return self
+
+
+def _inactive_dropout(m: nn.Module, training: bool) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and (m.p == 0 or not training))
+
+
+@register_notrace_module
+class FastMlp(FastModule, Mlp):
+    """timm's ``Mlp`` running ``fused_mlp`` on CPU in float32 (exact GELU, no dropout in effect, no hidden norm,
+    plain hook-free fc1 / act / fc2); ``forward(x, residual)`` gives ``residual + MLP(x)``. ``fused = False``
+    keeps timm's forward."""
+
+    fused: bool = True
+    takes_residual = True   # forward(x, residual) is residual + forward(x)
+
+    def fusable(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` takes the fused path."""
+        if not self.fused or tracing() or not cpu_float32(x):
+            return False
+        fc1, fc2 = self.fc1, self.fc2
+        if not (type(fc1) is nn.Linear and type(fc2) is nn.Linear and fc1.bias is not None
+                and fc2.bias is not None and isinstance(self.norm, nn.Identity)
+                and type(self.act) is nn.GELU and self.act.approximate == 'none'
+                and _inactive_dropout(self.drop1, self.training) and _inactive_dropout(self.drop2, self.training)
+                and unhooked(fc1, self.act, fc2)):
+            return False
+        if any(p.dtype != torch.float32 for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)):
+            return False
+        return cpu_kernel_ok()
+
+    def residual_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """fc2's bias where the fused path would run on x: a residual that already holds it is then accumulated
+        onto in place (``forward(x, residual, bias_in_residual=True)``); else None."""
+        return self.fc2.bias if self.fusable(x) else None
+
+    def casts_input(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` reads x only through a plain, hook-free fc1 (under autocast: only its cast to the
+        autocast dtype), so that a pre-norm may hand x over in that dtype."""
+        return type(self.fc1) is nn.Linear and unhooked(self, self.fc1)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                bias_in_residual: bool = False) -> torch.Tensor:
+        if tracing() and not torch.compiler.is_compiling():
+            y = Mlp.forward(self, x)
+            return y if residual is None else residual + y
+        res_ok = residual is None or (cpu_float32(residual)
+                                      and residual.shape == (*x.shape[:-1], self.fc2.out_features))
+        if bias_in_residual:
+            if residual is None or not (self.fusable(x) and res_ok and residual.is_contiguous()):
+                raise ValueError('FastMlp: bias_in_residual needs a float32 CPU residual of the output shape and '
+                                 'the fused path (see residual_bias)')
+            return fused_mlp(self, x, residual, bias_in_residual=True)
+        if self.fusable(x) and res_ok:
+            return fused_mlp(self, x, residual)
+        y = Mlp.forward(self, x)
+        return y if residual is None else residual + y
+
+
+@register_notrace_module
+class FastRNN2D(FastModule, RNN2D):
+    """``RNN2D`` whose recurrences run on ``engine``: 'fused' (``lstm2d``: all directions at once, in the compiled
+    CPU kernel, the Triton kernels or the torch implementation) or 'auto' (per call, ``rules.auto_engine``).
+    GRU / tanh-RNN / stacked recurrences, torch.func transforms and exported graphs (ONNX, TorchScript tracing,
+    torch.export, FX) always run the plain ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``."""
+
+    engine: str = 'auto'
+    takes_residual = True   # forward(x, residual) is residual + forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, engine={self.engine!r}"
+
+    def resolved_engine(self, x: Optional[torch.Tensor] = None, compiling: Optional[bool] = None) -> str:
+        """The engine that runs for input ``x`` (without ``x``: for the module's device) right now, or with
+        ``compiling=True``, inside a torch.compile graph."""
+        if self.rnn_layer != 'lstm' or self.num_layers != 1 or functorch_active() or exporting_graph():
+            return 'native'
+        if self.engine == 'fused':
+            return 'fused'
+        params = self._lstm_params()[1]
+        ref = x if x is not None else params[0]
+        device = ref.device.type
+        grad = torch.is_grad_enabled() and (ref.requires_grad or any(
+            p is not None and p.requires_grad for p in params))
+        autocast = autocast_dtype(device) is not None
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()
+        if device == 'cuda':
+            kernel = triton_ok() and _triton_supported(self.hidden_size, autocast)
+        elif device == 'cpu':
+            kernel = cpu_kernel.loaded() if compiling else cpu_kernel_ok()   # tracing never builds the kernel
+        else:
+            kernel = False
+        # under autocast the engines cast the input to the autocast dtype: what matters is the weights' dtype
+        dtype = params[0].dtype if autocast else ref.dtype
+        return auto_engine(device, dtype, autocast, grad or compiling, kernel)
+
+    def _lstm_params(self):
+        """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine, in
+        the channel order of the plain output (vertical before horizontal, forward before backward). Kept as a
+        plain attribute, refreshed on every eager call: torch.compile cannot trace into ``nn.LSTM`` itself."""
+        if not torch.compiler.is_compiling():
+            kinds, params = [], []
+            for rnn, vertical in ((self.rnn_v, True), (self.rnn_h, False)):
+                if rnn is None:
+                    continue
+                for reverse in ((False, True) if rnn.bidirectional else (False,)):
+                    sfx = '_l0_reverse' if reverse else '_l0'
+                    kinds.append((vertical, reverse))
+                    params += [getattr(rnn, 'weight_ih' + sfx), getattr(rnn, 'weight_hh' + sfx),
+                               getattr(rnn, 'bias_ih' + sfx, None), getattr(rnn, 'bias_hh' + sfx, None)]
+            self.__dict__['_lstm_refs'] = (tuple(kinds), tuple(params))
+        return self.__dict__['_lstm_refs']
+
+    def casts_input(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` reads x only through its cast to the autocast dtype (the fused engine does, under
+        autocast), so that a pre-norm may hand x over in that dtype."""
+        return self.resolved_engine(x) == 'fused' and unhooked(self)
+
+    def residual_bias(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """fc's bias where a residual that already holds it can be accumulated onto in place
+        (``forward(x, residual, bias_in_residual=True)``); else None."""
+        if self.fc is not None and linear_into_ok(self.fc, x) and self.resolved_engine(x) == 'fused':
+            return self.fc.bias
+        return None
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                bias_in_residual: bool = False) -> torch.Tensor:
+        """The mixed tokens, or ``residual +`` them; with ``bias_in_residual`` the residual already holds fc's
+        bias and is accumulated onto in place (see ``residual_bias``)."""
+        if self.resolved_engine(x) != 'fused':
+            if bias_in_residual:
+                raise ValueError('FastRNN2D: bias_in_residual needs the fused engine (see residual_bias)')
+            y = RNN2D.forward(self, x)
+            return y if residual is None else residual + y
+        y = lstm2d.fused_rnn2d(self, x)
+        if self.fc is not None:
+            return linear_residual(self.fc, y, residual, bias_in_residual)
+        if bias_in_residual:
+            raise ValueError('FastRNN2D: bias_in_residual needs the fc layer')
+        return y if residual is None else residual + y
+
+
+def _triton_supported(hidden: int, lowp: bool) -> bool:
+    from . import triton_lstm   # optional dependency (triton)
+    return triton_lstm.supported(hidden, lowp)
+
+
+@register_notrace_module
+class FastSequencerBlock(FastModule, SequencerBlock):
+    """``SequencerBlock`` with its residual adds handed to the branches' last linear layers.
+
+    Where DropPath does nothing (eval mode, or rate 0) and both branches are fast modules without hooks, each
+    residual add becomes part of the branch's last GEMM (``forward(y, residual=x)``): on CPU in float32 the GEMM
+    accumulates onto ``x + bias``, which the pre-norm's kernel writes in its own pass over x (``norm_residual``),
+    and in the backward the gradients reaching x through the pre-norm and through the residual are summed inside
+    the norm's backward. On the GPU path the pre-norms run as Triton kernels that also sum the residual's
+    gradient, and write their output in the autocast dtype where the branch reads it only through that cast.
+    ``fused_residual`` / ``fused_norm`` = False turn these off.
+    """
+
+    fused_residual: bool = True
+    fused_norm: bool = True
+
+    def _residual_into_branches(self) -> bool:
+        dp = self.drop_path
+        inactive = type(dp) is nn.Identity or (type(dp) is DropPath and (not dp.training or dp.drop_prob == 0))
+        return (self.fused_residual and inactive
+                and getattr(self.rnn_tokens, 'takes_residual', False)
+                and getattr(self.mlp_channels, 'takes_residual', False)
+                and unhooked(self.rnn_tokens, self.mlp_channels, dp))
+
+    def _casts_input(self, branch: nn.Module, x: torch.Tensor) -> bool:
+        if not (self.fused_norm and gpu_path(x)):
+            return False
+        casts = getattr(branch, 'casts_input', None)
+        return casts is not None and casts(x)
+
+    def _residual_branch(self, norm: nn.Module, branch: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x + branch(norm(x)), the residual handed to the branch; where the branch can accumulate onto a residual
+        that already holds its last bias, the norm writes x + bias in its own pass over x."""
+        get_bias = getattr(branch, 'residual_bias', None)
+        bias = get_bias(x) if get_bias is not None and x.is_contiguous() else None
+        y, r = norm_residual(norm, x, bias, lowp_out=bias is None and self._casts_input(branch, x),
+                             gpu_kernels=self.fused_norm)
+        if bias is None:
+            return branch(y, residual=r)
+        return branch(y, residual=r, bias_in_residual=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing() and not torch.compiler.is_compiling():
+            return SequencerBlock.forward(self, x)
+        if self._residual_into_branches():
+            x = self._residual_branch(self.norm1, self.rnn_tokens, x)
+            return self._residual_branch(self.norm2, self.mlp_channels, x)
+        for norm, branch in ((self.norm1, self.rnn_tokens), (self.norm2, self.mlp_channels)):
+            y, x = norm_residual(norm, x, lowp_out=self._casts_input(branch, x), gpu_kernels=self.fused_norm,
+                                 cpu_kernels=False)
+            x = x + self.drop_path(branch(y))
+        return x
+
+
+@register_notrace_module
+class FastDownsample2D(FastModule, Downsample2D):
+    """``Downsample2D`` whose convolution (kernel = stride) runs on CPU as one GEMM over the patches
+    (``patch_linear``), the same sum, writing NHWC directly; elsewhere the convolution, its output made contiguous
+    so that every later layer reads contiguous NHWC tensors."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if conv_as_gemm(self.down, x):
+            return patch_linear(x, self.down)
+        return Downsample2D.forward(self, x).contiguous()
+
+
+@register_notrace_module
+class FastPatchEmbed(FastModule, PatchEmbed):
+    """timm's ``PatchEmbed`` (as the NHWC stem: no flattening, no fixed image size) whose convolution runs on CPU as
+    one GEMM over the gathered patches, writing NHWC directly; elsewhere timm's forward, made contiguous."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.img_size is None and not self.dynamic_img_pad and not self.flatten
+                and self.output_fmt == Format.NHWC and conv_as_gemm(self.proj, x, channels_first=True)
+                and unhooked(self)):
+            return self.norm(patch_linear(x, self.proj, channels_first=True))
+        return PatchEmbed.forward(self, x).contiguous()
+
+
+# the plain class -> its fast subclass, and back
+FAST = {RNN2D: FastRNN2D, SequencerBlock: FastSequencerBlock, Mlp: FastMlp, Downsample2D: FastDownsample2D,
+        PatchEmbed: FastPatchEmbed}
+PLAIN = {fast: plain for plain, fast in FAST.items()}
+_SETTINGS = ('engine', 'fused', 'fused_norm', 'fused_residual', '_lstm_refs')
+
+
+def to_plain(module: nn.Module) -> None:
+    """Turn one fast module back into its plain class (its own settings dropped); others are left as they are."""
+    plain = PLAIN.get(type(module))
+    if plain is not None:
+        module.__class__ = plain
+        for name in _SETTINGS:
+            module.__dict__.pop(name, None)
+
+
+def set_engine(model: nn.Module, engine: str = 'auto', *, fused_mlp: bool = True, fused_norm: bool = True,
+               fused_residual: bool = True) -> nn.Module:
+    """Make ``model`` run on ``engine``, in place, and return it.
+
+    'native': every fast module back to its plain class (the paper's model: ``nn.LSTM``, timm's layers).
+    'fused' / 'auto': the plain layers replaced by their fast subclasses (``FAST``, exact types only: a subclass
+    of a user's own is left alone), the recurrences on the fused engine ('fused') or chosen per call ('auto',
+    ``rules.auto_engine``). ``fused_mlp`` / ``fused_norm`` / ``fused_residual`` = False leave out the fused channel
+    MLP, the GPU pre-norm kernels, or the residual adds inside the branches' GEMMs. Parameters, buffers and
+    state_dict keys do not change.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    for m in model.modules():
+        if engine == 'native':
+            to_plain(m)
+            continue
+        fast = FAST.get(type(m))
+        if fast is not None:
+            m.__class__ = fast
+        if isinstance(m, FastRNN2D):
+            m.engine = engine
+        elif isinstance(m, FastMlp):
+            m.fused = fused_mlp
+        elif isinstance(m, FastSequencerBlock):
+            m.fused_norm, m.fused_residual = fused_norm, fused_residual
+    return model
+
+
+def engine_of(model: nn.Module) -> str:
+    """The engine ``model`` was set to: 'native' when it holds no fast module, else its BiLSTM2Ds' setting."""
+    engines = {m.engine for m in model.modules() if isinstance(m, FastRNN2D)}
+    if not any(isinstance(m, FastModule) for m in model.modules()):
+        return 'native'
+    return engines.pop() if len(engines) == 1 else ('mixed' if engines else 'auto')
