@@ -46,17 +46,25 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import timm
 import torch
 from torch import nn
+from torch._inductor import list_mode_options
 
-from .. import fast
+from .. import __version__, fast
+from ..data.loaders import check_input_size
 from ..engine.args import COUNT, NATURAL, Parser, Range
+from ..engine.io import check_output, write_text
+from ..engine.malloc import keep_freed_memory
 from ..errors import UserError
 from ..factory import create_model
 from ..fast import cpu_kernel
 from ..fast.cpu_kernel import prepare_for_compile
 from ..fast.runtime import triton_ok
 from ..models.blocks import RNN2D
+from ..models.registry import MODELS, get_spec
+from ..models.weights import CheckpointError, load_state_dict
+from .flops import count_flops
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 MODES = ('infer', 'train', 'both')
@@ -137,19 +145,16 @@ def _check_args(args) -> Tuple[int, int, int]:
     if args.results_file and os.path.splitext(args.results_file)[1].lower() not in ('.csv', '.json'):
         raise UserError(f"--results-file {args.results_file}: the name must end in .csv or .json")
     if args.results_file:
-        from ..engine.io import check_output
         check_output(args.results_file, '--results-file')
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to torch on this machine")
     if args.compile_mode is not None:
-        from torch._inductor import list_mode_options
         if args.compile_mode not in list_mode_options():
             raise UserError(f"--compile-mode {args.compile_mode}: unknown mode; torch.compile knows "
                             f"{', '.join(list_mode_options())}")
     if args.timm_eager and not (args.compare_timm and (args.compile or args.compile_mode is not None)):
         raise UserError("--timm-eager compiles our model only: it needs --compare-timm and --compile (or "
                         "--compile-mode)")
-    from ..models.registry import get_spec
     spec = get_spec(args.model)  # unknown names: one line with suggestions
     if args.input_size is not None:
         size = tuple(args.input_size)
@@ -191,8 +196,6 @@ def build_ours(args, input_size, overrides: Dict) -> nn.Module:
 def timm_name_for(name: str) -> str:
     """timm's model of the same architecture: the same name, or a table row with identical constructor args
     (the ``_392`` rows share their 224 px parent's architecture)."""
-    import timm
-    from ..models.registry import MODELS, get_spec
     available = set(timm.list_models('sequencer*'))
     if name in available:
         return name
@@ -206,8 +209,6 @@ def timm_name_for(name: str) -> str:
 
 def build_timm(args, ours: nn.Module, input_size, overrides: Dict) -> Tuple[nn.Module, str]:
     """timm's model of the same architecture, loaded with ``ours``' weights (strict: every key must match)."""
-    import timm
-    from ..models.weights import CheckpointError, load_state_dict
     name = timm_name_for(args.model)
     kwargs = dict(overrides)
     if 'layers' in kwargs:
@@ -392,7 +393,7 @@ class _CpuPeakRss:
             return False
 
     def _maxrss_kb(self) -> int:
-        import resource
+        import resource   # Unix only
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return r // 1024 if sys.platform == 'darwin' else r
 
@@ -448,7 +449,6 @@ def _uses_cuda_graphs(compile_mode: Optional[str]) -> bool:
     """Whether torch.compile's mode replays CUDA graphs ('reduce-overhead', 'max-autotune')."""
     if compile_mode is None:
         return False
-    from torch._inductor import list_mode_options
     return bool(list_mode_options(compile_mode).get('triton.cudagraphs'))
 
 
@@ -502,8 +502,6 @@ def _percentile(values: Sequence[float], q: float) -> float:
 # ---- environment and output -------------------------------------------------------------------------
 
 def environment(device: torch.device) -> Dict:
-    import timm
-    from .. import __version__
     cpu = platform.processor() or ''
     try:
         with open('/proc/cpuinfo') as f:
@@ -535,7 +533,6 @@ def _fmt(v) -> str:
 
 
 def write_results(path: str, rows: List[Dict], env: Dict):
-    from ..engine.io import write_text
     if path.lower().endswith('.json'):
         write_text(path, json.dumps({'environment': env, 'results': rows}, indent=2) + '\n')
         return
@@ -579,20 +576,17 @@ def run(args) -> int:
     progress = Progress(args.quiet)
     env = environment(device)
     if args.malloc_tuning:
-        from ..engine.malloc import keep_freed_memory
         env['malloc_tuning'] = keep_freed_memory()
         progress.say('malloc tuning: ' + ('freed heap memory stays mapped' if env['malloc_tuning']
                                           else 'not available here (glibc only): no effect'), force=True)
 
     torch.manual_seed(args.seed)
     ours = build_ours(args, input_size, overrides)
-    from ..data.loaders import check_input_size
     check_input_size(ours, input_size, '--input-size' if args.input_size else '--img-size')
     models = {OURS: ours}
     timm_name = None
     if args.compare_timm:
         models[TIMM], timm_name = build_timm(args, ours, input_size, overrides)
-    from .flops import count_flops
     macs = count_flops(ours, input_size)
     for m in models.values():
         m.to(device)
