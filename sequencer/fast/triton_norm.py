@@ -1,5 +1,5 @@
 """Triton kernels for a block's pre-norm on the GPU: LayerNorm over the last dimension, fused with what
-surrounds it in a Sequencer block (``fused_mlp.norm_residual``).
+surrounds it in a Sequencer block (``ops.norm_residual``).
 
 Forward (``layer_norm_forward``): one program normalises ``BLOCK_M`` rows of x (float32 statistics) and
 writes the output straight in the dtype its consumer computes in: under CUDA autocast the branch's first
@@ -17,13 +17,9 @@ Under CUDA autocast the residual stream is bfloat16 (or float16) and LayerNorm r
 block casts x to float32, normalises, and casts the result back for the branch's first product; backward,
 it casts the gradient up, runs LayerNorm's backward, casts the result down and adds the residual's
 gradient. Per element of one pre-norm the kernels move about 4 bytes instead of 20 forward and 8 instead
-of about 30 backward, in three kernel launches instead of about eight. The price is host time: the Python
-of an autograd function (36 - 53 microseconds more per pre-norm, forward and backward, than the plain ops
-where those need no casts, on the 2-core Xeon of BENCHMARKS.md; ``scripts/count_step_ops.py --host-time``,
-which replaces the launches by no-ops). On an H200 (Sequencer2D-S, batch 256, one training step
-profiled) the forward took 1.9 ms per step over its 36 calls, near its bandwidth bound, and the backward
-19.8 ms, about nine times its bound: its loop over rows is latency-bound (``scripts/microbench_gpu_norm.py``
-times its launch configurations). The kernels are tested through Triton's interpreter on CPU tensors
+of about 30 backward, in three kernel launches instead of about eight, for the host time of an autograd
+function's Python. The backward's loop over rows is latency-bound on the GPU: ``norm_backward`` takes the rows
+per loop step and the warps as arguments. The kernels are tested through Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``), which runs the same kernel source (rounding to bfloat16 as the GPU does: the
 interpreter itself truncates, ``RNE``), and on a GPU against plain LayerNorms.
 """
