@@ -510,7 +510,7 @@ def environment(device: torch.device) -> Dict:
         pass
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                sequencer=__version__, torch=torch.__version__, timm=timm.__version__,
-               python=platform.python_version(), cpu=cpu, cpu_count=os.cpu_count(),
+               python=platform.python_version(), cpu=cpu, cpu_isa=cpu_kernel.isa_level(), cpu_count=os.cpu_count(),
                torch_threads=torch.get_num_threads(), device=device.type,
                device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu)
     return env

@@ -44,6 +44,12 @@ def _cpu_flags() -> set:
     return set()
 
 
+def isa_level() -> str:
+    """The x86-64 micro-architecture level of this CPU that the kernel is built for: 'x86_64_v4' (AVX-512),
+    'x86_64_v3' (AVX2 + FMA), else the machine name (the baseline build)."""
+    return _variants()[0][0]
+
+
 def _variants() -> List[Tuple[str, List[str], List[str]]]:
     """(name suffix, compiler flags, linker flags) to try in order: the widest x86 level this CPU runs with
     OpenMP, the baseline with OpenMP, the baseline without OpenMP (single-threaded cell updates; for
