@@ -7,11 +7,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes more than about 5 s on two CPU cores (deselect with -m "not slow")')
+
+
 @pytest.fixture(scope='session', autouse=True)
 def _cpu_kernel_built():
     """Build the fused engine's CPU kernel once, before any test (its first build prints a line to stderr,
     which must not land in the output of a command under test). A failed build leaves the torch code."""
-    from sequencer.layers import cpu_kernel
+    from sequencer.fast import cpu_kernel
     cpu_kernel.load()
     yield
 

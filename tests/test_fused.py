@@ -8,11 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from sequencer import Sequencer2D
-from sequencer.layers import RNN2D
-from sequencer.layers import cpu_kernel
-from sequencer.layers.fused_lstm import cpu_kernel_disabled, fused_rnn2d
-from sequencer.layers.mixing import auto_engine
+from sequencer import Sequencer2D, set_engine
+from sequencer.fast import FastRNN2D, auto_engine, cpu_kernel, cpu_kernel_disabled
+from sequencer.fast.lstm2d import fused_rnn2d
+from sequencer.models.blocks import RNN2D
 
 # The fused engine has two CPU implementations of its recurrence: the compiled kernel (csrc/) and the
 # torch code (used under torch.compile, for float64 and where no compiler is found). Both are checked.
@@ -33,8 +32,9 @@ def impl(request):
 
 
 def _grads(module, x, engine, seed=1):
-    """Output, input gradient and every parameter gradient of ``module`` run with ``engine``."""
-    module.engine = engine
+    """Output, input gradient and every parameter gradient of ``module`` run with ``engine`` (set in place:
+    'native' is the plain ``RNN2D``, 'fused' / 'auto' the ``FastRNN2D`` with that engine)."""
+    set_engine(module, engine)
     module.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     y = module(x)
@@ -76,7 +76,7 @@ def test_fused_matches_native_fp32(union, bidirectional, with_fc, shape, impl):
     x = torch.randn(*shape, C)
     native = _grads(m, x, 'native')
     fused = _grads(m, x, 'fused')
-    assert m.resolved_engine(x) == 'fused'
+    assert type(m) is FastRNN2D and m.resolved_engine(x) == 'fused'
     _assert_same(native, fused, atol=1e-5)
     assert native[0].abs().max() > 0.05  # the comparison is not between zeros
 
@@ -87,7 +87,7 @@ def test_fused_matches_native_fp64_and_gradcheck():
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
     _assert_same(_grads(m, x, 'native'), _grads(m, x, 'fused'), atol=1e-12)
     # finite differences through the hand-written backward, w.r.t. the input and the LSTM weights
-    m.engine = 'fused'
+    set_engine(m, 'fused')
     names = ['rnn_v.weight_hh_l0_reverse', 'rnn_h.bias_hh_l0']
     params = dict(m.named_parameters())
 
@@ -106,12 +106,13 @@ def test_no_bias_and_uneven_hidden(impl):
     _assert_same(_grads(m, x, 'native'), _grads(m, x, 'fused'), atol=1e-5)
 
 
-def _tiny_s(**kw):
-    """A Sequencer2D-S-shaped model (same stage layout, patch sizes, union, fc), one block per stage."""
+def _tiny_s(engine='auto', **kw):
+    """A Sequencer2D-S-shaped model (same stage layout, patch sizes, union, fc), one block per stage, on
+    ``engine``."""
     cfg = dict(layers=(1, 1, 1, 1), patch_sizes=(7, 2, 1, 1), embed_dims=(24, 48, 48, 48),
                hidden_sizes=(6, 12, 12, 12), mlp_ratios=(3, 3, 3, 3), num_classes=7)
     cfg.update(kw)
-    return Sequencer2D(**cfg)
+    return set_engine(Sequencer2D(**cfg), engine)
 
 
 @pytest.mark.parametrize('size', [(56, 56), (42, 70)])
@@ -124,21 +125,21 @@ def test_whole_model_fused_equals_native(size, impl):
     x = torch.randn(3, 3, *size)
     res = {}
     for engine in ('native', 'fused'):
-        model.set_rnn_engine(engine)
+        set_engine(model, engine)
         model.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
         y = model(xi)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         res[engine] = (y.detach(), xi.grad, {k: p.grad.clone() for k, p in model.named_parameters()})
     _assert_same(res['native'], res['fused'], atol=1e-5)
-    model.set_rnn_engine('fused').eval()
+    set_engine(model, 'fused').eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), res['native'][0], atol=1e-5, rtol=0)
 
 
 def test_state_dict_identical_between_engines():
-    native = _tiny_s().set_rnn_engine('native')
-    fused = _tiny_s().set_rnn_engine('fused')
+    native = _tiny_s('native')
+    fused = _tiny_s('fused')
     assert list(native.state_dict()) == list(fused.state_dict())
     assert any(k.endswith('rnn_tokens.rnn_v.weight_ih_l0_reverse') for k in fused.state_dict())
     fused.load_state_dict(native.state_dict())  # strict: a checkpoint of one engine loads into the other
@@ -147,39 +148,88 @@ def test_state_dict_identical_between_engines():
         torch.testing.assert_close(fused.eval()(x), native.eval()(x), atol=1e-5, rtol=0)
 
 
-def test_engine_resolution():
+def test_engine_resolution(monkeypatch):
+    """What a FastRNN2D runs: GRU and stacked recurrences always nn.LSTM / nn.GRU; 'fused' as set; 'auto' by the
+    rule table, from the conditions of the call (gradients, autocast, the kernel)."""
+    monkeypatch.setenv('SEQUENCER_AUTOTUNE', '0')   # the rule table alone (no measured choice)
     x = torch.randn(1, 2, 2, 8)
-    assert RNN2D(8, 4, rnn_layer='gru').resolved_engine(x) == 'native'
-    gru = RNN2D(8, 4, rnn_layer='gru')
-    gru.engine = 'fused'
+    gru = set_engine(RNN2D(8, 4, rnn_layer='gru'), 'auto')
+    assert gru.resolved_engine(x) == 'native'
+    set_engine(gru, 'fused')
     assert gru.resolved_engine(x) == 'native'       # GRU falls back
-    stacked = RNN2D(8, 4, num_layers=2)
-    stacked.engine = 'fused'
+    stacked = set_engine(RNN2D(8, 4, num_layers=2), 'fused')
     assert stacked.resolved_engine(x) == 'native'   # stacked LSTMs fall back
-    m = RNN2D(8, 4)
-    m.engine = 'native'
-    assert m.resolved_engine(x) == 'native'
-    m.engine = 'auto'
-    assert m.resolved_engine(x) == auto_engine('cpu', True, torch.float32, False) == 'fused'   # training
-    with torch.no_grad():                                                                   # CPU inference:
-        assert m.resolved_engine(x) == ('fused' if cpu_kernel.available() else 'native')    # with the kernel
-    assert auto_engine('cpu', False, torch.float32, False, cpu_kernel=True) == 'fused'
-    assert auto_engine('cpu', False, torch.float32, False, cpu_kernel=False) == 'native'   # without it
-    assert auto_engine('cpu', True, torch.float32, False, cpu_kernel=False) == 'fused'
-    assert auto_engine('cpu', False, torch.float64, False, cpu_kernel=True) == 'native'    # float64: torch code
-    with torch.autocast('cpu', dtype=torch.bfloat16):                     # bf16 autocast: fused with the
-        assert m.resolved_engine(x) == ('fused' if cpu_kernel.available() else 'native')   # kernel, also for
-        assert m.resolved_engine(x.bfloat16()) == m.resolved_engine(x)     # a bf16 input (the weights decide)
-    assert auto_engine('cpu', True, torch.float32, True, cpu_kernel=False) == 'native'
-    assert auto_engine('cpu', False, torch.float32, True, cpu_kernel=True) == 'fused'
-    assert auto_engine('cuda', True, torch.float32, True, triton=True) == 'fused'        # GPU training, AMP
-    assert auto_engine('cuda', False, torch.float32, True, triton=True, compiling=True) == 'fused'
-    assert auto_engine('cuda', False, torch.float32, True, triton=True) == 'native'      # eager inference
-    assert auto_engine('cuda', True, torch.float32, True, triton=False) == 'native'      # no Triton / no fit
-    assert auto_engine('cuda', True, torch.float32, False, triton=True) == 'native'      # float32: not timed
-    assert auto_engine('cuda', True, torch.bfloat16, False, triton=True) == 'native'     # bf16 weights
-    with pytest.raises(ValueError):
-        _tiny_s().set_rnn_engine('cudnn')
+    m = set_engine(RNN2D(8, 4), 'native')
+    assert type(m) is RNN2D and not hasattr(m, 'resolved_engine')   # 'native': the plain module itself
+    set_engine(m, 'fused')
+    assert m.resolved_engine(x) == 'fused'
+    with torch.no_grad():
+        assert m.resolved_engine(x) == 'fused'
+    set_engine(m, 'auto')
+    kernel = cpu_kernel.available()
+    # training (the parameters need gradients): fused, with or without the kernel
+    assert m.resolved_engine(x) == auto_engine('cpu', torch.float32, False, True, kernel) == 'fused'
+    with torch.no_grad():                                                  # CPU inference: fused with the
+        assert m.resolved_engine(x) == ('fused' if kernel else 'native')   # kernel, nn.LSTM without it
+        assert m.resolved_engine(x, compiling=True) == 'fused'             # compiled: like training
+    with cpu_kernel_disabled(), torch.no_grad():
+        assert m.resolved_engine(x) == 'native'
+    with torch.autocast('cpu', dtype=torch.bfloat16):                      # bf16 autocast: fused with the
+        assert m.resolved_engine(x) == ('fused' if kernel else 'native')   # kernel, also for a bf16 input
+        assert m.resolved_engine(x.bfloat16()) == m.resolved_engine(x)     # (the weights decide)
+    with cpu_kernel_disabled(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert m.resolved_engine(x) == 'native'                            # autocast without the kernel
+    with pytest.raises(ValueError, match='engine must be one of'):
+        set_engine(_tiny_s(), 'cudnn')
+
+
+@pytest.mark.parametrize('conditions, engine', [
+    # (device, weights' dtype, autocast, gradients or compiling, kernel)
+    (('cpu', torch.float32, False, True, True), 'fused'),        # CPU training, compiled kernel
+    (('cpu', torch.float32, False, False, True), 'fused'),       # CPU inference, compiled kernel
+    (('cpu', torch.float32, True, False, True), 'fused'),        # bf16 autocast, kernel
+    (('cpu', torch.float32, False, False, False), 'native'),     # inference without the kernel: oneDNN
+    (('cpu', torch.float32, False, True, False), 'fused'),       # training / compiled without it: torch code
+    (('cpu', torch.float32, True, True, False), 'native'),       # autocast without the kernel
+    (('cpu', torch.float64, False, True, None), 'fused'),        # float64 training (gradient checks)
+    (('cpu', torch.float64, False, False, True), 'native'),      # float64 inference
+    (('cpu', torch.bfloat16, False, True, True), 'native'),      # bf16 weights
+    (('cuda', torch.float32, True, True, True), 'fused'),        # GPU training / compiled under autocast, Triton
+    (('cuda', torch.float32, True, False, True), 'native'),      # eager inference: cuDNN
+    (('cuda', torch.float32, True, True, False), 'native'),      # no Triton, or the hidden size does not fit
+    (('cuda', torch.float32, False, True, True), 'native'),      # float32 on the GPU: not timed
+    (('cuda', torch.bfloat16, True, True, True), 'native'),      # bf16 weights
+    (('mps', torch.float32, False, True, False), 'native'),      # other devices
+    (('meta', torch.float32, False, True, False), 'native'),
+])
+def test_auto_rule_table(conditions, engine):
+    assert auto_engine(*conditions) == engine
+
+
+def test_auto_rule_table_is_read_top_down(monkeypatch):
+    """The first row whose conditions all hold (None: any) decides; no row: nn.LSTM. FastRNN2D asks the table
+    with the call's conditions."""
+    from sequencer.fast import modules, rules
+    monkeypatch.setenv('SEQUENCER_AUTOTUNE', '0')   # the rule table alone (no measured choice)
+    table = (('cpu', None, None, True, None, 'fused'), ('cpu', torch.float32, None, None, None, 'first'),
+             ('cpu', torch.float32, None, None, None, 'second'))
+    monkeypatch.setattr(rules, 'AUTO_RULES', table)
+    assert auto_engine('cpu', torch.float64, True, True, False) == 'fused'
+    assert auto_engine('cpu', torch.float32, False, False, True) == 'first'
+    assert auto_engine('cuda', torch.float32, False, True, True) == 'native'   # no row matches
+    seen = []
+    monkeypatch.setattr(modules, 'auto_engine', lambda *c: seen.append(c) or 'native')
+    m = set_engine(RNN2D(8, 4), 'auto')
+    x = torch.randn(1, 2, 2, 8)
+    with torch.no_grad():
+        m(x)
+        m.resolved_engine(x, compiling=True)
+    m(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        m(x)
+    kernel = cpu_kernel.available()
+    assert seen == [('cpu', torch.float32, False, False, kernel), ('cpu', torch.float32, False, True, kernel),
+                    ('cpu', torch.float32, False, True, kernel), ('cpu', torch.float32, True, True, kernel)]
 
 
 def test_fused_engine_follows_replaced_parameters():
@@ -194,7 +244,7 @@ def test_fused_engine_follows_replaced_parameters():
     def both(call=lambda: m(x)):
         out = {}
         for engine in ('fused', 'native'):
-            m.engine = engine
+            set_engine(m, engine)
             out[engine] = call()
         assert torch.allclose(out['fused'], out['native'], atol=1e-5), (out['fused'] - out['native']).abs().max()
         return out['fused']
@@ -240,8 +290,7 @@ def test_lstm_gradients_are_kept_as_computed():
     direction's slice follows the previous one in memory. (The torch implementation reorders the gates.)"""
     if not cpu_kernel.available():
         pytest.skip('no CPU kernel')
-    m = RNN2D(8, 4)
-    m.engine = 'fused'
+    m = set_engine(RNN2D(8, 4), 'fused')
     m(torch.randn(2, 3, 3, 8, requires_grad=True)).sum().backward()
     params = [p for rnn in (m.rnn_v, m.rnn_h) for p in rnn.parameters()]   # (w_ih, w_hh, b_ih, b_hh) x 4
     for kind in range(4):
@@ -255,22 +304,25 @@ def test_gru_model_runs_with_fused_setting():
     model = _tiny_s(rnn_layer='gru').eval()
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
-        ref = model.set_rnn_engine('native')(x)
-        torch.testing.assert_close(model.set_rnn_engine('fused')(x), ref)
+        ref = set_engine(model, 'native')(x)
+        torch.testing.assert_close(set_engine(model, 'fused')(x), ref)
 
 
 def test_autocast_bf16_dtype_and_values():
+    """The united output (no fc: the recurrences alone) under bf16 autocast: bfloat16 from both engines, within
+    bfloat16 rounding of each other."""
     torch.manual_seed(0)
-    m = RNN2D(16, 8, union='cat')
-    x = torch.randn(2, 4, 5, 16)
+    m = RNN2D(32, 8, union='cat', with_fc=False)
+    x = torch.randn(2, 4, 5, 32)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = {'native': m._forward_native(x), 'fused': fused_rnn2d(m, x)}
+        native = m(x)
+        out = {'native': native, 'fused': fused_rnn2d(set_engine(m, 'fused'), x)}
     assert out['fused'].dtype == out['native'].dtype == torch.bfloat16
     torch.testing.assert_close(out['fused'].float(), out['native'].float(), atol=3e-2, rtol=0)
     # gradients flow in the dtypes of the input and the parameters
     xr = x.clone().requires_grad_(True)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        m.engine = 'fused'
+        assert m.resolved_engine(xr) == 'fused'
         y = m(xr)
     y.float().sum().backward()
     assert xr.grad.dtype == torch.float32 and m.rnn_v.weight_hh_l0.grad.dtype == torch.float32
@@ -285,8 +337,7 @@ def test_fused_layer_does_not_query_autocast_availability_on_cpu_or_cuda(monkeyp
 
     monkeypatch.setattr(torch.amp, 'is_autocast_available', refuse)
     torch.manual_seed(0)
-    m = RNN2D(16, 4)
-    m.engine = 'fused'
+    m = set_engine(RNN2D(16, 4), 'fused')
     x = torch.randn(2, 3, 5, 16, requires_grad=True)
     for autocast in (False, True):
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
@@ -295,6 +346,7 @@ def test_fused_layer_does_not_query_autocast_availability_on_cpu_or_cuda(monkeyp
     assert x.grad is not None
 
 
+@pytest.mark.slow
 def test_torch_compile_fused_whole_graph(impl):
     """The fused engine compiles without graph breaks and matches eager (forward and backward).
 
@@ -302,8 +354,8 @@ def test_torch_compile_fused_whole_graph(impl):
     code generation is skipped here because it takes minutes on two CPU cores.
     """
     torch.manual_seed(0)
-    m = Sequencer2D(layers=(1, 1, 1, 1), patch_sizes=(7, 2, 1, 1), embed_dims=(16, 32, 32, 32),
-                    hidden_sizes=(4, 8, 8, 8), mlp_ratios=(2, 2, 2, 2), num_classes=5).set_rnn_engine('fused')
+    m = set_engine(Sequencer2D(layers=(1, 1, 1, 1), patch_sizes=(7, 2, 1, 1), embed_dims=(16, 32, 32, 32),
+                               hidden_sizes=(4, 8, 8, 8), mlp_ratios=(2, 2, 2, 2), num_classes=5), 'fused')
     x = torch.randn(2, 3, 28, 42)
     ref = m(x)
     ref.sum().backward()
@@ -318,11 +370,12 @@ def test_torch_compile_fused_whole_graph(impl):
 
 
 _INTERPRETER_CHECK = textwrap.dedent('''
+    import contextlib
     import torch
-    from sequencer.layers import RNN2D
-    from sequencer.layers import fused_lstm as fl
-    from sequencer.layers import triton_lstm
-    from sequencer.layers.triton_lstm import lstm_backward_triton, lstm_recurrence_triton
+    from sequencer.fast import cpu_kernel_disabled, set_engine, triton_on_cpu, triton_lstm
+    from sequencer.fast import lstm2d as fl
+    from sequencer.fast.triton_lstm import lstm_backward_triton, lstm_recurrence_triton
+    from sequencer.models.blocks import RNN2D
     torch.manual_seed(0)
     B, H, W, hid = 2, 3, 5, 8          # H != W: padded steps and sequences
     kinds = ((True, False), (True, True), (False, False), (False, True))
@@ -362,7 +415,8 @@ _INTERPRETER_CHECK = textwrap.dedent('''
     lstm_backward_triton(gy.bfloat16(), *lp, w.bfloat16(), rows, D, N, hid, dxp_lp)
     print('LOWP_BACKWARD', (dxp_ref - dxp_lp[:R].float()).abs().max().item(), dxp_ref.abs().max().item())
     # a whole BiLSTM2D through both kernels against native nn.LSTM: output, input and parameter gradients
-    fl._TRITON_ON_CPU[0] = True
+    stack = contextlib.ExitStack()
+    stack.enter_context(triton_on_cpu())   # for the rest of this script
     calls = []
     for name in ('lstm_recurrence_triton', 'lstm_backward_triton'):
         def spy(*args, _f=getattr(triton_lstm, name), _name=name, **kw):
@@ -373,10 +427,10 @@ _INTERPRETER_CHECK = textwrap.dedent('''
     x = torch.randn(3, 4, 5, 6)
     res = {}
     for engine in ('native', 'fused'):
-        m.engine = engine
+        set_engine(m, engine)
         m.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        with fl.cpu_kernel_disabled():
+        with cpu_kernel_disabled():
             out = m(xi)
             (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
         res[engine] = [out.detach(), xi.grad] + [p.grad for p in m.parameters()]
@@ -386,7 +440,7 @@ _INTERPRETER_CHECK = textwrap.dedent('''
     # the same module under bfloat16 autocast: bfloat16 products, float32 cell; within bfloat16 rounding
     m.zero_grad(set_to_none=True)
     xi = x.clone().requires_grad_(True)
-    with fl.cpu_kernel_disabled(), torch.autocast('cpu', dtype=torch.bfloat16):
+    with cpu_kernel_disabled(), torch.autocast('cpu', dtype=torch.bfloat16):
         out = m(xi)
     assert out.dtype == torch.bfloat16
     (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
@@ -396,6 +450,7 @@ _INTERPRETER_CHECK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_triton_kernels_through_interpreter():
     """The GPU recurrence kernels (forward and backward), run by Triton's interpreter on CPU tensors, equal
     the torch recurrence, and a whole BiLSTM2D run through them equals native nn.LSTM, gradients included."""
@@ -422,16 +477,24 @@ def test_triton_kernels_through_interpreter():
 
 
 _GPU_PATH_OPS = textwrap.dedent('''
-    import sys, torch
-    sys.path.insert(0, 'scripts')
-    from count_step_ops import OpCounter as Count
-    from sequencer.layers import RNN2D
-    from sequencer.layers import fused_lstm as fl
-    fl._TRITON_ON_CPU[0] = True
-    m = RNN2D(8, 4)
-    m.engine = 'fused'
+    import collections
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sequencer.fast import cpu_kernel_disabled, set_engine, triton_on_cpu
+    from sequencer.models.blocks import RNN2D
+
+    class Count(TorchDispatchMode):   # every operator dispatched while active, by name
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    m = set_engine(RNN2D(8, 4), 'fused')
     x = torch.randn(2, 3, 3, 8, requires_grad=True)
-    with fl.cpu_kernel_disabled():
+    with triton_on_cpu(), cpu_kernel_disabled():
         m(x).sum().backward()   # builds the index plan of this shape (cached)
         for autocast in (False, True):
             m.zero_grad(set_to_none=True)
@@ -445,6 +508,7 @@ _GPU_PATH_OPS = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_gpu_path_dispatches_few_operators():
     """Host work of the GPU path: one BiLSTM2D's forward + backward (run here through Triton's interpreter,
     the same operators as on CUDA) stays within a fixed operator budget, and the parameters reach the
@@ -468,15 +532,13 @@ _COMPILED_TRAINING = textwrap.dedent('''
     import torch
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
-    from sequencer import Sequencer2D
-    from sequencer.layers import fused_lstm as fl
-    fl._TRITON_ON_CPU[0] = True
+    from sequencer import Sequencer2D, set_engine
+    from sequencer.fast import cpu_kernel_disabled, triton_on_cpu
     torch.manual_seed(0)
     m = Sequencer2D(layers=(1, 1, 1, 1), patch_sizes=(7, 2, 1, 1), embed_dims=(16, 32, 32, 32),
-                    hidden_sizes=(4, 8, 8, 8), mlp_ratios=(2, 2, 2, 2), num_classes=5).set_rnn_engine('fused')
-    for block in m.modules():   # eager pre-norms as compiled graphs run them (no Triton LayerNorm), for exactness
-        if hasattr(block, 'fused_norm'):
-            block.fused_norm = False
+                    hidden_sizes=(4, 8, 8, 8), mlp_ratios=(2, 2, 2, 2), num_classes=5)
+    # eager pre-norms as compiled graphs run them (no Triton LayerNorm), for exactness
+    set_engine(m, 'fused', fused_norm=False)
     x = torch.randn(2, 3, 28, 42)
     for autocast in (False, True):
         graphs = {}
@@ -487,7 +549,7 @@ _COMPILED_TRAINING = textwrap.dedent('''
                 return make_boxed_func(gm.forward)
             return compiler
 
-        with fl.cpu_kernel_disabled():
+        with triton_on_cpu(), cpu_kernel_disabled():
             m.zero_grad(set_to_none=True)
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
                 ref = m(x)
@@ -507,6 +569,7 @@ _COMPILED_TRAINING = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_compiled_training_keeps_the_triton_kernels():
     """Training under torch.compile with the GPU path (run here through Triton's interpreter): one graph
     (fullgraph) whose forward calls the Triton forward op once per BiLSTM2D and whose backward calls the
@@ -526,8 +589,8 @@ def test_compiled_training_keeps_the_triton_kernels():
 
 _OPCHECK = textwrap.dedent('''
     import torch
-    from sequencer.layers import fused_lstm as fl
-    from sequencer.layers import triton_lstm
+    from sequencer.fast import lstm2d as fl
+    from sequencer.fast import triton_lstm
     torch.manual_seed(0)
     kinds = ((True, False), (True, True), (False, False), (False, True))
     rows, _, _, _ = fl._build_plan(2, 3, 4, kinds, "cpu")
@@ -544,6 +607,7 @@ _OPCHECK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_triton_ops_pass_opcheck():
     """The Triton kernels' torch ops (run here through Triton's interpreter) keep the custom-op contract that
     torch.compile relies on: schema (no aliased outputs), fake implementations matching the real ones."""
@@ -557,7 +621,7 @@ def test_triton_ops_pass_opcheck():
 def test_triton_supported_sizes():
     """The Triton kernels run hidden sizes whose power-of-two padding fits the GPU's shared memory (up to 128
     with low-precision products, 64 in float32); others fall back to the torch code."""
-    from sequencer.layers.triton_lstm import supported
+    from sequencer.fast.triton_lstm import supported
     assert supported(48, True) and supported(96, True) and supported(128, True) and not supported(192, True)
     assert supported(48, False) and supported(64, False) and not supported(96, False)
 
@@ -578,6 +642,7 @@ def test_cpu_kernel_matches_torch_implementation_at_model_shapes():
     assert kernel[0].abs().max() > 0.05
 
 
+@pytest.mark.slow
 def test_build_kernel_command_and_opt_out(tmp_path):
     """`sequencer build-kernel` self-checks the kernel; SEQUENCER_CPU_KERNEL=0 falls back to the torch code."""
     env = dict(os.environ)
@@ -586,14 +651,16 @@ def test_build_kernel_command_and_opt_out(tmp_path):
     assert r.returncode == 0, r.stderr
     assert 'self-check' in r.stdout and 'No CUDA runtime' not in r.stderr
     env[cpu_kernel.ENV] = '0'
+    env['SEQUENCER_AUTOTUNE'] = '0'   # the rule table alone decides 'auto' (no measured choice)
     code = textwrap.dedent("""
         import torch
-        from sequencer.layers import RNN2D, cpu_kernel
-        m = RNN2D(8, 4)
+        from sequencer.fast import cpu_kernel, set_engine
+        from sequencer.models.blocks import RNN2D
+        m = set_engine(RNN2D(8, 4), 'auto')
         x = torch.randn(1, 3, 3, 8)
         with torch.no_grad():
             print(m.resolved_engine(x), cpu_kernel.available())
-        m.engine = 'fused'
+        set_engine(m, 'fused')
         m(x).sum().backward()
     """)
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=600)
@@ -608,9 +675,9 @@ def test_kernel_scratch_buffers_are_per_thread_and_never_returned():
     """The CPU kernel path reuses per-thread scratch buffers: concurrent threads, and outputs kept across
     calls, must not see each other's data."""
     import threading
-    from sequencer.layers.fused_lstm import release_workspace
+    from sequencer.fast.lstm2d import release_workspace
     torch.manual_seed(0)
-    model = _tiny_s().eval().set_rnn_engine('fused')
+    model = _tiny_s('fused').eval()
     xs = [torch.randn(2, 3, 56, 56) for _ in range(4)]
     with torch.no_grad():
         expected = [model(x) for x in xs]            # sequential; every output must survive later calls
@@ -634,6 +701,7 @@ def test_kernel_scratch_buffers_are_per_thread_and_never_returned():
         torch.testing.assert_close(model(xs[0]), expected[0], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_cpu_kernel_build_falls_back_to_the_next_flags():
     """A build that fails (here: a flag the compiler rejects) is followed by the next variant; when every
     variant fails, the fused engine warns once and runs its torch implementation."""
@@ -642,7 +710,8 @@ def test_cpu_kernel_build_falls_back_to_the_next_flags():
     code = textwrap.dedent("""
         import warnings
         import torch
-        from sequencer.layers import RNN2D, cpu_kernel
+        from sequencer.fast import cpu_kernel, set_engine
+        from sequencer.models.blocks import RNN2D
         good = cpu_kernel._variants()
         bad = ('broken_flags', ['-fno-such-flag-for-sequencer'], [])
         cpu_kernel._variants = lambda: [bad] + good
@@ -652,8 +721,7 @@ def test_cpu_kernel_build_falls_back_to_the_next_flags():
         cpu_kernel._variants = lambda: [bad]
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter('always')
-            m = RNN2D(8, 4)
-            m.engine = 'fused'
+            m = set_engine(RNN2D(8, 4), 'fused')
             y = m(torch.randn(1, 3, 3, 8))
         print(cpu_kernel.available(), sum('could not be built' in str(x.message) for x in w))
     """)
@@ -668,8 +736,8 @@ def test_fused_engine_on_cuda_matches_native():
     on the CPU), outputs and every gradient, within 1e-5. (cuDNN's float32 LSTM is not held to this bound: on
     an H200 it differed from the exact result by up to 1.35e-5.)"""
     pytest.importorskip('triton')
-    from sequencer.layers.fused_lstm import _triton_ok
-    assert _triton_ok()
+    from sequencer.fast.runtime import triton_ok
+    assert triton_ok()
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
@@ -677,8 +745,7 @@ def test_fused_engine_on_cuda_matches_native():
     g = torch.randn(3, 7, 9, 32)
 
     def run(module, device, dtype, engine):
-        module = copy.deepcopy(module).to(device, dtype)
-        module.engine = engine
+        module = set_engine(copy.deepcopy(module).to(device, dtype), engine)
         xi = x.to(device, dtype).requires_grad_(True)
         y = module(xi)
         (y * g.to(device, dtype)).sum().backward()
@@ -703,8 +770,7 @@ def test_fused_engine_on_cuda_under_bf16_autocast_and_compile():
     g = torch.randn(4, 8, 6, 64)
 
     def run(device, dtype, autocast):
-        module = copy.deepcopy(m).to(device, dtype)
-        module.engine = 'fused'
+        module = set_engine(copy.deepcopy(m).to(device, dtype), 'fused')
         xi = x.to(device, dtype).requires_grad_(True)
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
             y = module(xi)
@@ -718,8 +784,7 @@ def test_fused_engine_on_cuda_under_bf16_autocast_and_compile():
                                run('cuda', torch.float32, True)):
         rel = ((a - b).abs().max() / a.abs().max()).item()
         assert rel < 2e-2, (name, rel)     # measured on an H200: 2.4e-3 - 8.5e-3
-    mc = copy.deepcopy(m).cuda()
-    mc.engine = 'fused'
+    mc = set_engine(copy.deepcopy(m).cuda(), 'fused')
     torch._dynamo.reset()
     cm = torch.compile(mc, fullgraph=True)
     xc = x.cuda()
@@ -744,13 +809,12 @@ def test_kernel_backward_consumes_saved_gates_only_when_the_graph_is_freed(monke
     if not cpu_kernel.enabled():
         pytest.skip(f'{cpu_kernel.ENV}=0')
     assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
-    from sequencer.layers import fused_lstm
+    from sequencer.fast import lstm2d
     kept = []
-    real = fused_lstm._graph_kept
-    monkeypatch.setattr(fused_lstm, '_graph_kept', lambda: kept.append(real()) or kept[-1])
+    real = lstm2d._graph_kept
+    monkeypatch.setattr(lstm2d, '_graph_kept', lambda: kept.append(real()) or kept[-1])
     torch.manual_seed(0)
-    layer = RNN2D(8, 5)
-    layer.engine = 'fused'
+    layer = set_engine(RNN2D(8, 5), 'fused')
     x = torch.randn(3, 5, 7, 8, requires_grad=True)
     g = torch.randn(3, 5, 7, 8)
     params = list(layer.parameters())
@@ -758,7 +822,7 @@ def test_kernel_backward_consumes_saved_gates_only_when_the_graph_is_freed(monke
     first = torch.autograd.grad(y, [x, *params], g, retain_graph=True)
     second = torch.autograd.grad(y, [x, *params], g)
     assert kept == [True, False]
-    layer.engine = 'native'
+    set_engine(layer, 'native')
     want = torch.autograd.grad(layer(x), [x, *params], g)
     for a, b, w in zip(first, second, want):
         torch.testing.assert_close(a, w, atol=1e-5, rtol=0)
