@@ -4,9 +4,7 @@ import torch
 from timm.layers import Mlp as TimmMlp
 from torch import nn
 
-from sequencer.layers import cpu_kernel
-from sequencer.layers.fused_lstm import cpu_kernel_disabled
-from sequencer.layers.fused_mlp import Mlp
+from sequencer.fast import FastMlp, cpu_kernel, cpu_kernel_disabled, set_engine
 
 
 @pytest.fixture(autouse=True)
@@ -19,8 +17,10 @@ def kernel():
 def _pair(c_in, hidden, **kw):
     torch.manual_seed(0)
     ref = TimmMlp(c_in, hidden, **kw)
-    ours = Mlp(c_in, hidden, **kw)
+    ours = TimmMlp(c_in, hidden, **kw)
     ours.load_state_dict(ref.state_dict())
+    set_engine(ours, 'auto')
+    assert type(ours) is FastMlp and ours.fused
     return ref, ours
 
 
@@ -100,6 +100,19 @@ def test_hooks_on_the_linears_are_honoured():
 def test_state_dict_keys_are_timms():
     ref, ours = _pair(16, 32)
     assert list(ours.state_dict()) == list(ref.state_dict())
+
+
+def test_switched_off_or_native_runs_timms_forward():
+    """``set_engine(..., fused_mlp=False)`` keeps the fast class with timm's forward; 'native' gives timm's class."""
+    ref, ours = _pair(16, 32)
+    x = torch.randn(2, 3, 3, 16, requires_grad=True)
+    set_engine(ours, 'fused', fused_mlp=False)
+    assert type(ours) is FastMlp and not ours.fused and not ours.fusable(x)
+    assert not type(ours(x).grad_fn).__name__.startswith('_FusedMlp')
+    torch.testing.assert_close(ours(x), ref(x))
+    set_engine(ours, 'native')
+    assert type(ours) is TimmMlp and 'fused' not in vars(ours)
+    torch.testing.assert_close(ours(x), ref(x))
 
 
 def test_non_contiguous_input_and_frozen_weights():
