@@ -1,5 +1,6 @@
-"""Block-level fusions: residual adds handed to the branches' last linear layers (``SequencerBlock.fuse_residual``),
-the pre-norm backward with the residual gradient, and the strided convolutions (downsampling, stem) as GEMMs."""
+"""Block-level fusions: residual adds handed to the branches' last linear layers
+(``FastSequencerBlock.fused_residual``), the pre-norm backward with the residual gradient, and the strided
+convolutions (downsampling, stem) as GEMMs."""
 from functools import partial
 
 import pytest
@@ -7,28 +8,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sequencer.layers import RNN1D, RNN2D, Downsample2D, SequencerBlock
-from sequencer.layers.blocks import conv_as_gemm, patch_linear
+from timm.layers import Mlp, PatchEmbed
+
+from sequencer.fast import (FastDownsample2D, FastMlp, FastPatchEmbed, FastRNN2D, FastSequencerBlock, cpu_kernel,
+                            set_engine)
+from sequencer.fast.ops import conv_as_gemm, linear_residual, norm_residual, patch_linear
 from sequencer.models import Sequencer2D
-from sequencer.layers.fused_mlp import Mlp, linear_residual
+from sequencer.models.blocks import RNN1D, RNN2D, Downsample2D, SequencerBlock
 
 
 def _need_kernel():
     """Skip where the compiled CPU kernel is disabled; elsewhere it must load."""
-    from sequencer.layers import cpu_kernel
     if not cpu_kernel.enabled():
         pytest.skip(f'{cpu_kernel.ENV}=0')
     assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
 
 
-def _block(drop_path=0.0, mixer=None):
+def _block(drop_path=0.0, mixer=None, engine='fused'):
+    """A fast block (its BiLSTM2D on ``engine``: 'fused' by default, so that no measured choice intervenes)."""
     torch.manual_seed(0)
     mixer = mixer or partial(RNN2D, hidden_size=12)
-    return SequencerBlock(24, mixer, mlp_ratio=3.0, drop_path=drop_path)
+    block = set_engine(SequencerBlock(24, mixer, mlp_ratio=3.0, drop_path=drop_path), engine)
+    assert type(block) is FastSequencerBlock and type(block.mlp_channels) is FastMlp
+    return block
 
 
 def _run(block, x, g, fuse):
-    block.fuse_residual = fuse
+    block.fused_residual = fuse
     block.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     y = block(x)
@@ -36,13 +42,16 @@ def _run(block, x, g, fuse):
     return y.detach(), x.grad, [p.grad.clone() for p in block.parameters()]
 
 
-@pytest.mark.parametrize('mixer', [partial(RNN2D, hidden_size=12), partial(RNN1D, hidden_size=12)],
+@pytest.mark.parametrize('mixer, into_branches', [(partial(RNN2D, hidden_size=12), True),
+                                                   (partial(RNN1D, hidden_size=12), False)],
                          ids=['RNN2D', 'RNN1D'])
-def test_fused_residual_matches_the_plain_sum(mixer):
+def test_fused_residual_matches_the_plain_sum(mixer, into_branches):
+    """With the BiLSTM2D the residual goes into both branches; the vanilla mixer (RNN1D, no fast class) takes no
+    residual, so the block adds it plainly; the same result either way."""
     block = _block(mixer=mixer).train()
     x = torch.randn(3, 5, 7, 24)
     g = torch.randn(3, 5, 7, 24)
-    assert block._residual_into_branches()
+    assert block._residual_into_branches() == into_branches
     (ya, gxa, gpa), (yb, gxb, gpb) = _run(block, x, g, False), _run(block, x, g, True)
     torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gxb, gxa, atol=1e-5, rtol=1e-5)
@@ -50,9 +59,9 @@ def test_fused_residual_matches_the_plain_sum(mixer):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     block.eval()
     with torch.no_grad():
-        block.fuse_residual = True
+        block.fused_residual = True
         fused = block(x)
-        block.fuse_residual = False
+        block.fused_residual = False
         torch.testing.assert_close(fused, block(x), atol=1e-5, rtol=1e-5)
 
 
@@ -64,7 +73,7 @@ def test_the_fused_paths_run(monkeypatch):
     block = _block().train()
     x = torch.randn(2, 4, 4, 24, requires_grad=True)
     seen = {'addmm_': 0}
-    real_mlp_forward, real_addmm_ = Mlp.forward, torch.Tensor.addmm_
+    real_mlp_forward, real_addmm_ = FastMlp.forward, torch.Tensor.addmm_
 
     def spy(self, y, residual=None, **kwargs):
         seen['mlp_residual'] = residual is not None
@@ -75,7 +84,7 @@ def test_the_fused_paths_run(monkeypatch):
         seen['addmm_'] += 1
         return real_addmm_(self, *args, **kwargs)
 
-    monkeypatch.setattr(Mlp, 'forward', spy)
+    monkeypatch.setattr(FastMlp, 'forward', spy)
     monkeypatch.setattr(torch.Tensor, 'addmm_', addmm_spy)
     out = block(x)
     assert seen['mlp_residual'] and seen['mlp_bias_in_residual'] and seen['addmm_'] >= 2
@@ -123,7 +132,7 @@ def test_hooks_on_a_branch_see_the_branch_output():
         out = block(x)
         handle.remove()
         torch.testing.assert_close(got['mixer'], block.rnn_tokens(block.norm1(x)))
-        block.fuse_residual = False
+        block.fused_residual = False
         torch.testing.assert_close(out, block(x), atol=1e-5, rtol=1e-5)
 
 
@@ -144,7 +153,7 @@ def test_a_mixer_without_residual_support_is_called_plainly():
             return self.fc(x)
 
     block = _block(mixer=Plain).eval()
-    assert not block._residual_into_branches()
+    assert type(block.rnn_tokens) is Plain and not block._residual_into_branches()
     x = torch.randn(2, 3, 3, 24)
     with torch.no_grad():
         x1 = x + block.rnn_tokens(block.norm1(x))
@@ -190,7 +199,6 @@ def test_norm_forward_kernel_matches_layer_norm_and_adds_the_bias(shape):
 def test_norm_residual_with_the_branch_bias(grad):
     """norm_residual(norm, x, bias) = (norm(x), x + bias), a fresh tensor, with the gradients of x, the norm's
     parameters and the bias; without gradients the kernel's forward alone; a hooked norm runs itself."""
-    from sequencer.layers.fused_mlp import norm_residual
     _need_kernel()
     torch.manual_seed(0)
     norm = nn.LayerNorm(20, eps=1e-6)
@@ -222,10 +230,9 @@ def test_norm_residual_with_the_branch_bias(grad):
 def test_branches_accumulate_onto_a_residual_holding_their_bias():
     """forward(y, residual=x + bias, bias_in_residual=True) = x + branch(y), accumulated in place, with the
     same gradients; refused where the branch would not take its fused path."""
-    from sequencer.layers.fused_mlp import Mlp as FusedMlp
     _need_kernel()
     torch.manual_seed(0)
-    mixer, mlp = RNN2D(24, 12), FusedMlp(24, 72)
+    mixer, mlp = set_engine(RNN2D(24, 12), 'fused'), set_engine(Mlp(24, 72), 'fused')
     x = torch.randn(2, 3, 4, 24, requires_grad=True)
     y = torch.randn(2, 3, 4, 24, requires_grad=True)
     for branch in (mixer, mlp):
@@ -245,11 +252,14 @@ def test_branches_accumulate_onto_a_residual_holding_their_bias():
     with pytest.raises(ValueError, match='bias_in_residual'):
         mlp(y, residual=x.detach() + 1, bias_in_residual=True)
     handle.remove()
-    assert RNN2D(24, 12, with_fc=False, union='add').residual_bias(y) is None
+    assert set_engine(RNN2D(24, 12, with_fc=False, union='add'), 'fused').residual_bias(y) is None
+    gru = set_engine(RNN2D(24, 12, rnn_layer='gru'), 'fused')      # nor where the recurrence is nn.GRU
+    assert gru.residual_bias(y) is None
+    with pytest.raises(ValueError, match='bias_in_residual'):
+        gru(y, residual=x.detach() + 1, bias_in_residual=True)
 
 
 def test_norm_residual_runs_when_gradients_are_needed():
-    from sequencer.layers.fused_mlp import norm_residual
     _need_kernel()
     torch.manual_seed(0)
     norm = nn.LayerNorm(24, eps=1e-6)
@@ -273,7 +283,6 @@ def test_norm_residual_runs_when_gradients_are_needed():
 @pytest.mark.parametrize('with_bias', [False, True])
 def test_norm_residual_double_backward(with_bias):
     """create_graph (a gradient penalty): the backward is LayerNorm's own, itself differentiable."""
-    from sequencer.layers.fused_mlp import norm_residual
     torch.manual_seed(0)
     norm = nn.LayerNorm(24, eps=1e-6)
     x = torch.randn(2, 3, 24, requires_grad=True)
@@ -301,7 +310,7 @@ def test_a_non_contiguous_block_input():
     g = torch.randn(2, 4, 5, 24)
     got = block(x)
     grads = torch.autograd.grad(got, [base] + list(block.parameters()), g)
-    block.fuse_residual = False
+    block.fused_residual = False
     want = block(x)
     want_grads = torch.autograd.grad(want, [base] + list(block.parameters()), g)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -322,7 +331,7 @@ def test_partly_frozen_blocks_get_the_same_gradients(frozen):
     params = [p for p in block.parameters() if p.requires_grad] + ([x] if x.requires_grad else [])
     got, want = [], []
     for fuse, out in ((True, got), (False, want)):
-        block.fuse_residual = fuse
+        block.fused_residual = fuse
         out.extend(torch.autograd.grad(block(x), params, g))
     for have, ref in zip(got, want):
         torch.testing.assert_close(have, ref, atol=1e-5, rtol=1e-5)
@@ -333,7 +342,7 @@ def test_a_residual_of_another_shape_is_added_plainly():
     fc = nn.Linear(6, 5)
     x, r = torch.randn(2, 3, 6), torch.randn(5)                 # broadcast
     torch.testing.assert_close(linear_residual(fc, x, r), r + fc(x))
-    mlp = Mlp(6, 12, out_features=5)
+    mlp = set_engine(Mlp(6, 12, out_features=5), 'auto')
     torch.testing.assert_close(mlp(x, residual=r), r + mlp(x))
 
 
@@ -379,23 +388,25 @@ def test_hooked_or_padded_convolutions_are_not_replaced():
     seen = []
     conv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     assert not conv_as_gemm(conv, x)
-    down = Downsample2D(4, 8, 2)
+    down = set_engine(Downsample2D(4, 8, 2), 'auto')
+    assert type(down) is FastDownsample2D and conv_as_gemm(down.down, x)
     down.down = conv
     assert down(x).shape == (1, 3, 3, 8) and seen == [(1, 8, 3, 3)]   # the hook saw the convolution run
 
 
 def test_the_stem_runs_as_a_gemm_and_matches_patch_embed():
-    """Sequencer2D's stem: the GEMM path (NHWC straight out) against timm's PatchEmbed (the convolution, then a
-    copy to NHWC), output and gradients; a hook on the stem gets PatchEmbed itself."""
+    """Sequencer2D's stem (FastPatchEmbed): the GEMM path (NHWC straight out) against timm's PatchEmbed (the
+    convolution, then a copy to NHWC), output and gradients; with a hook on the stem, PatchEmbed's own forward."""
     torch.manual_seed(0)
-    m = Sequencer2D(layers=(1, 1), patch_sizes=(7, 2), embed_dims=(16, 32), hidden_sizes=(4, 8), mlp_ratios=(3, 3),
-                    num_classes=5)
+    m = set_engine(Sequencer2D(layers=(1, 1), patch_sizes=(7, 2), embed_dims=(16, 32), hidden_sizes=(4, 8),
+                               mlp_ratios=(3, 3), num_classes=5), 'auto')
+    assert type(m.stem) is FastPatchEmbed
     x = torch.randn(2, 3, 30, 23, requires_grad=True)
-    ref = m.stem(x).contiguous()
+    ref = PatchEmbed.forward(m.stem, x).contiguous()
     conv_forward = nn.Conv2d.forward
     try:
         nn.Conv2d.forward = lambda self, inp: pytest.fail('the stem ran its convolution')
-        y = m._stem(x)
+        y = m.stem(x)
     finally:
         nn.Conv2d.forward = conv_forward
     assert y.is_contiguous() and y.shape == ref.shape == (2, 4, 3, 16)
@@ -405,8 +416,8 @@ def test_the_stem_runs_as_a_gemm_and_matches_patch_embed():
     for a, b in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(ref, wrt, g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     seen = []
-    m.stem.register_forward_hook(lambda mod, i, o: seen.append(1))
-    torch.testing.assert_close(m._stem(x), ref, rtol=1e-5, atol=1e-5)
+    m.stem.proj.register_forward_hook(lambda mod, i, o: seen.append(1))   # a hook on the convolution itself
+    torch.testing.assert_close(m.stem(x), ref, rtol=1e-5, atol=1e-5)
     assert seen == [1]
 
 
