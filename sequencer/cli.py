@@ -18,6 +18,7 @@ COMMANDS = {
     'predict': ('sequencer.export.predict', 'top-k classes of images, with class names (text or JSON)'),
     'export': ('sequencer.export.export', 'ONNX or TorchScript file, checked against PyTorch'),
     'build-kernel': ('sequencer.fast.build_kernel', "build the fused engine's compiled CPU recurrence now (otherwise built on first use)"),
+    'autotune': ('sequencer.fast.autotune', "the 'auto' engine's measured choices on this processor: list them, or --clear"),
     'benchmark': ('sequencer.analysis.benchmark', 'throughput, latency and peak memory; --compare-timm times timm alongside'),
 }
 

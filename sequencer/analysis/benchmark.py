@@ -229,18 +229,20 @@ def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precisio
     The fused engine is labelled with the implementation of its recurrence: on CPU 'fused[kernel]' (the
     compiled CPU kernel, which ``--compile`` loads before tracing) or 'fused[torch]' (where it is not
     available); on CUDA 'fused[triton]' (Triton installed; its kernels are torch ops, kept in compiled graphs)
-    or 'fused[torch]'.
+    or 'fused[torch]'. ' (measured)' follows where 'auto' chose by timing the engines (``fast.autotune``).
     """
     with torch.set_grad_enabled(mode == 'train'), _autocast(device, precision):
-        engines = sorted({m.resolved_engine(compiling=compiled) if isinstance(m, fast.FastRNN2D) else 'native'
-                          for m in model.modules() if isinstance(m, RNN2D)})
+        decisions = {m.engine_decision(compiling=compiled) if isinstance(m, fast.FastRNN2D) else ('native', 'set')
+                     for m in model.modules() if isinstance(m, RNN2D)}
+    engines = sorted({e for e, _ in decisions})
+    measured = ' (measured)' if any(how == 'measured' for _, how in decisions) else ''
     if 'fused' in engines:
         if device.type == 'cpu':
             impl = 'kernel' if cpu_kernel.available() else 'torch'
         else:
             impl = 'triton' if triton_ok() else 'torch'
         engines = [f'fused[{impl}]' if e == 'fused' else e for e in engines]
-    return '+'.join(engines) if engines else 'native'
+    return ('+'.join(engines) + measured) if engines else 'native'
 
 
 def _fused_mlp_active(model: nn.Module, mode: str, device: torch.device, precision: str, compiled: bool) -> bool:

@@ -5,15 +5,16 @@ Each one decides per call from what it is given (device, dtype, autocast, gradie
 one model instance meets all of these: training and evaluation, CPU and GPU, eager and compiled. Inside traced
 or exported graphs, and where hooks must see a submodule's own call, they run the plain forward.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_module
 from timm.layers.format import Format
 from torch import nn
+from torch.utils import _python_dispatch
 
 from ..models.blocks import RNN2D, Downsample2D, SequencerBlock
-from . import cpu_kernel, lstm2d
+from . import autotune, cpu_kernel, lstm2d
 from .ops import conv_as_gemm, fused_mlp, linear_into_ok, linear_residual, norm_residual, patch_linear
 from .rules import auto_engine
 from .runtime import (autocast_dtype, cpu_float32, cpu_kernel_ok, exporting_graph, functorch_active, gpu_path,
@@ -90,7 +91,9 @@ class FastMlp(FastModule, Mlp):
 @register_notrace_module
 class FastRNN2D(FastModule, RNN2D):
     """``RNN2D`` whose recurrences run on ``engine``: 'fused' (``lstm2d``: all directions at once, in the compiled
-    CPU kernel, the Triton kernels or the torch implementation) or 'auto' (per call, ``rules.auto_engine``).
+    CPU kernel, the Triton kernels or the torch implementation), 'native' (``nn.LSTM``) or 'auto': per call, the
+    rule table (``rules.auto_engine``), or on CPU in eager mode the faster of the two as measured the first time
+    a shape runs on this processor and cached on disk (``autotune``; ``SEQUENCER_AUTOTUNE=0`` turns it off).
     GRU / tanh-RNN / stacked recurrences, torch.func transforms and exported graphs (ONNX, TorchScript tracing,
     torch.export, FX) always run the plain ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``."""
 
@@ -101,29 +104,85 @@ class FastRNN2D(FastModule, RNN2D):
         return f"{super().extra_repr()}, engine={self.engine!r}"
 
     def resolved_engine(self, x: Optional[torch.Tensor] = None, compiling: Optional[bool] = None) -> str:
-        """The engine that runs for input ``x`` (without ``x``: for the module's device) right now, or with
-        ``compiling=True``, inside a torch.compile graph."""
+        """The engine that runs for input ``x`` (without ``x``: for the module's device, as last decided for the
+        current grad mode and autocast) right now, or with ``compiling=True``, inside a torch.compile graph."""
+        return self.engine_decision(x, compiling)[0]
+
+    def engine_decision(self, x: Optional[torch.Tensor] = None,
+                        compiling: Optional[bool] = None) -> Tuple[str, str]:
+        """(engine, how it was decided): 'set' (a forced engine, or one the layer cannot run otherwise), 'rule'
+        (``rules.auto_engine``) or 'measured' (``autotune.choose``: on CPU, in eager mode, with float32 weights,
+        the first call of a shape on this processor times both engines on a copy of ``x``; later calls read the
+        cached choice)."""
         if self.rnn_layer != 'lstm' or self.num_layers != 1 or functorch_active() or exporting_graph():
-            return 'native'
-        if self.engine == 'fused':
-            return 'fused'
+            return 'native', 'set'
+        if self.engine != 'auto':
+            return self.engine, 'set'
         params = self._lstm_params()[1]
         ref = x if x is not None else params[0]
         device = ref.device.type
         grad = torch.is_grad_enabled() and (ref.requires_grad or any(
             p is not None and p.requires_grad for p in params))
-        autocast = autocast_dtype(device) is not None
+        amp = autocast_dtype(device)
         if compiling is None:
             compiling = torch.compiler.is_compiling()
         if device == 'cuda':
-            kernel = triton_ok() and _triton_supported(self.hidden_size, autocast)
+            kernel = triton_ok() and _triton_supported(self.hidden_size, amp is not None)
         elif device == 'cpu':
             kernel = cpu_kernel.loaded() if compiling else cpu_kernel_ok()   # tracing never builds the kernel
         else:
             kernel = False
         # under autocast the engines cast the input to the autocast dtype: what matters is the weights' dtype
-        dtype = params[0].dtype if autocast else ref.dtype
-        return auto_engine(device, dtype, autocast, grad or compiling, kernel)
+        dtype = params[0].dtype if amp is not None else ref.dtype
+        rule = auto_engine(device, dtype, amp is not None, grad or compiling, kernel)
+        if compiling or tracing():
+            return rule, 'rule'
+        # eager: the decision is remembered per grad mode and autocast dtype (``autotune.describe`` reports them)
+        mode = ('train' if grad else 'infer') + (f' {str(amp).replace("torch.", "")}' if amp is not None else '')
+        decisions = self.__dict__.setdefault('_decisions', {})
+        if x is None:   # no shape to measure: what the last call in this mode measured, else the rule
+            last = decisions.get(mode)
+            return last if last is not None and last[1] == 'measured' else (rule, 'rule')
+        if (autotune.measuring() or _python_dispatch._get_current_dispatch_mode()
+                or not unhooked(self, *(m for m in (self.rnn_v, self.rnn_h, self.fc) if m is not None))):
+            return rule, 'rule'   # inside a measurement, FLOP counting or fake tensors, hooks: nothing timed
+        if device == 'cpu' and params[0].dtype == dtype == torch.float32 and autotune.enabled():
+            decision = (self._measured_engine(x, grad, amp, kernel), 'measured')
+        else:
+            decision = (rule, 'rule')
+        if decisions.get(mode) != decision:
+            decisions[mode] = decision
+        return decision
+
+    def _measured_engine(self, x: torch.Tensor, grad: bool, amp: Optional[torch.dtype], kernel: bool) -> str:
+        """The faster engine for inputs shaped like ``x`` in this grad mode and autocast, on this processor: cached,
+        or timed now on a copy of ``x`` (forward, and with ``grad`` the backward of the sum, gradients taken with
+        ``torch.autograd.grad``: no parameter's ``.grad`` is touched)."""
+        B, H, W, C = x.shape
+        key = (f"cpu {B}x{H}x{W}x{C} hidden={self.hidden_size} union={self.union} "
+               f"bidirectional={self.bidirectional} fc={self.fc is not None} {str(x.dtype).replace('torch.', '')} "
+               f"{'train' if grad else 'infer'} autocast={str(amp).replace('torch.', '')} "
+               f"fused={'kernel' if kernel else 'torch'} threads={torch.get_num_threads()}")
+        x = x.detach().requires_grad_(x.requires_grad)
+        x1 = x[:1].detach().requires_grad_(x.requires_grad)   # the warm-up's input
+
+        def fused(x):
+            y = lstm2d.fused_rnn2d(self, x)
+            return self.fc(y) if self.fc is not None else y
+
+        def native(x):
+            return RNN2D.forward(self, x)
+
+        def step(forward, x):
+            if not grad:
+                with torch.no_grad():
+                    return forward(x)
+            y = forward(x)
+            inputs = ([x] if x.requires_grad else []) + [p for p in self.parameters() if p.requires_grad]
+            return torch.autograd.grad(y.float().sum(), inputs)
+
+        return autotune.choose(key, {'fused': lambda: step(fused, x), 'native': lambda: step(native, x)},
+                               warmup={'fused': lambda: step(fused, x1), 'native': lambda: step(native, x1)})
 
     def _lstm_params(self):
         """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine, in
@@ -259,7 +318,7 @@ class FastPatchEmbed(FastModule, PatchEmbed):
 FAST = {RNN2D: FastRNN2D, SequencerBlock: FastSequencerBlock, Mlp: FastMlp, Downsample2D: FastDownsample2D,
         PatchEmbed: FastPatchEmbed}
 PLAIN = {fast: plain for plain, fast in FAST.items()}
-_SETTINGS = ('engine', 'fused', 'fused_norm', 'fused_residual', '_lstm_refs')
+_SETTINGS = ('engine', 'fused', 'fused_norm', 'fused_residual', '_lstm_refs', '_decisions')
 
 
 def to_plain(module: nn.Module) -> None:
@@ -277,8 +336,9 @@ def set_engine(model: nn.Module, engine: str = 'auto', *, fused_mlp: bool = True
 
     'native': every fast module back to its plain class (the paper's model: ``nn.LSTM``, timm's layers).
     'fused' / 'auto': the plain layers replaced by their fast subclasses (``FAST``, exact types only: a subclass
-    of a user's own is left alone), the recurrences on the fused engine ('fused') or chosen per call ('auto',
-    ``rules.auto_engine``). ``fused_mlp`` / ``fused_norm`` / ``fused_residual`` = False leave out the fused channel
+    of a user's own is left alone), the recurrences on the fused engine ('fused') or chosen per call ('auto':
+    ``rules.auto_engine``, or the measured, cached choice of ``autotune`` on CPU). Setting 'fused' or 'native' is
+    how a choice is forced. ``fused_mlp`` / ``fused_norm`` / ``fused_residual`` = False leave out the fused channel
     MLP, the GPU pre-norm kernels, or the residual adds inside the branches' GEMMs. Parameters, buffers and
     state_dict keys do not change.
     """
