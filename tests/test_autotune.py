@@ -258,7 +258,7 @@ def test_a_model_reports_its_choices(monkeypatch):
     monkeypatch.setattr(autotune, 'time_call', lambda name, fn, device='cpu': 1.0 if name == 'native' else 2.0)
     model = torch.nn.Sequential(set_engine(RNN2D(6, 3), 'auto'), set_engine(RNN2D(6, 3), 'auto'),
                                 set_engine(RNN2D(6, 3), 'fused'))
-    assert autotune.describe(model) == 'auto: not run yet; fused x 1 (set)'
+    assert autotune.describe(model) == 'auto: not run eagerly yet; fused x 1 (set)'
     x = torch.randn(1, 3, 3, 6)
     model(x)
     with torch.no_grad():

@@ -249,7 +249,7 @@ def describe(model: nn.Module) -> str:
 
     parts = [f"{mode}: {listed(counts)}" for mode, counts in sorted(modes.items())]
     if any(m.engine == 'auto' for m in layers) and not modes:
-        parts.append('not run yet')
+        parts.append('not run eagerly yet')   # compiled graphs: the rule table
     text = ('auto: ' + '; '.join(parts)) if parts else ''
     if forced:
         text += ('; ' if text else '') + listed(forced)
