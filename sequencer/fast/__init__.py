@@ -13,8 +13,11 @@ last GEMM, the pre-norm writes the residual with the bias already added), so the
 module, and a registry would need hooks for these in the plain model. A swapped module is also visible:
 ``print(model)`` shows ``FastRNN2D(..., engine='auto')``.
 
-'auto' picks per call, by one table (``rules.AUTO_RULES``): the fused recurrence where it was measured to be
-faster, ``nn.LSTM`` (oneDNN / cuDNN) elsewhere. The fast modules are leaves for FX feature extraction
+'auto' picks per call. On CPU, in eager mode, the first call of each layer shape times both recurrences (the
+fused one and ``nn.LSTM``'s oneDNN kernel) and keeps the faster, cached on disk per processor (``autotune``:
+``sequencer autotune`` shows the cache, ``--clear`` empties it, ``SEQUENCER_AUTOTUNE=0`` turns measuring off).
+Elsewhere, and when measuring is off, one table decides (``rules.AUTO_RULES``). ``set_engine(model, 'fused')`` or
+``'native'`` forces a choice. The fast modules are leaves for FX feature extraction
 (``timm.layers.register_notrace_module``); TorchScript turns them back into the plain ones; ONNX export and other
 traced graphs run their plain forward.
 
