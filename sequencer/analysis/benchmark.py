@@ -115,9 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--warmup', type=NATURAL, default=3,
                         help='untimed steps per model and mode before measuring (default 3; compilation happens here)')
     parser.add_argument('--iters', type=COUNT, default=20, help='measured steps per model and mode (default 20)')
-    parser.add_argument('--compare-timm', action='store_true',
-                        help="also build timm's model of the same architecture with identical weights and time both "
-                             "alternately in this one run; prints the ratio ours / timm")
+    parser.add_argument('--compare-timm', nargs='*', metavar='MODEL', default=None,
+                        help="also time timm models alternately with ours in this one run and print ours / theirs: "
+                             "without names, timm's model of the same architecture with identical weights; with names, "
+                             "those timm models (e.g. convnext_tiny swin_tiny_patch4_window7_224 sequencer2d_s; "
+                             "a Sequencer of our architecture gets our weights, others their own initialisation)")
     parser.add_argument('--matmul-peak', action='store_true',
                         help='measure the machine\'s matrix-multiply peak (a large GEMM in the benchmark precision) '
                              'and report achieved FLOP/s as a fraction of it')
@@ -152,7 +154,7 @@ def _check_args(args) -> Tuple[int, int, int]:
         if args.compile_mode not in list_mode_options():
             raise UserError(f"--compile-mode {args.compile_mode}: unknown mode; torch.compile knows "
                             f"{', '.join(list_mode_options())}")
-    if args.timm_eager and not (args.compare_timm and (args.compile or args.compile_mode is not None)):
+    if args.timm_eager and not (_comparisons(args) is not None and (args.compile or args.compile_mode is not None)):
         raise UserError("--timm-eager compiles our model only: it needs --compare-timm and --compile (or "
                         "--compile-mode)")
     spec = get_spec(args.model)  # unknown names: one line with suggestions
@@ -163,6 +165,16 @@ def _check_args(args) -> Tuple[int, int, int]:
     else:
         size = tuple(spec.input_size)
     return size
+
+
+def _comparisons(args) -> Optional[List[str]]:
+    """The timm models to compare with: None (no --compare-timm), [] (timm's model of our architecture), or names."""
+    compare = getattr(args, 'compare_timm', None)
+    if compare is True:
+        return []
+    if compare is False or compare is None:
+        return None
+    return list(compare)
 
 
 def _parse_layers(text: Optional[str]) -> Optional[Tuple[int, ...]]:
@@ -207,9 +219,20 @@ def timm_name_for(name: str) -> str:
                     f"(timm offers {', '.join(sorted(available)) or 'no Sequencer models'})")
 
 
-def build_timm(args, ours: nn.Module, input_size, overrides: Dict) -> Tuple[nn.Module, str]:
-    """timm's model of the same architecture, loaded with ``ours``' weights (strict: every key must match)."""
-    name = timm_name_for(args.model)
+def build_timm(args, ours: nn.Module, input_size, overrides: Dict, name: Optional[str] = None) -> Tuple[nn.Module, str]:
+    """timm's model of the same architecture, loaded with ``ours``' weights (strict: every key must match); or, with
+    ``name`` of another architecture, that timm model with its own initialisation."""
+    same = timm_name_for(args.model)
+    if name is not None and name != same:
+        if name not in timm.list_models():
+            close = ', '.join(timm.list_models(f'*{name[:4]}*')[:5])
+            raise UserError(f"--compare-timm {name}: timm has no such model" + (f" (e.g. {close})" if close else ''))
+        try:
+            other = timm.create_model(name, pretrained=False, num_classes=args.num_classes, in_chans=input_size[0])
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"--compare-timm {name}: cannot build it: {e}") from None
+        return other, name
+    name = same
     kwargs = dict(overrides)
     if 'layers' in kwargs:
         kwargs['layers'] = list(kwargs['layers'])
@@ -523,6 +546,7 @@ FIELDS = ('model', 'impl', 'timm_model', 'mode', 'device', 'precision', 'batch_s
           'latency_ms_median',
           'latency_ms_p90', 'latency_ms_mean', 'peak_mem_mb', 'memory_method', 'gmacs_per_img', 'gmac_per_s',
           'gflop_per_s', 'matmul_peak_gflop_s', 'fraction_of_peak', 'ratio_vs_timm', 'ratio_vs_timm_median',
+          'ours_ratio', 'ours_ratio_median',
           'torch', 'timm', 'python', 'cpu', 'device_name', 'date')
 
 
@@ -558,9 +582,9 @@ def summary(rows: List[Dict]) -> str:
     lines = ['  '.join(v.rjust(w) if i > 1 else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip()
              for line in table]
     for r in rows:
-        if r.get('ratio_vs_timm') is not None:
-            lines.append(f"{r['mode']}: ours / timm = {r['ratio_vs_timm']:.3f}x throughput "
-                         f"({r['ratio_vs_timm_median']:.3f}x by median step time)")
+        if r.get('ours_ratio') is not None:
+            lines.append(f"{r['mode']}: ours / {r['impl']} = {r['ours_ratio']:.3f}x throughput "
+                         f"({r['ours_ratio_median']:.3f}x by median step time)")
     return '\n'.join(lines)
 
 
@@ -586,9 +610,13 @@ def run(args) -> int:
     ours = build_ours(args, input_size, overrides)
     check_input_size(ours, input_size, '--input-size' if args.input_size else '--img-size')
     models = {OURS: ours}
-    timm_name = None
-    if args.compare_timm:
-        models[TIMM], timm_name = build_timm(args, ours, input_size, overrides)
+    timm_names: Dict[str, str] = {}   # impl label -> timm model name
+    compare = _comparisons(args)
+    if compare is not None:
+        for wanted in compare or [None]:
+            model, name = build_timm(args, ours, input_size, overrides, wanted)
+            label = TIMM if name == timm_name_for(args.model) else f'{TIMM}:{name}'
+            models[label], timm_names[label] = model, name
     macs = count_flops(ours, input_size)
     for m in models.values():
         m.to(device)
@@ -611,7 +639,7 @@ def run(args) -> int:
 
     rows, engines = [], []
     for mode in (('infer', 'train') if args.mode == 'both' else (args.mode,)):
-        compiled = {name: compile_ and not (name == TIMM and args.timm_eager) for name in models}
+        compiled = {name: compile_ and not (name != OURS and args.timm_eager) for name in models}
         steps = {name: Step(m, mode, x, target, args.precision, args.compile_mode, compiled[name])
                  for name, m in models.items()}
         progress.say(f"{mode}: {args.model} batch {args.batch_size}, {' vs '.join(steps)}, "
@@ -631,7 +659,8 @@ def run(args) -> int:
         for name, ts in times.items():
             mean = sum(ts) / len(ts)
             ips = args.batch_size / mean
-            row = dict(model=args.model, impl=name, timm_model=timm_name, mode=mode, device=device.type,
+            same_arch = name in (OURS, TIMM)   # the MAC count is ours: other architectures get none
+            row = dict(model=args.model, impl=name, timm_model=timm_names.get(name), mode=mode, device=device.type,
                        precision=args.precision, batch_size=args.batch_size,
                        input_size='x'.join(map(str, input_size)), compile=compiled[name],
                        rnn_engine=engine if name == OURS else 'nn.LSTM', fused_mlp=fused_mlp and name == OURS,
@@ -641,16 +670,22 @@ def run(args) -> int:
                        img_per_s=ips, latency_ms_median=statistics.median(ts) * 1e3,
                        latency_ms_p90=_percentile(ts, 0.9) * 1e3, latency_ms_mean=mean * 1e3,
                        peak_mem_mb=mems.get(name), memory_method=mem_method,
-                       gmacs_per_img=macs / 1e9, gmac_per_s=ips * work / 1e9, gflop_per_s=2 * ips * work / 1e9,
+                       gmacs_per_img=macs / 1e9 if same_arch else None,
+                       gmac_per_s=ips * work / 1e9 if same_arch else None,
+                       gflop_per_s=2 * ips * work / 1e9 if same_arch else None,
                        matmul_peak_gflop_s=peak,
-                       fraction_of_peak=(2 * ips * work / 1e9 / peak) if peak else None,
+                       fraction_of_peak=(2 * ips * work / 1e9 / peak) if peak and same_arch else None,
                        ratio_vs_timm=None, ratio_vs_timm_median=None,
                        **{k: env[k] for k in ('torch', 'timm', 'python', 'cpu', 'device_name', 'date')})
             rows.append(row)
-        if TIMM in times:
-            ours_row, timm_row = rows[-len(times)], rows[-1]
-            ours_row['ratio_vs_timm'] = ours_row['img_per_s'] / timm_row['img_per_s']
-            ours_row['ratio_vs_timm_median'] = timm_row['latency_ms_median'] / ours_row['latency_ms_median']
+        mode_rows = rows[-len(times):]
+        ours_row = mode_rows[0]
+        for other in mode_rows[1:]:   # ours / theirs, in each row of theirs; the first comparison also in ours
+            other['ours_ratio'] = ours_row['img_per_s'] / other['img_per_s']
+            other['ours_ratio_median'] = other['latency_ms_median'] / ours_row['latency_ms_median']
+            if ours_row['ratio_vs_timm'] is None:
+                ours_row['ratio_vs_timm'] = other['ours_ratio']
+                ours_row['ratio_vs_timm_median'] = other['ours_ratio_median']
         del steps
         gc.collect()
         if args.results_file:  # partial results survive an interrupted long run
@@ -663,15 +698,15 @@ def run(args) -> int:
             peak = peak2
             for r in rows:
                 r['matmul_peak_gflop_s'] = peak
-                r['fraction_of_peak'] = r['gflop_per_s'] / peak
+                r['fraction_of_peak'] = r['gflop_per_s'] / peak if r['gflop_per_s'] is not None else None
 
     print(f"{args.model}  input {'x'.join(map(str, input_size))}  batch {args.batch_size}  {args.precision}  "
           f"{device.type} ({env['device_name']}, {torch.get_num_threads()} threads)  compile={compile_}  "
           f"engine ({', '.join(engines)})  grad_checkpointing={args.grad_checkpointing}  {macs / 1e9:.2f} GMACs/img"
           + (f"  matmul peak {peak:.1f} GFLOP/s" if peak else ''))
-    if timm_name:
-        print(f"compared with timm's {timm_name} (same weights), timed alternately"
-              + (" (timm's model eager)" if args.timm_eager else ''))
+    for label, name in timm_names.items():
+        print(f"compared with timm's {name}" + (' (same weights)' if label == TIMM else ' (its own initialisation)')
+              + ', timed alternately' + (" (timm's model eager)" if args.timm_eager else ''))
     if mem_method:
         print(f"peak memory: {mem_method}")
     print(summary(rows))
