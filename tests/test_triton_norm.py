@@ -1,6 +1,5 @@
 """The GPU pre-norm (Triton LayerNorm fused with the residual's gradient), run by Triton's interpreter on CPU
 tensors: the kernels against torch's LayerNorm, and whole models against the same models without them."""
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ def _run(code: str) -> dict:
 _KERNELS = '''
     import torch
     import torch.nn.functional as F
-    from sequencer.layers import triton_norm as tn
+    from sequencer.fast import triton_norm as tn
     torch.manual_seed(0)
     # rows not a multiple of the row block, channels not a power of two, several rows per program
     for M, C, max_programs in [(37, 24, 1024), (130, 48, 3), (5, 200, 1)]:
@@ -79,6 +78,7 @@ _KERNELS = '''
 '''
 
 
+@pytest.mark.slow
 def test_triton_layer_norm_kernels():
     """Forward and backward (with and without the residual's gradient, one or several programs per run of
     rows) equal torch's LayerNorm within float32 rounding; low-precision outputs are the float32 result rounded
@@ -99,10 +99,8 @@ def test_triton_layer_norm_kernels():
 
 _MODELS = '''
     import torch
-    from sequencer import Sequencer2D
-    from sequencer.layers import fused_lstm as fl, triton_norm
-    from sequencer.layers.blocks import SequencerBlock
-    fl._TRITON_ON_CPU[0] = True
+    from sequencer import Sequencer2D, set_engine
+    from sequencer.fast import FastRNN2D, FastSequencerBlock, cpu_kernel_disabled, to_plain, triton_norm, triton_on_cpu
     calls = {'fwd': 0, 'bwd': 0}
     for name in ('norm_forward', 'norm_backward'):
         def spy(*a, _f=getattr(triton_norm, name), _k='fwd' if name == 'norm_forward' else 'bwd', **k):
@@ -112,9 +110,9 @@ _MODELS = '''
 
     def model(drop_path):
         torch.manual_seed(0)
-        m = Sequencer2D(layers=(1, 1, 1, 1), patch_sizes=(7, 2, 1, 1), embed_dims=(16, 24, 24, 24),
-                        hidden_sizes=(4, 8, 8, 8), mlp_ratios=(2, 2, 2, 2), num_classes=5,
-                        drop_path_rate=drop_path).set_rnn_engine('fused')
+        m = set_engine(Sequencer2D(layers=(1, 1, 1, 1), patch_sizes=(7, 2, 1, 1), embed_dims=(16, 24, 24, 24),
+                                   hidden_sizes=(4, 8, 8, 8), mlp_ratios=(2, 2, 2, 2), num_classes=5,
+                                   drop_path_rate=drop_path), 'fused')
         with torch.no_grad():   # the head starts at zero, the norms at (1, 0): random, so every gradient counts
             for mod in m.modules():
                 if isinstance(mod, (torch.nn.LayerNorm, torch.nn.Linear)) and mod.weight.abs().max() in (0, 1):
@@ -124,12 +122,12 @@ _MODELS = '''
 
     def run(m, fused_norm, autocast, seed=0):
         for b in m.modules():
-            if isinstance(b, SequencerBlock):
+            if isinstance(b, FastSequencerBlock):
                 b.fused_norm = fused_norm
         m.zero_grad(set_to_none=True)
         x = torch.randn(2, 3, 28, 42, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(seed)   # the same drop-path draws
-        with fl.cpu_kernel_disabled():   # the backward too: checkpointed blocks run their forward again there
+        with triton_on_cpu(), cpu_kernel_disabled():   # the backward too: checkpointed blocks run their forward again there
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
                 out = m(x)
             (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
@@ -161,30 +159,32 @@ _MODELS = '''
     # inference (no graph): the forward kernel alone
     m = model(0.0).eval()
     calls.update(fwd=0, bwd=0)
-    with torch.no_grad(), fl.cpu_kernel_disabled():
+    with torch.no_grad(), triton_on_cpu(), cpu_kernel_disabled():
         x = torch.randn(2, 3, 28, 42)
         for b in m.modules():
-            if isinstance(b, SequencerBlock):
+            if isinstance(b, FastSequencerBlock):
                 b.fused_norm = False
         ref = m(x)
         for b in m.modules():
-            if isinstance(b, SequencerBlock):
+            if isinstance(b, FastSequencerBlock):
                 b.fused_norm = True
         got = m(x)
     print('INFER', (ref - got).abs().max().item(), calls['fwd'], calls['bwd'])
     # a double backward (create_graph) takes LayerNorm's own, differentiable backward; under autocast its
     # bfloat16 input meets float32 weights there
     m = model(0.0).train()
+    for mod in m.modules():   # the BiLSTM2Ds on nn.LSTM: the fused engine's own backward is not differentiable
+        if isinstance(mod, FastRNN2D):
+            to_plain(mod)
     x = torch.randn(1, 3, 28, 28, requires_grad=True)
     for autocast in (False, True):
         res = {}
         for fused_norm in (False, True):
             for b in m.modules():
-                if isinstance(b, SequencerBlock):
+                if isinstance(b, FastSequencerBlock):
                     b.fused_norm = fused_norm
             calls.update(fwd=0, bwd=0)
-            with fl.cpu_kernel_disabled():
-                m.set_rnn_engine('native')   # the fused engine's own backward is not differentiable
+            with triton_on_cpu(), cpu_kernel_disabled():
                 with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
                     y = m(x)
                 g, = torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
@@ -195,6 +195,7 @@ _MODELS = '''
 '''
 
 
+@pytest.mark.slow
 def test_models_through_the_triton_norm():
     """A model's every pre-norm runs the Triton kernels (two per block, forward and backward), in both forms
     of the block (residual handed to the branches; drop path), and outputs and all gradients equal the same
@@ -225,18 +226,18 @@ def test_triton_norm_on_cuda_matches_plain_layer_norm():
     """On a GPU: Sequencer2D-S-like blocks under bf16 autocast with and without the pre-norm kernels; outputs
     and gradients against the float32 model no further off with them than without."""
     pytest.importorskip('triton')
-    from sequencer import Sequencer2D
-    from sequencer.layers.blocks import SequencerBlock
+    from sequencer import Sequencer2D, set_engine
+    from sequencer.fast import FastSequencerBlock
     torch.manual_seed(0)
-    m = Sequencer2D(layers=(1, 1, 1, 1), embed_dims=(192, 384, 384, 384), hidden_sizes=(48, 96, 96, 96),
-                    num_classes=10).cuda().set_rnn_engine('fused')
+    m = set_engine(Sequencer2D(layers=(1, 1, 1, 1), embed_dims=(192, 384, 384, 384), hidden_sizes=(48, 96, 96, 96),
+                               num_classes=10).cuda(), 'fused')
     with torch.no_grad():
         m.head.fc.weight.normal_(0, 0.05)
     x = torch.randn(4, 3, 224, 224, device='cuda')
 
     def run(fused_norm, autocast):
         for b in m.modules():
-            if isinstance(b, SequencerBlock):
+            if isinstance(b, FastSequencerBlock):
                 b.fused_norm = fused_norm
         m.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
@@ -258,11 +259,12 @@ def test_triton_norm_on_cuda_matches_plain_layer_norm():
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_the_gpu():
-    """scripts/check_triton_compile.py compiles the pre-norm kernels for sm_90 without a GPU (Triton's ahead-of-
-    time compiler and ptxas): no compile error, no register spill."""
+    """benchmarks/triton_compile.py compiles the pre-norm kernels for sm_90 without a GPU (Triton's ahead-of-time
+    compiler and ptxas): no compile error, no register spill."""
     pytest.importorskip('triton')
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'check_triton_compile.py'), '--only', 'norm'],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'triton_compile.py'), '--only', 'norm'],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     if proc.returncode == 2:
         pytest.skip(proc.stderr.strip())   # a Triton installation without the NVIDIA tools
@@ -271,17 +273,3 @@ def test_kernels_compile_for_the_gpu():
     assert sum(ln.startswith('layer_norm_') for ln in lines) == 8, proc.stdout
     assert all(' 0 B spilled' in ln for ln in lines if ln.startswith('layer_norm_')), proc.stdout
     assert lines[-1].startswith('8 kernels compiled for sm_90; no compile error'), lines[-1]
-
-
-def test_norm_microbenchmark_runs_through_the_interpreter(tmp_path):
-    """``scripts/microbench_gpu_norm.py --smoke``: the GPU microbenchmark's code on tiny shapes, so that a run on
-    a GPU does not fail on the script itself; every configuration timed, the JSON written."""
-    pytest.importorskip('triton')
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = tmp_path / 'norm.json'
-    proc = subprocess.run([sys.executable, os.path.join(root, 'scripts', 'microbench_gpu_norm.py'), '--smoke',
-                           '--json', str(out)], env=dict(os.environ, TRITON_INTERPRET='1'), cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (row,) = json.loads(out.read_text())['results']
-    assert len(row['configs']) == 4 and row['best']['ms'] == min(c['ms'] for c in row['configs'])

@@ -2,7 +2,7 @@
 weights), for each engine: the largest error of the output, the input gradient and every parameter
 gradient, relative to that tensor's largest entry.
 
-    python scripts/check_gpu_autocast_accuracy.py [--shape B H W] [--channels 64] [--hidden 48]
+    python benchmarks/gpu_accuracy.py [--shape B H W] [--channels 64] [--hidden 48]
 """
 import argparse
 import copy
@@ -19,8 +19,9 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit('check_gpu_autocast_accuracy.py: needs a CUDA device')
-    from sequencer.layers import RNN2D
+        sys.exit('gpu_accuracy.py: needs a CUDA device')
+    from sequencer import set_engine
+    from sequencer.models.blocks import RNN2D
     torch.manual_seed(args.seed)
     m = RNN2D(args.channels, args.hidden)
     x = torch.randn(*args.shape, args.channels)
@@ -28,8 +29,7 @@ def main(argv=None):
     names = ['output', 'input grad'] + [n for n, _ in m.named_parameters()]
 
     def run(device, dtype, engine, autocast):
-        mm = copy.deepcopy(m).to(device, dtype)
-        mm.engine = engine
+        mm = set_engine(copy.deepcopy(m).to(device, dtype), engine)
         xi = x.to(device, dtype).requires_grad_(True)
         with torch.autocast('cuda', dtype=torch.bfloat16, enabled=autocast):
             y = mm(xi)

@@ -1,7 +1,7 @@
 """Where one training (or inference) step of a model spends its time: torch.profiler's table of the most
 expensive operators and kernels, by self time on the device (CUDA) or on the CPU.
 
-    python scripts/profile_step.py [--model sequencer2d_s] [--device cuda] [--batch-size 256]
+    python benchmarks/profile_step.py [--model sequencer2d_s] [--device cuda] [--batch-size 256]
         [--precision bf16] [--rnn-engine fused] [--mode train|infer] [--top 30] [--timm]
 
 ``--timm`` profiles timm's model of the same name instead (same architecture, native LSTMs).
@@ -32,8 +32,7 @@ def main(argv=None):
         model = timm.create_model(args.model)
     else:
         from sequencer import create_model
-        model = create_model(args.model)
-        model.set_rnn_engine(args.rnn_engine)
+        model = create_model(args.model, rnn_engine=args.rnn_engine)
     model.to(dev).train(args.mode == 'train')
     dt = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[args.precision]
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=dev)

@@ -7,7 +7,7 @@ interpreter, which the tests run, accepts some code the compiler rejects) and se
 The shapes are Sequencer2D-S's: LayerNorm over 192 and 384 channels, LSTM hidden sizes 48 and 96, in
 bfloat16 and float32, every LSTM launch candidate of ``triton_lstm.CANDIDATES``.
 
-    python scripts/check_triton_compile.py [--arch 90] [--only norm|lstm] [--json FILE]
+    python benchmarks/triton_compile.py [--arch 90] [--only norm|lstm] [--json FILE]
 
 Exits 1 if a kernel fails to compile or a LayerNorm kernel spills registers to local memory (the LayerNorm
 kernels are sized to stay in registers); an LSTM configuration that exceeds the shared memory of the
@@ -52,13 +52,13 @@ def main(argv=None) -> int:
         from triton.compiler import ASTSource
         from triton.runtime.jit import JITFunction
     except ImportError as e:
-        print(f'check_triton_compile.py: needs Triton ({e})', file=sys.stderr)
+        print(f'triton_compile.py: needs Triton ({e})', file=sys.stderr)
         return 2
-    from sequencer.layers import triton_lstm as tl_
-    from sequencer.layers import triton_norm as tn
+    from sequencer.fast import triton_lstm as tl_
+    from sequencer.fast import triton_norm as tn
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump')
     if not os.path.exists(cuobjdump):
-        print(f'check_triton_compile.py: no cuobjdump in this Triton installation ({cuobjdump})', file=sys.stderr)
+        print(f'triton_compile.py: no cuobjdump in this Triton installation ({cuobjdump})', file=sys.stderr)
         return 2
     target = GPUTarget('cuda', args.arch, 32)
     limit = SHARED_LIMIT.get(args.arch)

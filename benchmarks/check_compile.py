@@ -14,11 +14,11 @@ The head is re-initialised with small random weights (it starts at zero, which w
 comparison trivially equal). Exit status 1 when any model fails to compile or disagrees beyond
 ``--rtol``.
 
-    python scripts/check_compile.py                         # every model, 56 px, full depth
-    python scripts/check_compile.py --layers 1,1,1,1        # every model, one block per stage (faster)
-    python scripts/check_compile.py 'sequencer2d_*' --rnn-engine native --markdown
+    python benchmarks/check_compile.py                         # every model, 56 px, full depth
+    python benchmarks/check_compile.py --layers 1,1,1,1        # every model, one block per stage (faster)
+    python benchmarks/check_compile.py 'sequencer2d_*' --rnn-engine native --markdown
     # the fused engine's GPU path (Triton kernels) on the CPU, through Triton's interpreter, under bf16 autocast
-    python scripts/check_compile.py sequencer2d_s --layers 1,1,1,1 --img-size 28 --rnn-engine fused \
+    python benchmarks/check_compile.py sequencer2d_s --layers 1,1,1,1 --img-size 28 --rnn-engine fused \
         --gpu-path --precision bf16 --rtol 1e-2
 """
 import argparse
@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import sequencer  # noqa: E402
-from sequencer.layers.cpu_kernel import prepare_for_compile  # noqa: E402
+from sequencer.fast import cpu_kernel_disabled, triton_on_cpu  # noqa: E402
+from sequencer.fast.cpu_kernel import prepare_for_compile  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -82,10 +83,11 @@ def build(name: str, args) -> torch.nn.Module:
 
 
 def _context(args):
-    """The autocast (and, with --gpu-path, the CPU kernels switched off) of every forward."""
+    """The autocast (and, with --gpu-path, the CPU kernels switched off and the GPU path on CPU tensors) of every
+    forward."""
     stack = contextlib.ExitStack()
     if args.gpu_path:
-        from sequencer.layers.fused_lstm import cpu_kernel_disabled
+        stack.enter_context(triton_on_cpu())
         stack.enter_context(cpu_kernel_disabled())
     stack.enter_context(torch.autocast('cpu', dtype=torch.bfloat16, enabled=args.precision == 'bf16'))
     return stack
@@ -168,8 +170,6 @@ def main(argv=None) -> int:
         except ImportError:
             print("check_compile.py: error: --gpu-path needs Triton installed", file=sys.stderr)
             return 2
-        from sequencer.layers import fused_lstm
-        fused_lstm._TRITON_ON_CPU[0] = True
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     names = sequencer.list_models(args.pattern)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The CPU figures of BENCHMARKS.md, for the processor this runs on:
+#   bash benchmarks/cpu.sh [EXTRA BENCHMARK OPTIONS...]
+# Sequencer2D-S, 224 px, float32, 2 threads, against timm's sequencer2d_s with the same weights (alternating step
+# by step), with our default engine ('auto') and with the native one (nn.LSTM, timm's layers):
+#   auto-b8, native-b8   batch 8, inference and training (--mode both)
+#   auto-b1, native-b1   batch 1, inference
+# Each run writes benchmarks/results/cpu-<processor>-<engine>-b<N>.json, <processor> being the `model name` of
+# /proc/cpuinfo in lower case (e.g. intel-xeon-processor); RESULTS_DIR=... writes them elsewhere. Options given
+# to this script are added to every run (e.g. `--warmup 3 --iters 15`; later options win over earlier ones).
+# A run that fails does not stop the others; the exit status is that of the last failure (0 if none).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS=${RESULTS_DIR:-benchmarks/results}
+PY=${PYTHON:-python}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+CPU=$(grep -m 1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2-)
+if [[ -z ${CPU// /} ]]; then CPU=$(lscpu 2>/dev/null | grep -m 1 '^Model name' | cut -d: -f2-); fi
+if [[ -z ${CPU// /} ]]; then CPU=$(uname -m); fi
+SLUG=$(printf '%s' "$CPU" | tr '[:upper:]' '[:lower:]' | sed -E 's/\((r|tm)\)//g; s/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+mkdir -p "$RESULTS"
+echo "processor: $(echo $CPU) ($SLUG)"
+status=0
+run() {  # run ENGINE BATCH MODE [EXTRA OPTIONS...]
+  local engine=$1 batch=$2 mode=$3
+  shift 3
+  local file="$RESULTS/cpu-$SLUG-$engine-b$batch.json"
+  echo "== $engine, batch $batch, $mode ($(date -u +%T)) -> $file"
+  "$PY" -m sequencer.cli benchmark --model sequencer2d_s --num-threads 2 --compare-timm --no-memory \
+      -b "$batch" --mode "$mode" --rnn-engine "$engine" "$@" --results-file "$file" || status=$?
+}
+for engine in auto native; do
+  run "$engine" 8 both "${@}"
+done
+for engine in auto native; do
+  run "$engine" 1 infer "${@}"
+done
+exit $status
