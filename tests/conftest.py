@@ -21,6 +21,15 @@ def _cpu_kernel_built():
 
 
 @pytest.fixture(autouse=True)
+def _engine_rule_table(tmp_path, monkeypatch):
+    """'auto' decides by the rule table (``sequencer.fast.rules``), without timing layers on first use, and
+    nothing is cached outside the test's directory. tests/test_autotune.py turns the measuring back on."""
+    monkeypatch.setenv('SEQUENCER_AUTOTUNE', '0')
+    monkeypatch.setenv('SEQUENCER_CACHE_DIR', str(tmp_path / 'sequencer_cache'))
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _offline_caches(tmp_path, monkeypatch):
     """Every test gets empty torch-hub and Hugging Face caches and no network for the hub."""
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
