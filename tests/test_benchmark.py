@@ -29,8 +29,10 @@ def test_csv_with_timm_comparison_and_matmul_peak(tmp_path, capsys):
     assert tuple(rows[0].keys()) == FIELDS
     assert [(r['impl'], r['mode']) for r in rows] == [
         ('sequencer', 'infer'), ('timm', 'infer'), ('sequencer', 'train'), ('timm', 'train')]
+    # timm's rows name the timm model; ours may be compared with several, so ours names none
+    assert [r['timm_model'] for r in rows] == ['', 'sequencer2d_s', '', 'sequencer2d_s']
     for r in rows:
-        assert r['model'] == 'sequencer2d_s' and r['timm_model'] == 'sequencer2d_s'
+        assert r['model'] == 'sequencer2d_s'
         assert r['input_size'] == '3x28x28' and r['batch_size'] == '2' and r['threads'] == '2'
         for k in POSITIVE + ('matmul_peak_gflop_s', 'fraction_of_peak'):
             assert float(r[k]) > 0, k
@@ -41,6 +43,8 @@ def test_csv_with_timm_comparison_and_matmul_peak(tmp_path, capsys):
     ours = [r for r in rows if r['impl'] == 'sequencer']
     assert all(float(r['ratio_vs_timm']) > 0 and float(r['ratio_vs_timm_median']) > 0 for r in ours)
     assert all(r['ratio_vs_timm'] == '' for r in rows if r['impl'] == 'timm')
+    for r_ours, r_timm in (rows[0:2], rows[2:4]):   # each timm row holds ours / it, as ours does for the first
+        assert r_timm['ours_ratio'] == r_ours['ratio_vs_timm'] and r_ours['ours_ratio'] == ''
     printed = capsys.readouterr().out
     assert 'infer: ours / timm = ' in printed and 'train: ours / timm = ' in printed
     assert f'results written to {out}' in printed
