@@ -675,7 +675,7 @@ def run(args) -> int:
                        gflop_per_s=2 * ips * work / 1e9 if same_arch else None,
                        matmul_peak_gflop_s=peak,
                        fraction_of_peak=(2 * ips * work / 1e9 / peak) if peak and same_arch else None,
-                       ratio_vs_timm=None, ratio_vs_timm_median=None,
+                       ratio_vs_timm=None, ratio_vs_timm_median=None, ours_ratio=None, ours_ratio_median=None,
                        **{k: env[k] for k in ('torch', 'timm', 'python', 'cpu', 'device_name', 'date')})
             rows.append(row)
         mode_rows = rows[-len(times):]

@@ -353,6 +353,7 @@ def set_engine(model: nn.Module, engine: str = 'auto', *, fused_mlp: bool = True
             m.__class__ = fast
         if isinstance(m, FastRNN2D):
             m.engine = engine
+            m._lstm_params()   # the references a graph compiled before any eager call reads
         elif isinstance(m, FastMlp):
             m.fused = fused_mlp
         elif isinstance(m, FastSequencerBlock):
