@@ -19,7 +19,6 @@ POSITIVE = ('img_per_s', 'latency_ms_median', 'latency_ms_p90', 'latency_ms_mean
             'gflop_per_s')
 
 
-@pytest.mark.slow
 def test_csv_with_timm_comparison_and_matmul_peak(tmp_path, capsys):
     out = tmp_path / 'bench.csv'
     assert main(['benchmark', *TINY, '--compare-timm', '--matmul-peak', '--matmul-size', '256',
@@ -50,7 +49,6 @@ def test_csv_with_timm_comparison_and_matmul_peak(tmp_path, capsys):
     assert f'results written to {out}' in printed
 
 
-@pytest.mark.slow
 def test_json_training_with_checkpointing_and_autocast(tmp_path):
     out = tmp_path / 'bench.json'
     assert main(['benchmark', *TINY, '--mode', 'train', '--grad-checkpointing', '--precision', 'bf16',
@@ -71,7 +69,6 @@ def test_json_training_with_checkpointing_and_autocast(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p != 'bench.json']  # no temporary file left behind
 
 
-@pytest.mark.slow
 def test_fused_mlp_switch(tmp_path):
     """Our channel MLPs run fused on CPU in float32 unless --no-fused-mlp; the row says which."""
     from sequencer.fast import cpu_kernel
@@ -87,7 +84,6 @@ def test_fused_mlp_switch(tmp_path):
     assert rows[False]['fused_mlp'] is True and rows[True]['fused_mlp'] is False
 
 
-@pytest.mark.slow
 def test_fused_norm_switch(tmp_path, monkeypatch):
     """--no-fused-norm turns the GPU pre-norm kernels off in every block of our model; rows record whether they
     ran (on this CPU machine: never)."""
@@ -107,7 +103,6 @@ def test_fused_norm_switch(tmp_path, monkeypatch):
     assert row['fused_norm'] is False
 
 
-@pytest.mark.slow
 def test_timm_eager_compiles_ours_only(tmp_path, monkeypatch):
     """--compile --timm-eager: our model goes through torch.compile (with the mode asked for), timm's does not;
     each row records its own compile flag. (torch.compile is replaced by a recorder: inductor's C++ build takes
@@ -159,7 +154,6 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert err.startswith('sequencer benchmark: error: ') and message in err
 
 
-@pytest.mark.slow
 def test_root_script_is_the_same_command(tmp_path):
     proc = subprocess.run([sys.executable, 'benchmark.py', '--model', 'resnet50'], cwd=ROOT, capture_output=True,
                           text=True)
@@ -184,7 +178,6 @@ def test_cpu_memory_tensors_is_the_peak_of_live_tensor_bytes():
     assert 16 <= peak < 17
 
 
-@pytest.mark.slow
 def test_cpu_memory_tensors_from_the_command_line(tmp_path):
     out = tmp_path / 'mem.json'
     assert main(['benchmark', *TINY, '--mode', 'train', '--cpu-memory', 'tensors', '--results-file', str(out)]) == 0

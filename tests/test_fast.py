@@ -102,7 +102,6 @@ def test_state_dict_keys_and_values_are_the_same_whatever_the_engine(engine):
         torch.testing.assert_close(model(x), other(x), atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow
 def test_create_model_native_has_no_fast_module():
     native = create_model('sequencer2d_s', layers=(1, 1, 1, 1), rnn_engine='native')
     assert not [type(m) for m in native.modules() if type(m).__module__.startswith('sequencer.fast')]
@@ -153,7 +152,6 @@ def test_models_package_never_imports_the_fast_engine():
             assert not fast(name), f"{path.relative_to(ROOT)}:{lineno} imports {name}"
 
 
-@pytest.mark.slow
 def test_torch_jit_script_turns_a_fast_model_plain():
     model = set_engine(_tiny(), 'auto')
     x = torch.randn(1, 3, 28, 35)

@@ -16,7 +16,6 @@ PAPER = {'sequencer2d_s': (27.65, 8.4), 'sequencer2d_m': (38.31, 11.1), 'sequenc
 
 
 @pytest.mark.parametrize('name', list_models())
-@pytest.mark.slow
 def test_every_model_parameters_and_forward(name):
     model = create_model(name).eval()
     assert sequencer.count_params(model) / 1e6 == pytest.approx(MODELS[name].params_m, abs=0.005)
@@ -27,13 +26,11 @@ def test_every_model_parameters_and_forward(name):
 
 
 @pytest.mark.parametrize('name', sorted(PAPER))
-@pytest.mark.slow
 def test_flops_match_reference_readme(name):
     macs = sequencer.count_flops(create_model(name), (3, 224, 224)) / 1e9
     assert macs == pytest.approx(PAPER[name][1], rel=0.01)
 
 
-@pytest.mark.slow
 def test_flops_count_the_recurrences():
     by_kind = sequencer.analysis.count_flops_by_kind(create_model('sequencer2d_s'))
     # 4 directions x 4 gates x h x (C + h) per token: stage 1 (32x32 tokens, C=192, h=48) x 4 blocks,
@@ -43,7 +40,6 @@ def test_flops_count_the_recurrences():
 
 
 @pytest.mark.parametrize('name', ['sequencer2d_s', 'sequencer2d_m', 'sequencer2d_l'])
-@pytest.mark.slow
 def test_parity_with_timm(name):
     ref = randomize(timm.create_model(name), seed=1).eval()
     ours = create_model(name).eval()
@@ -63,7 +59,6 @@ def test_stochastic_depth_grows_linearly():
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-@pytest.mark.slow
 def test_autocast(dtype):
     model = create_model('sequencer2d_s', num_classes=7).eval()
     with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
@@ -72,7 +67,6 @@ def test_autocast(dtype):
 
 
 @pytest.mark.parametrize('engine', ['auto', 'native', 'fused'])
-@pytest.mark.slow
 def test_meta_device(engine):
     """Shapes without memory or compute (deferred initialisation, shape inference): the meta device, where
     autocast does not exist, runs forward and backward with every engine; a model built there and
@@ -112,7 +106,6 @@ def test_custom_configuration_and_errors():
         create_model('sequencer2d_ss')
 
 
-@pytest.mark.slow
 def test_model_api():
     model = create_model('sequencer2d_s', num_classes=10).eval()
     x = torch.randn(2, 3, 224, 224)
@@ -137,7 +130,6 @@ def test_model_api():
     assert cfg['mean'] == timm.data.IMAGENET_DEFAULT_MEAN and cfg['std'] == timm.data.IMAGENET_DEFAULT_STD
 
 
-@pytest.mark.slow
 def test_features_only_backbone():
     backbone = create_model('sequencer2d_s', features_only=True)
     outs = backbone(torch.randn(1, 3, 160, 256))
@@ -154,7 +146,6 @@ def test_group_matcher_drives_layer_decay():
     assert len(scales) > 10 and max(scales) == 1.0
 
 
-@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_blocks():
     torch.manual_seed(0)
     base = randomize(create_model('sequencer2d_s', layers=(1, 1, 1, 1), num_classes=4))
@@ -173,7 +164,6 @@ def test_gradient_checkpointing_recomputes_blocks():
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
 
 
-@pytest.mark.slow
 def test_vanilla_position_embedding_and_shuffle():
     model = create_model('v_sequencer_s_pe', layers=(1, 1, 1, 1)).eval()
     assert model.absolute_pos_embed.shape == (1, 16, 16, 384)
