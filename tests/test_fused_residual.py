@@ -10,7 +10,7 @@ from torch import nn
 
 from timm.layers import Mlp, PatchEmbed
 
-from sequencer.fast import (FastDownsample2D, FastMlp, FastPatchEmbed, FastRNN2D, FastSequencerBlock, cpu_kernel,
+from sequencer.fast import (FastDownsample2D, FastMlp, FastPatchEmbed, FastSequencerBlock, cpu_kernel,
                             set_engine)
 from sequencer.fast.ops import conv_as_gemm, linear_residual, norm_residual, patch_linear
 from sequencer.models import Sequencer2D
