@@ -6,9 +6,8 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import Mlp, PatchEmbed
+from torch import nn
 
 from sequencer.fast import (FastDownsample2D, FastMlp, FastPatchEmbed, FastSequencerBlock, cpu_kernel,
                             set_engine)
