@@ -203,9 +203,6 @@ def test_profile_and_gpu_scripts_run_on_cpu():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason='FastRNN2D._lstm_params reads _lstm_refs under torch.compile, which only an '
-                                       'eager call sets: compiled before any eager call, 11 graphs and 10 breaks here '
-                                       '(see test_fused.py::test_a_fresh_fast_model_compiles_whole)')
 def test_check_compile_script_on_the_gpu_path(tmp_path):
     """benchmarks/check_compile.py --gpu-path: the fused engine's Triton kernels (through Triton's interpreter)
     under bf16 autocast, compiled (AOT autograd here; inductor takes minutes on two cores) against eager,

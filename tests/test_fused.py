@@ -369,9 +369,6 @@ def test_torch_compile_fused_whole_graph(impl):
         torch.testing.assert_close(p.grad, ref_grads[k], atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason='FastRNN2D._lstm_params reads _lstm_refs under torch.compile, which only an eager call sets: '
-                          'a fast model compiled before any eager call breaks the graph at every BiLSTM2D (KeyError)')
 @pytest.mark.parametrize('engine', ['fused', 'auto'])
 def test_a_fresh_fast_model_compiles_whole(engine):
     """A fast model compiled before it ever ran eagerly (as ``sequencer benchmark --compile`` and
