@@ -34,10 +34,10 @@ lint: $(STAMP)
 package: $(STAMP)
 	rm -rf $(DIST) $(SMOKE)
 	$(BIN)/python -m build --quiet --outdir $(DIST) .
-	$(BIN)/python -m venv $(SMOKE)/venv
+	$(BIN)/python -m venv --without-pip $(SMOKE)/venv
 	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
 		> "$$($(SMOKE)/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_deps_from_project_venv.pth"
-	$(SMOKE)/venv/bin/python -m pip install --quiet --no-deps --no-index $(DIST)/*.whl
+	$(BIN)/python -m pip --python $(SMOKE)/venv/bin/python install --quiet --no-deps --no-index $(DIST)/*.whl
 	tmp=$$(mktemp -d) && cd $$tmp \
 		&& env -u PYTHONPATH SEQUENCER_CPU_KERNEL=0 TORCH_EXTENSIONS_DIR="$(CURDIR)/$(SMOKE)/ext" \
 			"$(CURDIR)/$(SMOKE)/venv/bin/python" -I "$(CURDIR)/tests/test_package.py" "$(CURDIR)" \
