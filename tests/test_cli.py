@@ -7,7 +7,7 @@ import pytest
 from imagedata import make_image_folder
 
 from sequencer.cli import main
-from sequencer.models.table import markdown, rows
+from sequencer.analysis.model_table import markdown, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
