@@ -14,10 +14,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..data.images import load_image
 from ..errors import UserError, first_line
-from .args import COUNT, ParseKwargs
 from ..models import create_model
 from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
+from .args import COUNT, ParseKwargs
 
 __all__ = ['add_model_arguments', 'build_model', 'model_from_args', 'resolve_device', 'list_images', 'load_image',
            'class_names', 'LoadedModel']
@@ -225,17 +226,6 @@ def list_images(paths: Sequence[str]) -> List[str]:
     if not found:
         raise UserError("no images given")
     return found
-
-
-def load_image(path: str):
-    """An RGB PIL image; an unreadable file raises ``UserError`` naming it."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert('RGB')
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 
 # ---- class names ----------------------------------------------------------------------------------------
