@@ -459,6 +459,8 @@ def test_an_epochs_checkpoint_is_on_disk_before_its_summary_row(tmp_path, monkey
     argv = ['train', data, *TINY, '-b', '2', '-j', '0', '--epochs', '2', '--output', str(folder.parent),
             '--experiment', folder.name]
     assert main(argv) == 0 and written == [1, 2]
+    ckpt = read_file(folder / 'last.pth.tar')   # the model as asked for: the name and the kwargs that shrink it
+    assert ckpt['model_name'] == 'sequencer2d_s' and ckpt['model_label'].startswith('sequencer2d_s with layers=(1, 1,')
     # a kill after the last checkpoint and before its row: resuming restores the row
     full = (folder / 'summary.csv').read_text()
     (folder / 'summary.csv').write_text(''.join(full.splitlines(keepends=True)[:-1]))
@@ -508,8 +510,6 @@ def test_flags_timm_users_pass_work_or_are_refused_in_one_line(tmp_path, capsys,
     assert train('--aug-repeats', '2', name='aug_repeats') == 0
     assert 'epoch 0 [4/4]' in capsys.readouterr().out
     assert train('--reprob', '0.5', '--resplit', name='resplit') == 0
-    assert train('--in-chans', '1', name='gray') == 0
-    assert read_file(tmp_path / 'runs' / 'gray' / 'last.pth.tar')['state_dict']['stem.proj.weight'].shape[1] == 1
     # the prefetcher, as on CUDA (here on the CPU): --no-prefetcher turns it off
     assert train_mod.uses_prefetcher(argparse.Namespace(no_prefetcher=False), torch.device('cuda'))
     assert not train_mod.uses_prefetcher(argparse.Namespace(no_prefetcher=True), torch.device('cuda'))
@@ -526,7 +526,8 @@ def test_flags_timm_users_pass_work_or_are_refused_in_one_line(tmp_path, capsys,
     assert train('--reprob', '0.25', '--resplit', name='prefetched') == 0
     assert built and built[0]['re_prob'] == 0.25 and built[0]['re_num_splits'] == 2   # as timm's create_loader
     built.clear()
-    assert train('--no-prefetcher', name='plain') == 0 and built == []
+    assert train('--no-prefetcher', '--in-chans', '1', name='gray') == 0 and built == []
+    assert read_file(tmp_path / 'runs' / 'gray' / 'last.pth.tar')['state_dict']['stem.proj.weight'].shape[1] == 1
     rows = summary(tmp_path / 'runs' / 'prefetched')
     assert len(rows) == 1 and 0 <= float(rows[0]['eval_top1']) <= 100
 

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     if any(os.path.exists(os.path.join(folder, f)) for f in ('last.pth.tar', 'recovery.pth.tar')):
         args.resume = 'auto'  # a finished run stays finished; an interrupted one continues
     args.resume_hint = f"run `sequencer demo --output {a.output}` again to continue"
-    args.model_label = NAME
+    args.model_name = NAME
     result = train_mod.train(args)
     if result.get('interrupted'):
         return train_mod.exit_status(result)

@@ -97,7 +97,8 @@ class LoadedModel:
     def label(self) -> str:
         if not self.checkpoint:
             return f"{self.name} ({'published' if self.pretrained else 'initial'} weights)"
-        return f"{self.name} ({os.path.basename(self.checkpoint.rstrip('/'))})"
+        name = self.meta.get('model_name') or self.name   # a run's own name for its model (the demo's)
+        return f"{name} ({os.path.basename(self.checkpoint.rstrip('/'))})"
 
 
 def _head_width(sd: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -118,7 +119,8 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.T
         sd = unwrap(obj, use_ema=use_ema)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    keys = ('arch', 'epoch', 'args', 'metric', 'class_names', 'model_kwargs', 'num_classes')
+    keys = ('arch', 'epoch', 'args', 'metric', 'class_names', 'model_kwargs', 'num_classes', 'model_name',
+            'model_label')
     meta = {k: obj[k] for k in keys if isinstance(obj, dict) and obj.get(k) is not None}
     return sd, meta
 

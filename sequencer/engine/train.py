@@ -616,10 +616,10 @@ def exit_status(result: Dict) -> int:
 
 def model_label(args) -> str:
     """The model as the user asked for it: its name, with the ``--model-kwargs`` that change it (a model is only
-    the registered configuration of its name without them); a caller's own name first (``args.model_label``)."""
+    the registered configuration of its name without them); a caller's own name first (``args.model_name``)."""
     kwargs = dict(args.model_kwargs or {})
     label = args.model + (f" with {', '.join(f'{k}={v}' for k, v in kwargs.items())}" if kwargs else '')
-    own = getattr(args, 'model_label', None)
+    own = getattr(args, 'model_name', None)
     return f"{own} ({label})" if own else label
 
 
@@ -901,6 +901,7 @@ def checkpoint_state(run: Run, next_epoch: int, next_batch: int, metric=None, pa
     args = run.args
     return {'version': CHECKPOINT_VERSION, 'arch': args.model, 'num_classes': run.num_classes,
             'model_kwargs': dict(args.model_kwargs or {}), 'model_label': model_label(args),
+            'model_name': getattr(args, 'model_name', None) or args.model,
             'class_names': run.classes, 'epoch': next_epoch - 1 if next_batch == 0 else next_epoch,
             'next_epoch': next_epoch, 'next_batch': next_batch, 'state_dict': run.model.state_dict(),
             'state_dict_ema': run.ema.module.state_dict() if run.ema is not None else None,
@@ -938,17 +939,18 @@ def train_one_epoch(run: Run, epoch: int) -> Optional[float]:
             continue
         update = (step + 1) % args.grad_accum_steps == 0   # the last micro-step of an update
         loss = forward_backward(run, images, targets, health, epoch, step, sync=update)
-        if loss is None or (update and not optimizer_step(run, health, epoch, step)):
-            continue   # non-finite, skipped (--nonfinite skip)
+        if loss is None:
+            continue   # a non-finite loss, the step skipped (--nonfinite skip)
+        if update and not optimizer_step(run, health, epoch, step):
+            continue   # non-finite gradients, the update skipped (--nonfinite skip)
         losses.add(loss)
         bar.advance(images.shape[0] * d.world)
 
         logged = (step + 1) % args.log_interval == 0 or step + 1 == steps
         boundary = update and step + 1 < steps   # where the run may stop and save
         recovery = boundary and args.recovery_interval and (step + 1) % args.recovery_interval == 0
-        if logged or recovery:
-            health.check(d, epoch, run.folder)
         if logged:
+            health.check(d, epoch, run.folder)
             lr = run.optimizer.param_groups[0]['lr']
             value = losses.read_window(d)
             bar.report(step, value, lr)
@@ -1072,7 +1074,7 @@ def evaluate_and_checkpoint(run: Run, epoch: int, train_loss: float) -> Dict:
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=next(model.parameters()).device)
 
 
 def _plain(obj):
