@@ -257,3 +257,17 @@ def test_the_prefetcher_gives_the_batches_of_the_plain_loader(tmp_path):
     for (x, y, _), (px, py, _) in zip(plain[:-1], fetched[:-1]):
         assert px.dtype == torch.float32 and torch.equal(y, py)
         assert torch.allclose(x, px, atol=1e-5)
+
+
+def test_a_streamed_dataset_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Samples are read by index (seeded augmentation, exact resume): a streamed (iterable) dataset of timm's
+    create_dataset is refused naming --dataset, not failed on at the first batch."""
+    from sequencer.data import datasets
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    monkeypatch.setattr(datasets, 'create_dataset', lambda *a, **k: Stream())
+    with pytest.raises(UserError, match=r'^--dataset wds/imagenet: a streamed dataset'):
+        build_dataset('wds/imagenet', str(tmp_path), 'train', True)

@@ -28,7 +28,7 @@ from timm.data import create_dataset
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import PrefetchLoader
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..errors import UserError, first_line
 from .images import open_image
@@ -63,15 +63,15 @@ def check_image_folder(root: str, split_dir: str, class_map: str = ''):
 
 
 def build_dataset(name: str, root: str, split: str, training: bool, class_map: str = '', download: bool = False,
-                  root_as_split: bool = True, repeats: float = 0):
+                  root_as_split: bool = True):
     """A dataset without transform: a folder (ImageFolder layout), a transfer set (flowers102, stanford_cars),
     or any type timm's ``create_dataset`` knows (torch/cifar10, torch/cifar100, ...).
 
     A folder's ``split`` is its sub-folder of that name or a synonym (val/ for 'validation'). Where no split
     folder exists at all, the root itself is the split when ``root_as_split`` (a plain tree of class folders to
     evaluate); otherwise (training, which must not evaluate on its own images) the missing folder is named in a
-    ``UserError``; the split '.' names the root explicitly. ``repeats``: timm's epoch repeats of streamed
-    datasets."""
+    ``UserError``; the split '.' names the root explicitly. Streamed datasets (tfds/, wds/, hfids/) are refused:
+    the samples are read by index."""
     name = name or ''
     key = name.lower().replace('torch/', '')
     if key in TRANSFER_SETS:
@@ -90,11 +90,14 @@ def build_dataset(name: str, root: str, split: str, training: bool, class_map: s
         check_image_folder(root, split_dir, class_map)
     try:
         ds = create_dataset(name, root=root, split=split, is_training=training, class_map=class_map,
-                            download=download, **({'repeats': repeats} if repeats else {}))
+                            download=download)
     except (FileNotFoundError, RuntimeError, AssertionError, ValueError, OSError) as e:
         why = first_line(e).replace('You can use download=True to download it', 'pass --dataset-download to '
                                     'download it')   # torchvision's advice, in this command line's words
         raise UserError(f"{root}: cannot read split {split!r} ({why})") from None
+    if isinstance(ds, IterableDataset):
+        raise UserError(f"--dataset {name}: a streamed dataset, which is read in order, not by index as the samples "
+                        f"here are; use a folder, torch/* or hfds/*")
     if len(ds) == 0:
         raise UserError(f"{root}: split {split!r} holds no images")
     return ds

@@ -167,7 +167,8 @@ def _data_args(parser, training: bool):
                    'one folder per class)')
     g.add_argument('--data-dir', default=None, help='dataset root (alternative to the positional DIR)')
     g.add_argument('--dataset', '-d', default='', help="dataset type: '' for a folder, torch/cifar10, "
-                   "torch/cifar100, flowers102, stanford_cars, or any type timm's create_dataset knows")
+                   "torch/cifar100, flowers102, stanford_cars, or another indexed type timm's create_dataset knows "
+                   "(hfds/...; not the streamed tfds/, wds/, hfids/)")
     if training:
         g.add_argument('--train-split', default='train', help="training split: the folder of that name (or a "
                        "synonym) in DIR; '.' for DIR itself")

@@ -705,7 +705,7 @@ def build_datasets(run: Run):
     splits (train/ and val/, or the folders --train-split / --val-split name)."""
     args = run.args
     ds_train = build_dataset(args.dataset, args.data_dir, args.train_split, True, args.class_map,
-                             args.dataset_download, root_as_split=False, repeats=args.epoch_repeats)
+                             args.dataset_download, root_as_split=False)
     ds_eval = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.class_map,
                             args.dataset_download, root_as_split=False)
     classes, eval_classes = class_names_of(ds_train), class_names_of(ds_eval)
