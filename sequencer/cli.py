@@ -9,7 +9,7 @@ from .errors import UserError, one_line
 
 # name -> (module, one-line help)
 COMMANDS = {
-    'models': ('sequencer.models.table', 'list every model: parameters, FLOPs, paper top-1, published weights'),
+    'models': ('sequencer.analysis.model_table', 'list every model: parameters, FLOPs, paper top-1, published weights'),
     'erf': ('sequencer.analysis.erf', 'effective receptive field of each stage: heatmaps (PNG) and arrays (.npy)'),
     'resolution': ('sequencer.analysis.resolution', 'top-1 at several test resolutions, one plot for several models'),
     'robustness': ('sequencer.analysis.robustness', 'ImageNet-C mCE, ImageNet-A / -R / -Sketch / V2 top-1: one table'),

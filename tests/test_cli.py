@@ -7,7 +7,7 @@ import pytest
 from imagedata import make_image_folder
 
 from sequencer.cli import main
-from sequencer.models.table import markdown, rows
+from sequencer.analysis.model_table import markdown, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,3 +155,44 @@ def test_out_of_range_options_and_model_arguments_are_one_line(tmp_path, capsys)
         err = capsys.readouterr().err.strip()   # (torch may warn about the zero-size layer first)
         assert 'Traceback' not in err and 'usage:' not in err and message in err.splitlines()[-1], (argv, err)
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def _help_texts():
+    """(command, option, rendered help) of every option of every sub-command, as its --help shows it."""
+    import argparse
+    from sequencer.cli import build_parser
+    from sequencer.engine import demo
+    from sequencer.engine.args import build_train_parser, build_validate_parser
+    parsers = {'train': build_train_parser(), 'validate': build_validate_parser(), 'demo': demo.build_parser()}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers.update((name, p) for name, p in sub.choices.items() if name not in parsers)
+    for name, parser in parsers.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.help is not argparse.SUPPRESS and action.option_strings:
+                yield name, '/'.join(action.option_strings), formatter._expand_help(action), action
+
+
+def test_help_says_each_default_once_and_never_none(capsys):
+    """No option's help repeats '(default: ...)', contradicts itself ('(default: avg) (default: None)') or shows
+    '(default: None)'; a default value the help states is the parser's own where the parser has one."""
+    import re
+    seen = 0
+    for command, option, text, action in _help_texts():
+        defaults = re.findall(r'\(default: ([^)]*)\)', text)
+        assert len(defaults) <= 1, (command, option, text)
+        assert not defaults or defaults[0] not in ('None', ''), (command, option, text)
+        if defaults and action.default not in (None, '') and not isinstance(action.default, (list, tuple)) \
+                and re.fullmatch(r'[-\w.]+', defaults[0]):   # a value, not words such as "the model's"
+            assert defaults[0] == str(action.default), (command, option, text)
+        seen += 1
+    assert seen > 150
+    # as printed
+    from sequencer.cli import COMMANDS, OWN_PARSER
+    for command in [*OWN_PARSER, *COMMANDS]:
+        with pytest.raises(SystemExit):
+            main([command, '--help'])
+        out = capsys.readouterr().out
+        assert 'usage:' in out and '(default: None)' not in out, command
+        for block in re.split(r'\n  (?=-)', out):
+            assert block.count('(default:') <= 1, (command, block)

@@ -154,3 +154,120 @@ def test_randaugment_posterize_at_full_magnitude_gives_a_black_image():
 def test_a_missing_torchvision_dataset_points_to_the_download_option(tmp_path):
     with pytest.raises(UserError, match=r"cannot read split 'train' \(.*pass --dataset-download to download it"):
         build_dataset('torch/cifar10', str(tmp_path), 'train', True, '', False)
+
+
+def _exif_rotated_jpeg(path):
+    """A 40 x 20 JPEG whose EXIF orientation (6: rotated 90 degrees) makes it 20 x 40; left and right halves of
+    different colours, so that a decoder ignoring the orientation gives another picture."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = (200, 30, 30)
+    pixels[:, 20:] = (30, 30, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path, exif=exif.tobytes(), quality=95)
+
+
+def test_an_exif_rotated_jpeg_gives_the_same_tensor_in_training_and_predict(tmp_path):
+    """Training's loader path (build_dataset, Samples, the evaluation transform) and predict decode an image the
+    same way (sequencer.data.images): the same tensor, EXIF orientation applied; erf uses the same decoder."""
+    import timm.data
+    from torch import nn
+    from sequencer.analysis import erf
+    from sequencer.data import images
+    from sequencer.export.predict import predict
+    path = str(tmp_path / 'd' / 'val' / 'a' / 'rotated.jpg')
+    _exif_rotated_jpeg(path)
+    cfg = dict(input_size=(3, 32, 32), interpolation='bicubic', mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+               crop_pct=1.0, crop_mode='center')
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    ds = build_dataset('', str(tmp_path / 'd'), 'validation', False)
+    trained_on, _ = Samples(ds, transform)[0]
+
+    class Recorder(nn.Module):
+        def forward(self, x):
+            self.seen = x
+            return torch.zeros(x.shape[0], 2)
+
+    model = Recorder()
+    predict(model, [path], ['a', 'b'], topk=1, cfg=cfg)
+    assert torch.equal(model.seen[0], trained_on)
+    # the orientation was applied: the top rows of the 20 x 40 picture are the image's left (red) half
+    assert trained_on[0, 0].mean() > 0 > trained_on[2, 0].mean()
+    assert erf.load_image is images.load_image
+
+
+def test_aug_repeats_take_timms_sampler_and_augment_each_copy_differently(tmp_path):
+    """--aug-repeats: timm's RepeatAugSampler chooses the images (with or without torch.distributed), every copy of
+    an image is a variant with its own augmentation, and the ranks' copies differ too."""
+    from timm.data import create_transform
+    from timm.data.distributed_sampler import RepeatAugSampler
+    from sequencer.data.datasets import RepeatAugShards
+    n = 12
+    ranks = [RepeatAugShards(n, 3, world_size=2, rank=r, seed=1, batch_size=2) for r in range(2)]
+    for r, shards in enumerate(ranks):
+        shards.set_epoch(4)
+        timm_sampler = RepeatAugSampler(range(n), num_replicas=2, rank=r, num_repeats=3)
+        timm_sampler.set_epoch(1 + 4)
+        chosen = list(timm_sampler)
+        keys = shards.indices()
+        assert [k if isinstance(k, int) else k[0] for k in keys] == chosen[:len(chosen) // 2 * 2]
+        assert len(set(keys)) == len(keys)   # a copy seen twice on one rank is another variant
+    every = ranks[0].indices() + ranks[1].indices()
+    assert len(set(every)) == len(every)     # and so is a copy on the other rank
+    data = make_image_folder(tmp_path / 'd', classes=1, train_per_class=2, val_per_class=1)
+    ds = build_dataset('', data, 'train', True)
+    samples = Samples(ds, create_transform(32, is_training=True), seed=1)
+    assert torch.equal(samples[0][0], samples[(0, 0)][0])
+    assert not torch.equal(samples[(0, 0)][0], samples[(0, 1)][0])
+    # --epoch-repeats: two passes over the data an epoch, the second as variants
+    twice = ShardSampler(n, shuffle=True, seed=1, batch_size=2, repeats=2).indices()
+    assert len(twice) == 2 * n and sorted(k for k in twice if isinstance(k, int)) == list(range(n))
+    assert sorted(k for k in twice if not isinstance(k, int)) == [(i, 1) for i in range(n)]
+
+
+def test_resplit_erasing_leaves_the_first_half_of_a_batch_clean_and_repeats_itself():
+    from sequencer.data.datasets import SplitErasing
+    erase = SplitErasing(1.0, 'pixel', 1, seed=3)
+    batch = torch.zeros(4, 3, 16, 16)
+    a = erase(batch.clone(), epoch=0, step=5, rank=0)
+    assert not a[:2].any() and a[2].any() and a[3].any()
+    assert torch.equal(a, erase(batch.clone(), epoch=0, step=5, rank=0))     # a resumed run erases alike
+    assert not torch.equal(a, erase(batch.clone(), epoch=0, step=6, rank=0))
+
+
+def test_the_prefetcher_gives_the_batches_of_the_plain_loader(tmp_path):
+    """timm's PrefetchLoader (used on CUDA) over the seeded loader: the same normalised images and targets as the
+    loader without it, the skipped-sample counts of each batch, and None for a batch of unreadable images only."""
+    from timm.data import create_transform
+    from sequencer.data.datasets import Prefetched, make_loader
+    data = make_image_folder(tmp_path / 'd', classes=2, train_per_class=3, val_per_class=1)
+    open(os.path.join(data, 'train', 'n00000001', 'zz_empty.JPEG'), 'wb').close()
+    ds = build_dataset('', data, 'train', True)
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+
+    def loader(prefetch):
+        tf = create_transform(32, is_training=False, mean=mean, std=std, crop_pct=1.0, use_prefetcher=prefetch)
+        return make_loader(Samples(ds, tf, bad_samples='skip'), ShardSampler(len(ds), shuffle=False, drop_last=False,
+                                                                                batch_size=1), 1, 0)
+    plain = list(loader(False))
+    fetched = list(Prefetched(loader(True), (3, 32, 32), mean, std, torch.device('cpu')))
+    assert len(plain) == len(fetched) == 7 and [b[2] for b in fetched] == [0] * 6 + [1]
+    assert fetched[-1][:2] == (None, None)
+    for (x, y, _), (px, py, _) in zip(plain[:-1], fetched[:-1]):
+        assert px.dtype == torch.float32 and torch.equal(y, py)
+        assert torch.allclose(x, px, atol=1e-5)
+
+
+def test_a_streamed_dataset_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Samples are read by index (seeded augmentation, exact resume): a streamed (iterable) dataset of timm's
+    create_dataset is refused naming --dataset, not failed on at the first batch."""
+    from sequencer.data import datasets
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    monkeypatch.setattr(datasets, 'create_dataset', lambda *a, **k: Stream())
+    with pytest.raises(UserError, match=r'^--dataset wds/imagenet: a streamed dataset'):
+        build_dataset('wds/imagenet', str(tmp_path), 'train', True)

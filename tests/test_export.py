@@ -12,6 +12,7 @@ import torch
 import sequencer
 from sequencer.cli import main
 from sequencer.export import export_onnx, verify_onnx
+from sequencer.fast import set_engine
 
 from analysis_helpers import TINY, TINY_ARGS, constant_head, image_folder, save_training_checkpoint, tiny_model
 
@@ -42,7 +43,7 @@ def test_onnx_export_matches_pytorch_under_onnxruntime(tmp_path, trained, capsys
     session = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
     x = torch.randn(5, 3, 42, 42)
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    model.set_rnn_engine('native')
+    set_engine(model, 'native')
     with torch.no_grad():
         ref = model(x).numpy()
     assert got.shape == (5, 5)

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from sequencer.cli import COMMANDS, main
-from sequencer.data.datasets import BadSampleError, Samples, _open_image, build_dataset
+from sequencer.data.datasets import BadSampleError, Samples, build_dataset
+from sequencer.data.images import open_image
 from sequencer.engine.train import find_resume
 from sequencer.errors import UserError
 from sequencer.models import create_model
@@ -334,7 +335,7 @@ def _bad_files(folder):
 
 def test_odd_image_modes_load_as_rgb(tmp_path):
     for name, (size, pixel) in _odd_images(tmp_path).items():
-        img = _open_image(str(tmp_path / name))
+        img = open_image(str(tmp_path / name))
         assert img.mode == 'RGB' and img.size == size, name
         assert tuple(np.asarray(img)[0, 0]) == pytest.approx(pixel, abs=2), name
 

@@ -1,4 +1,5 @@
 """Training and validation: the reference README's command lines, DDP, exact resume, outputs."""
+import argparse
 import csv
 import os
 import re
@@ -363,3 +364,235 @@ def test_interrupted_demo_resumes_from_its_recovery_checkpoint(tmp_path, monkeyp
     assert demo.main(['--output', str(tmp_path), '--epochs', '1']) == 130
     assert [r for r, _ in seen] == ['', 'auto']
     assert seen[0][1] == f"run `sequencer demo --output {tmp_path}` again to continue"
+
+
+# ---- the loop: DDP accumulation, host reads, the order of files ------------------------------------------------
+_RECORD_SYNC = '''
+import sys
+from sequencer.cli import main
+from sequencer.engine import train
+
+class RecordingDDP(train.DDP):
+    def forward(self, *args, **kwargs):
+        print(f"sync {int(self.require_backward_grad_sync)}", flush=True)
+        return super().forward(*args, **kwargs)
+
+train.DDP = RecordingDDP
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_ddp_gradient_accumulation_syncs_only_on_the_last_micro_step(tmp_path):
+    """Two ranks with --grad-accum-steps 2: the gradients are all-reduced in the second micro-step of each update
+    only (DDP's no_sync in the first), and the weights equal one process's with the same batches."""
+    import socket
+    data = make_image_folder(tmp_path / 'data', classes=4, train_per_class=4, val_per_class=1, size=(36, 36))
+    common = [data, *TINY, '--epochs', '1', '--opt', 'sgd', '--lr', '0.5', '--warmup-epochs', '0', '--seed', '7',
+              '-j', '0', '--grad-accum-steps', '2', '--output', str(tmp_path / 'runs')]
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2',
+                   MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), OMP_NUM_THREADS='1')
+        procs.append(subprocess.Popen([sys.executable, '-c', _RECORD_SYNC, 'train', *common, '-b', '2',
+                                       '--experiment', 'ddp'], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for out in outs:   # 16 images, 2 per rank and step: 4 micro-steps, 2 updates
+        assert re.findall(r'^sync (\d)$', out, re.M) == ['0', '1', '0', '1'], out
+    run([sys.executable, os.path.join(ROOT, 'train.py'), *common, '-b', '4', '--experiment', 'one'], cwd=tmp_path)
+    a, b = weights(tmp_path / 'runs' / 'ddp' / 'last.pth.tar'), weights(tmp_path / 'runs' / 'one' / 'last.pth.tar')
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert float(summary(tmp_path / 'runs' / 'ddp')[0]['train_loss']) == pytest.approx(
+        float(summary(tmp_path / 'runs' / 'one')[0]['train_loss']), abs=1e-5)
+
+
+def test_the_loss_is_read_on_the_host_only_when_it_is_logged(tmp_path, monkeypatch):
+    """The training loop reads tensors on the host (item, tolist, bool, float) where a line is logged, a checkpoint
+    saved or an epoch ends, not at every step: as many reads for an epoch of 12 steps as for one of 6."""
+    from sequencer.cli import main
+    from sequencer.engine import train as train_mod
+    data = make_image_folder(tmp_path / 'data', classes=3, train_per_class=4, val_per_class=1, size=(36, 36))
+    reads = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename == train_mod.__file__:
+                reads.append(sys._getframe(1).f_code.co_name)
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ('item', 'tolist', '__bool__', '__float__', '__int__'):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    counts = []
+    for batch in ('2', '1'):   # 12 images: 6, then 12 steps an epoch
+        reads.clear()
+        assert main(['train', data, *TINY, '-b', batch, '-j', '0', '--epochs', '2', '--log-interval', '100',
+                     '--output', str(tmp_path / 'runs'), '--experiment', f'b{batch}']) == 0
+        counts.append(len(reads))
+    assert counts[0] == counts[1] and counts[0] <= 8, (counts, reads)
+
+
+def test_an_epochs_checkpoint_is_on_disk_before_its_summary_row(tmp_path, monkeypatch):
+    """summary.csv is written after the epoch's checkpoint: a kill between the two leaves a checkpoint the summary
+    does not name yet (resuming rewrites summary.csv from it), never a summary naming a missing checkpoint."""
+    from sequencer.cli import main
+    from sequencer.engine import train as train_mod
+    data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1, size=(36, 36))
+    folder = tmp_path / 'runs' / 'run'
+    real = train_mod.write_summary
+    written = []
+
+    def write_summary(where, rows):
+        ckpt = read_file(os.path.join(where, 'last.pth.tar'))   # fails where the checkpoint is not there yet
+        assert ckpt['next_epoch'] == int(rows[-1]['epoch']) + 1 and ckpt['summary'] == rows
+        written.append(len(rows))
+        real(where, rows)
+
+    monkeypatch.setattr(train_mod, 'write_summary', write_summary)
+    argv = ['train', data, *TINY, '-b', '2', '-j', '0', '--epochs', '2', '--output', str(folder.parent),
+            '--experiment', folder.name]
+    assert main(argv) == 0 and written == [1, 2]
+    ckpt = read_file(folder / 'last.pth.tar')   # the model as asked for: the name and the kwargs that shrink it
+    assert ckpt['model_name'] == 'sequencer2d_s' and ckpt['model_label'].startswith('sequencer2d_s with layers=(1, 1,')
+    # a kill after the last checkpoint and before its row: resuming restores the row
+    full = (folder / 'summary.csv').read_text()
+    (folder / 'summary.csv').write_text(''.join(full.splitlines(keepends=True)[:-1]))
+    assert main([*argv, '--resume', 'auto']) == 0
+    assert (folder / 'summary.csv').read_text() == full
+
+
+# ---- flags that are refused or work ----------------------------------------------------------------------------
+def test_a_data_folder_without_split_folders_is_refused_by_name(tmp_path, capsys):
+    """A folder of class folders with neither train/ nor val/: training would evaluate on its own images. Refused in
+    one line naming the missing folder, unless the splits are named explicitly ('.' for the folder itself)."""
+    from sequencer.cli import main
+    root = tmp_path / 'plain'
+    make_image_folder(tmp_path / 'tmp', classes=2, train_per_class=2, val_per_class=1, size=(36, 36))
+    os.rename(tmp_path / 'tmp' / 'train', root)
+    out = ['--output', str(tmp_path / 'runs'), '--experiment', 'run']
+    assert main(['train', str(root), *TINY, '-b', '2', '-j', '0', *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{root}: no 'train' split folder found (expected {root / 'train'}/" in err
+    assert not (tmp_path / 'runs').exists()
+    assert main(['train', str(root), *TINY, '-b', '2', '-j', '0', '--epochs', '1', '--train-split', '.',
+                 '--val-split', '.', *out]) == 0
+    assert '4 train / 4 eval images' in capsys.readouterr().out
+
+
+def test_flags_timm_users_pass_work_or_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    from sequencer.cli import main
+    from sequencer.engine import train as train_mod
+    data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=1, size=(36, 36))
+
+    def train(*extra, name='run'):
+        return main(['train', data, *TINY, '-b', '2', '-j', '0', '--epochs', '1', '--log-interval', '1',
+                     '--output', str(tmp_path / 'runs'), '--experiment', name, *extra])
+
+    for extra, message in (
+            (['--pin-mem'], '--pin-mem: pinned memory speeds up copies to a GPU; this run is on the CPU'),
+            (['--resplit'], '--resplit splits random erasing, which is off: give --reprob too'),
+            (['--aug-repeats', '0.5'], '--aug-repeats 0.5: give 0 (off) or a number of copies of at least 1'),
+            (['--aug-repeats', '2', '--epoch-repeats', '2'], '--aug-repeats and --epoch-repeats: give one'),
+            (['--in-chans', '2'], '--in-chans 2: images are read as RGB (3 channels) or grayscale (1)')):
+        assert train(*extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (extra, err)
+    # --epoch-repeats: two passes an epoch (8 steps of 2); --aug-repeats: timm's sampler, one pass of copies
+    assert train('--epoch-repeats', '2', name='epoch_repeats') == 0
+    assert 'epoch 0 [8/8]' in capsys.readouterr().out
+    assert train('--aug-repeats', '2', name='aug_repeats') == 0
+    assert 'epoch 0 [4/4]' in capsys.readouterr().out
+    assert train('--reprob', '0.5', '--resplit', name='resplit') == 0
+    # the prefetcher, as on CUDA (here on the CPU): --no-prefetcher turns it off
+    assert train_mod.uses_prefetcher(argparse.Namespace(no_prefetcher=False), torch.device('cuda'))
+    assert not train_mod.uses_prefetcher(argparse.Namespace(no_prefetcher=True), torch.device('cuda'))
+    assert not train_mod.uses_prefetcher(argparse.Namespace(no_prefetcher=False), torch.device('cpu'))
+    built = []
+    real = train_mod.Prefetched
+
+    def prefetched(*args, **kwargs):
+        built.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, 'Prefetched', prefetched)
+    monkeypatch.setattr(train_mod, 'uses_prefetcher', lambda args, device: not args.no_prefetcher)
+    assert train('--reprob', '0.25', '--resplit', name='prefetched') == 0
+    assert built and built[0]['re_prob'] == 0.25 and built[0]['re_num_splits'] == 2   # as timm's create_loader
+    built.clear()
+    assert train('--no-prefetcher', '--in-chans', '1', name='gray') == 0 and built == []
+    assert read_file(tmp_path / 'runs' / 'gray' / 'last.pth.tar')['state_dict']['stem.proj.weight'].shape[1] == 1
+    rows = summary(tmp_path / 'runs' / 'prefetched')
+    assert len(rows) == 1 and 0 <= float(rows[0]['eval_top1']) <= 100
+
+
+def test_a_cpu_batch_that_does_not_fit_in_memory_is_refused_with_one_that_does(tmp_path, capsys, monkeypatch):
+    """On the CPU, a training step's peak memory is estimated before anything large is allocated; a batch that
+    would not fit is refused in one line naming a batch size that does."""
+    from sequencer.cli import main
+    from sequencer.engine import train as train_mod
+    from sequencer.errors import UserError
+    with pytest.raises(UserError, match=r'^-b 128: a training step of m at 224x224 px on the CPU needs about 18\.3 GB '
+                                        r'of memory, 9\.5 GB are available; -b 65 fits \(--grad-accum-steps 2 then '
+                                        r'updates with 130 images at a time\)$'):
+        train_mod.check_cpu_memory(128, 0.38e9, 0.14e9, 9.5e9, 'm at 224x224 px')
+    train_mod.check_cpu_memory(65, 0.38e9, 0.14e9, 9.5e9, 'm')
+    with pytest.raises(UserError, match='not even one image fits'):
+        train_mod.check_cpu_memory(1, 0.38e9, 0.14e9, 0.4e9, 'm')
+    train_mod.check_cpu_memory(10 ** 6, 1e9, 1e9, None, 'm')   # nothing known: no refusal
+    # the estimate, extrapolated from two small inputs, against what autograd keeps in one pass at the real size
+    model = create_model('sequencer2d_s', layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1), embed_dims=(16, 32, 32, 32),
+                         hidden_sizes=(4, 8, 8, 8))
+    per_step, per_image = train_mod.activation_bytes(model, (3, 96, 96))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.zeros(1, 3, 96, 96))
+    assert per_image > 0 and 1.0 <= (per_step + per_image) / sum(kept.values()) <= 1.25
+    # through the command: with 6 MB available, -b 64 at 96 px is refused, naming a batch that fits
+    data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1, size=(36, 36))
+    monkeypatch.setattr(train_mod, 'available_memory', lambda: 6e6)
+    checked = []
+    real = train_mod.check_cpu_memory
+    monkeypatch.setattr(train_mod, 'check_cpu_memory', lambda *a: checked.append(a) or real(*a))
+    argv = ['train', data, *TINY[:-1], '96', '-j', '0', '--output', str(tmp_path / 'runs')]
+    assert main([*argv, '-b', '64']) == 2
+    err = capsys.readouterr().err.strip()
+    fits = re.search(r'-b (\d+) fits', err)
+    assert len(err.splitlines()) == 1 and err.startswith('sequencer train: error: -b 64: a training step of '
+                                                          'sequencer2d_s with layers=') and fits, err
+    assert 'MB are available' in err and not (tmp_path / 'runs').exists()
+    _, fixed, per, available, what = checked[0]
+    assert available == 6e6 and what.endswith(' at 96x96 px')
+    real(int(fits.group(1)), fixed, per, available, what)   # the batch named fits
+    with pytest.raises(UserError):
+        real(int(fits.group(1)) + 1, fixed, per, available, what)
+
+
+def test_the_demo_names_its_model_honestly_and_keeps_one_best_checkpoint(tmp_path, monkeypatch, capsys):
+    from sequencer.engine import demo
+    from sequencer.engine.train import model_label
+    seen = []
+
+    def fake_train(args):
+        seen.append(args)
+        return {'interrupted': 'SIGINT', 'folder': str(tmp_path / 'digits-run')}
+
+    monkeypatch.setattr(demo.train_mod, 'train', fake_train)
+    assert demo.main(['--output', str(tmp_path), '--epochs', '1']) == 130
+    (args,) = seen
+    assert args.checkpoint_hist == 1
+    assert model_label(args) == ('sequencer2d_demo (sequencer2d_s with layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1), '
+                                 'embed_dims=(64, 128, 128, 128), hidden_sizes=(16, 32, 32, 32))')

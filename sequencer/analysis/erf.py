@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.images import load_image
 from ..engine.args import COUNT, NATURAL
 from ..engine.io import atomic_open, check_output, write_with
-from ..engine.loading import add_model_arguments, list_images, load_image, model_from_args, resolve_device
+from ..engine.loading import add_model_arguments, list_images, model_from_args, resolve_device
 from ..errors import UserError
 from ..fast import set_engine
 

@@ -7,42 +7,39 @@ Datasets come from timm's ``create_dataset`` (folders, torch/cifar10, torch/cifa
   whatever the number of workers or processes, and a resumed run sees exactly what an uninterrupted one
   would have seen;
 * an unreadable image fails with one line naming the file, or is skipped and counted (``bad_samples``),
-  instead of being silently replaced by the next one.
+  instead of being silently replaced by the next one;
+* images are decoded by ``images.open_image``, the decoder of every command.
+
+A sampler yields dataset indices, or ``(index, variant)`` pairs where one image is seen several times an epoch
+(``--aug-repeats``, ``--epoch-repeats``): each variant gets its own augmentation.
 """
+import collections
+import contextlib
+import math
 import os
 import random
 import signal
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from timm.data import create_dataset
-from torch.utils.data import DataLoader, Dataset, Sampler
+from timm.data.distributed_sampler import RepeatAugSampler
+from timm.data.loader import PrefetchLoader
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..errors import UserError, first_line
+from .images import open_image
 from .transfer import TRANSFER_SETS
+
 
 class BadSampleError(UserError):
     pass
 
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-
-
-def _open_image(path) -> Image.Image:
-    """An RGB image: EXIF orientation applied; grayscale, CMYK, RGBA, palette and 16-bit converted.
-    Truncated files, non-images and decompression bombs raise (PIL's limit on pixel count applies)."""
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):  # 16-bit: keep the high byte, not a clipped copy
-            # always scaled from the 16-bit range: a dark image (every value below 256) stays dark
-            arr = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-            img = Image.fromarray((arr >> 8).astype(np.uint8))
-        elif img.mode == 'P' and 'transparency' in img.info:
-            img = img.convert('RGBA')
-        return img.convert('RGB')
 
 
 def check_image_folder(root: str, split_dir: str, class_map: str = ''):
@@ -65,9 +62,16 @@ def check_image_folder(root: str, split_dir: str, class_map: str = ''):
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''))
 
 
-def build_dataset(name: str, root: str, split: str, training: bool, class_map: str = '', download: bool = False):
+def build_dataset(name: str, root: str, split: str, training: bool, class_map: str = '', download: bool = False,
+                  root_as_split: bool = True):
     """A dataset without transform: a folder (ImageFolder layout), a transfer set (flowers102, stanford_cars),
-    or any type timm's ``create_dataset`` knows (torch/cifar10, torch/cifar100, ...)."""
+    or any type timm's ``create_dataset`` knows (torch/cifar10, torch/cifar100, ...).
+
+    A folder's ``split`` is its sub-folder of that name or a synonym (val/ for 'validation'). Where no split
+    folder exists at all, the root itself is the split when ``root_as_split`` (a plain tree of class folders to
+    evaluate); otherwise (training, which must not evaluate on its own images) the missing folder is named in a
+    ``UserError``; the split '.' names the root explicitly. Streamed datasets (tfds/, wds/, hfids/) are refused:
+    the samples are read by index."""
     name = name or ''
     key = name.lower().replace('torch/', '')
     if key in TRANSFER_SETS:
@@ -77,10 +81,12 @@ def build_dataset(name: str, root: str, split: str, training: bool, class_map: s
     if not name.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) and not os.path.isdir(root or ''):
         raise UserError(f"{root or '(no data path given)'}: data directory does not exist")
     if not name:
-        split_dir = _split_dir(root, split)
+        split_dir = _split_dir(root, split, root_as_split)
         if split_dir is None:
             raise UserError(f"{root}: no {split!r} split folder found (expected "
-                            f"{os.path.join(root, _split_hint(split))}/)")
+                            f"{os.path.join(root, _split_hint(split))}/" + ("" if root_as_split else
+                            ", one folder per class; --train-split / --val-split name other folders, '.' the "
+                            "root itself") + ")")
         check_image_folder(root, split_dir, class_map)
     try:
         ds = create_dataset(name, root=root, split=split, is_training=training, class_map=class_map,
@@ -89,6 +95,9 @@ def build_dataset(name: str, root: str, split: str, training: bool, class_map: s
         why = first_line(e).replace('You can use download=True to download it', 'pass --dataset-download to '
                                     'download it')   # torchvision's advice, in this command line's words
         raise UserError(f"{root}: cannot read split {split!r} ({why})") from None
+    if isinstance(ds, IterableDataset):
+        raise UserError(f"--dataset {name}: a streamed dataset, which is read in order, not by index as the samples "
+                        f"here are; use a folder, torch/* or hfds/*")
     if len(ds) == 0:
         raise UserError(f"{root}: split {split!r} holds no images")
     return ds
@@ -98,15 +107,18 @@ def _split_hint(split: str) -> str:
     return 'val' if split in ('validation', 'val', 'valid', 'eval', 'evaluation') else split
 
 
-def _split_dir(root: str, split: str) -> Optional[str]:
-    """The folder timm will read for ``split``: its synonym folder, or ``root`` itself when no split
-    folders exist at all (a plain class-folder tree); None when the split is missing."""
+def _split_dir(root: str, split: str, root_as_split: bool = True) -> Optional[str]:
+    """The folder timm will read for ``split``: its own or a synonym's folder, or (``root_as_split``) ``root``
+    itself when no split folders exist at all (a plain class-folder tree); None when the split is missing."""
+    if os.path.isdir(os.path.join(root, split)):   # as timm looks first (the root itself for '.')
+        return os.path.join(root, split)
     names = {'train': ('train', 'training'),
              'val': ('val', 'valid', 'validation', 'eval', 'evaluation')}.get(_split_hint(split), (split,))
     for n in names:
         if os.path.isdir(os.path.join(root, n)):
             return os.path.join(root, n)
-    if any(os.path.isdir(os.path.join(root, n)) for n in ('train', 'training', 'val', 'validation', 'test')):
+    if not root_as_split or any(os.path.isdir(os.path.join(root, n))
+                                for n in ('train', 'training', 'val', 'validation', 'test')):
         return None
     return root
 
@@ -143,14 +155,18 @@ def class_difference(recorded, found) -> Optional[str]:
 
 
 class Samples(Dataset):
-    """Seeded, explicit-error view of a dataset: ``(image_tensor, target)`` or ``None`` for a skipped sample."""
+    """Seeded, explicit-error view of a dataset: ``(image_tensor, target)`` or ``None`` for a skipped sample.
 
-    def __init__(self, dataset, transform, seed: int = 0, bad_samples: str = 'fail'):
+    An item is a dataset index or an ``(index, variant)`` pair (see the module's docstring); images are decoded
+    to ``img_mode`` ('RGB', or 'L' for one-channel models)."""
+
+    def __init__(self, dataset, transform, seed: int = 0, bad_samples: str = 'fail', img_mode: str = 'RGB'):
         self.dataset = dataset
         self.transform = transform
         self.seed = seed
         self.epoch = 0
         self.bad_samples = bad_samples
+        self.img_mode = img_mode
         reader = getattr(dataset, 'reader', None)
         self._samples = getattr(reader, 'samples', None)  # timm folder reader: [(path, target), ...]
 
@@ -164,16 +180,17 @@ class Samples(Dataset):
         if self._samples is not None:
             path, target = self._samples[index]
             try:
-                img = _open_image(path)
+                img = open_image(path, self.img_mode)
             except Exception as e:  # PIL raises many types for broken files
                 raise BadSampleError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
             return img, target, path
         img, target = self.dataset[index]
         if not isinstance(img, Image.Image):
             img = Image.fromarray(np.asarray(img))
-        return img.convert('RGB'), target, f"sample {index}"
+        return img.convert(self.img_mode), target, f"sample {index}"
 
-    def __getitem__(self, index):
+    def __getitem__(self, item):
+        index, variant = item if isinstance(item, tuple) else (item, 0)
         try:
             img, target, where = self._load(index)
         except BadSampleError:
@@ -182,51 +199,95 @@ class Samples(Dataset):
             raise
         if self.transform is None:
             return img, target
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + index
-        random.seed(s)
-        np.random.seed(s % 2 ** 32)
-        torch.manual_seed(s)
-        try:
-            return self.transform(img), target
-        except Exception as e:
-            raise BadSampleError(f"{where}: cannot be transformed ({type(e).__name__}: {e})") from None
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
+        with seeded((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index + variant * 2 ** 48):
+            try:
+                return self.transform(img), target
+            except Exception as e:
+                raise BadSampleError(f"{where}: cannot be transformed ({type(e).__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Python's, numpy's and torch's CPU generators seeded from ``seed`` inside, the caller's states restored
+    after."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed % 2 ** 63)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 class ShardSampler(Sampler):
     """This process's share of an epoch: a permutation seeded by (seed, epoch) when shuffling, split
-    round-robin over ``world_size`` processes, optionally starting after ``skip`` batches' worth."""
+    round-robin over ``world_size`` processes, optionally starting after ``skip`` batches' worth.
+
+    ``repeats`` (timm's ``--epoch-repeats``): an epoch passes over the data ``max(1, repeats)`` times (a new
+    permutation each pass, the passes after the first as variants of their images)."""
 
     def __init__(self, n: int, world_size: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True, batch_size: int = 1):
+                 drop_last: bool = True, batch_size: int = 1, repeats: float = 0):
         self.n, self.world, self.rank, self.shuffle, self.seed = n, world_size, rank, shuffle, seed
-        self.drop_last, self.batch_size = drop_last, batch_size
+        self.drop_last, self.batch_size, self.repeats = drop_last, batch_size, repeats
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0):
         self.epoch, self.skip = epoch, skip_batches
 
-    def indices(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if self.drop_last:  # every process gets the same whole number of batches
+    def _epoch_order(self) -> list:
+        """Every process's items of the epoch, in order."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        total = math.ceil(max(1.0, self.repeats) * self.n)
+        order = []
+        for variant in range(math.ceil(total / self.n)):
+            part = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+            order += part if variant == 0 else [(i, variant) for i in part]
+        return order[:total]
+
+    def _mine(self) -> list:
+        """This process's items of the epoch, every process with the same whole number of batches (drop_last)."""
+        order = self._epoch_order()
+        if self.drop_last:
             per = len(order) // (self.world * self.batch_size) * self.batch_size
             order = order[:per * self.world]
-        mine = order[self.rank::self.world]
-        return mine[self.skip * self.batch_size:]
+        return order[self.rank::self.world]
+
+    def indices(self) -> list:
+        return self._mine()[self.skip * self.batch_size:]
 
     def __iter__(self):
         return iter(self.indices())
 
     def __len__(self):
         return len(self.indices())
+
+
+class RepeatAugShards(ShardSampler):
+    """Repeated augmentation (``--aug-repeats``): timm's ``RepeatAugSampler`` picks this process's images (each
+    image ``repeats`` times an epoch, its copies spread over the processes), with or without torch.distributed;
+    every copy is a variant of its image, so it gets its own augmentation."""
+
+    def __init__(self, n: int, repeats: float, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 batch_size: int = 1):
+        super().__init__(n, world_size, rank, shuffle=True, seed=seed, drop_last=True, batch_size=batch_size)
+        self.timm_sampler = RepeatAugSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True,
+                                             num_repeats=repeats)
+
+    def _mine(self) -> list:
+        self.timm_sampler.set_epoch(self.seed + self.epoch)
+        picked = list(self.timm_sampler)
+        picked = picked[:len(picked) // self.batch_size * self.batch_size]
+        seen = collections.Counter()
+        mine = []
+        for i in picked:
+            variant = seen[i] * self.world + self.rank
+            seen[i] += 1
+            mine.append(i if variant == 0 else (i, variant))
+        return mine
 
 
 def collate_skipping(batch):
@@ -253,3 +314,63 @@ def make_loader(samples: Samples, sampler: ShardSampler, batch_size: int, worker
                       collate_fn=collate_skipping, pin_memory=pin_memory, drop_last=sampler.drop_last,
                       worker_init_fn=_seed_worker, persistent_workers=False,
                       generator=torch.Generator().manual_seed(sampler.seed))
+
+
+class Prefetched:
+    """timm's ``PrefetchLoader`` (``--no-prefetcher`` turns it off) over a ``make_loader`` loader whose transform
+    leaves uint8 images (timm's ``create_transform(..., use_prefetcher=True)``): the next batch is copied to
+    ``device`` on a side stream and normalised (and randomly erased: ``re_*``, as timm's ``create_loader`` passes
+    them) there, while the current one trains. Yields ``(images, targets, skipped)`` like the loader, ``images``
+    None for a batch whose every sample was skipped."""
+
+    def __init__(self, loader: DataLoader, input_size: Sequence[int], mean, std, device: torch.device,
+                 re_prob: float = 0., re_mode: str = 'const', re_count: int = 1, re_num_splits: int = 0):
+        self.loader, self.input_size = loader, tuple(input_size)
+        self.skipped: collections.deque = collections.deque()   # per batch, in the order the loader made them
+        self.prefetcher = PrefetchLoader(_Pairs(self), mean=tuple(mean), std=tuple(std), channels=input_size[0],
+                                         device=device, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
+                                         re_num_splits=re_num_splits)
+
+    def pairs(self):
+        for images, targets, skipped in self.loader:
+            self.skipped.append(skipped)
+            if images is None:   # PrefetchLoader takes tensors: an empty batch stands for "all skipped"
+                images = torch.zeros((0, *self.input_size), dtype=torch.uint8)
+                targets = torch.zeros(0, dtype=torch.long)
+            yield images, targets
+
+    def __iter__(self):
+        self.skipped.clear()
+        for images, targets in self.prefetcher:
+            skipped = self.skipped.popleft()
+            yield (None, None, skipped) if images.shape[0] == 0 else (images, targets, skipped)
+
+    def __len__(self):
+        return len(self.loader)
+
+
+class _Pairs:
+    """The ``(images, targets)`` pairs PrefetchLoader iterates over."""
+
+    def __init__(self, owner: Prefetched):
+        self.owner = owner
+
+    def __iter__(self):
+        return self.owner.pairs()
+
+    def __len__(self):
+        return len(self.owner.loader)
+
+
+class SplitErasing:
+    """``--resplit`` without the prefetcher: timm's ``RandomErasing`` over whole batches with two splits, which
+    leaves the first half of every batch clean (what timm's prefetcher does on the device), seeded by (seed,
+    epoch, step, rank) so that a resumed run erases as an uninterrupted one."""
+
+    def __init__(self, prob: float, mode: str, count: int, seed: int):
+        self.erase = RandomErasing(prob, mode=mode, max_count=count, num_splits=2, device='cpu')
+        self.seed = seed
+
+    def __call__(self, images: torch.Tensor, epoch: int, step: int, rank: int) -> torch.Tensor:
+        with seeded(((self.seed * 1_000_003 + epoch) * 10_000_019 + step) * 1_009 + rank):
+            return self.erase(images)

@@ -16,6 +16,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .images import open_image
 
 
 def _loadmat(path: str):
@@ -45,9 +46,8 @@ class FolderList(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        from PIL import Image
         path, target = self.samples[index]
-        return Image.open(path).convert('RGB'), target
+        return open_image(path), target
 
 
 def flowers102(root: str, split: str) -> FolderList:

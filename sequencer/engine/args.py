@@ -20,6 +20,20 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with each option's default said once: appended where the help text does not already say
+    it (``default`` in the text), left out where there is none to show (None, '', False, an empty list: the
+    option is off or unset, and the text says what happens then)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        default = action.default
+        if ('default' in text or default is None or default is False or default is argparse.SUPPRESS
+                or (isinstance(default, (str, list, tuple, dict)) and not default)):
+            return text
+        return super()._get_help_string(action)
+
+
 class Range:
     """An argparse ``type``: a number of ``kind`` in [low, high] (None: unbounded; ``open_low`` / ``open_high``
     exclude the bound). A value outside ends with argparse's one line naming the flag, exit 2; ``check_recipe`` does
@@ -153,16 +167,19 @@ def _data_args(parser, training: bool):
                    'one folder per class)')
     g.add_argument('--data-dir', default=None, help='dataset root (alternative to the positional DIR)')
     g.add_argument('--dataset', '-d', default='', help="dataset type: '' for a folder, torch/cifar10, "
-                   "torch/cifar100, flowers102, stanford_cars, or any type timm's create_dataset knows")
+                   "torch/cifar100, flowers102, stanford_cars, or another indexed type timm's create_dataset knows "
+                   "(hfds/...; not the streamed tfds/, wds/, hfids/)")
     if training:
-        g.add_argument('--train-split', default='train', help='training split (default: train)')
-        g.add_argument('--val-split', default='validation', help="validation split; 'validation' finds val/ "
-                       "(default: validation)")
+        g.add_argument('--train-split', default='train', help="training split: the folder of that name (or a "
+                       "synonym) in DIR; '.' for DIR itself")
+        g.add_argument('--val-split', default='validation', help="validation split; 'validation' finds val/, '.' "
+                       "is DIR itself")
     else:
-        g.add_argument('--split', default='validation', help="split to evaluate (default: validation, finds val/)")
+        g.add_argument('--split', default='validation', help="split to evaluate ('validation' finds val/; DIR "
+                       "itself where it has no split folders)")
     g.add_argument('--dataset-download', action='store_true', help='download torch/* datasets if missing')
     g.add_argument('--class-map', default='', help='file mapping class folder names to indices')
-    g.add_argument('-j', '--workers', type=NATURAL, default=4, help='data loading processes (default: 4)')
+    g.add_argument('-j', '--workers', type=NATURAL, default=4, help='data loading processes')
 
 
 def _model_args(parser, training: bool):
@@ -178,17 +195,20 @@ def _model_args(parser, training: bool):
                             "they are evaluated anyway, as timm's validate.py does, with a note saying so")
         g.add_argument('--pretrained-path', default=None, help='the same as --checkpoint; give one of the two')
     g.add_argument('--num-classes', type=COUNT, default=None, help='classes of the head (default: the dataset\'s)')
-    g.add_argument('--gp', default=None, help='global pool type (default: avg)')
+    g.add_argument('--gp', default=None, help="global pool type (default: the model's, avg)")
     g.add_argument('--img-size', type=COUNT, default=None, help='image size (default: the model\'s)')
-    g.add_argument('--in-chans', type=COUNT, default=None, help='image channels')
+    g.add_argument('--in-chans', type=COUNT, default=None, help='image channels: 3 (RGB) or 1 (grayscale) '
+                   '(default: 3)')
     g.add_argument('--input-size', default=None, nargs=3, type=COUNT, metavar='N',
                    help='input dimensions C H W, e.g. 3 392 392 (default: the model\'s)')
-    g.add_argument('--crop-pct', default=None, type=POSITIVE, help='evaluation crop fraction')
-    g.add_argument('--mean', type=float, nargs='+', default=None, help='override the mean pixel value')
-    g.add_argument('--std', type=POSITIVE, nargs='+', default=None, help='override the pixel std')
+    g.add_argument('--crop-pct', default=None, type=POSITIVE, help="evaluation crop fraction (default: the "
+                   "model's)")
+    g.add_argument('--mean', type=float, nargs='+', default=None, help="mean pixel value (default: the model's)")
+    g.add_argument('--std', type=POSITIVE, nargs='+', default=None, help="pixel std (default: the model's)")
     g.add_argument('--interpolation', default='', choices=['', *INTERPOLATIONS], help='resize interpolation (default: the model\'s)')
     g.add_argument('-b', '--batch-size', type=COUNT, default=128 if training else 256,
-                   help='batch size per process')
+                   help='batch size per process' + (' (on the CPU, refused before training where a step would '
+                                                    'not fit in memory)' if training else ''))
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='extra model arguments, e.g. layers="(1,1,2,1)" hidden_sizes="(8,16,16,16)"')
     g.add_argument('--rnn-engine', default=None, choices=['auto', 'native', 'fused'],
@@ -199,18 +219,18 @@ def _model_args(parser, training: bool):
                    help='autocast dtype (default: float16 on GPU, bfloat16 on CPU)')
     g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None,
-                   help='compile the model with torch.compile (backend, default inductor)')
+                   help='compile the model with torch.compile (the backend named, inductor if none)')
     g.add_argument('--torchcompile-mode', default=None,
                    help="torch.compile mode ('default', 'reduce-overhead': CUDA graphs, 'max-autotune', ...); "
                         "implies --torchcompile")
-    g.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    g.add_argument('--seed', type=int, default=42, help='random seed')
     g.add_argument('--log-interval', type=COUNT, default=50, help='batches between log lines')
 
 
 def build_train_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog='sequencer train', description='Train or fine-tune a Sequencer model (timm train.py flags).',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML recipe setting default values')
     _data_args(parser, training=True)
     _model_args(parser, training=True)
@@ -250,7 +270,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--warmup-lr', type=NONNEG, default=1e-5)
     g.add_argument('--min-lr', type=NONNEG, default=0)
     g.add_argument('--epochs', type=COUNT, default=300)
-    g.add_argument('--epoch-repeats', type=NONNEG, default=0.)
+    g.add_argument('--epoch-repeats', type=NONNEG, default=0.,
+                   help='passes over the training images per epoch, each with its own augmentation (0: one)')
     g.add_argument('--decay-milestones', type=NATURAL, nargs='+', default=[90, 180, 270])
     g.add_argument('--decay-epochs', type=POSITIVE, default=90)
     g.add_argument('--warmup-epochs', type=NATURAL, default=5)
@@ -266,11 +287,14 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--vflip', type=PROB, default=0.)
     g.add_argument('--color-jitter', type=NONNEG, default=0.4)
     g.add_argument('--aa', default=None, help="AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5-inc1")
-    g.add_argument('--aug-repeats', type=NONNEG, default=0)
+    g.add_argument('--aug-repeats', type=NONNEG, default=0,
+                   help="repeated augmentation: each image of an epoch this many times, the copies spread over the "
+                   "processes, each augmented in its own way (timm's RepeatAugSampler; 0: off)")
     g.add_argument('--reprob', type=PROB, default=0., help='random erasing probability')
     g.add_argument('--remode', default='pixel', help='random erasing mode')
     g.add_argument('--recount', type=COUNT, default=1)
-    g.add_argument('--resplit', action='store_true')
+    g.add_argument('--resplit', action='store_true',
+                   help='random erasing leaves the first half of each batch clean (needs --reprob)')
     g.add_argument('--mixup', type=NONNEG, default=0.0, help='mixup alpha (0: off)')
     g.add_argument('--cutmix', type=NONNEG, default=0.0, help='cutmix alpha (0: off)')
     g.add_argument('--cutmix-minmax', type=PROB, nargs=2, default=None)
@@ -293,11 +317,14 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--recovery-interval', type=NATURAL, default=0,
                    help='also save recovery.pth.tar every N batches within an epoch (0: off)')
     g.add_argument('--log-tensorboard', action='store_true', help='also write TensorBoard event files')
-    g.add_argument('--pin-mem', action='store_true')
+    g.add_argument('--pin-mem', action='store_true',
+                   help="the loaders' batches in pinned host memory, for faster copies to the GPU (CUDA only)")
     g.add_argument('--no-malloc-tuning', action='store_true',
                    help="on CPU, leave glibc's allocator as it is (by default freed heap memory stays mapped "
                         "for the next step instead of being faulted in again: about 5%% faster)")
-    g.add_argument('--no-prefetcher', action='store_true', help='accepted for compatibility (no effect)')
+    g.add_argument('--no-prefetcher', action='store_true',
+                   help="on CUDA, without timm's prefetcher (which copies the next batch to the GPU on a side "
+                   "stream and normalises and erases it there); on the CPU there is none")
     g.add_argument('--bad-samples', default='fail', choices=['fail', 'skip'],
                    help='unreadable images: fail naming the file, or skip and count them')
     g.add_argument('--nonfinite', default='stop', choices=['stop', 'skip'],
@@ -312,7 +339,7 @@ def build_train_parser() -> argparse.ArgumentParser:
 def build_validate_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog='sequencer validate', description='Evaluate a Sequencer model: top-1, top-5, loss.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file setting default values')
     _data_args(parser, training=False)
     _model_args(parser, training=False)

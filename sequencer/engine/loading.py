@@ -14,10 +14,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..data.images import load_image
 from ..errors import UserError, first_line
-from .args import COUNT, ParseKwargs
 from ..factory import create_model
 from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
+from .args import COUNT, ParseKwargs
 
 __all__ = ['add_model_arguments', 'build_model', 'model_from_args', 'resolve_device', 'list_images', 'load_image',
            'class_names', 'LoadedModel']
@@ -96,7 +97,8 @@ class LoadedModel:
     def label(self) -> str:
         if not self.checkpoint:
             return f"{self.name} ({'published' if self.pretrained else 'initial'} weights)"
-        return f"{self.name} ({os.path.basename(self.checkpoint.rstrip('/'))})"
+        name = self.meta.get('model_name') or self.name   # a run's own name for its model (the demo's)
+        return f"{name} ({os.path.basename(self.checkpoint.rstrip('/'))})"
 
 
 def _head_width(sd: Dict[str, torch.Tensor]) -> Optional[int]:
@@ -117,7 +119,8 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.T
         sd = unwrap(obj, use_ema=use_ema)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    keys = ('arch', 'epoch', 'args', 'metric', 'class_names', 'model_kwargs', 'num_classes')
+    keys = ('arch', 'epoch', 'args', 'metric', 'class_names', 'model_kwargs', 'num_classes', 'model_name',
+            'model_label')
     meta = {k: obj[k] for k in keys if isinstance(obj, dict) and obj.get(k) is not None}
     return sd, meta
 
@@ -225,17 +228,6 @@ def list_images(paths: Sequence[str]) -> List[str]:
     if not found:
         raise UserError("no images given")
     return found
-
-
-def load_image(path: str):
-    """An RGB PIL image; an unreadable file raises ``UserError`` naming it."""
-    from PIL import Image
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert('RGB')
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
 
 
 # ---- class names ----------------------------------------------------------------------------------------

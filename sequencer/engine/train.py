@@ -1,15 +1,21 @@
-"""Training: one loop, readable top to bottom, standing on timm's factories.
+"""Training: setup, one epoch, evaluate and checkpoint; readable top to bottom, standing on timm's factories.
 
 Run with ``sequencer train ...``, ``python train.py ...`` or ``./distributed_train.sh NUM_PROC ...``
 (torchrun, DDP). The flags are timm's train.py flags with the same meanings.
 
+``train(args)`` is ``setup`` (data, model, optimizer, run folder, resuming), then for every epoch
+``train_one_epoch`` and ``evaluate_and_checkpoint``. Under DDP with ``--grad-accum-steps`` only the last
+micro-step of an update synchronises gradients (``no_sync``); the loss is summed on the device and read on the
+host only when it is logged (every ``--log-interval`` steps) or saved, and at the end of the epoch.
+
 A run folder (``--output``/``--experiment``) receives args.yaml, summary.csv, log.txt, train_curve.png,
 last.pth.tar, the best ``--checkpoint-hist`` checkpoints (checkpoint-<epoch>.pth.tar) and
-model_best.pth.tar. Every file is written atomically. A checkpoint holds everything needed to continue
-exactly where it was written: model, optimizer, loss scaler, scheduler, EMA, position in the epoch,
-RNG states and the summary so far, so that a resumed run ends with the same weights and summary rows as
-one never interrupted (on CPU with a fixed seed).
+model_best.pth.tar. Every file is written atomically, and an epoch's checkpoint before its row in summary.csv.
+A checkpoint holds everything needed to continue exactly where it was written: model, optimizer, loss scaler,
+scheduler, EMA, position in the epoch, RNG states and the summary so far, so that a resumed run ends with the
+same weights and summary rows as one never interrupted (on CPU with a fixed seed).
 """
+import contextlib
 import csv
 import io
 import math
@@ -19,7 +25,7 @@ import signal
 import sys
 import time
 from datetime import datetime
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -31,10 +37,12 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..data.datasets import (Samples, ShardSampler, build_dataset, class_difference, class_names_of, make_loader,
-                              num_classes_of)
+from ..data.datasets import (Prefetched, RepeatAugShards, Samples, ShardSampler, SplitErasing, build_dataset,
+                              class_difference, class_names_of, make_loader, num_classes_of)
+from ..data.images import IMAGE_MODES
 from ..data.loaders import check_input_size, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
+from ..fast import autotune
 from ..models import get_spec, load_checkpoint
 from ..models.weights import CheckpointError, load_state_dict, read_file, unwrap
 from .args import build_train_parser, parse
@@ -84,6 +92,13 @@ class Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def read(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> List[float]:
+        """The values of a device tensor, reduced over the ranks (``op``), on the host."""
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t, op=op)
+        return t.tolist()
+
 
 class Log:
     """Lines to stdout and log.txt (main process only)."""
@@ -118,8 +133,9 @@ def build_model(args, num_classes: int, dist_: Dist, log: Log):
         kwargs['drop_path_rate'] = args.drop_path
     if args.gp:
         kwargs['global_pool'] = args.gp
-    if args.in_chans:
-        kwargs['in_chans'] = args.in_chans
+    channels = args.in_chans or (args.input_size[0] if args.input_size else None)
+    if channels:
+        kwargs['in_chans'] = channels
     size = args.input_size[-1] if args.input_size else args.img_size
     if size:
         kwargs['img_size'] = size
@@ -278,6 +294,7 @@ def plot_curves(folder: str, rows: List[Dict]):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
     from .io import write_with
     ep = [r['epoch'] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -304,31 +321,242 @@ def run_folder(args, resume_path: str) -> str:
     return os.path.join(root, '-'.join(str(p) for p in (datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, size) if p))
 
 
-class Progress:
-    """A tqdm bar on a terminal (images/s, ETA), plain lines every ``interval`` batches otherwise."""
+# ---- memory on the CPU ------------------------------------------------------------------------------------
+def activation_bytes(model: torch.nn.Module, input_size, amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
+    """(per step, per image) bytes autograd keeps for the backward pass of ``model`` on images of ``input_size``
+    (C, H, W), parameters excluded: measured in two forward passes of one small image (2 and 4 times the model's
+    total patch size), extrapolated linearly in the number of tokens of the first stage (a Sequencer's
+    activations are per token; what does not grow with the input, such as an engine's copies of the weights, is
+    kept once per step). The model's training mode and the random generators are left as they were."""
+    c, h, w = input_size
+    patches = getattr(model, 'patch_sizes', None) or (1,)
+    first, unit = patches[0], math.prod(patches)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    device = next(model.parameters()).device
 
-    def __init__(self, total: int, epoch: int, log: Log, interval: int, enabled: bool, start: int = 0):
-        self.log, self.interval, self.total, self.epoch = log, interval, total, epoch
+    def tokens(height, width):   # of the first stage
+        return max(1, height // first) * max(1, width // first)
+
+    def kept(height, width) -> int:
+        found: Dict[int, int] = {}
+
+        def pack(t):
+            try:
+                storage = t.untyped_storage()
+            except (RuntimeError, NotImplementedError):   # tensors without storage (wrapper subclasses)
+                return t
+            if storage.data_ptr() not in params:
+                found[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, amp_dtype):
+            model(torch.zeros(1, c, height, width, device=device))
+        return sum(found.values())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny inputs: one thread is fastest (no waiting on busy cores)
+    try:
+        if 4 * unit >= min(h, w):   # a small input: measured as it is, all of it per image
+            return 0.0, float(kept(h, w))
+        small, large = kept(2 * unit, 2 * unit), kept(4 * unit, 4 * unit)
+    finally:
+        torch.set_num_threads(threads)
+    per_token = max(0.0, (large - small) / (tokens(4 * unit, 4 * unit) - tokens(2 * unit, 2 * unit)))
+    per_step = max(0.0, small - per_token * tokens(2 * unit, 2 * unit))
+    return per_step, per_token * tokens(h, w)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process may still allocate: /proc/meminfo's MemAvailable, lowered to what is left of a
+    cgroup's memory limit where one is set (containers); None where neither is known."""
+    found = []
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (('/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'),
+                         ('/sys/fs/cgroup/memory/memory.limit_in_bytes',
+                          '/sys/fs/cgroup/memory/memory.usage_in_bytes')):
+        try:
+            with open(limit) as f, open(usage) as g:
+                text = f.read().strip()
+                if text != 'max' and int(text) < 2 ** 60:
+                    found.append(int(text) - int(g.read().strip()))
+                break
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
+
+
+def step_memory(model: torch.nn.Module, args, input_size, amp_dtype: Optional[torch.dtype]) -> Tuple[float, float]:
+    """(fixed, per image) bytes a training step adds to what is allocated now: gradients, optimizer states, the EMA
+    copy and what autograd keeps once per step; per image the activations kept for backward (``activation_bytes``,
+    whose linear extrapolation from small inputs errs on the high side, which covers backward's own buffers) and
+    the input batches in flight (the loader's workers prepare two each)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    states = 1 if args.opt.lower() in ('sgd', 'momentum', 'nesterov') else 2
+    fixed = params * (1 + states + (1 if args.model_ema else 0))
+    per_step, per_image = activation_bytes(model, input_size, amp_dtype)
+    inputs = 4 * math.prod(input_size) * (1 + 2 * args.workers)
+    return fixed + per_step, per_image + inputs
+
+
+def check_cpu_memory(batch: int, fixed: float, per_image: float, available: Optional[float], what: str) -> None:
+    """A ``UserError`` naming ``-b`` and a batch size that fits where a training step of ``batch`` images needs more
+    memory than is ``available`` (``what``: the model and input size, for the message)."""
+    if available is None:
+        return
+    need = fixed + batch * per_image
+    if need <= available:
+        return
+    fits = int((available - fixed) // per_image)
+    if fits < 1:
+        advice = "not even one image fits: use a smaller --img-size, or a machine with more memory"
+    else:
+        accum = math.ceil(batch / fits)
+        advice = f"-b {fits} fits (--grad-accum-steps {accum} then updates with {fits * accum} images at a time)"
+    raise UserError(f"-b {batch}: a training step of {what} on the CPU needs about {_size(need)} of memory, "
+                    f"{_size(available)} are available; {advice}")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
+class Progress:
+    """A tqdm bar on a terminal (images/s, ETA), plain lines at the logged steps otherwise. The bar advances every
+    step; the loss is shown only where it was read (``report``)."""
+
+    def __init__(self, total: int, epoch: int, log: Log, start: int = 0):
+        self.log, self.total, self.epoch, self.start = log, total, epoch, start
         self.bar = None
-        if enabled and log.main and sys.stdout.isatty():
+        if log.main and sys.stdout.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit='batch', dynamic_ncols=True)
         self.t0, self.images = time.time(), 0
 
-    def update(self, step: int, images: int, loss: float, lr: float):
+    def advance(self, images: int):
         self.images += images
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def report(self, step: int, loss: float, lr: float):
         rate = self.images / max(time.time() - self.t0, 1e-9)
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {rate:.1f} img/s", refresh=False)
-            self.bar.update(1)
-        elif self.log.main and (step + 1) % self.interval == 0 or step + 1 == self.total:
-            eta = (self.total - step - 1) * (time.time() - self.t0) / max(step + 1, 1)
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {rate:.1f} img/s")
+        else:
+            eta = (self.total - step - 1) * (time.time() - self.t0) / max(step + 1 - self.start, 1)
             self.log(f"epoch {self.epoch} [{step + 1}/{self.total}] loss {loss:.4f} lr {lr:.3e} "
                      f"{rate:.1f} img/s eta {eta:.0f}s")
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+class LossMeter:
+    """The training loss summed on the device as the steps go (detached: nothing is read on the host per step);
+    read on the host, summed over the ranks, where it is logged, saved or reported at the end of the epoch."""
+
+    def __init__(self, device: torch.device, total: float = 0.0, count: int = 0):
+        self.sums = torch.tensor([total, 0.0], dtype=torch.float64, device=device)   # the epoch's, since last read
+        self.count, self.window_count = count, 0
+
+    def add(self, loss: torch.Tensor):
+        self.sums += loss.detach().to(torch.float64)
+        self.count += 1
+        self.window_count += 1
+
+    def read_window(self, d: Dist) -> float:
+        """The mean loss over all ranks since the last read."""
+        counts = torch.tensor([float(self.window_count)], dtype=torch.float64)
+        total, n = d.read(torch.cat([self.sums[1:], counts.to(self.sums.device)]))
+        self.sums[1] = 0.0
+        self.window_count = 0
+        return total / n if n else float('nan')
+
+    def read_epoch(self, d: Dist, *extra: float) -> List[float]:
+        """(loss sum, step count, *extra) of the epoch so far, summed over the ranks."""
+        host = torch.tensor([float(self.count), *map(float, extra)], dtype=torch.float64)
+        return d.read(torch.cat([self.sums[:1], host.to(self.sums.device)]))
+
+
+class Health:
+    """Where in the epoch the loss (row 0) and the gradients (row 1) were first non-finite, recorded on the device
+    (``note``: nothing is read per step) and checked on the host (``check``) before any figure is logged or any
+    checkpoint saved: a run that diverged stops with the last good checkpoint intact (``--nonfinite stop``)."""
+
+    def __init__(self, steps: int, device: torch.device):
+        self.bad = torch.zeros(2, steps, dtype=torch.bool, device=device)
+
+    def note(self, row: int, step: int, value: torch.Tensor):
+        self.bad[row, step] = ~torch.isfinite(value.detach())
+
+    def check(self, d: Dist, epoch: int, folder: str):
+        steps = self.bad.shape[1]
+        at = torch.arange(steps, device=self.bad.device)
+        first = torch.where(self.bad, at, steps).amin(dim=1).to(torch.float64)
+        loss_step, grad_step = d.read(first, op=dist.ReduceOp.MIN)
+        if min(loss_step, grad_step) < steps:
+            what, step = ('loss', loss_step) if loss_step <= grad_step else ('gradients', grad_step)
+            raise UserError(f"non-finite {what} at epoch {epoch}, step {int(step)}; the last good checkpoint in "
+                            f"{folder} is intact (lower --lr, try --clip-grad, or --nonfinite skip)")
+
+
+class Stop:
+    """SIGTERM and SIGINT set a flag; the run stops where the ranks agree on it (``agree_on_stop``), saving first."""
+
+    def __init__(self, d: Dist):
+        self.d, self.signal = d, None
+        self.old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def agree_on_stop(self) -> bool:
+        """Whether to stop here. With several ranks every rank must stop at the same step, so the answer is
+        the one the ranks agreed on (a collective call: a signal seen by any rank counts for all), never the
+        live flag, which a signal arriving just after the agreement may already have set on one rank only;
+        such a signal is acted on at the next agreement."""
+        if self.d.world == 1:
+            return self.signal is not None
+        agreed = self.d.all_max(1.0 if self.signal else 0.0) > 0
+        if agreed and not self.signal:
+            self.signal = 'SIGTERM'
+        return agreed
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+class Run:
+    """What ``setup`` builds and every epoch uses.
+
+    args, d (Dist), log; model (the module whose weights are saved), net (what the steps call: the model, in DDP
+    and / or compiled), ddp (the DDP wrapper or None), ema, amp_dtype; loss_fn, mixup, optimizer, scaler,
+    scheduler, updates_per_epoch, num_epochs, num_updates; train_samples, train_sampler, train_loader,
+    eval_loader, batch_erasing (``--resplit`` without the prefetcher); classes, num_classes, data_cfg; folder,
+    keeper, rows (the summary), writer (TensorBoard); start_epoch, start_batch and partial (where a resumed run
+    starts, and the loss sums of that epoch so far); stop (signals) and resume_hint."""
+
+    def __init__(self, args):
+        self.args = args
+        self.ddp = self.ema = self.mixup = self.scaler = self.writer = self.batch_erasing = self.stop = None
+        self.rows: List[Dict] = []
+        self.start_epoch, self.start_batch, self.partial, self.num_updates = 0, 0, (0.0, 0), 0
+
+    def close(self):
+        if self.stop is not None:
+            self.stop.restore()
+        if self.writer is not None:
+            self.writer.close()
+        if self.d.world > 1 and dist.is_initialized():
+            dist.barrier()
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -367,6 +595,22 @@ def check_args(args) -> None:
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
         if args.batch_size % 2:
             raise UserError(f"--mixup / --cutmix need an even --batch-size, got {args.batch_size}")
+    channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    if channels not in IMAGE_MODES:
+        raise UserError(f"--in-chans {channels}: images are read as RGB (3 channels) or grayscale (1)")
+    if 0 < args.aug_repeats < 1:
+        raise UserError(f"--aug-repeats {args.aug_repeats}: give 0 (off) or a number of copies of at least 1")
+    if args.aug_repeats and args.epoch_repeats:
+        raise UserError("--aug-repeats and --epoch-repeats: give one (repeated augmentation picks the images of "
+                        "an epoch itself)")
+    if args.resplit and not args.reprob:
+        raise UserError("--resplit splits random erasing, which is off: give --reprob too")
+
+
+def uses_prefetcher(args, device: torch.device) -> bool:
+    """timm's prefetcher (batches copied to the GPU on a side stream, normalised and erased there) on CUDA, as
+    timm's train.py uses it, unless ``--no-prefetcher``. On the CPU there is nothing to overlap."""
+    return device.type == 'cuda' and not args.no_prefetcher
 
 
 def exit_status(result: Dict) -> int:
@@ -376,332 +620,469 @@ def exit_status(result: Dict) -> int:
     return 128 + signal.Signals[sig].value if sig else 0
 
 
+def model_label(args) -> str:
+    """The model as the user asked for it: its name, with the ``--model-kwargs`` that change it (a model is only
+    the registered configuration of its name without them); a caller's own name first (``args.model_name``)."""
+    kwargs = dict(args.model_kwargs or {})
+    label = args.model + (f" with {', '.join(f'{k}={v}' for k, v in kwargs.items())}" if kwargs else '')
+    own = getattr(args, 'model_name', None)
+    return f"{own} ({label})" if own else label
+
+
 def train(args) -> Dict:
-    d = Dist(args.device)
-    log = Log(d.main)
+    """Train as ``args`` say: ``setup``, then ``train_one_epoch`` and ``evaluate_and_checkpoint`` for every
+    epoch. Returns the last epoch's figures and the run folder; ``interrupted`` names the signal that stopped a
+    run (its progress saved)."""
+    run = setup(args)
+    result = {}
+    try:
+        for epoch in range(run.start_epoch, run.num_epochs):
+            train_loss = train_one_epoch(run, epoch)
+            if train_loss is None:
+                return {'interrupted': run.stop.signal, 'folder': run.folder}
+            result = evaluate_and_checkpoint(run, epoch, train_loss)
+            # (after the last epoch there is nothing left to stop: the run ends as finished)
+            if epoch + 1 < run.num_epochs and run.stop.agree_on_stop():
+                run.log(f"{run.stop.signal}: stopped after epoch {epoch}; {run.resume_hint}")
+                return {**result, 'interrupted': run.stop.signal}
+    finally:
+        run.close()
+    if run.keeper.best:
+        best = os.path.join(run.folder, 'model_best.pth.tar')
+        where = best if os.path.exists(best) else 'saved by the run this one resumed from'
+        run.log(f"best {args.eval_metric}: {run.keeper.best[0][0]:.4f} at epoch {run.keeper.best[0][1]} ({where})")
+    return result
+
+
+# ---- setup ------------------------------------------------------------------------------------------------
+def setup(args) -> Run:
+    """Everything the epochs need, in this order: process group, data, model, loaders, optimisation, run folder
+    and resuming, wrappers (DDP, torch.compile), signal handlers. Every user mistake is found here, before the
+    first step and, but for the run folder, before anything is written."""
+    run = Run(args)
+    d = run.d = Dist(args.device)
+    log = run.log = Log(d.main)
     check_args(args)
-    amp_dtype = amp_dtype_for(args, d.device, log)
+    if args.pin_mem and d.device.type != 'cuda':
+        raise UserError("--pin-mem: pinned memory speeds up copies to a GPU; this run is on the CPU")
+    run.amp_dtype = amp_dtype_for(args, d.device, log)
     random.seed(args.seed + d.rank)
     np.random.seed(args.seed + d.rank)
     torch.manual_seed(args.seed + d.rank)
     if d.device.type == 'cpu' and not args.no_malloc_tuning:
         keep_freed_memory()   # the same large activations every step: keep them mapped (sequencer.engine.malloc)
 
-    # data
-    ds_train = build_dataset(args.dataset, args.data_dir, args.train_split, True, args.class_map, args.dataset_download)
-    ds_eval = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.class_map, args.dataset_download)
-    classes = class_names_of(ds_train)
-    eval_classes = class_names_of(ds_eval)
+    ds_train, ds_eval = build_datasets(run)
+    run.model = build_model(args, run.num_classes, d, log)
+    run.data_cfg = data_cfg = resolve_data_config(vars(args), model=run.model)
+    channels = data_cfg['input_size'][0]
+    for key in ('mean', 'std'):
+        data_cfg[key] = _per_channel(data_cfg[key], channels)
+    check_input_size(run.model, data_cfg['input_size'], '--input-size' if args.input_size else '--img-size')
+    if d.device.type == 'cpu':   # before anything large is allocated: the OOM killer says nothing
+        fixed, per_image = step_memory(run.model, args, data_cfg['input_size'], run.amp_dtype)
+        available = available_memory()
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', d.world))
+        what = f"{model_label(args)} at {'x'.join(map(str, data_cfg['input_size'][1:]))} px"
+        check_cpu_memory(args.batch_size, fixed, per_image, available and available / local, what)
+    run.model.to(d.device)
+    build_loaders(run, ds_train, ds_eval)
+    build_optimisation(run)
+    open_run_folder(run)
+    resume(run)
+    wrap_model(run)
+
+    global_batch = args.batch_size * d.world * args.grad_accum_steps
+    log(f"{model_label(args)}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+        f"{run.num_classes} classes, input {tuple(data_cfg['input_size'])}, {len(ds_train)} train / "
+        f"{len(ds_eval)} eval images")
+    log(f"{d.world} process(es) on {d.device.type}; batch {args.batch_size} per process, global batch "
+        f"{global_batch}, lr {args.lr:.3e}, {run.num_epochs} epochs, output {run.folder}")
+    # how to continue (``args.resume_hint``: a caller's own command, such as the demo's)
+    run.resume_hint = getattr(args, 'resume_hint', None) or (
+        f"continue with the same command plus --resume auto --experiment {os.path.basename(run.folder)} "
+        f"--output {os.path.dirname(run.folder)}")
+    run.stop = Stop(d)
+    return run
+
+
+def build_datasets(run: Run):
+    """The training and evaluation datasets; ``run.classes`` and ``run.num_classes``. A folder must hold both
+    splits (train/ and val/, or the folders --train-split / --val-split name)."""
+    args = run.args
+    ds_train = build_dataset(args.dataset, args.data_dir, args.train_split, True, args.class_map,
+                             args.dataset_download, root_as_split=False)
+    ds_eval = build_dataset(args.dataset, args.data_dir, args.val_split, False, args.class_map,
+                            args.dataset_download, root_as_split=False)
+    classes, eval_classes = class_names_of(ds_train), class_names_of(ds_eval)
     if classes and eval_classes and classes != eval_classes and not args.class_map:
         only_t = sorted(set(classes) - set(eval_classes))[:5]
         only_e = sorted(set(eval_classes) - set(classes))[:5]
         raise UserError(f"{args.data_dir}: train and validation class folders differ (only in train: {only_t}; "
                         f"only in validation: {only_e})")
-    num_classes = args.num_classes or num_classes_of(ds_train) or 1000
-    if num_classes_of(ds_train) and num_classes < num_classes_of(ds_train):
-        raise UserError(f"--num-classes {num_classes} is smaller than the {num_classes_of(ds_train)} classes of "
-                        f"{args.data_dir}")
+    found = num_classes_of(ds_train)
+    num_classes = args.num_classes or found or 1000
+    if found and num_classes < found:
+        raise UserError(f"--num-classes {num_classes} is smaller than the {found} classes of {args.data_dir}")
+    run.classes, run.num_classes = classes, num_classes
+    return ds_train, ds_eval
 
-    # model
-    model = build_model(args, num_classes, d, log)
-    data_cfg = resolve_data_config(vars(args), model=model)
-    check_input_size(model, data_cfg['input_size'], '--input-size' if args.input_size else '--img-size')
-    model.to(d.device)
+
+def _per_channel(values, channels: int) -> tuple:
+    """Normalisation constants for ``channels`` channels (a model's RGB mean for a grayscale input: their mean)."""
+    values = tuple(values)
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
+
+
+def build_loaders(run: Run, ds_train, ds_eval):
+    """timm's transforms over seeded samples (``data.datasets``); timm's prefetcher on CUDA; the sampler of
+    ``--aug-repeats`` (timm's RepeatAugSampler) or ``--epoch-repeats``; ``--pin-mem``; ``--resplit``."""
+    args, d, cfg = run.args, run.d, run.data_cfg
     if args.aa and args.aa.startswith('rand'):  # timm silently ignores RandAugment sections without a value
         bad = [c for c in args.aa.split('-')[1:] if not c.startswith('t') and not any(ch.isdigit() for ch in c)]
         if bad:
             raise UserError(f"--aa {args.aa}: not a valid augmentation policy (section {bad[0]!r} has no value)")
     posterize_keeps_zero_bits()
+    prefetch = uses_prefetcher(args, d.device)
+    # random erasing: per image in the transform, or over whole batches (the prefetcher's, or --resplit's)
+    per_image_erasing = args.reprob if not prefetch and not args.resplit else 0.
     try:
         train_tf = create_transform(
-            data_cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
+            cfg['input_size'], is_training=True, no_aug=args.no_aug, scale=args.scale, ratio=args.ratio,
             hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-            interpolation=args.train_interpolation, mean=data_cfg['mean'], std=data_cfg['std'],
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+            interpolation=args.train_interpolation, mean=cfg['mean'], std=cfg['std'],
+            re_prob=per_image_erasing, re_mode=args.remode, re_count=args.recount, use_prefetcher=prefetch)
     except (ValueError, AssertionError, KeyError) as e:
         raise UserError(f"--aa {args.aa}: not a valid augmentation policy ({e})" if args.aa else
                         f"invalid augmentation settings ({e})") from None
     eval_tf = create_transform(
-        data_cfg['input_size'], is_training=False, interpolation=data_cfg['interpolation'],
-        mean=data_cfg['mean'], std=data_cfg['std'], crop_pct=data_cfg['crop_pct'],
-        crop_mode=data_cfg.get('crop_mode'))
-    train_samples = Samples(ds_train, train_tf, seed=args.seed, bad_samples=args.bad_samples)
-    eval_samples = Samples(ds_eval, eval_tf, seed=args.seed, bad_samples=args.bad_samples)
-    train_sampler = ShardSampler(len(ds_train), d.world, d.rank, shuffle=True, seed=args.seed, drop_last=True,
-                                 batch_size=args.batch_size)
-    if len(train_sampler.indices()) == 0:
+        cfg['input_size'], is_training=False, interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
+        crop_pct=cfg['crop_pct'], crop_mode=cfg.get('crop_mode'), use_prefetcher=prefetch)
+    mode = IMAGE_MODES[cfg['input_size'][0]]
+    run.train_samples = Samples(ds_train, train_tf, seed=args.seed, bad_samples=args.bad_samples, img_mode=mode)
+    eval_samples = Samples(ds_eval, eval_tf, seed=args.seed, bad_samples=args.bad_samples, img_mode=mode)
+    if args.aug_repeats:
+        run.train_sampler = RepeatAugShards(len(ds_train), args.aug_repeats, d.world, d.rank, seed=args.seed,
+                                            batch_size=args.batch_size)
+    else:
+        run.train_sampler = ShardSampler(len(ds_train), d.world, d.rank, shuffle=True, seed=args.seed,
+                                         drop_last=True, batch_size=args.batch_size, repeats=args.epoch_repeats)
+    if len(run.train_sampler.indices()) == 0:
         raise UserError(f"--batch-size {args.batch_size} x {d.world} process(es) is larger than the "
                         f"{len(ds_train)} training images (the last incomplete batch is dropped)")
     eval_sampler = ShardSampler(len(ds_eval), d.world, d.rank, shuffle=False, drop_last=False)
-    pin = d.device.type == 'cuda'
-    train_loader = make_loader(train_samples, train_sampler, args.batch_size, args.workers, pin)
-    eval_loader = make_loader(eval_samples, eval_sampler, args.validation_batch_size or args.batch_size,
-                              args.workers, pin)
-    updates_per_epoch = len(train_sampler) // args.batch_size // args.grad_accum_steps
-    if updates_per_epoch == 0:
+    run.train_loader = make_loader(run.train_samples, run.train_sampler, args.batch_size, args.workers, args.pin_mem)
+    run.eval_loader = make_loader(eval_samples, eval_sampler, args.validation_batch_size or args.batch_size,
+                                  args.workers, args.pin_mem)
+    erase = dict(re_prob=0. if args.no_aug else args.reprob, re_mode=args.remode, re_count=args.recount,
+                 re_num_splits=2 if args.resplit else 0)   # as timm's create_loader
+    if prefetch:
+        run.train_loader = Prefetched(run.train_loader, cfg['input_size'], cfg['mean'], cfg['std'], d.device, **erase)
+        run.eval_loader = Prefetched(run.eval_loader, cfg['input_size'], cfg['mean'], cfg['std'], d.device)
+    elif args.resplit and erase['re_prob']:
+        run.batch_erasing = SplitErasing(args.reprob, args.remode, args.recount, args.seed)
+    run.updates_per_epoch = len(run.train_sampler) // args.batch_size // args.grad_accum_steps
+    if run.updates_per_epoch == 0:
         raise UserError(f"--grad-accum-steps {args.grad_accum_steps} exceeds the batches in an epoch")
 
-    # optimisation
-    mixup = None
+
+def build_optimisation(run: Run):
+    """Loss (label smoothing, or soft targets with mixup / cutmix), optimizer, loss scaler, EMA, scheduler."""
+    args, d, model = run.args, run.d, run.model
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax:
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      label_smoothing=args.smoothing, num_classes=num_classes)
-        loss_fn = SoftTargetCrossEntropy()
+        run.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=run.num_classes)
+        run.loss_fn = SoftTargetCrossEntropy()
     elif args.smoothing:
-        loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        run.loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
-        loss_fn = torch.nn.CrossEntropyLoss()
+        run.loss_fn = torch.nn.CrossEntropyLoss()
     args.lr = scaled_lr(args, d.world)
     try:
-        optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+        run.optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
     except (ValueError, AssertionError) as e:
         raise UserError(f"--opt {args.opt}: {first_line(e)}") from None
-    scaler = torch.amp.GradScaler('cuda') if amp_dtype == torch.float16 and d.device.type == 'cuda' else None
-    ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                     device='cpu' if args.model_ema_force_cpu else None) if args.model_ema else None
+    if run.amp_dtype == torch.float16 and d.device.type == 'cuda':
+        run.scaler = torch.amp.GradScaler('cuda')
+    if args.model_ema:
+        run.ema = ModelEmaV3(model, decay=args.model_ema_decay, device='cpu' if args.model_ema_force_cpu else None)
+        if args.model_ema_force_cpu and d.device.type != 'cpu':
+            run.log("--model-ema-force-cpu: the EMA weights are kept (and saved) on the CPU, not evaluated each "
+                    "epoch (as timm's train.py)")
     try:
-        scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                                    updates_per_epoch=updates_per_epoch)
+        run.scheduler, run.num_epochs = create_scheduler_v2(run.optimizer, **scheduler_kwargs(args),
+                                                            updates_per_epoch=run.updates_per_epoch)
     except (ValueError, AssertionError) as e:
         raise UserError(f"--sched {args.sched}: {first_line(e)}") from None
-    if scheduler is None:
+    if run.scheduler is None:
         raise UserError(f"--sched {args.sched}: unknown scheduler")
 
-    # output folder and resuming
-    folder = run_folder(args, args.resume)
+
+def open_run_folder(run: Run):
+    """The run folder (created, cleared of the temporary files of writes a crash cut short) and log.txt."""
+    args, d = run.args, run.d
+    run.folder = folder = run_folder(args, args.resume)
     if d.main:
         check_output(folder, '--output' if args.output else 'run folder', folder=True)   # creates it
-        for name in os.listdir(folder):  # temporary files of writes that a crash cut short
+        for name in os.listdir(folder):
             if (name.startswith('.') and name.endswith('.tmp')) or name.endswith('.tmp-link'):
                 try:
                     os.unlink(os.path.join(folder, name))
                 except OSError:
                     pass
-        log.open(os.path.join(folder, 'log.txt'))
-    resume_path = args.resume
-    if resume_path == 'auto':
-        resume_path = find_resume(folder, log)
-        if resume_path is None:
-            log(f"--resume auto: no valid checkpoint in {folder}, starting from scratch")
-    keeper = Keeper(folder, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
-    rows: List[Dict] = []
-    start_epoch, start_batch, partial = 0, 0, (0.0, 0)
-    if resume_path:
-        ckpt = valid_checkpoint(resume_path) if os.path.isfile(resume_path) else None
+        run.log.open(os.path.join(folder, 'log.txt'))
+    run.keeper = Keeper(folder, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
+
+
+def resume(run: Run):
+    """Continue from ``--resume`` (a file, or 'auto': the newest valid checkpoint of the run folder): weights,
+    optimizer, scaler, EMA, position, summary, best checkpoints and RNG states. summary.csv is rewritten from the
+    checkpoint (a crash after the checkpoint and before the summary left its row out)."""
+    args, d, log = run.args, run.d, run.log
+    path = args.resume
+    if path == 'auto':
+        path = find_resume(run.folder, log)
+        if path is None:
+            log(f"--resume auto: no valid checkpoint in {run.folder}, starting from scratch")
+    if path:
+        ckpt = valid_checkpoint(path) if os.path.isfile(path) else None
         if ckpt is None:
-            raise UserError(f"{resume_path}: not a complete training checkpoint (missing, truncated or corrupt)")
-        _check_resume_fits(ckpt, resume_path, args, classes, d.world)
-        load_state_dict(model, unwrap(ckpt), source=resume_path)   # the file read once, above
+            raise UserError(f"{path}: not a complete training checkpoint (missing, truncated or corrupt)")
+        _check_resume_fits(ckpt, path, args, run.classes, d.world)
+        load_state_dict(run.model, unwrap(ckpt), source=path)   # the file read once, above
         if not args.no_resume_opt:
             try:
-                optimizer.load_state_dict(ckpt['optimizer'])
+                run.optimizer.load_state_dict(ckpt['optimizer'])
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
-                raise UserError(f"{resume_path}: its optimizer state does not fit --opt {args.opt} ({first_line(e)}); "
+                raise UserError(f"{path}: its optimizer state does not fit --opt {args.opt} ({first_line(e)}); "
                                 f"resume with the run's optimizer, or pass --no-resume-opt") from None
-            if scaler is not None and ckpt.get('scaler'):
-                scaler.load_state_dict(ckpt['scaler'])
-        if ema is not None and ckpt.get('state_dict_ema'):
-            ema.module.load_state_dict(ckpt['state_dict_ema'])
-        start_epoch, start_batch = ckpt['next_epoch'], ckpt.get('next_batch', 0)
-        partial = tuple(ckpt.get('partial', (0.0, 0)))
-        rows = list(ckpt.get('summary', []))
-        keeper.best = [list(b) for b in ckpt.get('best', [])]
-        if d.main and start_batch == 0:
-            keeper.restore_links(resume_path, start_epoch - 1)
+            if run.scaler is not None and ckpt.get('scaler'):
+                run.scaler.load_state_dict(ckpt['scaler'])
+        if run.ema is not None and ckpt.get('state_dict_ema'):
+            run.ema.module.load_state_dict(ckpt['state_dict_ema'])
+        run.start_epoch, run.start_batch = ckpt['next_epoch'], ckpt.get('next_batch', 0)
+        run.partial = tuple(ckpt.get('partial', (0.0, 0)))
+        run.rows = list(ckpt.get('summary', []))
+        run.keeper.best = [list(b) for b in ckpt.get('best', [])]
+        if d.main and run.start_batch == 0:
+            run.keeper.restore_links(path, run.start_epoch - 1)
+        if d.main and run.rows:
+            write_summary(run.folder, run.rows)
         set_rng_state(ckpt['rng'])
-        log(f"resumed from {resume_path} at epoch {start_epoch}" + (f", batch {start_batch}" if start_batch else ''))
+        log(f"resumed from {path} at epoch {run.start_epoch}"
+            + (f", batch {run.start_batch}" if run.start_batch else ''))
     if args.start_epoch is not None:
-        start_epoch = args.start_epoch
+        run.start_epoch = args.start_epoch
     if d.main:
-        write_text(os.path.join(folder, 'args.yaml'), _yaml(args))
-    if scheduler is not None and (start_epoch or start_batch):
+        write_text(os.path.join(run.folder, 'args.yaml'), _yaml(args))
+    run.num_updates = run.start_epoch * run.updates_per_epoch + run.start_batch // args.grad_accum_steps
+    if run.start_epoch or run.start_batch:
         if args.sched_on_updates:
-            scheduler.step_update(start_epoch * updates_per_epoch + start_batch // args.grad_accum_steps)
+            run.scheduler.step_update(run.num_updates)
         else:
-            scheduler.step(start_epoch)
+            run.scheduler.step(run.start_epoch)
 
-    net = model
+
+def wrap_model(run: Run):
+    """DDP across processes, torch.compile, and the TensorBoard writer."""
+    args, d = run.args, run.d
+    run.net = run.model
     if d.world > 1:
-        net = DDP(model, device_ids=[d.device.index] if d.device.type == 'cuda' else None)
+        run.net = run.ddp = DDP(run.model, device_ids=[d.device.index] if d.device.type == 'cuda' else None)
     if args.torchcompile or args.torchcompile_mode:
-        net = torch_compile(net, d.device, args.torchcompile, args.torchcompile_mode)
-    writer = None
+        run.net = torch_compile(run.net, d.device, args.torchcompile, args.torchcompile_mode)
     if args.log_tensorboard and d.main:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("--log-tensorboard needs the tensorboard package (pip install tensorboard, or the "
                             "tensorboard extra of this package)") from None
-        writer = SummaryWriter(os.path.join(folder, 'tensorboard'))
+        run.writer = SummaryWriter(os.path.join(run.folder, 'tensorboard'))
 
-    global_batch = args.batch_size * d.world * args.grad_accum_steps
-    log(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {num_classes} classes, "
-        f"input {tuple(data_cfg['input_size'])}, {len(ds_train)} train / {len(ds_eval)} eval images")
-    log(f"{d.world} process(es) on {d.device.type}; batch {args.batch_size} per process, global batch "
-        f"{global_batch}, lr {args.lr:.3e}, {num_epochs} epochs, output {folder}")
 
-    stop = {'signal': None}
-    # how to continue (``args.resume_hint``: a caller's own command, such as the demo's)
-    resume_hint = getattr(args, 'resume_hint', None) or (
-        f"continue with the same command plus --resume auto --experiment {os.path.basename(folder)} "
-        f"--output {os.path.dirname(folder)}")
+def checkpoint_state(run: Run, next_epoch: int, next_batch: int, metric=None, partial=(0.0, 0)) -> Dict:
+    """Everything to continue from ``next_epoch``, batch ``next_batch`` (``partial``: that epoch's loss sum and
+    step count so far, over all ranks)."""
+    args = run.args
+    return {'version': CHECKPOINT_VERSION, 'arch': args.model, 'num_classes': run.num_classes,
+            'model_kwargs': dict(args.model_kwargs or {}), 'model_label': model_label(args),
+            'model_name': getattr(args, 'model_name', None) or args.model,
+            'class_names': run.classes, 'epoch': next_epoch - 1 if next_batch == 0 else next_epoch,
+            'next_epoch': next_epoch, 'next_batch': next_batch, 'state_dict': run.model.state_dict(),
+            'state_dict_ema': run.ema.module.state_dict() if run.ema is not None else None,
+            'optimizer': run.optimizer.state_dict(), 'scaler': run.scaler.state_dict() if run.scaler else None,
+            'scheduler': run.scheduler.state_dict(), 'args': _plain(vars(args)), 'metric': metric,
+            'summary': run.rows, 'partial': list(partial), 'rng': rng_state(), 'world_size': run.d.world}
 
-    def on_signal(signum, frame):
-        stop['signal'] = signal.Signals(signum).name
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    def agree_on_stop() -> bool:
-        """Whether to stop here. With several ranks every rank must stop at the same step, so the answer is
-        the one the ranks agreed on (a collective call: a signal seen by any rank counts for all), never the
-        live flag, which a signal arriving just after the agreement may already have set on one rank only;
-        such a signal is acted on at the next agreement."""
-        if d.world == 1:
-            return stop['signal'] is not None
-        agreed = d.all_max(1.0 if stop['signal'] else 0.0) > 0
-        if agreed and not stop['signal']:
-            stop['signal'] = 'SIGTERM'
-        return agreed
+# ---- one epoch --------------------------------------------------------------------------------------------
+def train_one_epoch(run: Run, epoch: int) -> Optional[float]:
+    """One epoch of training (from ``run.start_batch`` where a resumed run starts inside it). Returns the mean
+    training loss over all ranks (NaN when every step was skipped), or None where a signal stopped the run (its
+    progress saved in recovery.pth.tar).
 
-    def state(next_epoch: int, next_batch: int, metric=None, part=(0.0, 0)) -> Dict:
-        return {'version': CHECKPOINT_VERSION, 'arch': args.model, 'num_classes': num_classes,
-                'model_kwargs': dict(args.model_kwargs or {}), 'class_names': classes,
-                'epoch': next_epoch - 1 if next_batch == 0 else next_epoch, 'next_epoch': next_epoch,
-                'next_batch': next_batch, 'state_dict': model.state_dict(),
-                'state_dict_ema': ema.module.state_dict() if ema is not None else None,
-                'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict() if scaler else None,
-                'scheduler': scheduler.state_dict(), 'args': _plain(vars(args)), 'metric': metric,
-                'summary': rows, 'partial': list(part), 'rng': rng_state(), 'world_size': d.world}
+    The loss is read on the host only at the logged steps (every ``--log-interval``), where a checkpoint is saved
+    and at the end; with several ranks, a signal is agreed on at the first update after each logged step."""
+    args, d = run.args, run.d
+    first = epoch == run.start_epoch
+    skip = run.start_batch if first else 0
+    run.train_samples.set_epoch(epoch)
+    run.train_sampler.set_epoch(epoch, skip_batches=skip)
+    if run.mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        run.mixup.mixup_enabled = False
+    run.net.train()
+    steps = skip + len(run.train_sampler) // args.batch_size
+    losses = LossMeter(d.device, *(run.partial if first and d.main else (0.0, 0)))
+    health = Health(steps, d.device)
+    bar = Progress(steps, epoch, run.log, start=skip)
+    skipped, agreement_due = 0, False
+    run.optimizer.zero_grad()
+    for i, (images, targets, n_bad) in enumerate(run.train_loader):
+        step = skip + i
+        skipped += n_bad
+        if _batch_skipped(run, images):
+            continue
+        update = (step + 1) % args.grad_accum_steps == 0   # the last micro-step of an update
+        loss = forward_backward(run, images, targets, health, epoch, step, sync=update)
+        if loss is None:
+            continue   # a non-finite loss, the step skipped (--nonfinite skip)
+        if update and not optimizer_step(run, health, epoch, step):
+            continue   # non-finite gradients, the update skipped (--nonfinite skip)
+        losses.add(loss)
+        bar.advance(images.shape[0] * d.world)
 
-    result = {}
-    num_updates = start_epoch * updates_per_epoch + start_batch // args.grad_accum_steps
-    try:
-        for epoch in range(start_epoch, num_epochs):
-            skip = start_batch if epoch == start_epoch else 0
-            train_samples.set_epoch(epoch)
-            train_sampler.set_epoch(epoch, skip_batches=skip)
-            if mixup is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-                mixup.mixup_enabled = False
-            net.train()
-            loss_sum, loss_count = partial if epoch == start_epoch else (0.0, 0)
-            skipped = 0
-            steps = len(train_sampler) // args.batch_size
-            bar = Progress(steps + skip, epoch, log, args.log_interval, enabled=True, start=skip)
-            optimizer.zero_grad()
-            for i, (images, targets, n_bad) in enumerate(train_loader):
-                step = skip + i
-                skipped += n_bad
-                # a batch whose every sample was unreadable (only with --bad-samples skip) is skipped; with
-                # several ranks, by all of them together, since each step's collectives must match across ranks
-                if d.world > 1 and args.bad_samples == 'skip':
-                    if d.all_max(1.0 if images is None else 0.0) > 0:
-                        continue
-                elif images is None:
-                    continue
-                images, targets = images.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
-                if mixup is not None:
-                    images, targets = mixup(images, targets)
-                with autocast(d.device, amp_dtype):
-                    loss = loss_fn(net(images), targets)
-                value = loss.item()
-                if not math.isfinite(d.all_max(0.0 if math.isfinite(value) else float('inf'))):
-                    if args.nonfinite == 'skip':
-                        log(f"epoch {epoch} step {step}: non-finite loss, step skipped")
-                        optimizer.zero_grad()
-                        continue
-                    raise UserError(f"non-finite loss at epoch {epoch}, step {step}; the last good checkpoint "
-                                    f"in {folder} is intact (lower --lr, try --clip-grad, or --nonfinite skip)")
-                (scaler.scale(loss / args.grad_accum_steps) if scaler else loss / args.grad_accum_steps).backward()
-                if (step + 1) % args.grad_accum_steps == 0:
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    if scaler is None and not _finite_grads(model):  # fp16 scaling handles its own overflows
-                        if args.nonfinite == 'skip':
-                            log(f"epoch {epoch} step {step}: non-finite gradients, update skipped")
-                            optimizer.zero_grad()
-                            continue
-                        raise UserError(f"non-finite gradients at epoch {epoch}, step {step}; the last good "
-                                        f"checkpoint in {folder} is intact (lower --lr, try --clip-grad, or "
-                                        f"--nonfinite skip)")
-                    if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad()
-                    num_updates += 1
-                    if ema is not None:
-                        ema.update(model, step=num_updates)
-                    scheduler.step_update(num_updates=num_updates)
-                loss_sum, loss_count = loss_sum + value, loss_count + 1
-                lr = optimizer.param_groups[0]['lr']
-                bar.update(step, images.shape[0] * d.world, value, lr)
-                if writer is not None and (step + 1) % args.log_interval == 0:
-                    writer.add_scalar('train/loss', value, num_updates)
-                    writer.add_scalar('train/lr', lr, num_updates)
-                at_boundary = (step + 1) % args.grad_accum_steps == 0 and step + 1 < steps + skip
-                stopping = at_boundary and agree_on_stop()
-                if d.main and args.recovery_interval and at_boundary and (step + 1) % args.recovery_interval == 0 \
-                        and not stopping:
-                    keeper.save_recovery(state(epoch, step + 1, part=(loss_sum, loss_count)))
-                if stopping:
-                    if d.main:
-                        keeper.save_recovery(state(epoch, step + 1, part=(loss_sum, loss_count)))
-                    bar.close()
-                    log(f"{stop['signal']}: saved {os.path.join(folder, 'recovery.pth.tar')} at epoch {epoch}, "
-                        f"step {step + 1}; {resume_hint}")
-                    return {'interrupted': stop['signal'], 'folder': folder}
-            bar.close()
-            loss_sum, loss_count, skipped = d.all_sum(loss_sum, loss_count, skipped)
-            if skipped:
-                log(f"epoch {epoch}: skipped {int(skipped)} unreadable sample(s)")
-            train_loss = loss_sum / loss_count if loss_count else float('nan')  # nan: every step was skipped
-            metrics = evaluate(model, eval_loader, d.device, amp_dtype)
-            if metrics['skipped']:
-                log(f"epoch {epoch}: skipped {metrics['skipped']} unreadable validation sample(s)"
-                    + ('; none could be read: the eval figures are NaN' if not metrics['count'] else ''))
-            row = {'epoch': epoch, 'train_loss': f"{train_loss:.6f}", 'eval_loss': f"{metrics['loss']:.6f}",
-                   'eval_top1': f"{metrics['top1']:.4f}", 'eval_top5': f"{metrics['top5']:.4f}",
-                   'lr': f"{optimizer.param_groups[0]['lr']:.6e}"}
-            if ema is not None:
-                ema_metrics = evaluate(ema.module, eval_loader, d.device, amp_dtype)
-                row['eval_ema_top1'] = f"{ema_metrics['top1']:.4f}"
-            rows.append(row)
-            metric = metrics[args.eval_metric]
-            scheduler.step(epoch + 1, metric)
-            log(f"epoch {epoch}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
-                f"top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}")
-            if writer is not None:
-                for k in ('loss', 'top1', 'top5'):
-                    writer.add_scalar(f'eval/{k}', metrics[k], epoch)
+        logged = (step + 1) % args.log_interval == 0 or step + 1 == steps
+        boundary = update and step + 1 < steps   # where the run may stop and save
+        recovery = boundary and args.recovery_interval and (step + 1) % args.recovery_interval == 0
+        if logged:
+            health.check(d, epoch, run.folder)
+            lr = run.optimizer.param_groups[0]['lr']
+            value = losses.read_window(d)
+            bar.report(step, value, lr)
+            if run.writer is not None:
+                run.writer.add_scalar('train/loss', value, run.num_updates)
+                run.writer.add_scalar('train/lr', lr, run.num_updates)
+        agreement_due = agreement_due or logged
+        stopping = False
+        if boundary and (d.world == 1 or agreement_due):
+            stopping, agreement_due = run.stop.agree_on_stop(), False
+        if stopping or recovery:
+            health.check(d, epoch, run.folder)
+            part = losses.read_epoch(d)
             if d.main:
-                write_summary(folder, rows)
-                plot_curves(folder, rows)
-                keeper.save_epoch(state(epoch + 1, 0, metric=metric), epoch, metric)
-            result = {'folder': folder, 'epoch': epoch, **metrics, 'best': keeper.best}
-            # (after the last epoch there is nothing left to stop: the run ends as finished)
-            if epoch + 1 < num_epochs and agree_on_stop():
-                log(f"{stop['signal']}: stopped after epoch {epoch}; {resume_hint}")
-                return {**result, 'interrupted': stop['signal']}
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if writer is not None:
-            writer.close()
-        if d.world > 1 and dist.is_initialized():
-            dist.barrier()
-    if keeper.best:
-        best = os.path.join(folder, 'model_best.pth.tar')
-        where = best if os.path.exists(best) else 'saved by the run this one resumed from'
-        log(f"best {args.eval_metric}: {keeper.best[0][0]:.4f} at epoch {keeper.best[0][1]} ({where})")
-    return result
+                run.keeper.save_recovery(checkpoint_state(run, epoch, step + 1, partial=part))
+        if stopping:
+            bar.close()
+            run.log(f"{run.stop.signal}: saved {os.path.join(run.folder, 'recovery.pth.tar')} at epoch {epoch}, "
+                    f"step {step + 1}; {run.resume_hint}")
+            return None
+    bar.close()
+    health.check(d, epoch, run.folder)
+    loss_sum, loss_count, skipped = losses.read_epoch(d, skipped)
+    if skipped:
+        run.log(f"epoch {epoch}: skipped {int(skipped)} unreadable sample(s)")
+    return loss_sum / loss_count if loss_count else float('nan')
 
 
-def _finite_grads(model: torch.nn.Module) -> bool:
+def _batch_skipped(run: Run, images) -> bool:
+    """A batch whose every sample was unreadable (only with --bad-samples skip) is skipped; with several ranks,
+    by all of them together, since each step's collectives must match across ranks."""
+    if run.d.world > 1 and run.args.bad_samples == 'skip':
+        return run.d.all_max(1.0 if images is None else 0.0) > 0
+    return images is None
+
+
+def forward_backward(run: Run, images, targets, health: Health, epoch: int, step: int,
+                     sync: bool) -> Optional[torch.Tensor]:
+    """The loss of one micro-batch, its gradients added to those accumulated. Under DDP the gradients are
+    synchronised only where ``sync`` (the last micro-step of an update). None where the loss is not finite and
+    ``--nonfinite skip`` drops the step (which reads the loss on the host every step)."""
+    args, d = run.args, run.d
+    if run.batch_erasing is not None:
+        images = run.batch_erasing(images, epoch, step, d.rank)
+    images, targets = images.to(d.device, non_blocking=True), targets.to(d.device, non_blocking=True)
+    if run.mixup is not None:
+        images, targets = run.mixup(images, targets)
+    with run.ddp.no_sync() if run.ddp is not None and not sync else contextlib.nullcontext():
+        with autocast(d.device, run.amp_dtype):
+            loss = run.loss_fn(run.net(images), targets)
+        if args.nonfinite == 'skip':
+            if d.all_max(0.0 if bool(torch.isfinite(loss)) else 1.0) > 0:
+                run.log(f"epoch {epoch} step {step}: non-finite loss, step skipped")
+                run.optimizer.zero_grad()
+                return None
+        else:
+            health.note(0, step, loss)
+        scaled = loss / args.grad_accum_steps
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+    return loss.detach()
+
+
+def optimizer_step(run: Run, health: Health, epoch: int, step: int) -> bool:
+    """One update from the accumulated gradients (clipped, scaled), then EMA and schedule. False where the
+    gradients are not finite and ``--nonfinite skip`` drops the update; fp16 loss scaling skips its own."""
+    args, opt = run.args, run.optimizer
+    if run.scaler is not None:
+        run.scaler.unscale_(opt)
+    else:
+        norm = _grad_norm(run.model)
+        if args.nonfinite == 'skip':
+            if not bool(torch.isfinite(norm)):
+                run.log(f"epoch {epoch} step {step}: non-finite gradients, update skipped")
+                opt.zero_grad()
+                return False
+        else:
+            health.note(1, step, norm)
+    if args.clip_grad is not None:
+        dispatch_clip_grad(run.model.parameters(), args.clip_grad, mode=args.clip_mode)
+    if run.scaler is not None:
+        run.scaler.step(opt)
+        run.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad()
+    run.num_updates += 1
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.num_updates)
+    run.scheduler.step_update(num_updates=run.num_updates)
+    return True
+
+
+# ---- evaluate and checkpoint ------------------------------------------------------------------------------
+def evaluate_and_checkpoint(run: Run, epoch: int, train_loss: float) -> Dict:
+    """Evaluate the model (and its EMA) after ``epoch``, step the schedule, save the epoch's checkpoint, then
+    add its row to summary.csv: the summary never names an epoch whose checkpoint is not on disk."""
+    args, d, log = run.args, run.d, run.log
+    metrics = evaluate(run.model, run.eval_loader, d.device, run.amp_dtype)
+    if metrics['skipped']:
+        log(f"epoch {epoch}: skipped {metrics['skipped']} unreadable validation sample(s)"
+            + ('; none could be read: the eval figures are NaN' if not metrics['count'] else ''))
+    row = {'epoch': epoch, 'train_loss': f"{train_loss:.6f}", 'eval_loss': f"{metrics['loss']:.6f}",
+           'eval_top1': f"{metrics['top1']:.4f}", 'eval_top5': f"{metrics['top5']:.4f}",
+           'lr': f"{run.optimizer.param_groups[0]['lr']:.6e}"}
+    if run.ema is not None and next(run.ema.module.parameters()).device.type == d.device.type:
+        row['eval_ema_top1'] = f"{evaluate(run.ema.module, run.eval_loader, d.device, run.amp_dtype)['top1']:.4f}"
+    run.rows.append(row)
+    metric = metrics[args.eval_metric]
+    run.scheduler.step(epoch + 1, metric)
+    log(f"epoch {epoch}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
+        f"top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}")
+    if epoch == run.start_epoch:   # training and evaluation have both run: what 'auto' chose for each
+        log(f"rnn engine: {autotune.describe(run.model)}")
+    if run.writer is not None:
+        for k in ('loss', 'top1', 'top5'):
+            run.writer.add_scalar(f'eval/{k}', metrics[k], epoch)
+    if d.main:
+        run.keeper.save_epoch(checkpoint_state(run, epoch + 1, 0, metric=metric), epoch, metric)
+        write_summary(run.folder, run.rows)
+        plot_curves(run.folder, run.rows)
+    return {'folder': run.folder, 'epoch': epoch, **metrics, 'best': run.keeper.best}
+
+
+def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=next(model.parameters()).device)
 
 
 def _plain(obj):

@@ -131,6 +131,8 @@ def validate(args) -> Dict:
         or (1000 if pretrained else None) or num_classes_of(ds) or 1000
     recorded = meta.get('model_kwargs', _args_of(meta).get('model_kwargs'))
     kwargs = {**(recorded if isinstance(recorded, dict) else {}), **(args.model_kwargs or {})}
+    label = meta.get('model_label') or args.model + (
+        f" with {', '.join(f'{k}={v}' for k, v in kwargs.items())}" if kwargs else '')
     size = args.input_size[-1] if args.input_size else args.img_size
     if size:
         kwargs['img_size'] = size
@@ -153,18 +155,20 @@ def validate(args) -> Dict:
     transform = create_transform(cfg['input_size'], is_training=False, interpolation=cfg['interpolation'],
                                  mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
                                  crop_mode=cfg.get('crop_mode'))
+    params = sum(p.numel() for p in model.parameters())
     model.to(d.device)
     if args.torchcompile or args.torchcompile_mode:
         model = torch_compile(model, d.device, args.torchcompile, args.torchcompile_mode)
     loader = make_loader(Samples(ds, transform, bad_samples=args.bad_samples),
                          ShardSampler(len(ds), d.world, d.rank, shuffle=False, drop_last=False),
                          args.batch_size, args.workers, d.device.type == 'cuda')
-    log(f"validating {args.model} ({weights or 'published weights'})"
+    log(f"validating {label} ({weights or 'published weights'})"
         f" on {len(ds)} images of {args.data_dir} [{args.split}], input {tuple(cfg['input_size'])}, "
         f"crop {cfg['crop_pct']}, {cfg['interpolation']}")
     start = time.time()
     m = evaluate(model, loader, d.device, amp_dtype, log_every=args.log_interval, log=log)
-    result = {'model': args.model, 'checkpoint': weights, 'top1': round(m['top1'], 4),
+    result = {'model': args.model, 'checkpoint': weights, 'param_count': round(params / 1e6, 2),
+              'top1': round(m['top1'], 4),
               'top5': round(m['top5'], 4), 'loss': round(m['loss'], 6), 'images': m['count'],
               'img_size': cfg['input_size'][-1], 'crop_pct': cfg['crop_pct'], 'interpolation': cfg['interpolation'],
               'skipped': m['skipped'], 'seconds': round(time.time() - start, 2)}

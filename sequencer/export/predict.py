@@ -1,9 +1,10 @@
 """Top-k predictions for image files, with class names.
 
-Names come from ``--class-map``, else from the run the checkpoint belongs to (its ``class_names``, a class
-map named in its args, or class_names.txt / class_map.txt beside it), else ImageNet-1K's (timm ships
-them) for a 1000-way head, else 'class <i>'. Images are read, transformed with the model's evaluation
-transform and classified in batches.
+Images are decoded as in training and validation (``sequencer.data.images``: EXIF orientation, 16-bit,
+palette and CMYK files). Names come from ``--class-map``, else from the run the checkpoint belongs to (its
+``class_names``, a class map named in its args, or class_names.txt / class_map.txt beside it), else
+ImageNet-1K's (timm ships them) for a 1000-way head, else 'class <i>'. Images are read, transformed with the
+model's evaluation transform and classified in batches.
 """
 import argparse
 import json
@@ -12,8 +13,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..data.images import load_image
 from ..engine.args import COUNT
-from ..engine.loading import add_model_arguments, class_names, list_images, load_image, model_from_args, resolve_device
+from ..engine.loading import add_model_arguments, class_names, list_images, model_from_args, resolve_device
 from ..errors import UserError
 
 __all__ = ['predict']
@@ -28,6 +30,7 @@ def predict(model: nn.Module, paths: Sequence[str], names: Sequence[str], topk: 
     ``cfg``: the data config (default: the model's evaluation transform at ``img_size``).
     """
     import timm.data
+
     from ..data import data_config
 
     model.eval()

@@ -246,7 +246,7 @@ class Config(NamedTuple):
 # H200's shared memory at both of Sequencer2D-S's hidden sizes; at hidden 96 so do most tiles above 16.)
 CANDIDATES = (Config(16, 4, False), Config(32, 4, False), Config(64, 8, False), Config(16, 4, True),
               Config(32, 4, True), Config(64, 4, True), Config(64, 8, True),
-              # 8 warps on the smaller tiles: compiled for sm_90 (scripts/check_triton_compile.py), these keep
+              # 8 warps on the smaller tiles: compiled for sm_90 (benchmarks/triton_compile.py), these keep
               # hidden 96 in registers (16 sequences: no spill; 32: at most 40 B) where 4 warps spill up to 1 KB
               Config(16, 8, False), Config(16, 8, True), Config(32, 8, False), Config(32, 8, True))
 

@@ -93,7 +93,7 @@ def _ln_bwd_kernel(g_ptr, x_ptr, stats_ptr, w_ptr, gres_ptr, dx_ptr, part_ptr, M
 @functools.lru_cache(maxsize=None)
 def _blocks(C: int) -> Tuple[int, int, int]:
     """(BLOCK_C, BLOCK_M, num_warps): a row padded to a power of two, about 1024 elements per program step (8 per
-    thread of four warps). Compiled for sm_90 (``scripts/check_triton_compile.py``) the backward then needs 72
+    thread of four warps). Compiled for sm_90 (``benchmarks/triton_compile.py``) the backward then needs 72
     registers per thread (about 28 resident warps per SM, for a kernel bound by memory bandwidth), where
     2048-element steps needed 138-149 (12 warps); neither spills. Chosen from those figures, not timed."""
     block_c = max(16, _next_pow2(C))
@@ -123,7 +123,7 @@ def norm_backward(g: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, weight:
     """(dx of x's shape and dtype, dwb (2, C) float32: the weight and bias gradients) for contiguous g (and
     ``g_res``) of x's shape; no argument checks (``layer_norm_backward`` checks). ``max_programs``,
     ``block_m`` (rows per step of a program's loop, a power of two) and ``num_warps`` override the launch
-    configuration (``scripts/microbench_gpu_norm.py`` times the alternatives)."""
+    configuration (a grid of them can be timed on a GPU)."""
     C = x.shape[-1]
     M = x.numel() // C
     block_c, default_m, default_warps = _blocks(C)

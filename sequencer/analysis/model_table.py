@@ -1,8 +1,9 @@
 """The model table as text: ``sequencer models`` and the README's table are printed from ``MODELS``."""
 from typing import Dict, List
 
-from ..analysis.flops import count_flops, count_params
-from .registry import MODELS, create_model, list_models
+from ..errors import UserError
+from ..models import MODELS, create_model, list_models
+from .flops import count_flops, count_params
 
 COLUMNS = ('model', 'params (M)', 'GMACs', 'input', 'paper top-1', 'weights', 'what it is')
 
@@ -46,6 +47,5 @@ def add_arguments(parser):
 def run(args):
     table = rows(args.pattern)
     if not table:
-        from ..errors import UserError
         raise UserError(f"no model matches {args.pattern!r}; see `sequencer models`")
     print(markdown(table) if args.markdown else plain(table))
