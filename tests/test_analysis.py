@@ -12,8 +12,15 @@ import sequencer
 from sequencer.analysis import erf, resolution, robustness
 from sequencer.cli import main
 
-from analysis_helpers import (IMAGENET_A_WNIDS, TINY_ARGS, WNIDS, constant_head, image_folder, save_training_checkpoint,
-                              tiny_model)
+from analysis_helpers import (
+    IMAGENET_A_WNIDS,
+    TINY_ARGS,
+    WNIDS,
+    constant_head,
+    image_folder,
+    save_training_checkpoint,
+    tiny_model,
+)
 
 
 def _read_csv(path):
@@ -103,6 +110,7 @@ def test_erf_command_writes_maps_pngs_and_csv(tmp_path, rand_state):
     assert 0 < float(rows[0]['area_20']) <= float(rows[0]['area_50']) <= float(rows[0]['area_99']) <= 100
     # the array saved is the one the API computes from the same 3 images (the first 3, sorted)
     import timm.data
+
     from sequencer.data import data_config
     from sequencer.engine.loading import list_images, load_image
     tf = timm.data.create_transform(**data_config(model, img_size=48))

@@ -88,6 +88,7 @@ def test_fused_norm_switch(tmp_path, monkeypatch):
     """--no-fused-norm turns the GPU pre-norm kernels off in every block of our model; rows record whether they
     ran (on this CPU machine: never)."""
     import argparse
+
     from sequencer.analysis import benchmark
     from sequencer.fast import FastSequencerBlock
     for flag in (False, True):
@@ -165,6 +166,7 @@ def test_cpu_memory_tensors_is_the_peak_of_live_tensor_bytes():
     """--cpu-memory tensors: allocations minus frees over the step, their maximum (here two 8 MB tensors live
     at once at most), independent of the C allocator."""
     import torch
+
     from sequencer.analysis.benchmark import _CpuPeakTensors
 
     def work():

@@ -4,10 +4,11 @@ import subprocess
 import sys
 
 import pytest
-from imagedata import make_image_folder
 
-from sequencer.cli import main
 from sequencer.analysis.model_table import markdown, rows
+from sequencer.cli import main
+
+from imagedata import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,6 +161,7 @@ def test_out_of_range_options_and_model_arguments_are_one_line(tmp_path, capsys)
 def _help_texts():
     """(command, option, rendered help) of every option of every sub-command, as its --help shows it."""
     import argparse
+
     from sequencer.cli import build_parser
     from sequencer.engine import demo
     from sequencer.engine.args import build_train_parser, build_validate_parser

@@ -120,6 +120,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_old_one(tmp_path)
     """A write that fails (here the disk fills while a checkpoint is serialised) raises a UserError naming the file;
     the previous file is intact and no temporary file is left."""
     import errno
+
     from sequencer.engine.io import save_torch, write_with
     from sequencer.errors import UserError
     path = str(tmp_path / 'last.pth.tar')
@@ -140,6 +141,7 @@ def test_randaugment_posterize_at_full_magnitude_gives_a_black_image():
     op returns the black image older Pillow computed, for RGB and greyscale images."""
     from PIL import Image
     from timm.data.auto_augment import AugmentOp
+
     from sequencer.data.loaders import posterize_keeps_zero_bits
     posterize_keeps_zero_bits()
     posterize_keeps_zero_bits()   # idempotent
@@ -173,6 +175,7 @@ def test_an_exif_rotated_jpeg_gives_the_same_tensor_in_training_and_predict(tmp_
     same way (sequencer.data.images): the same tensor, EXIF orientation applied; erf uses the same decoder."""
     import timm.data
     from torch import nn
+
     from sequencer.analysis import erf
     from sequencer.data import images
     from sequencer.export.predict import predict
@@ -202,6 +205,7 @@ def test_aug_repeats_take_timms_sampler_and_augment_each_copy_differently(tmp_pa
     an image is a variant with its own augmentation, and the ranks' copies differ too."""
     from timm.data import create_transform
     from timm.data.distributed_sampler import RepeatAugSampler
+
     from sequencer.data.datasets import RepeatAugShards
     n = 12
     ranks = [RepeatAugShards(n, 3, world_size=2, rank=r, seed=1, batch_size=2) for r in range(2)]
@@ -240,6 +244,7 @@ def test_the_prefetcher_gives_the_batches_of_the_plain_loader(tmp_path):
     """timm's PrefetchLoader (used on CUDA) over the seeded loader: the same normalised images and targets as the
     loader without it, the skipped-sample counts of each batch, and None for a batch of unreadable images only."""
     from timm.data import create_transform
+
     from sequencer.data.datasets import Prefetched, make_loader
     data = make_image_folder(tmp_path / 'd', classes=2, train_per_class=3, val_per_class=1)
     open(os.path.join(data, 'train', 'n00000001', 'zz_empty.JPEG'), 'wb').close()

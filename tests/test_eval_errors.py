@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from imagedata import make_image_folder
 
 import sequencer
 from sequencer.analysis import resolution
@@ -14,6 +13,8 @@ from sequencer.cli import main
 from sequencer.engine.evaluate import evaluate
 from sequencer.errors import UserError
 from sequencer.models import registry
+
+from imagedata import make_image_folder
 
 KWARGS = dict(layers=(1, 1, 1, 1), embed_dims=(8, 8, 8, 8), hidden_sizes=(4, 4, 4, 4))
 TINY = ['--model', 'sequencer2d_s', '--model-kwargs', 'layers=(1,1,1,1)', 'embed_dims=(8,8,8,8)',

@@ -13,8 +13,18 @@ from torch import nn
 
 import sequencer
 from sequencer import Sequencer2D, VanillaSequencer, create_model, set_engine
-from sequencer.fast import (FAST, PLAIN, FastDownsample2D, FastMlp, FastModule, FastPatchEmbed, FastRNN2D,
-                            FastSequencerBlock, engine_of, to_plain)
+from sequencer.fast import (
+    FAST,
+    PLAIN,
+    FastDownsample2D,
+    FastMlp,
+    FastModule,
+    FastPatchEmbed,
+    FastRNN2D,
+    FastSequencerBlock,
+    engine_of,
+    to_plain,
+)
 from sequencer.models.blocks import RNN1D, RNN2D, Downsample2D, SequencerBlock
 
 from conftest import randomize

@@ -688,6 +688,7 @@ def test_kernel_scratch_buffers_are_per_thread_and_never_returned():
     """The CPU kernel path reuses per-thread scratch buffers: concurrent threads, and outputs kept across
     calls, must not see each other's data."""
     import threading
+
     from sequencer.fast.lstm2d import release_workspace
     torch.manual_seed(0)
     model = _tiny_s('fused').eval()

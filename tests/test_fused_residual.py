@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
-from sequencer.fast import (FastDownsample2D, FastMlp, FastPatchEmbed, FastSequencerBlock, cpu_kernel,
-                            set_engine)
+from sequencer.fast import FastDownsample2D, FastMlp, FastPatchEmbed, FastSequencerBlock, cpu_kernel, set_engine
 from sequencer.fast.ops import conv_as_gemm, linear_residual, norm_residual, patch_linear
 from sequencer.models import Sequencer2D
 from sequencer.models.blocks import RNN1D, RNN2D, Downsample2D, SequencerBlock

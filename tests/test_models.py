@@ -1,6 +1,6 @@
 """The architectures: the table, shapes, parity with timm, the model API."""
-import timm
 import pytest
+import timm
 import torch
 from timm.data import resolve_model_data_config
 from timm.optim import param_groups_layer_decay

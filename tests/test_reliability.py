@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import ROOT, TINY, summary, weights
 
 from sequencer.cli import COMMANDS, main
 from sequencer.data.datasets import BadSampleError, Samples, build_dataset
@@ -27,7 +28,6 @@ from sequencer.errors import UserError
 from sequencer.models import create_model
 
 from imagedata import make_image_folder
-from test_train import ROOT, TINY, summary, weights
 
 TINY_KWARGS = dict(layers=(1, 1, 1, 1), patch_sizes=(4, 2, 1, 1), embed_dims=(16, 32, 32, 32),
                    hidden_sizes=(4, 8, 8, 8))
@@ -628,6 +628,7 @@ def test_sigterm_to_a_ddp_launch_saves_on_all_ranks_and_resumes(tmp_path, data):
 def test_an_epoch_without_an_eval_figure_never_ranks_best(tmp_path):
     """NaN (no validation sample could be read) ranks below every figure, for either direction of the metric."""
     import math
+
     from sequencer.engine.train import Keeper
     for decreasing, figures in ((False, [math.nan, 50.0, 60.0]), (True, [math.nan, 2.0, 1.0])):
         folder = tmp_path / str(decreasing)

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from test_weights import to_reference_layout
 
 from sequencer import create_model
 from sequencer.models.weights import read_file
 
 from imagedata import make_image_folder
-from test_weights import to_reference_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--model', 'sequencer2d_s', '--model-kwargs', 'layers=(1,1,1,1)', 'patch_sizes=(4,2,1,1)',

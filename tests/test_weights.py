@@ -119,6 +119,7 @@ def _online_without_network(monkeypatch):
     """The hub not in offline mode, no proxy, and host names that do not resolve; returns the list of the
     ``local_files_only`` flags of every ``hf_hub_download`` call made."""
     import socket
+
     import huggingface_hub
     import huggingface_hub.constants as hf_constants
     monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
@@ -162,6 +163,7 @@ def test_hub_reachability_check_uses_the_endpoint_port(monkeypatch):
     """The check connects to the endpoint's own port (a mirror on http://host:port), and leaves the decision to
     the proxy when one is set."""
     import socket
+
     from sequencer.models.weights import _hub_unreachable
     for var in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY', 'all_proxy'):
         monkeypatch.delenv(var, raising=False)
@@ -270,6 +272,7 @@ def test_pickles_that_execute_code_are_refused(tmp_path):
 
 def test_files_that_are_not_checkpoints_or_hold_no_weights_are_named(tmp_path, capsys):
     from PIL import Image
+
     from sequencer.cli import main
     torch.save({'epoch': 3}, tmp_path / 'epoch.pth')
     save_file({}, str(tmp_path / 'none.safetensors'))

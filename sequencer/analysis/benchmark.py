@@ -418,7 +418,7 @@ class _CpuPeakRss:
             return False
 
     def _maxrss_kb(self) -> int:
-        import resource   # Unix only
+        import resource  # Unix only
         r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return r // 1024 if sys.platform == 'darwin' else r
 

@@ -56,6 +56,7 @@ def create_eval_loader(dataset, cfg: Dict, batch_size: int = 64, workers: int = 
     unreadable image stops it with one line naming the file, as in validate (``bad_samples='skip'``: skipped
     and counted in the batches' third field)."""
     from timm.data import create_transform
+
     from .datasets import Samples, ShardSampler, make_loader
     transform = create_transform(cfg['input_size'], is_training=False, interpolation=cfg['interpolation'],
                                  mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],

@@ -4,7 +4,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from typing import Callable, Dict, IO, Optional
+from typing import IO, Callable, Dict, Optional
 
 import torch
 

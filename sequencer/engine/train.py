@@ -37,8 +37,18 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..data.datasets import (Prefetched, RepeatAugShards, Samples, ShardSampler, SplitErasing, build_dataset,
-                              class_difference, class_names_of, make_loader, num_classes_of)
+from ..data.datasets import (
+    Prefetched,
+    RepeatAugShards,
+    Samples,
+    ShardSampler,
+    SplitErasing,
+    build_dataset,
+    class_difference,
+    class_names_of,
+    make_loader,
+    num_classes_of,
+)
 from ..data.images import IMAGE_MODES
 from ..data.loaders import check_input_size, posterize_keeps_zero_bits
 from ..errors import UserError, first_line

@@ -17,18 +17,24 @@ from typing import Dict
 
 from timm.data import create_transform, resolve_data_config
 
-from ..data.datasets import (Samples, ShardSampler, build_dataset, class_difference, class_names_of, make_loader,
-                              num_classes_of)
+from ..data.datasets import (
+    Samples,
+    ShardSampler,
+    build_dataset,
+    class_difference,
+    class_names_of,
+    make_loader,
+    num_classes_of,
+)
 from ..data.loaders import check_input_size
 from ..errors import UserError
 from ..models import get_spec
 from ..models.weights import load_state_dict
 from .args import build_validate_parser, parse
 from .evaluate import check_compile_flags, check_num_classes, evaluate, torch_compile
-from .loading import _args_of, _head_width, create_model_checked, read_checkpoint
 from .io import check_output, write_text
+from .loading import _args_of, _head_width, create_model_checked, read_checkpoint
 from .train import Dist, Log, amp_dtype_for
-
 
 DEFAULT_MODEL = 'sequencer2d_s'
 # what a training checkpoint records of its run and validate takes where the command line leaves it unset
@@ -76,6 +82,7 @@ def _check_published_weights_fit(name: str, kwargs: Dict, implicit: bool) -> Non
     ``kwargs`` describes (the head aside, which is replaced for another class count). Shapes are compared on
     the meta device: nothing is allocated."""
     import torch
+
     from ..models import create_model
     spec = get_spec(name)  # an unknown name raises its own one-line error
     if not spec.weights:

@@ -26,8 +26,20 @@ Kernels: ``cpu_kernel`` (C++ with OpenMP, ``csrc/``, built on first use), ``trit
 fused MLP, residual and pre-norm operations). ``runtime`` holds the process-wide switches
 (``cpu_kernel_disabled()``, ``triton_on_cpu()``).
 """
-from .modules import (ENGINES, FAST, PLAIN, FastDownsample2D, FastMlp, FastModule, FastPatchEmbed, FastRNN2D,
-                      FastSequencerBlock, engine_of, set_engine, to_plain)
+from .modules import (
+                      ENGINES,
+                      FAST,
+                      PLAIN,
+                      FastDownsample2D,
+                      FastMlp,
+                      FastModule,
+                      FastPatchEmbed,
+                      FastRNN2D,
+                      FastSequencerBlock,
+                      engine_of,
+                      set_engine,
+                      to_plain,
+)
 from .rules import AUTO_RULES, auto_engine
 from .runtime import cpu_kernel_disabled, triton_on_cpu
 

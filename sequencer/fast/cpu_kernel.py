@@ -79,7 +79,7 @@ def _build(name: str, flags: List[str], ldflags: List[str], verbose: bool) -> No
     if not verbose:
         quiet.setLevel(logging.ERROR)   # "No CUDA runtime is found" (logged on import): irrelevant here
     try:
-        from torch.utils import cpp_extension   # imported here, after the logger is quietened (it logs on import)
+        from torch.utils import cpp_extension  # imported here, after the logger is quietened (it logs on import)
         built = Path(cpp_extension._get_build_directory(name, verbose=False)) / f'{name}.so'
         if not built.exists() and not verbose:
             print(f"sequencer: building the fused RNN engine's CPU kernel ({name}, first use only, about "

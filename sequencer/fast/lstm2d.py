@@ -454,7 +454,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
     """Forward through the Triton recurrence. Under autocast (``mm_dtype`` float16 / bfloat16) the input
     projection, the recurrent products (tensor cores, float32 accumulation) and the output are in that dtype,
     as cuDNN's LSTM runs under autocast; the cell state and the gate arithmetic stay float32."""
-    from . import triton_lstm   # optional dependency (triton)
+    from . import triton_lstm  # optional dependency (triton)
     B, H, W, C = x.shape
     D = len(kinds)
     BHW = B * H * W
@@ -483,7 +483,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
 
 
 def _backward_triton(ctx, gy):
-    from . import triton_lstm   # optional dependency (triton)
+    from . import triton_lstm  # optional dependency (triton)
     x2, w_ih, w_hh, rows, prev, act, cs, yz = ctx.saved_tensors
     kinds, hidden, has_bias, x_shape, x_dtype, dtypes = ctx.meta
     B, H, W, C = x_shape
@@ -540,7 +540,7 @@ def _use_triton(x: torch.Tensor, cdt: torch.dtype, hidden: int, mm_dtype: torch.
         return True
     if not triton_ok():
         return False
-    from . import triton_lstm   # optional dependency (triton)
+    from . import triton_lstm  # optional dependency (triton)
     return triton_lstm.supported(hidden, mm_dtype in (torch.float16, torch.bfloat16))
 
 

@@ -17,8 +17,17 @@ from ..models.blocks import RNN2D, Downsample2D, SequencerBlock
 from . import autotune, cpu_kernel, lstm2d
 from .ops import conv_as_gemm, fused_mlp, linear_into_ok, linear_residual, norm_residual, patch_linear
 from .rules import auto_engine
-from .runtime import (autocast_dtype, cpu_float32, cpu_kernel_ok, exporting_graph, functorch_active, gpu_path,
-                      tracing, triton_ok, unhooked)
+from .runtime import (
+    autocast_dtype,
+    cpu_float32,
+    cpu_kernel_ok,
+    exporting_graph,
+    functorch_active,
+    gpu_path,
+    tracing,
+    triton_ok,
+    unhooked,
+)
 
 ENGINES = ('auto', 'native', 'fused')
 
@@ -231,7 +240,7 @@ class FastRNN2D(FastModule, RNN2D):
 
 
 def _triton_supported(hidden: int, lowp: bool) -> bool:
-    from . import triton_lstm   # optional dependency (triton)
+    from . import triton_lstm  # optional dependency (triton)
     return triton_lstm.supported(hidden, lowp)
 
 

@@ -127,7 +127,7 @@ def norm_residual(norm: nn.Module, x: torch.Tensor, r_bias: Optional[torch.Tenso
     if gpu_kernels and r_bias is None and gpu_path(x):
         out_dtype = _gpu_norm_dtype(norm, x, lowp_out)
         if out_dtype is not None:
-            from .triton_norm import NormResidual, norm_forward   # optional dependency (triton)
+            from .triton_norm import NormResidual, norm_forward  # optional dependency (triton)
             w, b = norm.weight, norm.bias
             if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
                 return NormResidual.apply(x, w, b, norm.eps, out_dtype)

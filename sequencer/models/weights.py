@@ -20,9 +20,9 @@ from typing import Dict, Iterable, Optional, Tuple
 from urllib.parse import urlparse
 
 import torch
+from torch import nn
 
 from ..errors import UserError, first_line
-from torch import nn
 
 __all__ = ['CheckpointError', 'load_checkpoint', 'load_pretrained', 'read_state_dict', 'convert_state_dict',
            'resolve_path']
