@@ -5,8 +5,8 @@ For each model of ``sequencer.list_models()`` (or a glob), at a small input:
 
 1. ``torch._dynamo.explain`` traces the forward and reports how many graphs it produced and how many
    graph breaks split them (with the distinct reasons);
-2. ``torch.compile`` (inductor by default, ``dynamic=False`` unless ``--dynamic`` says otherwise) runs the forward and is compared with eager:
-   max |compiled - eager| of the logits, relative to max |eager|;
+2. ``torch.compile`` (inductor by default, ``dynamic=False`` unless ``--dynamic`` says otherwise) runs the forward
+   and is compared with eager: max |compiled - eager| of the logits, relative to max |eager|;
 3. with ``--backward`` (the default) a forward + backward through the compiled model is compared with
    eager too: the largest relative difference over all parameter gradients.
 
@@ -177,8 +177,9 @@ def main(argv=None) -> int:
         print(f"check_compile.py: error: no model matches {args.pattern!r}", file=sys.stderr)
         return 2
     print(f"torch {torch.__version__}, backend {args.backend}, dynamic={DYNAMIC[args.dynamic]}, {args.precision}"
-          f"{', GPU path through the Triton interpreter' if args.gpu_path else ''}, input {args.batch_size}x3x{args.img_size}x"
-          f"{args.img_size}, engine {args.rnn_engine or 'default'}, layers {args.layers or 'as in the table'}",
+          f"{', GPU path through the Triton interpreter' if args.gpu_path else ''}, "
+          f"input {args.batch_size}x3x{args.img_size}x{args.img_size}, "
+          f"engine {args.rnn_engine or 'default'}, layers {args.layers or 'as in the table'}",
           flush=True)
     rows = []
     for i, name in enumerate(names, 1):

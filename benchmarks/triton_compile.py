@@ -80,7 +80,8 @@ def main(argv=None) -> int:
         rows.append(row)
         extra = row.get('error') or (f"{row['registers']} registers, {row['local_bytes']} B spilled, "
                                      f"{row['shared_bytes'] / 1024:.1f} KB shared"
-                                     + ('' if row['fits'] else ' (exceeds the shared memory: skipped by the autotuner)'))
+                                     + ('' if row['fits']
+                                        else ' (exceeds the shared memory: skipped by the autotuner)'))
         consts = ' '.join(f'{k}={v}' for k, v in constexprs.items())
         print(f'{name:16s} {consts:70s} warps={num_warps}: {extra}', flush=True)
 

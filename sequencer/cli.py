@@ -13,19 +13,25 @@ COMMANDS = {
     'erf': ('sequencer.analysis.erf', 'effective receptive field of each stage: heatmaps (PNG) and arrays (.npy)'),
     'resolution': ('sequencer.analysis.resolution', 'top-1 at several test resolutions, one plot for several models'),
     'robustness': ('sequencer.analysis.robustness', 'ImageNet-C mCE, ImageNet-A / -R / -Sketch / V2 top-1: one table'),
-    'avg-checkpoints': ('sequencer.engine.avg_checkpoints', 'average the weights of the last / best N checkpoints of a run'),
-    'clean-checkpoint': ('sequencer.engine.clean_checkpoint', 'training checkpoint -> weights-only safetensors named with its sha256'),
+    'avg-checkpoints': ('sequencer.engine.avg_checkpoints',
+                        'average the weights of the last / best N checkpoints of a run'),
+    'clean-checkpoint': ('sequencer.engine.clean_checkpoint',
+                         'training checkpoint -> weights-only safetensors named with its sha256'),
     'predict': ('sequencer.export.predict', 'top-k classes of images, with class names (text or JSON)'),
     'export': ('sequencer.export.export', 'ONNX or TorchScript file, checked against PyTorch'),
-    'build-kernel': ('sequencer.fast.build_kernel', "build the fused engine's compiled CPU recurrence now (otherwise built on first use)"),
-    'autotune': ('sequencer.fast.autotune', "the 'auto' engine's measured choices on this processor: list them, or --clear"),
-    'benchmark': ('sequencer.analysis.benchmark', 'throughput, latency and peak memory; --compare-timm times timm alongside'),
+    'build-kernel': ('sequencer.fast.build_kernel',
+                     "build the fused engine's compiled CPU recurrence now (otherwise built on first use)"),
+    'autotune': ('sequencer.fast.autotune',
+                 "the 'auto' engine's measured choices on this processor: list them, or --clear"),
+    'benchmark': ('sequencer.analysis.benchmark',
+                  'throughput, latency and peak memory; --compare-timm times timm alongside'),
 }
 
 
 # commands with parsers of their own (timm's flag sets, YAML recipes): name -> (module with main(argv), help)
 OWN_PARSER = {
-    'demo': ('sequencer.engine.demo', 'train and validate a small Sequencer2D on an embedded digits dataset (CPU, minutes)'),
+    'demo': ('sequencer.engine.demo',
+             'train and validate a small Sequencer2D on an embedded digits dataset (CPU, minutes)'),
     'train': ('sequencer.engine.train', 'train or fine-tune (timm train.py flags; -c recipe.yaml)'),
     'validate': ('sequencer.engine.validate', 'evaluate top-1 / top-5 / loss (timm validate.py flags)'),
 }

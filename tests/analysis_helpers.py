@@ -53,7 +53,8 @@ def save_training_checkpoint(path: str, model: torch.nn.Module, epoch: int = 1, 
     """A checkpoint as the training loop writes it (timm's convention)."""
     ckpt = {'epoch': epoch, 'arch': 'sequencer2d_s', 'state_dict': model.state_dict(),
             'optimizer': {'state': {}, 'param_groups': []},
-            'args': {'model': 'sequencer2d_s', 'model_kwargs': dict(model_kwargs if model_kwargs is not None else TINY)}}
+            'args': {'model': 'sequencer2d_s',
+                     'model_kwargs': dict(model_kwargs if model_kwargs is not None else TINY)}}
     if metric is not None:
         ckpt['metric'] = metric
     if ema is not None:

@@ -216,8 +216,8 @@ def test_robustness_command_imagenet_c_a_and_v2(tmp_path):
     v2_root = image_folder(tmp_path / 'imagenetv2', {'0': 1, '1': 2})
     out = tmp_path / 'rob'
     assert main(['robustness', '--checkpoint', ckpt, '--img-size', '32', '--imagenet-c', str(c_root),
-                 '--corruptions', *corruptions, '--imagenet-a', a_root, '--imagenetv2', v2_root, '-j', '0', '-b', '8', '--output', str(out),
-                 '--device', 'cpu']) == 0
+                 '--corruptions', *corruptions, '--imagenet-a', a_root, '--imagenetv2', v2_root, '-j', '0', '-b', '8',
+                 '--output', str(out), '--device', 'cpu']) == 0
     expected_mce = 100 * (0.5 / 0.886428 + 0.5 / 0.564592) / 2
     summary = {(r['benchmark'], r['metric']): r for r in _read_csv(out / 'robustness.csv')}
     assert float(summary[('ImageNet-C', 'mCE (lower is better)')]['value']) == pytest.approx(expected_mce, abs=1e-3)

@@ -86,7 +86,8 @@ def test_export_failed_verification_writes_nothing_and_keeps_the_earlier_file(tm
     with monkeypatch.context() as m:
         m.setattr(export_mod, 'verify_torchscript', lambda *a, **k: 0.5)
         assert main(argv) == 2
-    assert f'{out}: torch.jit.load differs from PyTorch by 0.5 (> tolerance 0.1); not written' in capsys.readouterr().err
+    assert (f'{out}: torch.jit.load differs from PyTorch by 0.5 (> tolerance 0.1); not written'
+            in capsys.readouterr().err)
     assert out.read_bytes() == good
 
     def load_with_a_nan_weight(*a, **k):
@@ -98,7 +99,8 @@ def test_export_failed_verification_writes_nothing_and_keeps_the_earlier_file(tm
     monkeypatch.setattr(torch.jit, 'load', load_with_a_nan_weight)
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count('\n') == 1 and f"{out}: TorchScript gives NaN/inf logits for batch 1 where PyTorch's are finite" in err
+    assert err.count('\n') == 1
+    assert f"{out}: TorchScript gives NaN/inf logits for batch 1 where PyTorch's are finite" in err
     assert out.read_bytes() == good
     assert sorted(os.listdir(tmp_path)) == ['model.pt', 'run']  # no temporary file left beside it
 
@@ -137,7 +139,8 @@ def test_export_user_errors_are_one_line(tmp_path, capsys):
     for args, expected in (
             (['--model', 'sequencer2d_s', '--checkpoint', str(tmp_path / 'missing.pth')], 'no such checkpoint file'),
             (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '13'], 'opsets 18 to'),
-            (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '17'], 'with --exporter torchscript'),
+            (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '17'],
+             'with --exporter torchscript'),
             (['--model', 'sequencer2d_m', '--model-kwargs', *TINY_ARGS, '--opset', '99'], '--opset 99: the dynamo')):
         assert main(['export', *args, '--format', 'onnx', '--output', str(tmp_path / 'x.onnx')]) == 2
         err = capsys.readouterr().err

@@ -39,7 +39,8 @@ def test_commands_name_the_file_in_the_way(afile, capsys):
     tiny = ['--model', 'sequencer2d_s', '--model-kwargs', 'layers=(1,1,1,1)', 'embed_dims=(8,8,8,8)',
             'hidden_sizes=(4,4,4,4)', '--img-size', '32']
     bench = ['--model', 'sequencer2d_s', '--layers', '1,1,1,1', '--img-size', '32', '--iters', '1', '--warmup', '0']
-    for argv, option in ((['export', *tiny, '--format', 'torchscript', '--output', 'afile/m.pt'], '--output afile/m.pt'),
+    for argv, option in ((['export', *tiny, '--format', 'torchscript', '--output', 'afile/m.pt'],
+                          '--output afile/m.pt'),
                          (['benchmark', *bench, '--results-file', 'afile/x.csv'], '--results-file afile/x.csv')):
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -293,7 +293,10 @@ def test_nonfinite_loss_stops_keeping_the_last_checkpoint_or_skips(tmp_path, dat
 def _odd_images(folder):
     """Files that must load as RGB: name -> (expected size (w, h), expected pixel (0, 0))."""
     os.makedirs(folder, exist_ok=True)
-    p = lambda name: os.path.join(folder, name)
+
+    def p(name):
+        return os.path.join(folder, name)
+
     Image.fromarray(np.full((20, 30), 100, np.uint8)).save(p('gray.jpg'), quality=100)
     Image.new('CMYK', (30, 20), (0, 255, 255, 0)).save(p('cmyk.jpg'), quality=100)
     Image.new('RGBA', (30, 20), (10, 20, 30, 0)).save(p('rgba.png'))
@@ -321,7 +324,10 @@ def _odd_images(folder):
 def _bad_files(folder):
     """Unreadable files with image names: name -> what PIL says."""
     os.makedirs(folder, exist_ok=True)
-    p = lambda name: os.path.join(folder, name)
+
+    def p(name):
+        return os.path.join(folder, name)
+
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p('tmp.jpg'))
     whole = open(p('tmp.jpg'), 'rb').read()
     os.unlink(p('tmp.jpg'))

@@ -25,7 +25,8 @@ def run(cmd, cwd, timeout=600, check=True):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS='1')
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -249,10 +250,12 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
         (['train', data, *TINY, '-b', '2', '--opt', 'nosuchopt'], '--opt nosuchopt'),
         (['validate', data, *TINY, '--checkpoint', str(tmp_path / 'none.pth')], 'no such checkpoint file'),
         (['train', data, *TINY[:-1], '4', '-b', '2'], 'smaller than the model\'s total patch size'),
-        (['train', data, *TINY, '-b', '2', '--torchcompile-mode', 'fastest'], '--torchcompile-mode fastest: Unrecognized mode'),
+        (['train', data, *TINY, '-b', '2', '--torchcompile-mode', 'fastest'],
+         '--torchcompile-mode fastest: Unrecognized mode'),
         (['train', data, *TINY, '-b', '2', '--torchcompile', 'aot_eager', '--torchcompile-mode', 'max-autotune'],
          '--torchcompile-mode max-autotune: only the inductor backend takes a mode, not --torchcompile aot_eager'),
-        (['train', data, *TINY, '-b', '2', '--torchcompile', 'nosuchbackend'], "--torchcompile nosuchbackend: Invalid backend"),
+        (['train', data, *TINY, '-b', '2', '--torchcompile', 'nosuchbackend'],
+         "--torchcompile nosuchbackend: Invalid backend"),
     ]
     for argv, message in cases:
         out = ['--output', str(tmp_path / 'out')] if argv[0] == 'train' else []

@@ -127,7 +127,8 @@ _MODELS = '''
         m.zero_grad(set_to_none=True)
         x = torch.randn(2, 3, 28, 42, generator=torch.Generator().manual_seed(1), requires_grad=True)
         torch.manual_seed(seed)   # the same drop-path draws
-        with triton_on_cpu(), cpu_kernel_disabled():   # the backward too: checkpointed blocks run their forward again there
+        # the backward too: checkpointed blocks run their forward again there
+        with triton_on_cpu(), cpu_kernel_disabled():
             with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
                 out = m(x)
             (out.float() * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()

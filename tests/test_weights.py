@@ -211,7 +211,8 @@ def test_pretrained_falls_back_to_timm_hub_copy(monkeypatch):
 
 def test_pretrained_unavailable_names_every_source(monkeypatch):
     monkeypatch.setattr(torch.hub, 'download_url_to_file', lambda *a, **k: (_ for _ in ()).throw(OSError('offline')))
-    with pytest.raises(CheckpointError, match=r'sequencer2d_s: published weights unavailable: .*sequencer2d_s.pth.*hf-hub'):
+    with pytest.raises(CheckpointError,
+                       match=r'sequencer2d_s: published weights unavailable: .*sequencer2d_s.pth.*hf-hub'):
         create_model('sequencer2d_s', pretrained=True)
     with pytest.raises(CheckpointError, match='gru_sequencer2d_s: no published weights'):
         create_model('gru_sequencer2d_s', pretrained=True)

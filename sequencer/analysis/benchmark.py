@@ -26,7 +26,8 @@ Figures reported per model and mode:
   achieved ``gmac_per_s``: forward MACs for inference, 3x forward MACs for training (forward + backward
   for inputs and weights; the recomputation of gradient checkpointing is not counted as useful work);
 * with ``--matmul-peak``, the machine's measured matrix-multiply peak (the fastest of repeated large
-  GEMMs in the benchmark's precision, probed before and after the model steps) and ``fraction_of_peak`` = achieved FLOP/s (2 per MAC) / peak FLOP/s.
+  GEMMs in the benchmark's precision, probed before and after the model steps) and ``fraction_of_peak`` =
+  achieved FLOP/s (2 per MAC) / peak FLOP/s.
 
 Results go to stdout as a table, and with ``--results-file`` to CSV or JSON (by extension, written
 atomically).
@@ -94,7 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help='run the model(s) through torch.compile (dynamic=False: the benchmark\'s shapes are '
                              'fixed; compilation happens in the warm-up steps)')
     parser.add_argument('--compile-mode', default=None,
-                        help="torch.compile mode ('default', 'reduce-overhead', 'max-autotune', ...); implies --compile")
+                        help="torch.compile mode ('default', 'reduce-overhead', 'max-autotune', ...); "
+                             "implies --compile")
     parser.add_argument('--timm-eager', action='store_true',
                         help="with --compile and --compare-timm: compile our model only and time timm's eager (the "
                              "comparison of the GPU training target)")
@@ -655,7 +657,8 @@ def run(args) -> int:
         engine = _resolved_engine(ours, mode, device, args.precision, compiled=compile_)
         fused_mlp = _fused_mlp_active(ours, mode, device, args.precision, compile_)
         fused_norm = _fused_norm_active(ours, device, compile_)
-        engines.append(f"{mode}: {engine}" + (' + fused MLP' if fused_mlp else '') + (' + fused norm' if fused_norm else ''))
+        engines.append(f"{mode}: {engine}" + (' + fused MLP' if fused_mlp else '')
+                       + (' + fused norm' if fused_norm else ''))
         for name, ts in times.items():
             mean = sum(ts) / len(ts)
             ips = args.batch_size / mean

@@ -144,8 +144,8 @@ def save_heatmaps(maps: Dict[int, np.ndarray], output: str, title: str = '', com
 # ---- command --------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser):
     parser.description = (
-        "Effective receptive field of each stage, as in the paper's ERF visualisation: for K images, one at a time, the "
-        "gradient of the summed centre-position features of a stage's output with respect to the input, "
+        "Effective receptive field of each stage, as in the paper's ERF visualisation: for K images, one at a time, "
+        "the gradient of the summed centre-position features of a stage's output with respect to the input, "
         "ReLU, summed over the images and the colour channels, log10(x + 1). Writes erf_stage<i>.npy (that "
         "array), erf_stage<i>.png (its heatmap), erf.png (all stages on one colour scale) and erf.csv (the "
         "fraction of the image area holding 20/30/50/99% of the gradient, per stage).")
@@ -154,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     add_model_arguments(parser)
     parser.add_argument('--img-size', type=COUNT, default=None,
                         help="input resolution (default: the run's training resolution, else the model's)")
-    parser.add_argument('--num-images', '-k', type=COUNT, default=32, help='images used: the first K, sorted (default: %(default)s)')
+    parser.add_argument('--num-images', '-k', type=COUNT, default=32,
+                        help='images used: the first K, sorted (default: %(default)s)')
     parser.add_argument('--stages', type=NATURAL, nargs='+', default=None,
                         help='stages to analyse (default: all)')
     parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')

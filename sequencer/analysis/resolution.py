@@ -52,7 +52,8 @@ def sweep(model: nn.Module, data_dir: str, sizes: Sequence[int], split: str = 'v
     check_classes(model, dataset, weights, data_dir)
     results = []
     for size in sizes:
-        cfg = config(size) if config is not None else data_config(model, img_size=size, crop_pct=crop_pct, flag='--sizes')
+        cfg = (config(size) if config is not None
+               else data_config(model, img_size=size, crop_pct=crop_pct, flag='--sizes'))
         loader = create_eval_loader(dataset, cfg, batch_size=batch_size, workers=workers, device=device,
                                     bad_samples=bad_samples)
         r = evaluate(model, loader, device=device, amp_dtype=amp_dtype, log_every=log_every if log else 0,
@@ -121,13 +122,16 @@ def add_arguments(parser: argparse.ArgumentParser):
     add_model_arguments(parser, multiple=True)
     parser.add_argument('--sizes', type=COUNT, nargs='+', required=True, metavar='PX',
                         help='test resolutions, e.g. 128 160 192 224 256 320 384')
-    parser.add_argument('--split', default='validation', help="split folder to use if DATA has several (default: %(default)s, which finds val/)")
+    parser.add_argument('--split', default='validation',
+                        help="split folder to use if DATA has several (default: %(default)s, which finds val/)")
     parser.add_argument('--crop-pct', type=POSITIVE, default=None, help="centre-crop fraction (default: the model's)")
     parser.add_argument('-b', '--batch-size', type=COUNT, default=64, help='batch size (default: %(default)s)')
-    parser.add_argument('-j', '--workers', type=NATURAL, default=2, help='data loading processes (default: %(default)s)')
+    parser.add_argument('-j', '--workers', type=NATURAL, default=2,
+                        help='data loading processes (default: %(default)s)')
     parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
                         help='evaluate under autocast with this dtype (default: float32)')
-    parser.add_argument('--log-interval', type=NATURAL, default=50, help='batches between progress lines, 0 for none (default: %(default)s)')
+    parser.add_argument('--log-interval', type=NATURAL, default=50,
+                        help='batches between progress lines, 0 for none (default: %(default)s)')
     parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
 
 

@@ -68,7 +68,8 @@ def imagenet_class_index(folder_names: Sequence[str]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def corruption_errors(errors: Dict[str, Sequence[float]], alexnet: Dict[str, float] = ALEXNET_ERRORS) -> Dict[str, Dict]:
+def corruption_errors(errors: Dict[str, Sequence[float]],
+                      alexnet: Dict[str, float] = ALEXNET_ERRORS) -> Dict[str, Dict]:
     """Per corruption: its top-1 errors by severity (fractions), their mean and the corruption error
     CE = mean error / AlexNet's mean error."""
     out = {}
@@ -183,7 +184,8 @@ def markdown(rows: Sequence[Dict], title: str = '') -> str:
 
 
 def corruption_markdown(ces: Dict[str, Dict]) -> str:
-    lines = ['| corruption | error by severity (%) | mean error (%) | AlexNet error (%) | CE (%) |', '|---|---|---|---|---|']
+    lines = ['| corruption | error by severity (%) | mean error (%) | AlexNet error (%) | CE (%) |',
+             '|---|---|---|---|---|']
     for name, c in ces.items():
         errs = ' / '.join(f"{100 * e:.1f}" for e in c['errors'])
         lines.append(f"| {name} | {errs} | {100 * c['error']:.2f} | {100 * c['alexnet']:.2f} | {100 * c['ce']:.2f} |")
@@ -215,7 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--crop-pct', type=POSITIVE, default=None,
                         help="centre-crop fraction for A / R / Sketch / V2 (default: the model's; ImageNet-C uses 1.0)")
     parser.add_argument('-b', '--batch-size', type=COUNT, default=64, help='batch size (default: %(default)s)')
-    parser.add_argument('-j', '--workers', type=NATURAL, default=2, help='data loading processes (default: %(default)s)')
+    parser.add_argument('-j', '--workers', type=NATURAL, default=2,
+                        help='data loading processes (default: %(default)s)')
     parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
                         help='evaluate under autocast with this dtype (default: float32)')
     parser.add_argument('--log-interval', type=NATURAL, default=50,
@@ -247,7 +250,8 @@ def run(args) -> int:
                                                     batch_size=args.batch_size, workers=args.workers, device=device,
                                                     amp_dtype=amp, allow_partial=args.allow_partial)
         c = results['imagenet_c']
-        print(f"  mCE {c['mce']:.2f}%  (unnormalised mean error {c['mean_error']:.2f}%, {c['num_corruptions']} corruptions)")
+        print(f"  mCE {c['mce']:.2f}%  (unnormalised mean error {c['mean_error']:.2f}%, "
+              f"{c['num_corruptions']} corruptions)")
     cfg = loaded.data_config(img_size=args.img_size, crop_pct=args.crop_pct)
     for key, display in FOLDER_BENCHMARKS:
         if key in benches:

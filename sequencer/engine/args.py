@@ -205,7 +205,8 @@ def _model_args(parser, training: bool):
                    "model's)")
     g.add_argument('--mean', type=float, nargs='+', default=None, help="mean pixel value (default: the model's)")
     g.add_argument('--std', type=POSITIVE, nargs='+', default=None, help="pixel std (default: the model's)")
-    g.add_argument('--interpolation', default='', choices=['', *INTERPOLATIONS], help='resize interpolation (default: the model\'s)')
+    g.add_argument('--interpolation', default='', choices=['', *INTERPOLATIONS],
+                   help='resize interpolation (default: the model\'s)')
     g.add_argument('-b', '--batch-size', type=COUNT, default=128 if training else 256,
                    help='batch size per process' + (' (on the CPU, refused before training where a step would '
                                                     'not fit in memory)' if training else ''))
@@ -281,7 +282,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--decay-rate', '--dr', type=NONNEG, default=0.1)
     g = parser.add_argument_group('Augmentation and regularisation')
     g.add_argument('--no-aug', action='store_true', help='no training augmentation at all')
-    g.add_argument('--scale', type=Range(float, 0, 1, open_low=True), nargs=2, default=[0.08, 1.0], help='random-resized-crop scale')
+    g.add_argument('--scale', type=Range(float, 0, 1, open_low=True), nargs=2, default=[0.08, 1.0],
+                   help='random-resized-crop scale')
     g.add_argument('--ratio', type=POSITIVE, nargs=2, default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
     g.add_argument('--hflip', type=PROB, default=0.5)
     g.add_argument('--vflip', type=PROB, default=0.)

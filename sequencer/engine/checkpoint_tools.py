@@ -112,7 +112,8 @@ def select_checkpoints(ckpts: Sequence[RunCheckpoint], last: Optional[int] = Non
     return sorted(chosen, key=lambda c: (c.epoch is None, c.epoch or 0, c.path))
 
 
-def average_state_dicts(state_dicts: Sequence[Dict[str, torch.Tensor]], names: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+def average_state_dicts(state_dicts: Sequence[Dict[str, torch.Tensor]],
+                        names: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
     """The element-wise mean of floating-point tensors (accumulated in float64, returned in the original
     dtype); integer tensors (e.g. BatchNorm's ``num_batches_tracked``) are taken from the last state dict.
     All state dicts must have the same keys and shapes."""
@@ -158,7 +159,8 @@ def _write_weights(sd: Dict[str, torch.Tensor], path: str, metadata: Dict[str, s
 
 
 def average_checkpoints(paths: Sequence[str], output: str, last: Optional[int] = None, best: Optional[int] = None,
-                        use_ema: bool = False, lower_is_better: bool = False, log=print) -> Tuple[str, List[RunCheckpoint]]:
+                        use_ema: bool = False, lower_is_better: bool = False,
+                        log=print) -> Tuple[str, List[RunCheckpoint]]:
     """Average the chosen checkpoints' weights into ``output``; returns (sha256, the checkpoints used)."""
     chosen = select_checkpoints(find_checkpoints(paths), last=last, best=best, lower_is_better=lower_is_better)
     if any(os.path.exists(output) and os.path.samefile(c.path, output) for c in chosen):

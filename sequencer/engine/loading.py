@@ -80,7 +80,8 @@ class LoadedModel:
         """The run's training resolution where the checkpoint records it, else the model's default."""
         args = _args_of(self.meta)
         size = args.get('img_size') or (args.get('input_size') or [None])[-1]
-        return int(size) if isinstance(size, (int, float)) and size else int(self.model.pretrained_cfg['input_size'][-1])
+        return (int(size) if isinstance(size, (int, float)) and size
+                else int(self.model.pretrained_cfg['input_size'][-1]))
 
     def data_config(self, img_size: Optional[int] = None, crop_pct: Optional[float] = None,
                     flag: str = '--img-size') -> Dict:

@@ -328,11 +328,13 @@ def run_folder(args, resume_path: str) -> str:
     if args.experiment:
         return os.path.join(root, args.experiment)
     size = args.input_size[-1] if args.input_size else (args.img_size or '')
-    return os.path.join(root, '-'.join(str(p) for p in (datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, size) if p))
+    parts = (datetime.now().strftime('%Y%m%d-%H%M%S'), args.model, size)
+    return os.path.join(root, '-'.join(str(p) for p in parts if p))
 
 
 # ---- memory on the CPU ------------------------------------------------------------------------------------
-def activation_bytes(model: torch.nn.Module, input_size, amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
+def activation_bytes(model: torch.nn.Module, input_size,
+                     amp_dtype: Optional[torch.dtype] = None) -> Tuple[float, float]:
     """(per step, per image) bytes autograd keeps for the backward pass of ``model`` on images of ``input_size``
     (C, H, W), parameters excluded: measured in two forward passes of one small image (2 and 4 times the model's
     total patch size), extrapolated linearly in the number of tokens of the first stage (a Sequencer's

@@ -192,11 +192,13 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--output', '-o', required=True, metavar='FILE', help='output file (.onnx / .pt)')
     parser.add_argument('--img-size', type=COUNT, default=None,
                         help="input resolution (default: the run's training resolution, else the model's)")
-    parser.add_argument('--opset', type=int, default=18, help="ONNX opset, from 17 to the newest torch's exporter supports (default: %(default)s)")
+    parser.add_argument('--opset', type=int, default=18,
+                        help="ONNX opset, from 17 to the newest torch's exporter supports (default: %(default)s)")
     parser.add_argument('--exporter', default='dynamo', choices=['dynamo', 'torchscript'],
                         help="ONNX exporter: torch.export ('dynamo', the supported one) or the older "
                              "TorchScript-based one, faster (default: %(default)s)")
-    parser.add_argument('--tolerance', type=NONNEG, default=1e-4, help='largest allowed absolute difference (default: %(default)s)')
+    parser.add_argument('--tolerance', type=NONNEG, default=1e-4,
+                        help='largest allowed absolute difference (default: %(default)s)')
     parser.add_argument('--no-verify', action='store_true', help='skip loading the file back and comparing')
 
 

@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser):
         "Classify images: print the top-k classes of each image with their probabilities. Class names are "
         "ImageNet-1K's for a 1000-class model, or the run's (from the checkpoint or a class map beside it), "
         "or those of --class-map. --json prints a JSON list with one entry per image instead.")
-    parser.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR', help='image files or folders (searched recursively)')
+    parser.add_argument('images', nargs='+', metavar='IMAGE_OR_DIR',
+                        help='image files or folders (searched recursively)')
     add_model_arguments(parser)
     parser.add_argument('--topk', '-k', type=COUNT, default=5, help='classes per image (default: %(default)s)')
     parser.add_argument('--class-map', default=None, metavar='FILE',
@@ -72,7 +73,10 @@ def run(args) -> int:
     import sys
     paths = list_images(args.images)
     device = resolve_device(args.device)
-    log = (lambda msg: print(msg, file=sys.stderr))
+
+    def log(msg):
+        print(msg, file=sys.stderr)
+
     loaded = model_from_args(args, device=device, log=log)
     names = class_names(loaded, args.class_map)
     results = predict(loaded.model, paths, names, topk=args.topk, batch_size=args.batch_size, device=device,

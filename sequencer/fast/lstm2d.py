@@ -157,7 +157,10 @@ def _recurrence_torch(xp_rows, w_hh_t, rows, inv, D, N, hidden, out_rows, save):
     T = rows.shape[0]
     G = 4 * hidden
     dev, dt = xp_rows.device, xp_rows.dtype
-    new = lambda *shape: torch.empty(*shape, device=dev, dtype=dt)
+
+    def new(*shape):
+        return torch.empty(*shape, device=dev, dtype=dt)
+
     act = xp_rows.index_select(0, rows.view(-1)).view(T, D, N, G)   # input gates in step order
     hs = new(T, D, N, hidden)
     if save:
@@ -197,7 +200,10 @@ def _backward_torch(gy_rows, act, cs, sc, w_hh, rows, inv, D, N, hidden, dxp_row
     T = rows.shape[0]
     G = 4 * hidden
     dev, dt = gy_rows.device, gy_rows.dtype
-    new = lambda *shape: torch.empty(*shape, device=dev, dtype=dt)
+
+    def new(*shape):
+        return torch.empty(*shape, device=dev, dtype=dt)
+
     gys = gy_rows.index_select(0, rows.view(-1)).view(T, D, N, hidden)   # output gradient in step order
     dD = new(D, N, G)
     dGs = new(T, D, N, G)

@@ -252,8 +252,8 @@ class _KernelLastWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        O, C, kh, kw = ctx.shape
-        return g.reshape(O, kh, kw, C).permute(0, 3, 1, 2).contiguous()
+        Cout, C, kh, kw = ctx.shape
+        return g.reshape(Cout, kh, kw, C).permute(0, 3, 1, 2).contiguous()
 
 
 def patch_linear(x: torch.Tensor, conv: nn.Conv2d, channels_first: bool = False) -> torch.Tensor:

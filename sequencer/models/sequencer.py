@@ -224,9 +224,10 @@ class Sequencer2D(_Sequencer):
 
     def __init__(self, *, bidirectional: bool = True, union: str = 'cat', with_fc: bool = True,
                  rnn_layer: str = 'lstm', num_rnn_layers: int = 1, img_size: Optional[int] = None, **kwargs):
-        mixer = lambda i, hidden: partial(RNN2D, hidden_size=hidden, num_layers=num_rnn_layers,
-                                          bidirectional=bidirectional, union=union, with_fc=with_fc,
-                                          rnn_layer=rnn_layer)
+        def mixer(i, hidden):
+            return partial(RNN2D, hidden_size=hidden, num_layers=num_rnn_layers, bidirectional=bidirectional,
+                           union=union, with_fc=with_fc, rnn_layer=rnn_layer)
+
         super().__init__(mixer, **kwargs)
         self.union, self.with_fc, self.bidirectional, self.rnn_layer = union, with_fc, bidirectional, rnn_layer
 
@@ -242,8 +243,10 @@ class VanillaSequencer(_Sequencer):
                  ape: bool = False, shuffle: bool = False, img_size: int = 224,
                  layers=(4, 3, 8, 3), patch_sizes=(14, 1, 1, 1), embed_dims=(384, 384, 384, 384),
                  hidden_sizes=(192, 192, 192, 192), **kwargs):
-        mixer = lambda i, hidden: partial(RNN1D, hidden_size=hidden, num_layers=num_rnn_layers,
-                                          bidirectional=bidirectional, rnn_layer=rnn_layer)
+        def mixer(i, hidden):
+            return partial(RNN1D, hidden_size=hidden, num_layers=num_rnn_layers,
+                           bidirectional=bidirectional, rnn_layer=rnn_layer)
+
         super().__init__(mixer, layers=layers, patch_sizes=patch_sizes, embed_dims=embed_dims,
                          hidden_sizes=hidden_sizes, **kwargs)
         self.ape, self.img_size = ape, img_size

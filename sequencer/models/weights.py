@@ -252,7 +252,8 @@ def load_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool 
     own = model.state_dict()
     if reset_head:
         sd = {k: v for k, v in sd.items() if not (k.startswith('head.') and (k not in own or own[k].shape != v.shape))}
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+             for k, v in sd.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in sd and not (reset_head and k.startswith('head.'))]
     unexpected = [k for k in sd if k not in own]
     name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
@@ -294,6 +295,7 @@ def load_pretrained(model: nn.Module, spec) -> nn.Module:
             errors.append(str(e))
             continue
         head = model.get_classifier()
-        load_state_dict(model, sd, source=source, reset_head=not isinstance(head, nn.Linear) or head.out_features != 1000)
+        load_state_dict(model, sd, source=source,
+                        reset_head=not isinstance(head, nn.Linear) or head.out_features != 1000)
         return model
     raise CheckpointError(f"{spec.name}: published weights unavailable: " + ' | '.join(errors))
