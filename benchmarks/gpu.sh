@@ -18,11 +18,16 @@
 # infer: inference, batch 256, bf16:
 #          infer_eager, infer_compiled   both models eager; both under torch.compile (fused engine)
 #          infer_auto   both models eager, ours with the default engine ('auto': cuDNN for eager inference)
+# compare: Sequencer2D-S against timm's sequencer2d_s (same weights), ConvNeXt-T and Swin-T, all eager, bf16,
+#          batch 256, in one run each:
+#          compare_train, compare_infer   ours with the fused engine
 # diag:    tests        the CUDA tests (Triton kernels against float64, fp32 and bf16 autocast, torch.compile;
 #                       the Triton pre-norms against plain LayerNorms)
 #          accuracy     each engine's error under bf16 autocast (benchmarks/gpu_accuracy.py)
 #          profile_fused, profile_timm   one training step of each model under torch.profiler
 #                       (benchmarks/profile_step.py)
+# session: what one short device session runs (about 8 minutes): train_fused, infer_eager, infer_auto,
+#          compare_train, compare_infer, tests.
 # The minute figures are estimates (compilation dominates the compiled steps), not measurements.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +39,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # each step is a process of its own: with this, Triton versions that know the variable keep the LSTM kernels'
 # autotuning results on disk beside the compiled kernels, so only the first step times the launch candidates
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
-PARTS=(train infer diag)
+PARTS=(train infer compare diag)
 STEPS=(train_fused train_fused_plain_norm train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
-       infer_eager infer_compiled infer_auto tests accuracy profile_fused profile_timm)
+       infer_eager infer_compiled infer_auto compare_train compare_infer tests accuracy profile_fused profile_timm)
+WHAT=${WHAT//session/train_fused,infer_eager,infer_auto,compare_train,compare_infer,tests}
 IFS=, read -ra ITEMS <<<"$WHAT"
 if [[ ${#ITEMS[@]} -eq 0 ]]; then ITEMS=(""); fi
 for w in "${ITEMS[@]}"; do
@@ -84,7 +90,12 @@ bench infer infer_eager 120 "${INFER[@]}" --rnn-engine fused
 bench infer infer_compiled 400 "${INFER[@]}" --rnn-engine fused --compile
 bench infer infer_auto 120 "${INFER[@]}" --rnn-engine auto
 
-step diag tests 300 "$PY" -m pytest -p no:warnings tests/test_fused.py tests/test_triton_norm.py -k cuda
+OTHERS=(sequencer2d_s convnext_tiny swin_tiny_patch4_window7_224)
+bench compare compare_train 240 "${TRAIN[@]}" --rnn-engine fused --compare-timm "${OTHERS[@]}" --iters 10
+bench compare compare_infer 150 "${INFER[@]}" --rnn-engine fused --compare-timm "${OTHERS[@]}" --iters 15
+
+step diag tests 300 "$PY" -m pytest -p no:warnings tests/test_fused.py tests/test_triton_norm.py tests/test_numerics.py \
+    -k "cuda or gpu"
 step diag accuracy 60 "$PY" benchmarks/gpu_accuracy.py
 step diag profile_fused 90 "$PY" benchmarks/profile_step.py --rnn-engine fused --top 30
 step diag profile_timm 90 "$PY" benchmarks/profile_step.py --timm --top 15

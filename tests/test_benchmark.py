@@ -242,7 +242,8 @@ def test_gpu_script_runs_the_steps_asked_for(tmp_path):
 
     assert ran('train_fused_cudagraphs,tests') == ['train_fused_cudagraphs', 'tests']
     assert ran('infer') == ['infer_eager', 'infer_compiled', 'infer_auto']
-    assert len(ran('all')) == 14
+    assert len(ran('all')) == 16
+    assert ran('session') == ['train_fused', 'infer_eager', 'infer_auto', 'compare_train', 'compare_infer', 'tests']
     assert ran('diag') == ['tests', 'accuracy', 'profile_fused', 'profile_timm']
     assert ran('train')[:2] == ['train_fused', 'train_fused_plain_norm']
     log = (tmp_path / 'out' / 'train_fused_cudagraphs.log').read_text()
@@ -253,6 +254,9 @@ def test_gpu_script_runs_the_steps_asked_for(tmp_path):
     log = (tmp_path / 'out' / 'infer_auto.log').read_text()
     assert '--mode infer' in log and '--rnn-engine auto' in log and '--rnn-engine fused' not in log
     assert 'benchmarks/profile_step.py --timm' in (tmp_path / 'out' / 'profile_timm.log').read_text()
+    log = (tmp_path / 'out' / 'compare_train.log').read_text()
+    assert '--compare-timm sequencer2d_s convnext_tiny swin_tiny_patch4_window7_224' in log
+    assert 'tests/test_numerics.py' in (tmp_path / 'out' / 'tests.log').read_text()
     for what, name in (('train,nosuchstep', 'nosuchstep'), ('train infer', 'train infer'), ('train,,tests', '')):
         bad = subprocess.run(['bash', script, what], env=env, capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and f"unknown step or part '{name}'" in bad.stderr, (what, bad.stderr)
