@@ -6,8 +6,8 @@ import sys
 import pytest
 from imagedata import make_image_folder
 
-from sequencer.cli import main
 from sequencer.analysis.model_table import markdown, rows
+from sequencer.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

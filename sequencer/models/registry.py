@@ -242,7 +242,7 @@ def wrap_features(
     cfg['out_indices'] = _stage_indices(indices)
     if issubclass(cls, (FeatureDictNet, FeatureListNet)):
         # these re-run the model's children in order: they miss what its forward does between them
-        if getattr(model, 'absolute_pos_embed', None) is not None or getattr(model, 'shuffle_patches', None) is not None:
+        if any(getattr(model, a, None) is not None for a in ('absolute_pos_embed', 'shuffle_patches')):
             raise ValueError(f"feature_cls={cls.__name__} re-runs the model's modules as a chain and would skip "
                              "its position embedding / patch shuffle; use 'getter', 'fx' or 'hook'")
         cfg.setdefault('flatten_sequential', True)  # stages.N are one Sequential deep
