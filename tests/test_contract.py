@@ -404,11 +404,11 @@ def test_feature_arguments_are_checked():
         with pytest.raises(ValueError, match='out_indices'):
             build(name, features_only=True, out_indices=bad)
     # feature_cfg may name the class and the stages; the keyword arguments win over it
-    fx = build(name, features_only=True, feature_cfg=dict(feature_cls='fx', out_indices=(1,)))
-    assert isinstance(fx, FeatureGraphNet) and fx.feature_info.out_indices == (1,)
-    hook = build(name, features_only=True, feature_cls='hook', out_indices=(2,),
-                 feature_cfg=dict(feature_cls='fx', out_indices=(1,)))
-    assert isinstance(hook, FeatureHookNet) and hook.feature_info.out_indices == (2,)
+    hook = build(name, features_only=True, feature_cfg=dict(feature_cls='hook', out_indices=(1,)))
+    assert isinstance(hook, FeatureHookNet) and hook.feature_info.out_indices == (1,)
+    chain = build(name, features_only=True, feature_cls='dict', out_indices=(2,),
+                  feature_cfg=dict(feature_cls='hook', out_indices=(1,)))
+    assert isinstance(chain, FeatureDictNet) and chain.feature_info.out_indices == (2,)
 
 
 # ---- layering -------------------------------------------------------------------------------------------
