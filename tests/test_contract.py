@@ -50,6 +50,17 @@ SIZE = 64                                      # the side of the small inputs
 SHRINK = 8                                     # width divisor of the non-REAL rows
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """These checks are about the API and the numbers, not speed: on one thread. (On a shared 2-core machine two
+    threads make oneDNN's LSTM wait at a barrier on every time step for a busy core: seconds per call where one
+    thread takes a millisecond.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(name: str, engine=None, **kwargs) -> torch.nn.Module:
     """``sequencer.create_model(name, **kwargs)``: as in the table for REAL, else one block per stage and widths
     divided by SHRINK (which keeps every row's width constraints: with_fc=False and the vanilla mixer need
