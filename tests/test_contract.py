@@ -9,10 +9,10 @@ numerically against eager ones or hand-computed references.
 
 Models come from ``sequencer.create_model`` (the default engine). FX tracing is checked on the default and
 the 'native' engine; TorchScript the timm way (built inside ``set_layer_config(scriptable=True)``) and on a
-model built on the default engine. Each of timm's checks runs the real Sequencer2D-S and vanilla Sequencer-S
-(marked slow); the other rows keep what makes them a variant (mixer, union, fc, RNN kind, position embedding,
-patch sizes, input size) and are built with one block per stage and an eighth of the widths, since the point
-there is the API.
+model built on the default engine. Each of timm's checks runs the real Sequencer2D-S and vanilla Sequencer-S;
+the other rows keep what makes them a variant (mixer, union, fc, RNN kind, position embedding, patch sizes,
+input size) and are built with one block per stage and an eighth of the widths, since the point there is the
+API. The checks run on one thread (see ``_one_thread``).
 """
 import ast
 import functools
@@ -41,10 +41,11 @@ REAL = ('sequencer2d_s', 'v_sequencer_s')     # built as in the table
 
 
 def slow_if_real(name: str):
+    """Scripting the real models takes about 5 s each."""
     return pytest.param(name, marks=pytest.mark.slow) if name in REAL else name
 
 
-NAMES = [slow_if_real(n) for n in sequencer.list_models()]
+NAMES = sequencer.list_models()
 ENGINES = [pytest.param(None, id='default'), pytest.param('native', id='native')]
 SIZE = 64                                      # the side of the small inputs
 SHRINK = 8                                     # width divisor of the non-REAL rows
@@ -291,7 +292,6 @@ def test_forward_intermediates(name):
 
 # ---- torch.fx -------------------------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize('engine', ENGINES)
 @pytest.mark.parametrize('name', NAMES)
 def test_fx_graph_forward_equals_eager_and_backward_reaches_every_parameter(name, engine):
@@ -336,8 +336,7 @@ def check_scripted(model, batch: int = 2):
     assert torch.isfinite(out).all() and out.std() > 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', [slow_if_real(n) for n in NAMES])
 def test_torchscript_equals_eager(name):
     """timm's way: the model built inside ``set_layer_config(scriptable=True)``, then scripted."""
     with set_layer_config(scriptable=True):
@@ -352,7 +351,6 @@ def test_torchscript_of_a_model_on_the_default_engine(name):
     check_scripted(random_head(build(name)).eval())
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('name', ['sequencer2d_s_add', 'v_sequencer_s_pe'])
 def test_torchscript_of_fx_features(name):
     """timm's FX-feature backbone, scripted (as timm's test of ``feature_cls='fx'`` under TorchScript; API only: two
