@@ -2,10 +2,12 @@
 
     model = torch.hub.load('path/to/sequencer', 'sequencer2d_s', source='local', pretrained=True)
     model = torch.hub.load('path/to/sequencer', 'sequencer2d_s', source='local', num_classes=10)
+    backbone = torch.hub.load('path/to/sequencer', 'sequencer2d_s', source='local', features_only=True)
 
-Each entry point takes ``create_model``'s arguments: ``pretrained`` (the published ImageNet-1K weights, for
-the models that have them), ``checkpoint_path``, ``num_classes``, ``features_only`` and any constructor
-argument of the model's family.
+Each entry point takes ``sequencer.create_model``'s arguments: ``pretrained`` (the published ImageNet-1K
+weights, for the models that have them), ``checkpoint_path``, ``num_classes``, ``rnn_engine``, timm's
+``features_only`` / ``out_indices`` / ``feature_cls`` / ``feature_cfg``, and any constructor argument of the
+model's family (``drop_path_rate``, ``global_pool``, ...).
 """
 dependencies = ['torch', 'torchvision', 'timm', 'safetensors']
 

@@ -178,7 +178,7 @@ def create_model(
     from .weights import load_checkpoint, load_pretrained  # weights does I/O; import on use
     spec = get_spec(name)
     if not features_only and (out_indices is not None or feature_cls is not None or feature_cfg):
-        raise ValueError(f"{name}: out_indices, feature_cls and feature_cfg apply to a features_only model; "
+        raise UserError(f"{name}: out_indices, feature_cls and feature_cfg apply to a features_only model; "
                          "pass features_only=True")
     args = {**spec.args, **overrides}
     if num_classes is not None:
@@ -201,12 +201,12 @@ def _stage_indices(out_indices: Union[int, Sequence[int]]) -> Tuple[int, ...]:
     """Stage indices as non-negative ints; an int n means the last n stages."""
     if isinstance(out_indices, int):
         if not 1 <= out_indices <= NUM_STAGES:
-            raise ValueError(f"out_indices={out_indices} (the last n stages) must be 1 to {NUM_STAGES}")
+            raise UserError(f"out_indices={out_indices} (the last n stages) must be 1 to {NUM_STAGES}")
         return tuple(range(NUM_STAGES - out_indices, NUM_STAGES))
     indices = tuple(out_indices)
     bad = [i for i in indices if not isinstance(i, int) or not -NUM_STAGES <= i < NUM_STAGES]
     if not indices or bad or len({i % NUM_STAGES for i in indices}) != len(indices):
-        raise ValueError(f"out_indices {indices} must be distinct stage indices in {-NUM_STAGES}..{NUM_STAGES - 1}")
+        raise UserError(f"out_indices {indices} must be distinct stage indices in {-NUM_STAGES}..{NUM_STAGES - 1}")
     return tuple(i % NUM_STAGES for i in indices)
 
 
@@ -227,19 +227,18 @@ def wrap_features(
     cfg.pop('feature_cls', None)
     if isinstance(cls, str):
         if cls.lower() not in FEATURE_CLASSES:
-            raise ValueError(f"feature_cls must be one of {', '.join(map(repr, FEATURE_CLASSES))} "
+            raise UserError(f"feature_cls must be one of {', '.join(map(repr, FEATURE_CLASSES))} "
                              f"(or a timm feature class), got {cls!r}")
         cls = FEATURE_CLASSES[cls.lower()]
     elif not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"feature_cls must be a name or an nn.Module class, got {cls!r}")
+        raise UserError(f"feature_cls must be a name or an nn.Module class, got {cls!r}")
     indices = out_indices if out_indices is not None else cfg.pop('out_indices', tuple(range(NUM_STAGES)))
     cfg.pop('out_indices', None)
     cfg['out_indices'] = _stage_indices(indices)
     if issubclass(cls, (FeatureDictNet, FeatureListNet)):
         # these re-run the model's children in order: they miss what its forward does between them
-        if (getattr(model, 'absolute_pos_embed', None) is not None
-                or getattr(model, 'shuffle_patches', None) is not None):
-            raise ValueError(f"feature_cls={cls.__name__} re-runs the model's modules as a chain and would skip "
+        if any(getattr(model, a, None) is not None for a in ('absolute_pos_embed', 'shuffle_patches')):
+            raise UserError(f"feature_cls={cls.__name__} re-runs the model's modules as a chain and would skip "
                              "its position embedding / patch shuffle; use 'getter', 'fx' or 'hook'")
         cfg.setdefault('flatten_sequential', True)  # stages.N are one Sequential deep
     if not issubclass(cls, (FeatureDictNet, FeatureHookNet)):
