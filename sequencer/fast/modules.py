@@ -167,6 +167,13 @@ class FastRNN2D(FastModule, RNN2D):
         """The faster engine for inputs shaped like ``x`` in this grad mode and autocast, on this processor: cached,
         or timed now on a copy of ``x`` (forward, and with ``grad`` the backward of the sum, gradients taken with
         ``torch.autograd.grad``: no parameter's ``.grad`` is touched)."""
+        memo = self.__dict__.setdefault('_measured', {})   # this layer's answers, without rebuilding the key
+        memo_key = (tuple(x.shape), x.dtype, grad, amp, kernel, torch.get_num_threads())
+        if memo_key not in memo:
+            memo[memo_key] = self._measure(x, grad, amp, kernel)
+        return memo[memo_key]
+
+    def _measure(self, x: torch.Tensor, grad: bool, amp: Optional[torch.dtype], kernel: bool) -> str:
         B, H, W, C = x.shape
         key = (f"cpu {B}x{H}x{W}x{C} hidden={self.hidden_size} union={self.union} "
                f"bidirectional={self.bidirectional} fc={self.fc is not None} {str(x.dtype).replace('torch.', '')} "
@@ -327,7 +334,7 @@ class FastPatchEmbed(FastModule, PatchEmbed):
 FAST = {RNN2D: FastRNN2D, SequencerBlock: FastSequencerBlock, Mlp: FastMlp, Downsample2D: FastDownsample2D,
         PatchEmbed: FastPatchEmbed}
 PLAIN = {fast: plain for plain, fast in FAST.items()}
-_SETTINGS = ('engine', 'fused', 'fused_norm', 'fused_residual', '_lstm_refs', '_decisions')
+_SETTINGS = ('engine', 'fused', 'fused_norm', 'fused_residual', '_lstm_refs', '_decisions', '_measured')
 
 
 def to_plain(module: nn.Module) -> None:
