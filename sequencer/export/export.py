@@ -85,7 +85,8 @@ def export_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, ops
                                   opset_version=opset, dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}},
                                   dynamo=False)
         except ImportError as e:
-            raise ExportError(f"ONNX export needs the export extra (pip install 'sequencer[export]'): {e}") from None
+            raise ExportError(f"ONNX export needs the export extra (pip install 'sequencer-lstm[export]'): "
+                              f"{e}") from None
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ExportError(f"ONNX export failed ({type(e).__name__}: {first[:300]})") from None
@@ -118,7 +119,7 @@ def verify_onnx(model: nn.Module, path: str, img_size: Optional[int] = None, bat
     try:
         import onnxruntime as ort
     except ImportError as e:
-        raise ExportError(f"verifying ONNX needs onnxruntime (pip install 'sequencer[export]'): {e}") from None
+        raise ExportError(f"verifying ONNX needs onnxruntime (pip install 'sequencer-lstm[export]'): {e}") from None
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     return _max_difference(model, lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0]),
