@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md, for a machine with one CUDA device:
 #   bash benchmarks/gpu.sh [WHAT] [LOG_DIR]            (default: all, output/bench_gpu)
-# WHAT is 'all', a part (train, infer, diag) or a comma-separated list of step names and parts, e.g.
+# WHAT is 'all', a part (train, infer, compare, diag, data) or a comma-separated list of step names and parts, e.g.
 #   bash benchmarks/gpu.sh train_fused,train_fused_cudagraphs,tests
 # Each `sequencer benchmark` step writes its results to benchmarks/results/gpu-<GPU>-<step>.json (<GPU>: the
 # device's name from nvidia-smi, lower case, e.g. nvidia-h200; RESULTS_DIR=... writes them elsewhere), and
@@ -26,6 +26,16 @@
 #          accuracy     each engine's error under bf16 autocast (benchmarks/gpu_accuracy.py)
 #          profile_fused, profile_timm   one training step of each model under torch.profiler
 #                       (benchmarks/profile_step.py)
+# data:    the input pipeline against the model (`sequencer benchmark --data`): Sequencer2D-S training, 224 px,
+#          bf16, batch 256, fed by the training command's loader with the seed recipe's augmentations
+#          (RandAugment, random erasing, mixup / cutmix) over a synthetic JPEG folder (JPEG_DIR=..., default
+#          LOG_DIR/jpegs); each run times the loader alone, the synthetic step and the two together:
+#          data_jpegs          2,560 random-content 500x375 JPEGs in 10 classes (benchmarks/make_jpegs.py,
+#                              every core)                                           (under 0.5 min)
+#          data_j8, data_j16   eager, 8 and 16 loader processes                      (about 1.5 min each)
+#          data_j16_compiled   under torch.compile, 16 loader processes              (about 4 min, compiling)
+#          About 8 minutes in all. The data part runs only when named (not in 'all'); data_jpegs must have
+#          run on the machine before the other data steps.
 # session: what one short device session runs (about 8 minutes): train_fused, infer_eager, infer_auto,
 #          compare_train, compare_infer, tests.
 # The minute figures are estimates (compilation dominates the compiled steps), not measurements.
@@ -39,9 +49,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # each step is a process of its own: with this, Triton versions that know the variable keep the LSTM kernels'
 # autotuning results on disk beside the compiled kernels, so only the first step times the launch candidates
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
-PARTS=(train infer compare diag)
+PARTS=(train infer compare diag data)
 STEPS=(train_fused train_fused_plain_norm train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
-       infer_eager infer_compiled infer_auto compare_train compare_infer tests accuracy profile_fused profile_timm)
+       infer_eager infer_compiled infer_auto compare_train compare_infer tests accuracy profile_fused profile_timm
+       data_jpegs data_j8 data_j16 data_j16_compiled)
 WHAT=${WHAT//session/train_fused,infer_eager,infer_auto,compare_train,compare_infer,tests}
 IFS=, read -ra ITEMS <<<"$WHAT"
 if [[ ${#ITEMS[@]} -eq 0 ]]; then ITEMS=(""); fi
@@ -55,8 +66,8 @@ done
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
 SLUG=$(printf '%s' "${GPU:-unknown-gpu}" | tr '[:upper:]' '[:lower:]' | sed -E 's/\((r|tm)\)//g; s/[^a-z0-9]+/-/g; s/^-+|-+$//g')
 mkdir -p "$OUT" "$RESULTS"
-want() {  # want PART NAME: whether WHAT selects this step (all, its part, or its name)
-  [[ ",$WHAT," == *,all,* || ",$WHAT," == *",$1,"* || ",$WHAT," == *",$2,"* ]]
+want() {  # want PART NAME: whether WHAT selects this step (all but for the data part, its part, or its name)
+  [[ ( $1 != data && ",$WHAT," == *,all,* ) || ",$WHAT," == *",$1,"* || ",$WHAT," == *",$2,"* ]]
 }
 step() {  # step PART NAME SECONDS COMMAND...: if selected, run with a time limit, log to OUT/NAME.log
   local part=$1 name=$2 limit=$3; shift 3
@@ -99,4 +110,11 @@ step diag tests 300 "$PY" -m pytest -p no:warnings tests/test_fused.py tests/tes
 step diag accuracy 60 "$PY" benchmarks/gpu_accuracy.py
 step diag profile_fused 90 "$PY" benchmarks/profile_step.py --rnn-engine fused --top 30
 step diag profile_timm 90 "$PY" benchmarks/profile_step.py --timm --top 15
+
+JPEGS=${JPEG_DIR:-$OUT/jpegs}
+DATA=(--data "$JPEGS" --precision bf16 --batch-size 256 --mode train)
+step data data_jpegs 120 "$PY" benchmarks/make_jpegs.py "$JPEGS" --classes 10 --per-class 256 --size 500 375
+bench data data_j8 240 "${DATA[@]}" --workers 8
+bench data data_j16 240 "${DATA[@]}" --workers 16
+bench data data_j16_compiled 480 "${DATA[@]}" --workers 16 --compile
 echo "logs in $OUT, results in $RESULTS"

@@ -31,6 +31,11 @@ Figures reported per model and mode:
 
 Results go to stdout as a table, and with ``--results-file`` to CSV or JSON (by extension, written
 atomically).
+
+With ``--data DIR`` (an image folder) the benchmark asks whether the input pipeline or the model sets the pace
+of training (``--mode train``, the default there) or inference: in one run it times the training command's
+loader alone (``-j`` processes), the synthetic step above of the same model, batch, precision and device, and the
+step fed by that loader end to end (see ``data_benchmark``), then says which of the two binds.
 """
 import argparse
 import csv
@@ -65,6 +70,7 @@ from ..fast.runtime import triton_ok
 from ..models.blocks import RNN2D
 from ..models.registry import MODELS, get_spec
 from ..models.weights import CheckpointError, load_state_dict
+from . import data_benchmark
 from .flops import count_flops
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
@@ -77,9 +83,9 @@ OURS, TIMM = 'sequencer', 'timm'
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--model', '-m', default='sequencer2d_s', help="a model name from `sequencer models` "
                         "(default: sequencer2d_s)")
-    parser.add_argument('--mode', choices=MODES, default='both',
+    parser.add_argument('--mode', choices=MODES, default=None,
                         help='infer: forward under no_grad; train: zero_grad + forward + loss + backward + SGD step; '
-                             'both (default)')
+                             'both (default; with --data: train, and both is not offered)')
     parser.add_argument('--batch-size', '-b', type=COUNT, default=8, help='images per step (default 8)')
     parser.add_argument('--img-size', type=COUNT, default=None,
                         help="square input side in pixels (default: the model's input size, e.g. 224)")
@@ -137,6 +143,14 @@ def add_arguments(parser: argparse.ArgumentParser):
                              "bytes of live tensors allocated during one step (from torch.profiler's memory "
                              "timeline, about 4x slower than a step), the CPU analogue of CUDA's max allocated")
     parser.add_argument('--seed', type=int, default=0, help='seed for weights and inputs (default 0)')
+    parser.add_argument('--data', metavar='DIR', default=None,
+                        help="time the input pipeline too: the training command's loader over this image folder "
+                             "(DIR/train/<class>/*.jpg, or DIR/<class>/*.jpg) with the Sequencer2D-S recipe's "
+                             "augmentations (--mode infer: the evaluation transform), alone and feeding the step, "
+                             "beside the synthetic step, and which of the two sets the pace")
+    parser.add_argument('-j', '--workers', type=NATURAL, default=None,
+                        help=f"with --data: loader processes (default {data_benchmark.default_workers()}, the "
+                             f"training command's; 0 loads in the main process)")
     parser.add_argument('--results-file', default=None,
                         help='also write the results to this .csv or .json file (atomically, after each mode)')
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress lines on stderr')
@@ -144,6 +158,17 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 def _check_args(args) -> Tuple[int, int, int]:
     """Validate what argparse cannot; return the input size (C, H, W)."""
+    data = getattr(args, 'data', None)
+    if args.mode is None:
+        args.mode = 'train' if data else 'both'
+    if data is None and getattr(args, 'workers', None) is not None:
+        raise UserError("-j/--workers: loader processes are used with --data DIR only")
+    if data is not None:
+        if args.mode == 'both':
+            raise UserError("--mode both: with --data give train or infer (one loader per run)")
+        for flag, given in (('--compare-timm', _comparisons(args) is not None), ('--matmul-peak', args.matmul_peak)):
+            if given:
+                raise UserError(f"{flag}: not with --data (it times the model on synthetic inputs only)")
     if args.mode in ('train', 'both') and args.num_classes == 0:
         raise UserError("training needs a classifier: --num-classes 0 works only with --mode infer")
     if args.results_file and os.path.splitext(args.results_file)[1].lower() not in ('.csv', '.json'):
@@ -331,13 +356,16 @@ class Step:
     def prepare(self):
         self.model.train(self.mode == 'train')
 
-    def __call__(self):
+    def __call__(self, x: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None):
+        """One step on the fixed batch, or on ``x`` and ``target`` (class indices, or class probabilities)."""
+        x = self.x if x is None else x
+        target = self.target if target is None else target
         if self.mode == 'infer':
-            with torch.no_grad(), _autocast(self.x.device, self.precision):
-                return self.fn(self.x)
+            with torch.no_grad(), _autocast(x.device, self.precision):
+                return self.fn(x)
         self.optimizer.zero_grad(set_to_none=True)
-        with _autocast(self.x.device, self.precision):
-            loss = self.loss_fn(self.fn(self.x), self.target)
+        with _autocast(x.device, self.precision):
+            loss = self.loss_fn(self.fn(x), target)
         loss.backward()
         self.optimizer.step()
         return loss
@@ -560,15 +588,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_results(path: str, rows: List[Dict], env: Dict):
+def write_results(path: str, rows: List[Dict], env: Dict, fields: Sequence[str] = FIELDS, **extra):
+    """``rows`` to ``path``: JSON ``{'environment', 'results', **extra}``, or CSV with ``fields`` as columns."""
     if path.lower().endswith('.json'):
-        write_text(path, json.dumps({'environment': env, 'results': rows}, indent=2) + '\n')
+        write_text(path, json.dumps({'environment': env, 'results': rows, **extra}, indent=2) + '\n')
         return
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction='ignore', lineterminator='\n')
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction='ignore', lineterminator='\n')
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: _fmt(r.get(k)) for k in FIELDS})
+        writer.writerow({k: _fmt(r.get(k)) for k in fields})
     write_text(path, buf.getvalue())
 
 
@@ -594,6 +623,8 @@ def summary(rows: List[Dict]) -> str:
 
 def run(args) -> int:
     input_size = _check_args(args)
+    if getattr(args, 'data', None) is not None:
+        return run_data(args, input_size)
     layers = _parse_layers(args.layers)
     overrides = {'layers': layers} if layers is not None else {}
     if args.num_threads is not None:
@@ -715,6 +746,125 @@ def run(args) -> int:
     print(summary(rows))
     if args.results_file:
         write_results(args.results_file, rows, env)
+        print(f"results written to {args.results_file}")
+    return 0
+
+
+DATA_FIELDS = ('measurement', 'model', 'mode', 'device', 'precision', 'batch_size', 'input_size', 'compile',
+               'rnn_engine', 'grad_checkpointing', 'workers', 'threads', 'warmup', 'iters', 'seconds', 'img_per_s',
+               'img_per_s_per_process', 'latency_ms_mean', 'latency_ms_median', 'latency_ms_p90', 'data', 'images',
+               'classes', 'transform', 'pace', 'end_to_end_fraction', 'workers_needed_estimate',
+               'torch', 'timm', 'python', 'cpu', 'device_name', 'date')
+VERDICT_KEYS = ('pace', 'end_to_end_fraction', 'workers_needed_estimate')
+
+
+def run_data(args, input_size) -> int:
+    """``--data DIR``: the loader alone, the synthetic step and the two together, and which sets the pace."""
+    layers = _parse_layers(args.layers)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    _check_precision(device, args.precision)
+    compile_ = args.compile or args.compile_mode is not None
+    workers = data_benchmark.default_workers() if args.workers is None else args.workers
+    progress = Progress(args.quiet)
+    env = environment(device)
+    if args.malloc_tuning:
+        env['malloc_tuning'] = keep_freed_memory()
+
+    dataset, folder, classes = data_benchmark.open_dataset(args.data, args.mode)
+    if args.mode == 'train' and classes > args.num_classes:
+        raise UserError(f"--num-classes {args.num_classes}: fewer than the {classes} classes of {folder}")
+    torch.manual_seed(args.seed)
+    model = build_ours(args, input_size, {'layers': layers} if layers is not None else {})
+    check_input_size(model, input_size, '--input-size' if args.input_size else '--img-size')
+    model.to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+
+    # the loader's counts in whole rounds of its processes (data_benchmark's docstring); one epoch serves all
+    warmup, iters = data_benchmark.rounds(max(args.warmup, 1), workers), data_benchmark.rounds(args.iters, workers)
+    repeats = data_benchmark.repeats_for(warmup + iters, args.batch_size, len(dataset))
+    train_args = data_benchmark.train_arguments(args.data, os.path.relpath(folder, args.data), args.batch_size,
+                                                workers, input_size, args.seed, repeats, device)
+    loaders = data_benchmark.DataLoaders(args.mode, dataset, train_args, model, device, args.num_classes)
+    processes = f"{workers} loader process{'es' if workers != 1 else ''}" if workers else 'loading in-process'
+    progress.say(f"data: {len(dataset)} images, {classes} classes in {folder}; {loaders.description}; "
+                 f"{processes}", force=True)
+
+    common = dict(model=args.model, mode=args.mode, device=device.type, precision=args.precision,
+                  batch_size=args.batch_size, input_size='x'.join(map(str, input_size)), compile=compile_,
+                  grad_checkpointing=args.grad_checkpointing, threads=torch.get_num_threads(), data=folder,
+                  images=len(dataset), classes=classes, transform=loaders.description,
+                  **{k: env[k] for k in ('torch', 'timm', 'python', 'cpu', 'device_name', 'date')})
+    rows: List[Dict] = []
+
+    def save(**extra):
+        if args.results_file:   # partial results survive an interrupted long run
+            write_results(args.results_file, rows, env, DATA_FIELDS, **extra)
+
+    # 1. the loader alone: batches received, nothing done with them
+    progress.say(f"loader alone: {warmup} warm-up + {iters} measured batches of {args.batch_size}", force=True)
+    seconds = data_benchmark.time_batches(loaders.host, warmup, iters, lambda images, targets: None,
+                                          lambda: None, progress.say, 'loader')
+    loader_ips = iters * args.batch_size / seconds
+    rows.append(dict(common, measurement='loader', workers=workers, warmup=warmup, iters=iters, seconds=seconds,
+                     img_per_s=loader_ips, img_per_s_per_process=loader_ips / max(workers, 1),
+                     latency_ms_mean=seconds / iters * 1e3))
+    save()
+
+    # 2. the synthetic step: the same model, batch, precision and device on a fixed random batch
+    g = torch.Generator(device='cpu').manual_seed(args.seed)
+    x = torch.randn(args.batch_size, *input_size, generator=g).to(device)
+    target = torch.randint(0, max(args.num_classes, 1), (args.batch_size,), generator=g).to(device)
+    step = Step(model, args.mode, x, target, args.precision, args.compile_mode, compile_)
+    progress.say(f"synthetic step: {args.model} batch {args.batch_size}, {args.warmup} warm-up + {args.iters} "
+                 f"measured steps", force=True)
+    times = run_interleaved({OURS: step}, args.warmup, args.iters, device, progress, 'synthetic')[OURS]
+    engine = _resolved_engine(model, args.mode, device, args.precision, compiled=compile_)
+    synthetic_ips = args.batch_size * len(times) / sum(times)
+    rows.append(dict(common, measurement='synthetic', rnn_engine=engine, warmup=args.warmup, iters=args.iters,
+                     seconds=sum(times), img_per_s=synthetic_ips, latency_ms_mean=sum(times) / len(times) * 1e3,
+                     latency_ms_median=statistics.median(times) * 1e3, latency_ms_p90=_percentile(times, 0.9) * 1e3))
+    save()
+
+    # 3. end to end: the step fed by the loader, batches copied to the device (by the prefetcher on CUDA) and
+    # mixed (mixup / cutmix) there, as the training command does
+    def fed_step(images, targets):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if loaders.mixup is not None:
+            images, targets = loaders.mixup(images, targets)
+        step(images, targets)
+
+    step.prepare()
+    progress.say(f"end to end: {warmup} warm-up + {iters} measured steps fed by the loader", force=True)
+    seconds = data_benchmark.time_batches(loaders.feed, warmup, iters, fed_step, lambda: _sync(device),
+                                          progress.say, 'end to end')
+    e2e_ips = iters * args.batch_size / seconds
+    rows.append(dict(common, measurement='end_to_end', rnn_engine=engine, workers=workers, warmup=warmup,
+                     iters=iters, seconds=seconds, img_per_s=e2e_ips, latency_ms_mean=seconds / iters * 1e3))
+
+    # 4. the verdict
+    verdict = data_benchmark.verdict(loader_ips, synthetic_ips, e2e_ips, workers, os.cpu_count())
+    for r in rows:   # in every row too, for the CSV
+        r.update({k: verdict[k] for k in VERDICT_KEYS})
+    save(verdict=verdict)
+
+    print(f"{args.model}  {args.mode}  input {'x'.join(map(str, input_size))}  batch {args.batch_size}  "
+          f"{args.precision}  {device.type} ({env['device_name']}, {torch.get_num_threads()} threads)  "
+          f"compile={compile_}  engine {engine}")
+    print(f"data: {folder}, {len(dataset)} images, {classes} classes; {processes}")
+    print(f"{loaders.description}")
+    table = [('measurement', 'batches', 'img/s', 'per process', 'ms/batch')]
+    for r in rows:
+        per = r.get('img_per_s_per_process')
+        table.append((r['measurement'].replace('_', ' '), f"{r['warmup']}+{r['iters']}", f"{r['img_per_s']:.1f}",
+                      f"{per:.1f}" if per is not None else '-', f"{r['latency_ms_mean']:.1f}"))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print('  '.join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip())
+    print(data_benchmark.describe(verdict))
+    if args.results_file:
         print(f"results written to {args.results_file}")
     return 0
 
