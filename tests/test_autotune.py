@@ -17,6 +17,7 @@ from sequencer.models.blocks import RNN2D
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / 'cache'))
     monkeypatch.delenv(autotune.ENV, raising=False)
+    monkeypatch.setenv('SEQUENCER_GEMM', 'mkl')   # the layers' choice alone (tests/test_gemm.py: the GEMMs')
     autotune._memory.clear()   # a fresh process, as far as the cache is concerned
     yield
     autotune._memory.clear()

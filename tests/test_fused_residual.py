@@ -96,7 +96,7 @@ def test_the_fused_paths_run(monkeypatch):
                 walk(f)
 
     walk(out.grad_fn)
-    assert {'_NormResidualBackward', '_AddmmIntoBackward', '_FusedMlpBackward'} <= set(names)
+    assert {'_NormResidualBackward', '_LinearResidualBackward', '_FusedMlpBackward'} <= set(names)
     assert 'AddBackward0' not in names and 'SumBackward1' not in names
     with torch.no_grad():
         x1 = x + block.rnn_tokens(block.norm1(x))

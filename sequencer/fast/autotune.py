@@ -147,6 +147,12 @@ def _cached(section: str, key: str) -> Optional[str]:
     return _memory.get((section, key))
 
 
+def cached_choice(key: str, device: str = 'cpu') -> Optional[str]:
+    """The choice cached for ``key`` on this processor (in this process or on disk), or None."""
+    with _lock:
+        return _cached(_section(device), key)
+
+
 def clear_cache() -> bool:
     """Forget every choice, in memory and on disk; whether a cache file was removed."""
     with _lock:
@@ -202,6 +208,7 @@ def choose(key: str, candidates: Mapping[str, Callable[[], object]], timer: Opti
         names = list(candidates)
         samples: Dict[str, list] = {n: [] for n in names}
         spent = 0.0
+        outer = measuring()   # a choice made while another is measured (its warm-up) restores the flag
         _state.measuring = True
         try:
             for n in names:
@@ -215,7 +222,7 @@ def choose(key: str, candidates: Mapping[str, Callable[[], object]], timer: Opti
                 if spent >= budget_s:
                     break
         finally:
-            _state.measuring = False
+            _state.measuring = outer
         best = {n: min(ts) for n, ts in samples.items()}
         choice = min(names, key=best.__getitem__)
         _memory[(section, key)] = choice

@@ -57,6 +57,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import gemm
 from .runtime import autocast_dtype, autocast_off, cpu_kernel_ok, gpu_path, triton_ok, triton_on_cpu_active
 
 # internal gate order (i, f, o, g) taken from nn.LSTM's (i, f, g, o); the map is its own inverse
@@ -411,7 +412,7 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         xp = (torch.empty(BHW, w_ih.shape[0], dtype=f32, device=x.device) if save
               else _scratch('xp', BHW, w_ih.shape[0]))
         if mm_dtype == f32 and x2.dtype == f32:
-            torch.mm(x2, w_ih.t(), out=xp)
+            xp = gemm.mm_into(xp, x2, w_ih.t())   # into xp with MKL, a fresh tensor with oneDNN
         else:
             xp.copy_(torch.mm(x2.to(mm_dtype), w_ih.t().to(mm_dtype)))
         y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=f32)
@@ -447,10 +448,10 @@ def _backward_cpu_kernel(ctx, gy):
                                             _kind_codes(kinds), hidden, dw_hh, db)
         x2 = x.reshape(BHW, C).to(f32)
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype)                   # w_ih: (D*4h, C)
+            dx = gemm.mm(dxp, w_ih, 'input_grad').view(B, H, W, C).to(x.dtype)     # w_ih: (D*4h, C)
         else:
             dx = None
-        dw_ih = torch.mm(dxp.t(), x2)                                                    # (D*4h, C)
+        dw_ih = gemm.mm(dxp.t(), x2, 'weight_grad')                                      # (D*4h, C)
     return (dx, None, None, None, None, *_param_grads(dw_ih, dw_hh, db if has_bias else None, D, dtypes))
 
 

@@ -8,14 +8,15 @@ or exported graphs, and where hooks must see a submodule's own call, they run th
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, register_notrace_module
 from timm.layers.format import Format
 from torch import nn
 from torch.utils import _python_dispatch
 
 from ..models.blocks import RNN2D, Downsample2D, SequencerBlock
-from . import autotune, cpu_kernel, lstm2d
-from .ops import conv_as_gemm, fused_mlp, linear_into_ok, linear_residual, norm_residual, patch_linear
+from . import autotune, cpu_kernel, gemm, lstm2d
+from .ops import conv_as_gemm, fused_mlp, linear_into_ok, linear_residual, norm_residual, patch_linear, plain_linear
 from .rules import auto_engine
 from .runtime import (
     autocast_dtype,
@@ -46,6 +47,19 @@ def _inactive_dropout(m: nn.Module, training: bool) -> bool:
 
 
 @register_notrace_module
+class FastLinear(FastModule, nn.Linear):
+    """``nn.Linear`` whose GEMMs run on the faster of MKL and oneDNN on CPU in float32 (``gemm.linear``: the
+    classifier head, and the linear layers of paths that do not fuse); elsewhere ``F.linear``."""
+
+    plain_linear = True   # computes exactly nn.Linear's forward: fused paths may use its weights directly
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tracing():
+            return F.linear(x, self.weight, self.bias)
+        return gemm.linear(x, self.weight, self.bias)
+
+
+@register_notrace_module
 class FastMlp(FastModule, Mlp):
     """timm's ``Mlp`` running ``fused_mlp`` on CPU in float32 (exact GELU, no dropout in effect, no hidden norm,
     plain hook-free fc1 / act / fc2); ``forward(x, residual)`` gives ``residual + MLP(x)``. ``fused = False``
@@ -59,7 +73,7 @@ class FastMlp(FastModule, Mlp):
         if not self.fused or tracing() or not cpu_float32(x):
             return False
         fc1, fc2 = self.fc1, self.fc2
-        if not (type(fc1) is nn.Linear and type(fc2) is nn.Linear and fc1.bias is not None
+        if not (plain_linear(fc1) and plain_linear(fc2) and fc1.bias is not None
                 and fc2.bias is not None and isinstance(self.norm, nn.Identity)
                 and type(self.act) is nn.GELU and self.act.approximate == 'none'
                 and _inactive_dropout(self.drop1, self.training) and _inactive_dropout(self.drop2, self.training)
@@ -77,7 +91,7 @@ class FastMlp(FastModule, Mlp):
     def casts_input(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` reads x only through a plain, hook-free fc1 (under autocast: only its cast to the
         autocast dtype), so that a pre-norm may hand x over in that dtype."""
-        return type(self.fc1) is nn.Linear and unhooked(self, self.fc1)
+        return plain_linear(self.fc1) and unhooked(self, self.fc1)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 bias_in_residual: bool = False) -> torch.Tensor:
@@ -332,7 +346,7 @@ class FastPatchEmbed(FastModule, PatchEmbed):
 
 # the plain class -> its fast subclass, and back
 FAST = {RNN2D: FastRNN2D, SequencerBlock: FastSequencerBlock, Mlp: FastMlp, Downsample2D: FastDownsample2D,
-        PatchEmbed: FastPatchEmbed}
+        PatchEmbed: FastPatchEmbed, nn.Linear: FastLinear}
 PLAIN = {fast: plain for plain, fast in FAST.items()}
 _SETTINGS = ('engine', 'fused', 'fused_norm', 'fused_residual', '_lstm_refs', '_decisions', '_measured')
 

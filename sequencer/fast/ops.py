@@ -6,8 +6,8 @@
   GELU gradient is one multiplication (done in place together with the column sums of fc1's bias gradient).
   The kernel's erf is accurate to 1.5e-7 (absolute): outputs and gradients agree with timm's ``Mlp`` to
   float32 rounding. Double backward is not supported (``once_differentiable``).
-* ``linear_residual``: ``residual + fc(x)`` as one ``addmm_`` onto ``residual + bias`` (the residual add makes
-  no pass of its own); with ``bias_in_residual`` the residual already holds the bias and is accumulated onto
+* ``linear_residual``: ``residual + fc(x)`` as one GEMM accumulating onto ``residual + bias`` (the residual add
+  makes no pass of its own); with ``bias_in_residual`` the residual already holds the bias and is accumulated onto
   in place.
 * ``norm_residual``: a block's pre-norm and its residual, ``(norm(x), x [+ r_bias])``. On CPU in float32 the
   compiled kernel (``norm_cpu.cpp``) writes ``x + r_bias`` in the same pass as the norm and sums the gradients
@@ -19,11 +19,17 @@
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from . import gemm
 from .runtime import autocast_dtype, cpu_float32, cpu_kernel_ok, gpu_path, tracing, triton_ok, unhooked
+
+
+def plain_linear(fc: nn.Module) -> bool:
+    """Whether ``fc`` computes exactly ``nn.Linear``'s forward (an ``nn.Linear``, or the fast engine's
+    ``FastLinear``), so that a fused path may use its weights without calling it."""
+    return type(fc) is nn.Linear or getattr(type(fc), 'plain_linear', False)
 
 
 class _FusedMlp(torch.autograd.Function):
@@ -34,7 +40,7 @@ class _FusedMlp(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, residual, into=False):
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
-        a = torch.mm(x2, w1.t())                       # fc1 without its bias ...
+        a = gemm.mm(x2, w1.t(), 'forward')             # fc1 without its bias ...
         grad = any(ctx.needs_input_grad)
         deriv = torch.empty_like(a) if grad else a.new_empty(0)
         torch.ops.sequencer_mlp.bias_gelu_(a, b1, deriv)  # ... a = GELU(a + b1) in place, deriv = GELU'
@@ -42,13 +48,15 @@ class _FusedMlp(torch.autograd.Function):
             ctx.save_for_backward(x2, w1, w2, a, deriv)
             ctx.x_shape = x.shape
         if residual is None:
-            y = torch.addmm(b2, a, w2.t())
-        elif into:                                     # residual already holds b2: accumulate in place
-            residual.view(-1, w2.shape[0]).addmm_(a, w2.t())
-            ctx.mark_dirty(residual)
-            return residual
+            y = gemm.addmm(b2, a, w2.t())
+        elif into:                                     # residual already holds b2: accumulated onto (in place
+            r2 = residual.view(-1, w2.shape[0])        # with MKL; oneDNN adds it in the GEMM's post-op)
+            y = gemm.add_mm(r2, a, w2.t())
+            if y is r2:
+                ctx.mark_dirty(residual)
+                return residual
         else:                                          # the GEMM accumulates onto residual + b2
-            y = torch.add(residual.reshape(-1, w2.shape[0]), b2).addmm_(a, w2.t())
+            y = gemm.add_mm(residual.reshape(-1, w2.shape[0]), a, w2.t(), b2)
         return y.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
@@ -58,12 +66,12 @@ class _FusedMlp(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2, need_res = ctx.needs_input_grad[:6]
         dres = gy if need_res else None
         gy = gy.reshape(-1, gy.shape[-1]).contiguous()
-        dw2 = torch.mm(gy.t(), a) if need_w2 else None
+        dw2 = gemm.mm(gy.t(), a, 'weight_grad') if need_w2 else None
         db2 = gy.sum(0) if need_b2 else None
-        da = torch.mm(gy, w2)
+        da = gemm.mm(gy, w2, 'input_grad')
         db1 = torch.ops.sequencer_mlp.gelu_grad_bias_(da, deriv)   # da <- da * GELU', and its column sums
-        dw1 = torch.mm(da.t(), x2) if need_w1 else None
-        dx = torch.mm(da, w1).view(ctx.x_shape) if need_x else None
+        dw1 = gemm.mm(da.t(), x2, 'weight_grad') if need_w1 else None
+        dx = gemm.mm(da, w1, 'input_grad').view(ctx.x_shape) if need_x else None
         return dx, dw1, db1 if need_b1 else None, dw2, db2, dres, None
 
 
@@ -175,32 +183,38 @@ def _gpu_norm_dtype(norm: nn.Module, x: torch.Tensor, lowp_out: bool) -> Optiona
     return amp if lowp_out else (torch.float32 if x.is_cuda else x.dtype)
 
 
-class _AddmmInto(torch.autograd.Function):
-    """``residual += x @ weight.T`` in place on a fresh 2-D-reshapable residual: a linear layer whose bias the
-    residual already holds (see ``linear_residual``)."""
+class _LinearResidual(torch.autograd.Function):
+    """``residual [+ bias] + x @ weight.T`` for a 2-D-reshapable residual of the output shape. Without ``bias``
+    (the residual is fresh and already holds it, see ``linear_residual``) MKL accumulates onto the residual in
+    place; with it, onto ``residual + bias``; oneDNN adds the residual in the GEMM's post-op, into a fresh
+    tensor."""
 
     @staticmethod
-    def forward(ctx, residual, x, weight):
+    def forward(ctx, residual, x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])
-        residual.view(-1, weight.shape[0]).addmm_(x2, weight.t())
-        ctx.mark_dirty(residual)
         ctx.save_for_backward(x2, weight)
         ctx.x_shape = x.shape
+        r2 = residual.view(-1, weight.shape[0])
+        y = gemm.add_mm(r2, x2, weight.t(), bias)
+        if y is not r2:
+            return y.view(residual.shape)
+        ctx.mark_dirty(residual)
         return residual
 
     @staticmethod
     def backward(ctx, g):
         x2, weight = ctx.saved_tensors
         g2 = g.reshape(-1, weight.shape[0])
-        dx = torch.mm(g2, weight).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        dw = torch.mm(g2.t(), x2) if ctx.needs_input_grad[2] else None
-        return g, dx, dw
+        dx = gemm.mm(g2, weight, 'input_grad').view(ctx.x_shape) if ctx.needs_input_grad[1] else None
+        dw = gemm.mm(g2.t(), x2, 'weight_grad') if ctx.needs_input_grad[2] else None
+        db = g2.sum(0) if ctx.needs_input_grad[3] else None
+        return g, dx, dw, db
 
 
 def linear_into_ok(fc: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``linear_residual(fc, x, residual, bias_in_residual=True)`` may run: a plain, hook-free
     ``nn.Linear`` with a bias, CPU float32, not traced."""
-    return (type(fc) is nn.Linear and fc.bias is not None and cpu_float32(x, fc.weight, fc.bias)
+    return (plain_linear(fc) and fc.bias is not None and cpu_float32(x, fc.weight, fc.bias)
             and not tracing() and unhooked(fc) and not gpu_path(x))
 
 
@@ -208,8 +222,8 @@ def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Ten
                     bias_in_residual: bool = False) -> torch.Tensor:
     """``fc(x)``, or ``residual + fc(x)`` when ``residual`` is given.
 
-    On CPU in float32 (no autocast, no tracing) with a plain, hook-free ``nn.Linear``, the sum is one
-    ``addmm_`` accumulating onto ``residual + bias``: the residual add no longer makes a pass of its own.
+    On CPU in float32 (no autocast, no tracing) with a plain, hook-free ``nn.Linear``, the sum is one GEMM
+    accumulating onto ``residual + bias`` (``gemm.add_mm``): the residual add no longer makes a pass of its own.
     With ``bias_in_residual`` (where ``linear_into_ok``), ``residual`` already holds fc's bias (see
     ``norm_residual``) and is accumulated onto in place.
     """
@@ -218,13 +232,12 @@ def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Ten
                 or residual.shape != (*x.shape[:-1], fc.out_features)):
             raise ValueError('linear_residual: bias_in_residual needs a plain nn.Linear with a bias, CPU float32 '
                              'tensors and a residual of the output shape')
-        return _AddmmInto.apply(residual, x, fc.weight)
+        return _LinearResidual.apply(residual, x, fc.weight, None)
     if residual is None:
         return fc(x)
     if (linear_into_ok(fc, x) and cpu_float32(residual)
             and residual.shape == (*x.shape[:-1], fc.out_features)):
-        out = torch.add(residual.reshape(-1, fc.out_features), fc.bias)
-        return out.addmm_(x.reshape(-1, fc.in_features), fc.weight.t()).view(residual.shape)
+        return _LinearResidual.apply(residual.contiguous(), x, fc.weight, fc.bias)
     return residual + fc(x)
 
 
@@ -274,4 +287,4 @@ def patch_linear(x: torch.Tensor, conv: nn.Conv2d, channels_first: bool = False)
         patches = x[:, :Ho * ph, :Wo * pw].reshape(B, Ho, ph, Wo, pw, C).transpose(2, 3)
         weight = (conv.weight.reshape(conv.out_channels, C) if ph == pw == 1
                   else _KernelLastWeight.apply(conv.weight))
-    return F.linear(patches.reshape(B, Ho, Wo, C * ph * pw), weight, conv.bias)
+    return gemm.linear(patches.reshape(B, Ho, Wo, C * ph * pw), weight, conv.bias)

@@ -1,0 +1,219 @@
+"""The fast engine's float32 GEMMs on CPU, through MKL or oneDNN: whichever this processor runs faster.
+
+PyTorch multiplies float32 matrices on CPU with MKL's sgemm. On some processors MKL does not run at the
+processor's speed (measured: an AMD EPYC Zen 5, where MKL reached 180-210 GFLOP/s on this model's shapes and
+oneDNN 430-480 on 2 cores), while oneDNN, which PyTorch also carries (its LSTM, its convolutions), does. On Intel
+processors MKL is as fast or faster. So every GEMM of the fast engine on CPU in float32 goes through this module:
+
+* the fused BiLSTM2D's input projection and its input and weight gradients (``lstm2d``),
+* the fused channel MLP, forward and backward (``ops.fused_mlp``),
+* the fusing ``fc`` with its residual add (``ops.linear_residual``), the patch GEMMs of the stem and the
+  downsampling layers (``ops.patch_linear``),
+* every other ``nn.Linear`` of a fast model (``FastLinear``: the classifier head, and the layers of paths that do
+  not fuse).
+
+Backends: 'mkl' is PyTorch's own ``torch.mm`` / ``addmm`` (MKL's sgemm); 'onednn' is oneDNN's inner product, the op
+torch.compile's CPU backend calls (``torch.ops.mkldnn._linear_pointwise``), with the residual add of a branch as
+its binary post-op. Both compute float32 products with float32 accumulation; they differ only by summation order
+(relative differences about 1e-6, tested against ``F.linear``). A GEMM ``A @ B`` is handed to oneDNN as
+``X @ W^T`` with ``X = A`` (row-major; copied only when it is not, as for the weight gradient's ``dY^T``) and
+``W = B^T``, a view in whatever strides it has.
+
+The choice is made per kind of GEMM, because that is what the winner was seen to depend on, besides the
+processor: 'forward' (``X @ W^T``, weights in their own layout), 'input_grad' (``dY @ W``) and 'weight_grad'
+(``dY^T @ X``, two activations). The first time a kind runs in a process, the cached choice for this processor,
+torch version and thread count is read (``autotune``), else both backends are timed on two of Sequencer2D-S's
+shapes (a few tens of milliseconds) and the faster is cached on disk. ``SEQUENCER_GEMM=mkl`` / ``onednn``, or
+``set_backend``, forces a backend; ``SEQUENCER_AUTOTUNE=0`` turns measuring off, and MKL runs. Where PyTorch's
+own MKL is restricted (``MKL_ENABLE_INSTRUCTIONS``), the key says so. Under torch.compile, tracing and export,
+the GEMMs are PyTorch's own ops (the compiler chooses there).
+"""
+import os
+import threading
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from . import autotune
+
+BACKENDS = ('mkl', 'onednn')
+KINDS = ('forward', 'input_grad', 'weight_grad')
+ENV = 'SEQUENCER_GEMM'
+
+_forced: Dict[str, Optional[str]] = {'backend': None}
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether this PyTorch build has oneDNN's inner product (x86 and ARM builds with MKLDNN)."""
+    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force every fast CPU GEMM onto 'mkl' or 'onednn'; 'auto' or None goes back to the measured choice (or
+    ``SEQUENCER_GEMM``)."""
+    if name not in (None, 'auto') + BACKENDS:
+        raise ValueError(f"GEMM backend must be 'auto', 'mkl' or 'onednn', got {name!r}")
+    _forced['backend'] = None if name in (None, 'auto') else name
+
+
+def forced() -> Optional[str]:
+    """The backend set by ``set_backend`` or ``SEQUENCER_GEMM``, else None ('auto')."""
+    if _forced['backend'] is not None:
+        return _forced['backend']
+    env = os.environ.get(ENV, '').strip().lower()
+    if env in ('', 'auto'):
+        return None
+    if env not in BACKENDS:
+        raise UserError(f"{ENV} must be 'auto', 'mkl' or 'onednn', got {env!r}")
+    return env
+
+
+def backend(kind: str) -> str:
+    """The backend of GEMMs of ``kind`` (one of ``KINDS``) in this process right now."""
+    if torch.compiler.is_compiling() or not available():
+        return 'mkl'
+    name = forced()
+    if name is not None:
+        return name
+    if not autotune.enabled():
+        return 'mkl'
+    key = _key(kind)
+    choice = autotune.cached_choice(key)
+    if choice not in BACKENDS:
+        with _lock:
+            choice = _measure(kind, key)
+    return choice
+
+
+def describe() -> str:
+    """The backends chosen so far in this process, e.g. ``forward: onednn, input_grad: onednn, weight_grad: mkl``."""
+    name = forced()
+    if name is not None:
+        return f"{name} (set)"
+    if not available():
+        return 'mkl (oneDNN not in this build)'
+    if not autotune.enabled():
+        return 'mkl (measuring off)'
+    done = [f"{k}: {autotune.cached_choice(_key(k))}" for k in KINDS if autotune.cached_choice(_key(k))]
+    return (', '.join(done) + ' (measured)') if done else 'not chosen yet'
+
+
+# ---- the measurement -----------------------------------------------------------------------------------------
+
+# (M, K, N) of two of Sequencer2D-S's GEMMs at batch 2: the first stage's fc1 and the third stage's fc1
+_SHAPES = ((2048, 192, 768), (512, 384, 1536))
+
+
+def _operands(kind: str, M: int, K: int, N: int, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The (A, B) of one GEMM of ``kind`` in the layout the fast engine hands over."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen)
+    if kind == 'forward':
+        return rand(M, K), rand(N, K).t()          # x @ W^T
+    if kind == 'input_grad':
+        return rand(M, N), rand(N, K)              # dY @ W
+    return rand(M, N).t(), rand(M, K)              # dY^T @ X
+
+
+def _key(kind: str) -> str:
+    mkl = os.environ.get('MKL_ENABLE_INSTRUCTIONS')
+    return (f"gemm {kind} float32 threads={torch.get_num_threads()}"
+            + (f" MKL_ENABLE_INSTRUCTIONS={mkl}" if mkl else ''))
+
+
+def _measure(kind: str, key: str) -> str:
+    gen = torch.Generator().manual_seed(0)
+    operands = [_operands(kind, M, K, N, gen) for M, K, N in _SHAPES]
+
+    def run(fn):
+        def step():
+            for a, b in operands:
+                fn(a, b)
+        return step
+
+    candidates = {'mkl': run(torch.mm), 'onednn': run(_onednn_mm)}
+    return autotune.choose(key, candidates, steps=3, budget_s=0.5, warmup=candidates)
+
+
+# ---- the GEMMs -------------------------------------------------------------------------------------------------
+
+def _row_major(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) == t.shape[1])
+
+
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a @ b [+ bias]`` by oneDNN's inner product (``X @ W^T`` with ``X = a``, ``W = b^T``)."""
+    if not _row_major(a):
+        a = a.contiguous()
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, 'none', [], '')
+
+
+def _routed(kind: str, *tensors: torch.Tensor) -> bool:
+    return (all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)
+            and backend(kind) == 'onednn')
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N), a GEMM of ``kind``."""
+    if _routed(kind, a, b) and a.shape[0] > 0:
+        return _onednn_mm(a, b)
+    return torch.mm(a, b)
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (a 'forward' GEMM) into ``out`` when MKL runs it, else into a fresh tensor; the result is
+    returned."""
+    if _routed('forward', a, b) and a.shape[0] > 0:
+        return _onednn_mm(a, b)
+    return torch.mm(a, b, out=out)
+
+
+def addmm(bias: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``bias + a @ b``, a 'forward' GEMM with a bias of b's columns (or none)."""
+    if _routed('forward', a, b) and a.shape[0] > 0:
+        return _onednn_mm(a, b, bias)
+    return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
+
+
+def add_mm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``c [+ bias] + a @ b`` for a 2-D ``c`` (M, N): with MKL accumulated onto ``c`` in place when there is no
+    bias, else onto ``c + bias``; with oneDNN the sum is the GEMM's post-op, into a fresh tensor. The result is
+    returned (``c`` itself only when accumulated in place)."""
+    if _routed('forward', a, b, c) and a.shape[0] > 0:
+        if not _row_major(a):
+            a = a.contiguous()
+        return torch.ops.mkldnn._linear_pointwise.binary(a, c.contiguous(), b.t(), bias, 'add')
+    return (c if bias is None else torch.add(c, bias)).addmm_(a, b)
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear`` whose three GEMMs go through ``mm`` (float32 CPU tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return addmm(bias, x2, weight.t()).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight = ctx.saved_tensors
+        g2 = gy.reshape(-1, weight.shape[0])
+        dx = mm(g2, weight, 'input_grad').view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dw = mm(g2.t(), x2, 'weight_grad') if ctx.needs_input_grad[1] else None
+        db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, its GEMMs on the chosen backend for float32 CPU tensors outside autocast."""
+    if (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and x.dim() >= 1 and x.numel() > 0
+            and not torch.is_autocast_enabled('cpu') and (bias is None or bias.dtype == torch.float32)):
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if backend('forward') == 'onednn' or (grad and 'onednn' in (backend('input_grad'), backend('weight_grad'))):
+            return _Linear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)

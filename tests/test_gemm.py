@@ -1,0 +1,204 @@
+"""The fast engine's CPU GEMMs on MKL and oneDNN (``sequencer.fast.gemm``): equal results, and a measured choice."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sequencer
+from sequencer.errors import UserError
+from sequencer.fast import autotune, gemm
+from sequencer.fast.modules import FastLinear, set_engine
+
+from conftest import randomize
+
+pytestmark = pytest.mark.skipif(not gemm.available(), reason='this PyTorch build has no oneDNN')
+
+
+@pytest.fixture
+def backend():
+    """Force a backend for one test, and go back to 'auto' after it."""
+    yield gemm.set_backend
+    gemm.set_backend(None)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# (A, B) of A @ B in each layout the fast engine hands over, including one-row and non-contiguous operands
+def _layouts(g):
+    x, w, gy = torch.randn(37, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(37, 40, generator=g)
+    return {
+        'forward x @ W^T': (x, w.t()),
+        'input_grad dY @ W': (gy, w),
+        'weight_grad dY^T @ X': (gy.t(), x),
+        'one row': (x[:1], w.t()),
+        'strided rows': (torch.randn(37, 48, generator=g)[:, ::2], w.t()),
+    }
+
+
+@pytest.mark.parametrize('name', list(_layouts(torch.Generator().manual_seed(0))))
+def test_mm_backends_agree_with_torch(backend, name):
+    a, b = _layouts(torch.Generator().manual_seed(0))[name]
+    ref = (a.double() @ b.double()).float()
+    for be in gemm.BACKENDS:
+        backend(be)
+        out = gemm.mm(a, b, 'forward')
+        assert out.shape == ref.shape
+        assert _rel(out, ref) < 1e-5, be
+
+
+def test_onednn_is_really_used(backend):
+    """The oneDNN path runs oneDNN's inner product (seen by the profiler), the MKL path torch.mm."""
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    for be, op in (('onednn', 'mkldnn::_linear_pointwise'), ('mkl', 'aten::mm')):
+        backend(be)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            gemm.mm(a, b, 'forward')
+        names = {e.name for e in prof.events()}
+        assert op in names, (be, names)
+
+
+@pytest.mark.parametrize('bias', [False, True])
+def test_add_mm_in_place_only_on_mkl(backend, bias):
+    g = torch.Generator().manual_seed(1)
+    c, a, w = torch.randn(9, 5, generator=g), torch.randn(9, 7, generator=g), torch.randn(5, 7, generator=g)
+    b = torch.randn(5, generator=g) if bias else None
+    ref = c + a @ w.t() + (b if bias else 0)
+    backend('mkl')
+    c1 = c.clone()
+    out = gemm.add_mm(c1, a, w.t(), b)
+    assert _rel(out, ref) < 1e-6
+    assert (out is c1) == (not bias)          # without a bias MKL accumulates onto c itself
+    backend('onednn')
+    c2 = c.clone()
+    out = gemm.add_mm(c2, a, w.t(), b)
+    assert out is not c2 and torch.equal(c2, c)   # oneDNN's post-op: c is read, not written
+    assert _rel(out, ref) < 1e-6
+    assert _rel(gemm.addmm(b, a, w.t()), a @ w.t() + (b if bias else 0)) < 1e-6
+
+
+def test_linear_gradients_equal_f_linear(backend):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, 12, generator=g, requires_grad=True)
+    w = torch.randn(8, 12, generator=g, requires_grad=True)
+    b = torch.randn(8, generator=g, requires_grad=True)
+    gy = torch.randn(2, 3, 5, 8, generator=g)
+    ref = F.linear(x.double(), w.double(), b.double())
+    ref_grads = torch.autograd.grad(ref, (x, w, b), gy.double())
+    for be in gemm.BACKENDS:
+        backend(be)
+        y = gemm.linear(x, w, b)
+        grads = torch.autograd.grad(y, (x, w, b), gy)
+        assert _rel(y, ref.float()) < 1e-6
+        for got, want in zip(grads, ref_grads):
+            assert got.shape == want.shape and _rel(got, want.float()) < 1e-5, be
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_whole_model_same_on_both_backends(backend, train):
+    """Sequencer2D with the fused engine (input projections, fused MLPs, fc with the residual, patch GEMMs, head):
+    logits and every gradient with oneDNN's GEMMs equal MKL's to float32 rounding, in eval mode (the residual
+    accumulated into the branches' GEMMs) and in training."""
+    torch.manual_seed(0)
+    model = sequencer.create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=10, rnn_engine='fused')
+    randomize(model, scale=0.1)
+    model.train(train)
+    x = torch.randn(2, 3, 64, 48)
+    results = {}
+    for be in gemm.BACKENDS:
+        backend(be)
+        xi = x.clone().requires_grad_()
+        y = model(xi)
+        grads = torch.autograd.grad(y.square().sum(), [xi] + list(model.parameters()))
+        results[be] = (y.detach(), grads)
+    (y0, g0), (y1, g1) = results['mkl'], results['onednn']
+    assert _rel(y1, y0) < 1e-5
+    assert max(_rel(a, b) for a, b in zip(g1, g0)) < 1e-4
+
+
+def test_every_linear_is_routed():
+    model = sequencer.create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=10, rnn_engine='fused')
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is FastLinear for m in linears)
+    keys = list(model.state_dict())
+    set_engine(model, 'native')
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert list(model.state_dict()) == keys
+
+
+def _timer(fast):
+    """An injected timer: ``fast`` takes 1 ms per call, the other backend 3 ms."""
+    calls = []
+
+    def timer(name, fn):
+        calls.append(name)
+        return 0.001 if name == fast else 0.003
+    return timer, calls
+
+
+@pytest.mark.parametrize('fast', gemm.BACKENDS)
+def test_choice_is_measured_then_cached(monkeypatch, fast):
+    monkeypatch.setenv('SEQUENCER_AUTOTUNE', '1')
+    autotune.clear_cache()
+    timer, calls = _timer(fast)
+    monkeypatch.setattr(autotune, 'time_call', lambda name, fn, device='cpu': timer(name, fn))
+    assert gemm.backend('forward') == fast
+    assert set(calls) == set(gemm.BACKENDS)
+    # cached on disk per kind, with the times; later calls and other kinds measure only what is new
+    entries = json.loads(autotune.cache_path().read_text())['entries']
+    (section,) = entries.values()
+    key = f"gemm forward float32 threads={torch.get_num_threads()}"
+    assert section[key]['choice'] == fast and set(section[key]['ms']) == set(gemm.BACKENDS)
+    n = len(calls)
+    assert gemm.backend('forward') == fast and len(calls) == n
+    assert gemm.backend('weight_grad') == fast and len(calls) > n
+    assert 'forward: ' + fast in gemm.describe()
+    # a new process reads the file: nothing is timed
+    autotune._memory.clear()
+    monkeypatch.setattr(autotune, 'time_call', lambda name, fn, device='cpu': pytest.fail('timed again'))
+    assert gemm.backend('forward') == fast
+
+
+def test_switches(monkeypatch, backend):
+    monkeypatch.setattr(autotune, 'time_call', lambda name, fn, device='cpu': pytest.fail('timed'))
+    assert gemm.backend('forward') == 'mkl'                # SEQUENCER_AUTOTUNE=0 (the tests' default): MKL
+    monkeypatch.setenv('SEQUENCER_AUTOTUNE', '1')
+    monkeypatch.setenv('SEQUENCER_GEMM', 'onednn')
+    assert gemm.backend('input_grad') == 'onednn' and gemm.describe() == 'onednn (set)'
+    backend('mkl')                                         # set_backend wins over the variable
+    assert gemm.backend('input_grad') == 'mkl'
+    backend(None)
+    monkeypatch.setenv('SEQUENCER_GEMM', 'blas')
+    with pytest.raises(UserError, match='SEQUENCER_GEMM'):
+        gemm.backend('forward')
+    with pytest.raises(ValueError, match='auto'):
+        gemm.set_backend('openblas')
+
+
+def test_nested_measurement_keeps_the_outer_flag(monkeypatch):
+    """A choice made inside another's measurement (a layer's warm-up asks for the GEMM backend) leaves the outer
+    one still measuring."""
+    monkeypatch.setenv('SEQUENCER_AUTOTUNE', '1')
+    seen = []
+
+    def outer_step():
+        autotune.choose('inner', {'a': lambda: None}, timer=lambda n, fn: 0.001)
+        seen.append(autotune.measuring())
+
+    autotune.choose('outer', {'x': outer_step}, timer=lambda n, fn: (fn(), 0.001)[1], steps=1)
+    assert seen == [True] and not autotune.measuring()
+
+
+def test_compiled_graphs_use_torch_ops(backend):
+    backend('onednn')
+    layer = FastLinear(6, 4)
+
+    @torch.compile(backend='eager', fullgraph=True)
+    def f(x):
+        return layer(x)
+
+    x = torch.randn(3, 6)
+    assert torch.allclose(f(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
