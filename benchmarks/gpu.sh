@@ -105,7 +105,7 @@ OTHERS=(sequencer2d_s convnext_tiny swin_tiny_patch4_window7_224)
 bench compare compare_train 240 "${TRAIN[@]}" --rnn-engine fused --compare-timm "${OTHERS[@]}" --iters 10
 bench compare compare_infer 150 "${INFER[@]}" --rnn-engine fused --compare-timm "${OTHERS[@]}" --iters 15
 
-step diag tests 300 "$PY" -m pytest -p no:warnings tests/test_fused.py tests/test_triton_norm.py tests/test_numerics.py \
+step diag tests 300 "$PY" -m pytest -p no:warnings tests/test_fused.py tests/test_triton_norm.py tests/test_numerics.py tests/test_autotune.py \
     -k "cuda or gpu"
 step diag accuracy 60 "$PY" benchmarks/gpu_accuracy.py
 step diag profile_fused 90 "$PY" benchmarks/profile_step.py --rnn-engine fused --top 30

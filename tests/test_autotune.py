@@ -282,3 +282,24 @@ def test_benchmark_says_when_the_engine_was_measured(monkeypatch):
     assert _resolved_engine(model, 'train', cpu, 'fp32') == f'fused[{impl}] (measured)'
     model[0].engine = 'fused'
     assert _resolved_engine(model, 'train', cpu, 'fp32') == f'fused[{impl}]'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('grad', [False, True])
+def test_cuda_auto_layer_is_measured_where_triton_runs(monkeypatch, grad):
+    """On CUDA with the Triton kernels, eager 'auto' times both engines too (under bf16 autocast here), and runs
+    the winner; the key names the device and the choice is cached under the GPU's name."""
+    from sequencer.fast.runtime import triton_ok
+    if not triton_ok():
+        pytest.skip('needs Triton')
+    timer = FakeTimer(fused=0.5, native=1.0)
+    seen = []
+    monkeypatch.setattr(autotune, 'time_call', lambda name, fn, device='cpu': (seen.append(device), timer(name, fn))[1])
+    _, fast = _pair()
+    fast = fast.cuda()
+    x = torch.randn(2, 4, 5, 6, device='cuda', requires_grad=grad)
+    with torch.set_grad_enabled(grad), torch.autocast('cuda', dtype=torch.bfloat16):
+        assert fast.engine_decision(x) == ('fused', 'measured')
+    assert set(seen) == {'cuda'}
+    (key, choice), = autotune.choices('cuda').items()
+    assert choice == 'fused' and key.startswith('cuda 2x4x5x6') and 'autocast=bfloat16' in key

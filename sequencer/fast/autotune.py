@@ -24,9 +24,13 @@ and later processes read it back and measure nothing.
   choice.
 * Under DDP each process measures for itself; the engines agree to float32 rounding, so ranks that happen to
   choose differently still train the same model.
-* Where measuring never happens (the rule table decides): CUDA, torch.compile / export / tracing, torch.func
-  transforms, dispatch modes (FLOP counting, fake tensors), hooked layers, weights other than float32 (see
-  ``FastRNN2D.engine_decision``).
+* On CUDA the same holds where the fused engine has its Triton kernels (eager training and inference, any
+  autocast), with the device synchronised around each timed step; the section is the GPU's name.
+* The GEMM backend of the fast engine's CPU GEMMs (MKL or oneDNN, ``gemm``) is a choice of the same kind, made
+  per GEMM kind before a layer is measured, and named in the layer's key.
+* Where measuring never happens (the rule table decides): torch.compile / export / tracing, torch.func
+  transforms, dispatch modes (FLOP counting, fake tensors), hooked layers, CPU weights other than float32, CUDA
+  without Triton (see ``FastRNN2D.engine_decision``).
 """
 import json
 import os
@@ -236,7 +240,7 @@ def describe(model: nn.Module) -> str:
     """What the model's BiLSTM2D layers chose so far, for a log line, e.g.
     ``auto: train: fused x 12 (measured), native x 4 (measured); infer: native x 16 (measured)``
     ('train' / 'infer': computing gradients or not, followed by the autocast dtype if any; '(measured)': by
-    ``choose``; '(rule)': by the rule table, e.g. on CUDA or with ``SEQUENCER_AUTOTUNE=0``; '(set)': forced by
+    ``choose``; '(rule)': by the rule table, e.g. compiled or with ``SEQUENCER_AUTOTUNE=0``; '(set)': forced by
     ``set_engine``)."""
     layers = [m for m in model.modules() if callable(getattr(m, 'engine_decision', None))]
     if not layers:

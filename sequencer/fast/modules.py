@@ -115,8 +115,9 @@ class FastMlp(FastModule, Mlp):
 class FastRNN2D(FastModule, RNN2D):
     """``RNN2D`` whose recurrences run on ``engine``: 'fused' (``lstm2d``: all directions at once, in the compiled
     CPU kernel, the Triton kernels or the torch implementation), 'native' (``nn.LSTM``) or 'auto': per call, the
-    rule table (``rules.auto_engine``), or on CPU in eager mode the faster of the two as measured the first time
-    a shape runs on this processor and cached on disk (``autotune``; ``SEQUENCER_AUTOTUNE=0`` turns it off).
+    rule table (``rules.auto_engine``), or in eager mode (on CPU, and on CUDA with Triton) the faster of the two
+    as measured the first time a shape runs on this processor and cached on disk (``autotune``;
+    ``SEQUENCER_AUTOTUNE=0`` turns it off).
     GRU / tanh-RNN / stacked recurrences, torch.func transforms and exported graphs (ONNX, TorchScript tracing,
     torch.export, FX) always run the plain ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``."""
 
@@ -134,9 +135,9 @@ class FastRNN2D(FastModule, RNN2D):
     def engine_decision(self, x: Optional[torch.Tensor] = None,
                         compiling: Optional[bool] = None) -> Tuple[str, str]:
         """(engine, how it was decided): 'set' (a forced engine, or one the layer cannot run otherwise), 'rule'
-        (``rules.auto_engine``) or 'measured' (``autotune.choose``: on CPU, in eager mode, with float32 weights,
-        the first call of a shape on this processor times both engines on a copy of ``x``; later calls read the
-        cached choice)."""
+        (``rules.auto_engine``) or 'measured' (``autotune.choose``: in eager mode, on CPU with float32 weights or
+        on CUDA with the Triton kernels, the first call of a shape on this processor times both engines on a copy
+        of ``x``; later calls read the cached choice)."""
         if self.rnn_layer != 'lstm' or self.num_layers != 1 or functorch_active() or exporting_graph():
             return 'native', 'set'
         if self.engine != 'auto':
@@ -169,7 +170,9 @@ class FastRNN2D(FastModule, RNN2D):
         if (autotune.measuring() or _python_dispatch._get_current_dispatch_mode()
                 or not unhooked(self, *(m for m in (self.rnn_v, self.rnn_h, self.fc) if m is not None))):
             return rule, 'rule'   # inside a measurement, FLOP counting or fake tensors, hooks: nothing timed
-        if device == 'cpu' and params[0].dtype == dtype == torch.float32 and autotune.enabled():
+        measurable = ((device == 'cpu' and params[0].dtype == dtype == torch.float32)
+                      or (device == 'cuda' and kernel))   # without Triton the fused engine is no candidate there
+        if measurable and autotune.enabled():
             decision = (self._measured_engine(x, grad, amp, kernel), 'measured')
         else:
             decision = (rule, 'rule')
@@ -189,10 +192,17 @@ class FastRNN2D(FastModule, RNN2D):
 
     def _measure(self, x: torch.Tensor, grad: bool, amp: Optional[torch.dtype], kernel: bool) -> str:
         B, H, W, C = x.shape
-        key = (f"cpu {B}x{H}x{W}x{C} hidden={self.hidden_size} union={self.union} "
+        device = x.device.type
+        if device == 'cpu':
+            # the GEMM backends are chosen first (``gemm``: measured once per kind), and named in the key
+            kinds = gemm.KINDS if grad else gemm.KINDS[:1]
+            setting = (f"fused={'kernel' if kernel else 'torch'} threads={torch.get_num_threads()} "
+                       f"gemm={'+'.join(gemm.backend(k) for k in kinds)}")
+        else:
+            setting = f"fused={'triton' if kernel else 'torch'}"
+        key = (f"{device} {B}x{H}x{W}x{C} hidden={self.hidden_size} union={self.union} "
                f"bidirectional={self.bidirectional} fc={self.fc is not None} {str(x.dtype).replace('torch.', '')} "
-               f"{'train' if grad else 'infer'} autocast={str(amp).replace('torch.', '')} "
-               f"fused={'kernel' if kernel else 'torch'} threads={torch.get_num_threads()}")
+               f"{'train' if grad else 'infer'} autocast={str(amp).replace('torch.', '')} {setting}")
         x = x.detach().requires_grad_(x.requires_grad)
         x1 = x[:1].detach().requires_grad_(x.requires_grad)   # the warm-up's input
 
@@ -212,7 +222,8 @@ class FastRNN2D(FastModule, RNN2D):
             return torch.autograd.grad(y.float().sum(), inputs)
 
         return autotune.choose(key, {'fused': lambda: step(fused, x), 'native': lambda: step(native, x)},
-                               warmup={'fused': lambda: step(fused, x1), 'native': lambda: step(native, x1)})
+                               warmup={'fused': lambda: step(fused, x1), 'native': lambda: step(native, x1)},
+                               device=device)
 
     def _lstm_params(self):
         """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine, in
