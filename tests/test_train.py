@@ -100,6 +100,7 @@ def test_seed_command_1_from_scratch_ddp(tmp_path):
     assert float(rows[0]['lr']) == pytest.approx(1e-6)  # the lr used in epoch 0: the warm-up start
     log = open(os.path.join(folder, 'log.txt')).read()
     assert 'global batch 4' in log and '2 process(es)' in log
+    assert 'CPU GEMMs: mkl (measuring off)' in log   # what the fast engine chose, after the first epoch
     ckpt = read_file(os.path.join(folder, 'last.pth.tar'))
     assert ckpt['num_classes'] == 3 and ckpt['args']['mixup'] == 0.8 and ckpt['args']['aa'] == 'rand-m9-mstd0.5-inc1'
     # command 4 on the checkpoint just written

@@ -52,7 +52,7 @@ from ..data.datasets import (
 from ..data.images import IMAGE_MODES
 from ..data.loaders import check_input_size, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
-from ..fast import autotune
+from ..fast import autotune, gemm
 from ..models import get_spec, load_checkpoint
 from ..models.weights import CheckpointError, load_state_dict, read_file, unwrap
 from .args import build_train_parser, parse
@@ -1081,7 +1081,10 @@ def evaluate_and_checkpoint(run: Run, epoch: int, train_loss: float) -> Dict:
     log(f"epoch {epoch}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
         f"top-1 {metrics['top1']:.2f}, top-5 {metrics['top5']:.2f}")
     if epoch == run.start_epoch:   # training and evaluation have both run: what 'auto' chose for each
-        log(f"rnn engine: {autotune.describe(run.model)}")
+        engine = autotune.describe(run.model)
+        if d.device.type == 'cpu' and engine != 'native':   # the fast engine's CPU GEMMs: MKL or oneDNN
+            engine += f"; CPU GEMMs: {gemm.describe()}"
+        log(f"rnn engine: {engine}")
     if run.writer is not None:
         for k in ('loss', 'top1', 'top5'):
             run.writer.add_scalar(f'eval/{k}', metrics[k], epoch)
