@@ -24,6 +24,9 @@
 # diag:    tests        the CUDA tests (Triton kernels against float64, fp32 and bf16 autocast, torch.compile;
 #                       the Triton pre-norms against plain LayerNorms)
 #          accuracy     each engine's error under bf16 autocast (benchmarks/gpu_accuracy.py)
+#          parity       Sequencer2D-S trained 240 steps under bf16 autocast, ours fused / ours native (3 seeds) /
+#                       timm from the same weights: the loss curves against native's seed-to-seed envelope
+#                       (benchmarks/gpu_parity.py; plot docs/gpu-parity.png)                (about 3-4 min)
 #          profile_fused, profile_timm   one training step of each model under torch.profiler
 #                       (benchmarks/profile_step.py)
 # data:    the input pipeline against the model (`sequencer benchmark --data`): Sequencer2D-S training, 224 px,
@@ -38,6 +41,7 @@
 #          run on the machine before the other data steps.
 # session: what one short device session runs (about 8 minutes): train_fused, infer_eager, infer_auto,
 #          compare_train, compare_infer, tests.
+# session2: a second call where device time is left (about 5 minutes): parity, data_jpegs, data_j8.
 # The minute figures are estimates (compilation dominates the compiled steps), not measurements.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,8 +55,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 PARTS=(train infer compare diag data)
 STEPS=(train_fused train_fused_plain_norm train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
-       infer_eager infer_compiled infer_auto compare_train compare_infer tests accuracy profile_fused profile_timm
-       data_jpegs data_j8 data_j16 data_j16_compiled)
+       infer_eager infer_compiled infer_auto compare_train compare_infer tests accuracy parity profile_fused
+       profile_timm data_jpegs data_j8 data_j16 data_j16_compiled)
+WHAT=${WHAT//session2/parity,data_jpegs,data_j8}
 WHAT=${WHAT//session/train_fused,infer_eager,infer_auto,compare_train,compare_infer,tests}
 IFS=, read -ra ITEMS <<<"$WHAT"
 if [[ ${#ITEMS[@]} -eq 0 ]]; then ITEMS=(""); fi
@@ -108,6 +113,7 @@ bench compare compare_infer 150 "${INFER[@]}" --rnn-engine fused --compare-timm 
 step diag tests 300 "$PY" -m pytest -p no:warnings tests/test_fused.py tests/test_triton_norm.py tests/test_numerics.py tests/test_autotune.py \
     -k "cuda or gpu"
 step diag accuracy 60 "$PY" benchmarks/gpu_accuracy.py
+step diag parity 420 "$PY" benchmarks/gpu_parity.py --results "$RESULTS/gpu-$SLUG-parity.json" --plot docs/gpu-parity.png
 step diag profile_fused 90 "$PY" benchmarks/profile_step.py --rnn-engine fused --top 30
 step diag profile_timm 90 "$PY" benchmarks/profile_step.py --timm --top 15
 
