@@ -125,6 +125,31 @@ def test_timm_eager_compiles_ours_only(tmp_path, monkeypatch):
     assert [(r['impl'], r['compile']) for r in rows] == [('sequencer', True), ('timm', False)]
 
 
+def test_gemm_backend_in_the_results(tmp_path, capsys):
+    """--gemm forces the fast engine's CPU GEMMs for the run only; our rows (not timm's) record the backends in
+    `gemm`, printed after the run; a plain PyTorch model (--rnn-engine native) records none."""
+    from sequencer.fast import gemm
+    out = tmp_path / 'onednn.json'
+    assert main(['benchmark', *TINY, '--mode', 'infer', '--no-memory', '--compare-timm', '--gemm', 'onednn',
+                 '--results-file', str(out)]) == 0
+    ours, theirs = json.loads(out.read_text())['results']
+    assert (ours['impl'], ours['gemm']) == ('sequencer', 'onednn (set)') and theirs['gemm'] is None
+    assert 'GEMMs of our fast engine: onednn (set)' in capsys.readouterr().out
+    assert gemm.forced() is None   # set for the run only
+    out = tmp_path / 'auto.csv'
+    assert main(['benchmark', *TINY, '--mode', 'infer', '--no-memory', '--results-file', str(out)]) == 0
+    with open(out) as f:
+        (row,) = csv.DictReader(f)
+    assert row['gemm'] == 'mkl (measuring off)'   # the tests turn measuring off (conftest)
+    assert 'GEMMs of our fast engine: mkl (measuring off)' in capsys.readouterr().out
+    out = tmp_path / 'native.json'
+    assert main(['benchmark', *TINY, '--mode', 'infer', '--no-memory', '--rnn-engine', 'native',
+                 '--results-file', str(out)]) == 0
+    (row,) = json.loads(out.read_text())['results']
+    assert row['rnn_engine'] == 'native' and row['gemm'] is None
+    assert 'GEMMs of our fast engine' not in capsys.readouterr().out
+
+
 def test_timm_counterpart_of_each_model():
     assert timm_name_for('sequencer2d_m') == 'sequencer2d_m'
     assert timm_name_for('sequencer2d_l_392') == 'sequencer2d_l'  # same architecture, other input size
@@ -143,6 +168,9 @@ def test_timm_counterpart_of_each_model():
     (['--mode', 'train', '--num-classes', '0'], 'training needs a classifier'),
     (['--compile', '--timm-eager'], '--timm-eager compiles our model only: it needs --compare-timm'),
     (['--compare-timm', '--timm-eager'], '--timm-eager compiles our model only'),
+    (['--gemm', 'blas'], "argument --gemm: invalid choice: 'blas'"),
+    (['--gemm', 'onednn', '--rnn-engine', 'native'], '--gemm onednn: with --rnn-engine native our model is plain'),
+    (['--gemm', 'mkl', '--device', 'cuda'], '--gemm mkl: chooses CPU GEMMs; not with --device cuda'),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     try:
@@ -242,9 +270,10 @@ def test_gpu_script_runs_the_steps_asked_for(tmp_path):
 
     assert ran('train_fused_cudagraphs,tests') == ['train_fused_cudagraphs', 'tests']
     assert ran('infer') == ['infer_eager', 'infer_compiled', 'infer_auto']
-    assert len(ran('all')) == 16
+    assert len(ran('all')) == 17
     assert ran('session') == ['train_fused', 'infer_eager', 'infer_auto', 'compare_train', 'compare_infer', 'tests']
-    assert ran('diag') == ['tests', 'accuracy', 'profile_fused', 'profile_timm']
+    assert ran('diag') == ['tests', 'accuracy', 'parity', 'profile_fused', 'profile_timm']
+    assert ran('session2') == ['parity', 'data_jpegs', 'data_j8']
     assert ran('train')[:2] == ['train_fused', 'train_fused_plain_norm']
     log = (tmp_path / 'out' / 'train_fused_cudagraphs.log').read_text()
     assert log.startswith('-m sequencer.cli benchmark --model sequencer2d_s --device cuda')

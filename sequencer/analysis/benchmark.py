@@ -10,6 +10,19 @@ and the two are timed *alternately*: every measured iteration runs one step of e
 from one iteration to the next, so that noise from other processes on a shared machine falls on both
 alike. The result is printed as the ratio ours / timm.
 
+With ``--compare-onnxruntime`` our model is exported to ONNX in the run (``sequencer export``'s exporter, into a
+temporary file) and onnxruntime's ``InferenceSession`` on the CPU (``--num-threads`` intra-op threads, one inter-op
+thread, sequential execution, no spinning of idle threads, which would take the cores from the next model's step)
+is timed in the same alternating loop, on the same batch as a numpy array, for inference only. Before timing, its
+output is checked against our model's: the largest absolute difference must be within 1e-3 of the largest output.
+The exported copy's classifier, zero-initialised in a fresh model, gets random weights first, so that the check
+covers the whole network (values do not change the work). The onnxruntime row reports no peak memory: its arena
+keeps memory between runs, out of sight of both CPU probes.
+
+On CPU in float32, the fast engine's GEMMs run on MKL or oneDNN (``sequencer.fast.gemm``), chosen by measurement
+per kind of GEMM during the warm-up, or forced with ``--gemm``; the choice is printed after the run and stored in
+our rows' ``gemm`` field.
+
 Figures reported per model and mode:
 
 * ``img_per_s``: images per second over the measured steps (batch * steps / total step time);
@@ -38,6 +51,7 @@ loader alone (``-j`` processes), the synthetic step above of the same model, bat
 step fed by that loader end to end (see ``data_benchmark``), then says which of the two binds.
 """
 import argparse
+import copy
 import csv
 import ctypes
 import ctypes.util
@@ -49,6 +63,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -63,8 +78,9 @@ from ..engine.args import COUNT, NATURAL, Parser, Range
 from ..engine.io import check_output, write_text
 from ..engine.malloc import keep_freed_memory
 from ..errors import UserError
+from ..export import export_onnx
 from ..factory import create_model
-from ..fast import cpu_kernel
+from ..fast import cpu_kernel, gemm
 from ..fast.cpu_kernel import prepare_for_compile
 from ..fast.runtime import triton_ok
 from ..models.blocks import RNN2D
@@ -75,7 +91,9 @@ from .flops import count_flops
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 MODES = ('infer', 'train', 'both')
-OURS, TIMM = 'sequencer', 'timm'
+OURS, TIMM, ORT = 'sequencer', 'timm', 'onnxruntime'
+EXTRA_HINT = "pip install 'sequencer-lstm[export]'"
+ORT_RTOL = 1e-3   # onnxruntime's largest absolute difference from ours, relative to our largest output
 
 
 # ---- arguments --------------------------------------------------------------------------------------
@@ -128,6 +146,12 @@ def add_arguments(parser: argparse.ArgumentParser):
                              "without names, timm's model of the same architecture with identical weights; with names, "
                              "those timm models (e.g. convnext_tiny swin_tiny_patch4_window7_224 sequencer2d_s; "
                              "a Sequencer of our architecture gets our weights, others their own initialisation)")
+    parser.add_argument('--compare-onnxruntime', action='store_true',
+                        help="also time our model exported to ONNX (as by `sequencer export`) in onnxruntime on the "
+                             "CPU, alternately with the others, inference only (--num-threads intra-op threads); its "
+                             "output is checked against ours first. Needs the export extra")
+    parser.add_argument('--gemm', choices=('auto',) + gemm.BACKENDS, default='auto',
+                        help='CPU float32 GEMMs of our fast engine: measured choice (auto), MKL, or oneDNN')
     parser.add_argument('--matmul-peak', action='store_true',
                         help='measure the machine\'s matrix-multiply peak (a large GEMM in the benchmark precision) '
                              'and report achieved FLOP/s as a fraction of it')
@@ -166,7 +190,8 @@ def _check_args(args) -> Tuple[int, int, int]:
     if data is not None:
         if args.mode == 'both':
             raise UserError("--mode both: with --data give train or infer (one loader per run)")
-        for flag, given in (('--compare-timm', _comparisons(args) is not None), ('--matmul-peak', args.matmul_peak)):
+        for flag, given in (('--compare-timm', _comparisons(args) is not None), ('--matmul-peak', args.matmul_peak),
+                            ('--compare-onnxruntime', getattr(args, 'compare_onnxruntime', False))):
             if given:
                 raise UserError(f"{flag}: not with --data (it times the model on synthetic inputs only)")
     if args.mode in ('train', 'both') and args.num_classes == 0:
@@ -175,6 +200,24 @@ def _check_args(args) -> Tuple[int, int, int]:
         raise UserError(f"--results-file {args.results_file}: the name must end in .csv or .json")
     if args.results_file:
         check_output(args.results_file, '--results-file')
+    if getattr(args, 'compare_onnxruntime', False):
+        if args.mode == 'train':
+            raise UserError("--compare-onnxruntime: inference only; not with --mode train (use infer or both)")
+        if args.device == 'cuda':
+            raise UserError("--compare-onnxruntime: onnxruntime runs on the CPU here; not with --device cuda")
+        if args.precision != 'fp32':
+            raise UserError(f"--compare-onnxruntime: the ONNX model runs in float32; not with --precision "
+                            f"{args.precision}")
+        if args.input_size is not None and args.input_size[1] != args.input_size[2]:
+            raise UserError(f"--compare-onnxruntime: the ONNX export takes square inputs; not --input-size "
+                            f"{' '.join(map(str, args.input_size))}")
+        _import_onnxruntime()
+    if getattr(args, 'gemm', 'auto') != 'auto':
+        if args.rnn_engine == 'native':
+            raise UserError(f"--gemm {args.gemm}: with --rnn-engine native our model is plain PyTorch, whose GEMMs "
+                            f"are torch's own")
+        if args.device == 'cuda':
+            raise UserError(f"--gemm {args.gemm}: chooses CPU GEMMs; not with --device cuda")
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to torch on this machine")
     if args.compile_mode is not None:
@@ -214,6 +257,17 @@ def _parse_layers(text: Optional[str]) -> Optional[Tuple[int, ...]]:
     if not layers or min(layers) < 1:
         raise UserError(f"--layers {text!r}: every stage needs at least one block")
     return layers
+
+
+def _import_onnxruntime():
+    """onnxruntime, once onnx (which the exporter writes with) is known to be there too; a one-line error naming
+    the extra otherwise."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as e:
+        raise UserError(f"--compare-onnxruntime needs the export extra ({EXTRA_HINT}): {e}") from None
+    return onnxruntime
 
 
 # ---- models -----------------------------------------------------------------------------------------
@@ -272,6 +326,52 @@ def build_timm(args, ours: nn.Module, input_size, overrides: Dict, name: Optiona
     return other, name
 
 
+def build_onnxruntime(ours: nn.Module, x: torch.Tensor, threads: int, seed: int) -> Tuple[object, Dict]:
+    """An onnxruntime session (CPU, ``threads`` intra-op threads, one inter-op thread, sequential) of ``ours``
+    exported to ONNX in a temporary file, removed once loaded; checked on ``x`` against ``ours`` run in PyTorch (an
+    error where the largest absolute difference exceeds ``ORT_RTOL`` of the largest output, or either is not
+    finite). Returns the session and what to report: versions, exporter, opset, the differences."""
+    ort = _import_onnxruntime()
+    import onnx
+    model = copy.deepcopy(ours).eval()   # the exporter puts what it exports on the plain engine, in place
+    if hasattr(model, 'set_grad_checkpointing'):
+        model.set_grad_checkpointing(False)
+    head = model.get_classifier() if hasattr(model, 'get_classifier') else None
+    if isinstance(head, nn.Linear):   # zero-initialised: give it values, so that the check sees the whole network
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.02)
+    with torch.no_grad():
+        ref = model(x).float()
+    with tempfile.TemporaryDirectory(prefix='sequencer-benchmark-') as tmp:
+        info = export_onnx(model, os.path.join(tmp, 'model.onnx'), img_size=x.shape[-1])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # its threads would otherwise spin for a while after each run, taking the cores from the next model's step
+        options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        options.add_session_config_entry('session.inter_op.allow_spinning', '0')
+        session = ort.InferenceSession(os.path.join(tmp, 'model.onnx'), options, providers=['CPUExecutionProvider'])
+    out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    if out.shape != ref.shape:
+        raise UserError(f"--compare-onnxruntime: onnxruntime gives outputs of shape {tuple(out.shape)}, our model "
+                        f"{tuple(ref.shape)}")
+    if not torch.isfinite(ref).all():
+        raise UserError("--compare-onnxruntime: our model's own outputs are NaN/inf; nothing to compare")
+    if not torch.isfinite(out).all():
+        raise UserError("--compare-onnxruntime: onnxruntime gives NaN/inf where our model's outputs are finite")
+    diff = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    relative = diff / scale if scale > 0 else (0.0 if diff == 0 else float('inf'))
+    if relative > ORT_RTOL:
+        raise UserError(f"--compare-onnxruntime: onnxruntime's output differs from our model's by {diff:.3g} (max "
+                        f"|difference|, {relative:.3g} of the largest output, above {ORT_RTOL:g}); nothing timed")
+    return session, dict(onnxruntime=ort.__version__, onnx=onnx.__version__, exporter=info['exporter'],
+                         opset=info['opset'], provider='CPUExecutionProvider', intra_op_threads=threads,
+                         max_abs_difference=diff, relative_difference=relative)
+
+
 def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precision: str,
                      compiled: bool = False) -> str:
     """The engine our recurrences run with in ``mode`` ('auto' may choose by device, grad mode, autocast).
@@ -293,6 +393,17 @@ def _resolved_engine(model: nn.Module, mode: str, device: torch.device, precisio
             impl = 'triton' if triton_ok() else 'torch'
         engines = [f'fused[{impl}]' if e == 'fused' else e for e in engines]
     return ('+'.join(engines) + measured) if engines else 'native'
+
+
+def _gemm_label(model: nn.Module, device: torch.device, precision: str, compiled: bool) -> Optional[str]:
+    """The backends of our fast engine's CPU float32 GEMMs so far (``gemm.describe()``: chosen on first use, in the
+    warm-up); None for a plain PyTorch model (``--rnn-engine native``) or a GPU. Under autocast or torch.compile the
+    GEMMs are torch's own."""
+    if device.type != 'cpu' or fast.engine_of(model) == 'native':
+        return None
+    if precision != 'fp32':
+        return f'torch ({precision} autocast)'
+    return 'torch (compiled)' if compiled else gemm.describe()
 
 
 def _fused_mlp_active(model: nn.Module, mode: str, device: torch.device, precision: str, compiled: bool) -> bool:
@@ -371,6 +482,20 @@ class Step:
         return loss
 
 
+class OnnxRuntimeStep:
+    """onnxruntime's inference on the benchmark's fixed batch, handed over as a numpy array once."""
+
+    def __init__(self, session, x: torch.Tensor):
+        self.session = session
+        self.feed = {session.get_inputs()[0].name: x.detach().cpu().contiguous().numpy()}
+
+    def prepare(self):
+        pass
+
+    def __call__(self):
+        return self.session.run(None, self.feed)
+
+
 class Progress:
     """Occasional progress lines on stderr (at most one per ``every`` seconds)."""
 
@@ -384,7 +509,7 @@ class Progress:
             self.last = now
 
 
-def run_interleaved(steps: Dict[str, Step], warmup: int, iters: int, device: torch.device,
+def run_interleaved(steps: Dict[str, Callable], warmup: int, iters: int, device: torch.device,
                     progress: Progress, label: str) -> Dict[str, List[float]]:
     """Warm up, then time ``iters`` steps of every model, one of each per iteration, swapping the order
     every iteration. Returns the per-step wall times in seconds."""
@@ -572,12 +697,12 @@ def environment(device: torch.device) -> Dict:
 
 
 FIELDS = ('model', 'impl', 'timm_model', 'mode', 'device', 'precision', 'batch_size', 'input_size', 'compile',
-          'rnn_engine', 'fused_mlp', 'fused_norm', 'grad_checkpointing', 'threads', 'warmup', 'iters', 'img_per_s',
-          'latency_ms_median',
+          'rnn_engine', 'fused_mlp', 'fused_norm', 'gemm', 'grad_checkpointing', 'threads', 'warmup', 'iters',
+          'img_per_s', 'latency_ms_median',
           'latency_ms_p90', 'latency_ms_mean', 'peak_mem_mb', 'memory_method', 'gmacs_per_img', 'gmac_per_s',
           'gflop_per_s', 'matmul_peak_gflop_s', 'fraction_of_peak', 'ratio_vs_timm', 'ratio_vs_timm_median',
           'ours_ratio', 'ours_ratio_median',
-          'torch', 'timm', 'python', 'cpu', 'device_name', 'date')
+          'torch', 'timm', 'onnxruntime', 'python', 'cpu', 'device_name', 'date')
 
 
 def _fmt(v) -> str:
@@ -623,8 +748,17 @@ def summary(rows: List[Dict]) -> str:
 
 def run(args) -> int:
     input_size = _check_args(args)
-    if getattr(args, 'data', None) is not None:
-        return run_data(args, input_size)
+    gemm.set_backend(getattr(args, 'gemm', 'auto'))
+    try:
+        if getattr(args, 'data', None) is not None:
+            return run_data(args, input_size)
+        return run_synthetic(args, input_size)
+    finally:
+        gemm.set_backend(None)
+
+
+def run_synthetic(args, input_size) -> int:
+    """The model(s) on a fixed random batch: ours, timm's and onnxruntime's alternately."""
     layers = _parse_layers(args.layers)
     overrides = {'layers': layers} if layers is not None else {}
     if args.num_threads is not None:
@@ -665,16 +799,28 @@ def run(args) -> int:
     g = torch.Generator(device='cpu').manual_seed(args.seed)
     x = torch.randn(args.batch_size, *input_size, generator=g).to(device)
     target = torch.randint(0, max(args.num_classes, 1), (args.batch_size,), generator=g).to(device)
+    session, ort_info = None, None
+    if getattr(args, 'compare_onnxruntime', False):
+        progress.say(f"onnxruntime: exporting {args.model} to ONNX and checking onnxruntime's output against ours",
+                     force=True)
+        session, ort_info = build_onnxruntime(ours, x, torch.get_num_threads(), args.seed)
+        env['onnxruntime'], env['onnx'] = ort_info['onnxruntime'], ort_info['onnx']
+        env['onnxruntime_check'] = {k: v for k, v in ort_info.items() if k not in ('onnxruntime', 'onnx')}
+        progress.say(f"onnxruntime {ort_info['onnxruntime']}: max |difference| from ours "
+                     f"{ort_info['max_abs_difference']:.3g} ({ort_info['relative_difference']:.3g} of the largest "
+                     f"output)", force=True)
     cpu_probe = None
     if device.type == 'cpu' and not args.no_memory:
         cpu_probe = _CpuPeakTensors() if args.cpu_memory == 'tensors' else _CpuPeakRss()
     mem_method = None if args.no_memory else ('cuda-max-allocated' if device.type == 'cuda' else cpu_probe.method)
 
-    rows, engines = [], []
+    rows, engines, gemms = [], [], []
     for mode in (('infer', 'train') if args.mode == 'both' else (args.mode,)):
         compiled = {name: compile_ and not (name != OURS and args.timm_eager) for name in models}
-        steps = {name: Step(m, mode, x, target, args.precision, args.compile_mode, compiled[name])
-                 for name, m in models.items()}
+        steps: Dict[str, Callable] = {name: Step(m, mode, x, target, args.precision, args.compile_mode,
+                                                 compiled[name]) for name, m in models.items()}
+        if session is not None and mode == 'infer':
+            steps[ORT], compiled[ORT] = OnnxRuntimeStep(session, x), False
         progress.say(f"{mode}: {args.model} batch {args.batch_size}, {' vs '.join(steps)}, "
                      f"{args.warmup} warm-up + {args.iters} measured steps each", force=True)
         times = run_interleaved(steps, args.warmup, args.iters, device, progress, mode)
@@ -683,6 +829,8 @@ def run(args) -> int:
             for name, s in steps.items():
                 if device.type == 'cuda' and compiled[name] and _uses_cuda_graphs(args.compile_mode):
                     continue   # the graphs' memory pool was allocated at capture: a replay's peak omits it
+                if name == ORT:
+                    continue   # its arena keeps memory between runs; torch's profiler does not see it
                 mems[name] = peak_memory_mb(s, device, cpu_probe)
         work = macs * (3 if mode == 'train' else 1)
         engine = _resolved_engine(ours, mode, device, args.precision, compiled=compile_)
@@ -690,15 +838,18 @@ def run(args) -> int:
         fused_norm = _fused_norm_active(ours, device, compile_)
         engines.append(f"{mode}: {engine}" + (' + fused MLP' if fused_mlp else '')
                        + (' + fused norm' if fused_norm else ''))
+        gemm_label = _gemm_label(ours, device, args.precision, compile_)   # chosen in the warm-up
+        gemms.append(gemm_label)
         for name, ts in times.items():
             mean = sum(ts) / len(ts)
             ips = args.batch_size / mean
-            same_arch = name in (OURS, TIMM)   # the MAC count is ours: other architectures get none
+            same_arch = name in (OURS, TIMM, ORT)   # the MAC count is ours: other architectures get none
             row = dict(model=args.model, impl=name, timm_model=timm_names.get(name), mode=mode, device=device.type,
                        precision=args.precision, batch_size=args.batch_size,
                        input_size='x'.join(map(str, input_size)), compile=compiled[name],
-                       rnn_engine=engine if name == OURS else 'nn.LSTM', fused_mlp=fused_mlp and name == OURS,
-                       fused_norm=fused_norm and name == OURS,
+                       rnn_engine={OURS: engine, ORT: 'ONNX LSTM'}.get(name, 'nn.LSTM'),
+                       fused_mlp=fused_mlp and name == OURS, fused_norm=fused_norm and name == OURS,
+                       gemm=gemm_label if name == OURS else None,
                        grad_checkpointing=args.grad_checkpointing,
                        threads=torch.get_num_threads(), warmup=args.warmup, iters=args.iters,
                        img_per_s=ips, latency_ms_median=statistics.median(ts) * 1e3,
@@ -710,14 +861,15 @@ def run(args) -> int:
                        matmul_peak_gflop_s=peak,
                        fraction_of_peak=(2 * ips * work / 1e9 / peak) if peak and same_arch else None,
                        ratio_vs_timm=None, ratio_vs_timm_median=None, ours_ratio=None, ours_ratio_median=None,
+                       onnxruntime=env.get('onnxruntime'),
                        **{k: env[k] for k in ('torch', 'timm', 'python', 'cpu', 'device_name', 'date')})
             rows.append(row)
         mode_rows = rows[-len(times):]
         ours_row = mode_rows[0]
-        for other in mode_rows[1:]:   # ours / theirs, in each row of theirs; the first comparison also in ours
+        for other in mode_rows[1:]:   # ours / theirs, in each row of theirs; the first timm comparison also in ours
             other['ours_ratio'] = ours_row['img_per_s'] / other['img_per_s']
             other['ours_ratio_median'] = other['latency_ms_median'] / ours_row['latency_ms_median']
-            if ours_row['ratio_vs_timm'] is None:
+            if ours_row['ratio_vs_timm'] is None and other['impl'] != ORT:
                 ours_row['ratio_vs_timm'] = other['ours_ratio']
                 ours_row['ratio_vs_timm_median'] = other['ours_ratio_median']
         del steps
@@ -738,9 +890,17 @@ def run(args) -> int:
           f"{device.type} ({env['device_name']}, {torch.get_num_threads()} threads)  compile={compile_}  "
           f"engine ({', '.join(engines)})  grad_checkpointing={args.grad_checkpointing}  {macs / 1e9:.2f} GMACs/img"
           + (f"  matmul peak {peak:.1f} GFLOP/s" if peak else ''))
+    gemm_labels = list(dict.fromkeys(g for g in gemms if g))
+    if gemm_labels:
+        print(f"GEMMs of our fast engine: {gemm_labels[-1]}")
     for label, name in timm_names.items():
         print(f"compared with timm's {name}" + (' (same weights)' if label == TIMM else ' (its own initialisation)')
               + ', timed alternately' + (" (timm's model eager)" if args.timm_eager else ''))
+    if ort_info:
+        print(f"compared with onnxruntime {ort_info['onnxruntime']} (inference): our model exported to ONNX opset "
+              f"{ort_info['opset']} ({ort_info['exporter']} exporter), {ort_info['provider']}, "
+              f"{ort_info['intra_op_threads']} intra-op threads, timed alternately; max |difference| from ours "
+              f"{ort_info['max_abs_difference']:.3g} ({ort_info['relative_difference']:.3g} of the largest output)")
     if mem_method:
         print(f"peak memory: {mem_method}")
     print(summary(rows))
@@ -751,9 +911,9 @@ def run(args) -> int:
 
 
 DATA_FIELDS = ('measurement', 'model', 'mode', 'device', 'precision', 'batch_size', 'input_size', 'compile',
-               'rnn_engine', 'grad_checkpointing', 'workers', 'threads', 'warmup', 'iters', 'seconds', 'img_per_s',
-               'img_per_s_per_process', 'latency_ms_mean', 'latency_ms_median', 'latency_ms_p90', 'data', 'images',
-               'classes', 'transform', 'pace', 'end_to_end_fraction', 'workers_needed_estimate',
+               'rnn_engine', 'gemm', 'grad_checkpointing', 'workers', 'threads', 'warmup', 'iters', 'seconds',
+               'img_per_s', 'img_per_s_per_process', 'latency_ms_mean', 'latency_ms_median', 'latency_ms_p90', 'data',
+               'images', 'classes', 'transform', 'pace', 'end_to_end_fraction', 'workers_needed_estimate',
                'torch', 'timm', 'python', 'cpu', 'device_name', 'date')
 VERDICT_KEYS = ('pace', 'end_to_end_fraction', 'workers_needed_estimate')
 
@@ -822,10 +982,12 @@ def run_data(args, input_size) -> int:
                  f"measured steps", force=True)
     times = run_interleaved({OURS: step}, args.warmup, args.iters, device, progress, 'synthetic')[OURS]
     engine = _resolved_engine(model, args.mode, device, args.precision, compiled=compile_)
+    gemm_label = _gemm_label(model, device, args.precision, compile_)
     synthetic_ips = args.batch_size * len(times) / sum(times)
-    rows.append(dict(common, measurement='synthetic', rnn_engine=engine, warmup=args.warmup, iters=args.iters,
-                     seconds=sum(times), img_per_s=synthetic_ips, latency_ms_mean=sum(times) / len(times) * 1e3,
-                     latency_ms_median=statistics.median(times) * 1e3, latency_ms_p90=_percentile(times, 0.9) * 1e3))
+    rows.append(dict(common, measurement='synthetic', rnn_engine=engine, gemm=gemm_label, warmup=args.warmup,
+                     iters=args.iters, seconds=sum(times), img_per_s=synthetic_ips,
+                     latency_ms_mean=sum(times) / len(times) * 1e3, latency_ms_median=statistics.median(times) * 1e3,
+                     latency_ms_p90=_percentile(times, 0.9) * 1e3))
     save()
 
     # 3. end to end: the step fed by the loader, batches copied to the device (by the prefetcher on CUDA) and
@@ -841,8 +1003,9 @@ def run_data(args, input_size) -> int:
     seconds = data_benchmark.time_batches(loaders.feed, warmup, iters, fed_step, lambda: _sync(device),
                                           progress.say, 'end to end')
     e2e_ips = iters * args.batch_size / seconds
-    rows.append(dict(common, measurement='end_to_end', rnn_engine=engine, workers=workers, warmup=warmup,
-                     iters=iters, seconds=seconds, img_per_s=e2e_ips, latency_ms_mean=seconds / iters * 1e3))
+    rows.append(dict(common, measurement='end_to_end', rnn_engine=engine, gemm=gemm_label, workers=workers,
+                     warmup=warmup, iters=iters, seconds=seconds, img_per_s=e2e_ips,
+                     latency_ms_mean=seconds / iters * 1e3))
 
     # 4. the verdict
     verdict = data_benchmark.verdict(loader_ips, synthetic_ips, e2e_ips, workers, os.cpu_count())
@@ -853,6 +1016,8 @@ def run_data(args, input_size) -> int:
     print(f"{args.model}  {args.mode}  input {'x'.join(map(str, input_size))}  batch {args.batch_size}  "
           f"{args.precision}  {device.type} ({env['device_name']}, {torch.get_num_threads()} threads)  "
           f"compile={compile_}  engine {engine}")
+    if gemm_label:
+        print(f"GEMMs of our fast engine: {gemm_label}")
     print(f"data: {folder}, {len(dataset)} images, {classes} classes; {processes}")
     print(f"{loaders.description}")
     table = [('measurement', 'batches', 'img/s', 'per process', 'ms/batch')]
