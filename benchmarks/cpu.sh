@@ -9,6 +9,9 @@
 # /proc/cpuinfo in lower case (e.g. intel-xeon-processor); RESULTS_DIR=... writes them elsewhere. Options given
 # to this script are added to every run (e.g. `--warmup 3 --iters 15`; later options win over earlier ones).
 # A run that fails does not stop the others; the exit status is that of the last failure (0 if none).
+# With onnxruntime installed (the export extra), the 'auto' runs time it too on our exported model (inference).
+# MKL_ENABLE_INSTRUCTIONS=AVX2 (say) restricts PyTorch's MKL to that instruction set, which makes its sgemm slow
+# on an AVX-512 processor, as it is on some AMD ones: the results' names then end in -mkl-avx2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS_DIR:-benchmarks/results}
@@ -18,6 +21,11 @@ CPU=$(grep -m 1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2-)
 if [[ -z ${CPU// /} ]]; then CPU=$(lscpu 2>/dev/null | grep -m 1 '^Model name' | cut -d: -f2-); fi
 if [[ -z ${CPU// /} ]]; then CPU=$(uname -m); fi
 SLUG=$(printf '%s' "$CPU" | tr '[:upper:]' '[:lower:]' | sed -E 's/\((r|tm)\)//g; s/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+if [[ -n ${MKL_ENABLE_INSTRUCTIONS:-} ]]; then
+  SLUG="$SLUG-mkl-$(printf '%s' "$MKL_ENABLE_INSTRUCTIONS" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g')"
+fi
+ORT=()
+if "$PY" -c 'import onnx, onnxruntime' 2>/dev/null; then ORT=(--compare-onnxruntime); fi
 mkdir -p "$RESULTS"
 echo "processor: $(echo $CPU) ($SLUG)"
 status=0
@@ -29,10 +37,9 @@ run() {  # run ENGINE BATCH MODE [EXTRA OPTIONS...]
   "$PY" -m sequencer.cli benchmark --model sequencer2d_s --num-threads 2 --compare-timm --no-memory \
       -b "$batch" --mode "$mode" --rnn-engine "$engine" "$@" --results-file "$file" || status=$?
 }
-for engine in auto native; do
-  run "$engine" 8 both "${@}"
-done
-for engine in auto native; do
-  run "$engine" 1 infer "${@}"
-done
+run auto 8 both "${ORT[@]}" "${@}"
+run native 8 both "${@}"
+run auto 1 infer "${ORT[@]}" "${@}"
+run native 1 infer "${@}"
 exit $status
+

@@ -303,3 +303,24 @@ def test_cuda_auto_layer_is_measured_where_triton_runs(monkeypatch, grad):
     assert set(seen) == {'cuda'}
     (key, choice), = autotune.choices('cuda').items()
     assert choice == 'fused' and key.startswith('cuda 2x4x5x6') and 'autocast=bfloat16' in key
+
+
+def test_measuring_inside_a_checkpointed_forward(monkeypatch):
+    """With gradient checkpointing the first forward of a layer shape is measured inside the checkpoint: the
+    measurement's own graphs must not meet the checkpoint's saved-tensor hooks (it used to raise CheckpointError),
+    and the gradients are those of the plain model."""
+    import sequencer
+
+    from conftest import randomize
+    torch.manual_seed(0)
+    plain = randomize(sequencer.create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=5,
+                                             rnn_engine='native'))
+    fast = sequencer.create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=5)
+    fast.load_state_dict(plain.state_dict())
+    fast.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    fast(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    assert 'measured' in autotune.describe(fast)
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

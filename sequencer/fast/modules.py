@@ -221,9 +221,12 @@ class FastRNN2D(FastModule, RNN2D):
             inputs = ([x] if x.requires_grad else []) + [p for p in self.parameters() if p.requires_grad]
             return torch.autograd.grad(y.float().sum(), inputs)
 
-        return autotune.choose(key, {'fused': lambda: step(fused, x), 'native': lambda: step(native, x)},
-                               warmup={'fused': lambda: step(fused, x1), 'native': lambda: step(native, x1)},
-                               device=device)
+        # the measurement's own graphs keep their saved tensors as they are, even inside a checkpointed forward
+        # (whose saved-tensor hooks would otherwise take them over)
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            return autotune.choose(key, {'fused': lambda: step(fused, x), 'native': lambda: step(native, x)},
+                                   warmup={'fused': lambda: step(fused, x1), 'native': lambda: step(native, x1)},
+                                   device=device)
 
     def _lstm_params(self):
         """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine, in
@@ -269,6 +272,10 @@ class FastRNN2D(FastModule, RNN2D):
         if bias_in_residual:
             raise ValueError('FastRNN2D: bias_in_residual needs the fc layer')
         return y if residual is None else residual + y
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _triton_supported(hidden: int, lowp: bool) -> bool:
