@@ -202,3 +202,21 @@ def test_compiled_graphs_use_torch_ops(backend):
 
     x = torch.randn(3, 6)
     assert torch.allclose(f(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+
+
+def test_double_backward_through_onednn_linear(backend):
+    """A gradient penalty (create_graph) differentiates the backward's GEMMs: they then run as PyTorch's own ops."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, generator=g, requires_grad=True)
+    results = []
+    for be in ('mkl', 'onednn'):
+        backend(be)
+        y = gemm.linear(x, w)
+        gx, = torch.autograd.grad(y.sin().sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), w)[0])
+    ref_y = F.linear(x, w)
+    ref_gx, = torch.autograd.grad(ref_y.sin().sum(), x, create_graph=True)
+    ref = torch.autograd.grad(ref_gx.square().sum(), w)[0]
+    for got in results:
+        assert _rel(got, ref) < 1e-5

@@ -152,6 +152,11 @@ def _onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = 
 
 
 def _routed(kind: str, *tensors: torch.Tensor) -> bool:
+    """Whether oneDNN runs this GEMM: float32 CPU tensors, the kind's backend, and no autograd graph to record
+    (these GEMMs run inside autograd Functions; a double backward's ``create_graph`` needs PyTorch's own, which
+    are differentiable)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
     return (all(t.device.type == 'cpu' and t.dtype == torch.float32 for t in tensors)
             and backend(kind) == 'onednn')
 
