@@ -34,6 +34,7 @@ def _layouts(g):
         'forward x @ W^T': (x, w.t()),
         'input_grad dY @ W': (gy, w),
         'weight_grad dY^T @ X': (gy.t(), x),
+        'weight_grad of a strided dY': (torch.randn(37, 80, generator=g)[:, ::2].t(), x),
         'one row': (x[:1], w.t()),
         'strided rows': (torch.randn(37, 48, generator=g)[:, ::2], w.t()),
     }
@@ -45,20 +46,22 @@ def test_mm_backends_agree_with_torch(backend, name):
     ref = (a.double() @ b.double()).float()
     for be in gemm.BACKENDS:
         backend(be)
-        out = gemm.mm(a, b, 'forward')
-        assert out.shape == ref.shape
-        assert _rel(out, ref) < 1e-5, be
+        for kind in gemm.KINDS:   # each kind's oneDNN op, on every layout (others fall back to the plain one)
+            out = gemm.mm(a, b, kind)
+            assert out.shape == ref.shape
+            assert _rel(out, ref) < 1e-5, (be, kind)
 
 
 def test_onednn_is_really_used(backend):
     """The oneDNN path runs oneDNN's inner product (seen by the profiler), the MKL path torch.mm."""
     a, b = torch.randn(64, 32), torch.randn(32, 16)
-    for be, op in (('onednn', 'mkldnn::_linear_pointwise'), ('mkl', 'aten::mm')):
+    for be, kind, op in (('onednn', 'forward', 'mkldnn::_linear_pointwise'), ('mkl', 'forward', 'aten::mm'),
+                         ('onednn', 'weight_grad', 'aten::mkldnn_linear_backward_weights')):
         backend(be)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            gemm.mm(a, b, 'forward')
+            gemm.mm(torch.randn(64, 16).t(), a, kind) if kind == 'weight_grad' else gemm.mm(a, b, kind)
         names = {e.name for e in prof.events()}
-        assert op in names, (be, names)
+        assert op in names, (be, kind, names)
 
 
 @pytest.mark.parametrize('bias', [False, True])

@@ -17,7 +17,8 @@ torch.compile's CPU backend calls (``torch.ops.mkldnn._linear_pointwise``), with
 its binary post-op. Both compute float32 products with float32 accumulation; they differ only by summation order
 (relative differences about 1e-6, tested against ``F.linear``). A GEMM ``A @ B`` is handed to oneDNN as
 ``X @ W^T`` with ``X = A`` (row-major; copied only when it is not, as for the weight gradient's ``dY^T``) and
-``W = B^T``, a view in whatever strides it has.
+``W = B^T``, a view in whatever strides it has; a weight gradient ``dY^T @ X`` goes to oneDNN's inner-product weight
+gradient, with both operands copied into oneDNN's layout.
 
 The choice is made per kind of GEMM, because that is what the winner was seen to depend on, besides the
 processor: 'forward' (``X @ W^T``, weights in their own layout), 'input_grad' (``dY @ W``) and 'weight_grad'
@@ -134,7 +135,7 @@ def _measure(kind: str, key: str) -> str:
                 fn(a, b)
         return step
 
-    candidates = {'mkl': run(torch.mm), 'onednn': run(_onednn_mm)}
+    candidates = {'mkl': run(torch.mm), 'onednn': run(_ONEDNN[kind])}
     return autotune.choose(key, candidates, steps=3, budget_s=0.5, warmup=candidates)
 
 
@@ -151,6 +152,21 @@ def _onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = 
     return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, 'none', [], '')
 
 
+def _onednn_weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for a weight gradient ``dY^T @ X`` (``a`` the transposed view of a row-major ``dY``) by oneDNN's
+    inner-product weight gradient, whose operands are handed over in oneDNN's own layout (a copy of each)."""
+    gy = a.t()
+    if not _row_major(gy) or gy.shape[0] == 0:
+        return _onednn_mm(a, b)
+    grad_w, _ = torch.ops.aten.mkldnn_linear_backward_weights(
+        gy.to_mkldnn(), b.contiguous().to_mkldnn(), gy.new_empty(a.shape[0], b.shape[1]), False)
+    return grad_w
+
+
+# the oneDNN op of each GEMM kind
+_ONEDNN = {'forward': _onednn_mm, 'input_grad': _onednn_mm, 'weight_grad': _onednn_weight_grad}
+
+
 def _routed(kind: str, *tensors: torch.Tensor) -> bool:
     """Whether oneDNN runs this GEMM: float32 CPU tensors, the kind's backend, and no autograd graph to record
     (these GEMMs run inside autograd Functions; a double backward's ``create_graph`` needs PyTorch's own, which
@@ -164,7 +180,7 @@ def _routed(kind: str, *tensors: torch.Tensor) -> bool:
 def mm(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N), a GEMM of ``kind``."""
     if _routed(kind, a, b) and a.shape[0] > 0:
-        return _onednn_mm(a, b)
+        return _ONEDNN[kind](a, b)
     return torch.mm(a, b)
 
 
