@@ -321,3 +321,18 @@ def test_cuda_graph_modes_are_recognised():
     assert _uses_cuda_graphs('reduce-overhead') and _uses_cuda_graphs('max-autotune')
     assert not _uses_cuda_graphs('max-autotune-no-cudagraphs')
     assert not _uses_cuda_graphs('default') and not _uses_cuda_graphs(None)
+
+
+def test_cpu_script_names_a_restricted_mkl_and_adds_onnxruntime_to_auto(tmp_path):
+    """With MKL_ENABLE_INSTRUCTIONS set, the results' names say so; the 'auto' runs (only) time onnxruntime
+    where it is importable (PYTHON=echo: the import check succeeds)."""
+    env = dict(os.environ, PYTHON='echo', RESULTS_DIR=str(tmp_path), MKL_ENABLE_INSTRUCTIONS='AVX2')
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'cpu.sh')], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    runs = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith('-m sequencer.cli benchmark')]
+    assert len(runs) == 4
+    for argv in runs:
+        engine = argv[argv.index('--rnn-engine') + 1]
+        assert argv[-1].endswith(f'-mkl-avx2-{engine}-b{argv[argv.index("-b") + 1]}.json'), argv
+        assert ('--compare-onnxruntime' in argv) == (engine == 'auto'), argv
