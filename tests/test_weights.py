@@ -196,6 +196,28 @@ def test_pretrained_uses_the_reference_release(monkeypatch):
     assert torch.count_nonzero(tuned.get_classifier().weight) == 0  # a fresh head
 
 
+def test_pretrained_weights_adapt_to_other_input_channels(tmp_path):
+    ref = randomize(create_model('sequencer2d_s'), seed=13).eval()
+    cache = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    os.makedirs(cache)
+    torch.save(to_reference_layout(ref.state_dict(), layers=(4, 3, 8, 3)), os.path.join(cache, 'sequencer2d_s.pth'))
+    gray = create_model('sequencer2d_s', pretrained=True, in_chans=1).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():  # one channel: the RGB filters summed, so a gray image gives the RGB model's output
+        assert torch.allclose(gray(x), ref(x.expand(1, 3, 64, 64)), atol=1e-5)
+    four = create_model('sequencer2d_s', pretrained=True, in_chans=4)
+    assert four.stem.proj.weight.shape[1] == 4  # more channels: repeated, rescaled by 3/4
+    assert torch.allclose(four.stem.proj.weight[:, :3] * 4 / 3, ref.stem.proj.weight, atol=1e-6)
+    assert torch.allclose(four.stem.proj.weight[:, 3] * 4 / 3, ref.stem.proj.weight[:, 0], atol=1e-6)
+    # fine-tuning from a file (--pretrained-path) adapts too; restoring a checkpoint does not
+    torch.save(ref.state_dict(), tmp_path / 'rgb.pth')
+    tuned = load_checkpoint(create_model('sequencer2d_s', in_chans=1, num_classes=5), str(tmp_path / 'rgb.pth'),
+                            reset_head=True, adapt_in_chans=True)
+    assert torch.allclose(tuned.stem.proj.weight[:, 0], ref.stem.proj.weight.sum(1))
+    with pytest.raises(CheckpointError, match=r'wrong shape: stem\.proj\.weight \(192, 3, 7, 7\) vs \(192, 1, 7, 7\)'):
+        load_checkpoint(create_model('sequencer2d_s', in_chans=1), str(tmp_path / 'rgb.pth'))
+
+
 def test_pretrained_falls_back_to_timm_hub_copy(monkeypatch):
     ref = randomize(timm.create_model('sequencer2d_m'), seed=12).eval()
     _put_in_hf_cache('timm/sequencer2d_m.in1k', 'model.safetensors', ref.state_dict())

@@ -153,7 +153,7 @@ def build_model(args, num_classes: int, dist_: Dist, log: Log):
                                  pretrained=args.pretrained and not args.pretrained_path, num_classes=num_classes,
                                  drop_rate=args.drop, rnn_engine=args.rnn_engine)
     if args.pretrained_path:
-        load_checkpoint(model, args.pretrained_path, reset_head=True)
+        load_checkpoint(model, args.pretrained_path, reset_head=True, adapt_in_chans=True)
     if args.initial_checkpoint:
         load_checkpoint(model, args.initial_checkpoint)
     if args.grad_checkpointing:

@@ -233,22 +233,33 @@ def _summarise(keys: Iterable[str], limit: int = 6) -> str:
     return ', '.join(keys[:limit]) + more
 
 
-def _fit(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Adapt what may legitimately differ: a position embedding trained at another resolution."""
+def _fit(model: nn.Module, sd: Dict[str, torch.Tensor], adapt_in_chans: bool = False) -> Dict[str, torch.Tensor]:
+    """Adapt what may legitimately differ: a position embedding trained at another resolution, and (with
+    ``adapt_in_chans``, for pretrained weights) a first convolution trained on another number of input channels,
+    as timm adapts it: summed over the channels for one, repeated and rescaled for more."""
     pos = getattr(model, 'absolute_pos_embed', None)
     if isinstance(pos, torch.Tensor) and 'absolute_pos_embed' in sd and sd['absolute_pos_embed'].shape != pos.shape:
         from .sequencer import resample_pos_embed
         sd['absolute_pos_embed'] = resample_pos_embed(sd['absolute_pos_embed'], pos.shape[1:3])
+    first = getattr(model, 'pretrained_cfg', {}).get('first_conv')
+    key = f'{first}.weight' if first else None
+    own = dict(model.named_parameters()).get(key) if key else None
+    if (adapt_in_chans and own is not None and key in sd and sd[key].dim() == own.dim() == 4
+            and sd[key].shape[1] != own.shape[1] and sd[key].shape[0] == own.shape[0]):
+        from timm.models import adapt_input_conv
+        sd[key] = adapt_input_conv(own.shape[1], sd[key], base_chans=sd[key].shape[1])
     return sd
 
 
 def load_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool = True, source: str = 'state dict',
-                    reset_head: bool = False) -> Tuple[list, list]:
+                    reset_head: bool = False, adapt_in_chans: bool = False) -> Tuple[list, list]:
     """Load a converted state dict; strict mismatches raise one line naming the model and the keys.
 
-    ``reset_head`` drops head weights whose shape differs (fine-tuning to another number of classes).
+    ``reset_head`` drops head weights whose shape differs (fine-tuning to another number of classes);
+    ``adapt_in_chans`` adapts the first convolution to the model's number of input channels (as timm does for
+    pretrained weights: grayscale or multispectral inputs).
     """
-    sd = _fit(model, convert_state_dict(sd))
+    sd = _fit(model, convert_state_dict(sd), adapt_in_chans)
     own = model.state_dict()
     if reset_head:
         sd = {k: v for k, v in sd.items() if not (k.startswith('head.') and (k not in own or own[k].shape != v.shape))}
@@ -271,14 +282,16 @@ def load_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], strict: bool 
 
 
 def load_checkpoint(model: nn.Module, path_or_url: str, strict: bool = True, use_ema: bool = False,
-                    reset_head: bool = False, sha256: Optional[str] = None) -> nn.Module:
+                    reset_head: bool = False, sha256: Optional[str] = None, adapt_in_chans: bool = False) -> nn.Module:
     """Load weights in any recognised layout and format from a path, URL or ``hf-hub:`` id into ``model``.
 
     ``sha256`` (a hex prefix) is checked before the file is read; ``reset_head`` keeps the model's own
-    head where the checkpoint's has another shape.
+    head where the checkpoint's has another shape; ``adapt_in_chans`` adapts the first convolution to the
+    model's number of input channels (``load_state_dict``).
     """
     sd = read_state_dict(path_or_url, use_ema=use_ema, sha256=sha256)
-    load_state_dict(model, sd, strict=strict, source=path_or_url, reset_head=reset_head)
+    load_state_dict(model, sd, strict=strict, source=path_or_url, reset_head=reset_head,
+                    adapt_in_chans=adapt_in_chans)
     return model
 
 
@@ -295,7 +308,7 @@ def load_pretrained(model: nn.Module, spec) -> nn.Module:
             errors.append(str(e))
             continue
         head = model.get_classifier()
-        load_state_dict(model, sd, source=source,
+        load_state_dict(model, sd, source=source, adapt_in_chans=True,
                         reset_head=not isinstance(head, nn.Linear) or head.out_features != 1000)
         return model
     raise CheckpointError(f"{spec.name}: published weights unavailable: " + ' | '.join(errors))
