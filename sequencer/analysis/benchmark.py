@@ -159,8 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help='side of the square GEMM of --matmul-peak (default 2048 on CPU, 8192 on CUDA)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory step')
     parser.add_argument('--malloc-tuning', action='store_true',
-                        help="keep freed heap memory mapped (glibc), as `sequencer train` does on CPU; applies "
-                             "to every model of the run")
+                        help="keep freed heap memory for reuse (glibc: no mmap, high trim threshold), as "
+                             "`sequencer train` does on CPU; applies to every model of the run")
     parser.add_argument('--cpu-memory', choices=('rss', 'tensors'), default='rss',
                         help="how peak memory is measured on CPU: 'rss' (default), the growth of the process's "
                              "resident set over one step, allocator slack included; 'tensors', the peak of the "

@@ -322,8 +322,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--pin-mem', action='store_true',
                    help="the loaders' batches in pinned host memory, for faster copies to the GPU (CUDA only)")
     g.add_argument('--no-malloc-tuning', action='store_true',
-                   help="on CPU, leave glibc's allocator as it is (by default freed heap memory stays mapped "
-                        "for the next step instead of being faulted in again: about 5%% faster)")
+                   help="on CPU, leave glibc's allocator as it is (by default every block comes from the heap and "
+                        "freed memory stays there for the next step instead of being faulted in again: "
+                        "Sequencer2D-S at batch 32 on a 2-core Xeon, 8.9 -> 8.1 s per step)")
     g.add_argument('--no-prefetcher', action='store_true',
                    help="on CUDA, without timm's prefetcher (which copies the next batch to the GPU on a side "
                    "stream and normalises and erases it there); on the CPU there is none")
