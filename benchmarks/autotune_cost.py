@@ -12,7 +12,6 @@ A third process reads the cache the first one wrote and must measure nothing.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -65,9 +64,11 @@ def main() -> int:
         return 0
 
     import torch
+
+    from sequencer.analysis.benchmark import environment
+    from sequencer.engine.io import write_text
     results = {'model': 'sequencer2d_s', 'batch_size': args.batch_size, 'threads': args.threads,
-               'steps_per_mode': args.steps, 'processor': _processor(), 'torch': torch.__version__,
-               'date': time.strftime('%Y-%m-%d'), 'runs': {}}
+               'steps_per_mode': args.steps, 'environment': environment(torch.device('cpu')), 'runs': {}}
     with tempfile.TemporaryDirectory() as cache:
         for child, env in (('measure', {'SEQUENCER_AUTOTUNE': '1'}), ('off', {'SEQUENCER_AUTOTUNE': '0'}),
                            ('cached', {'SEQUENCER_AUTOTUNE': '1'})):
@@ -90,23 +91,9 @@ def main() -> int:
                                    for mode in ('infer', 'train')}
     print(f"measuring cost (first-step excess over the unmeasured process): {results['measuring_cost_s']}")
     if args.results:
-        tmp = args.results + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.results)
+        write_text(args.results, json.dumps(results, indent=1))
         print(f"results: {args.results}")
     return 0
-
-
-def _processor() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == '__main__':

@@ -5,6 +5,8 @@
 # by step), with our default engine ('auto') and with the native one (nn.LSTM, timm's layers):
 #   auto-b8, native-b8   batch 8, inference and training (--mode both)
 #   auto-b1, native-b1   batch 1, inference
+#   auto-b8-malloc       batch 8, training, with --malloc-tuning (glibc's allocator as `sequencer train` sets it,
+#                        for both models)
 # Each run writes benchmarks/results/cpu-<processor>-<engine>-b<N>.json, <processor> being the `model name` of
 # /proc/cpuinfo in lower case (e.g. intel-xeon-processor); RESULTS_DIR=... writes them elsewhere. Options given
 # to this script are added to every run (e.g. `--warmup 3 --iters 15`; later options win over earlier ones).
@@ -29,17 +31,18 @@ if "$PY" -c 'import onnx, onnxruntime' 2>/dev/null; then ORT=(--compare-onnxrunt
 mkdir -p "$RESULTS"
 echo "processor: $(echo $CPU) ($SLUG)"
 status=0
-run() {  # run ENGINE BATCH MODE [EXTRA OPTIONS...]
-  local engine=$1 batch=$2 mode=$3
-  shift 3
-  local file="$RESULTS/cpu-$SLUG-$engine-b$batch.json"
+run() {  # run ENGINE BATCH MODE SUFFIX [EXTRA OPTIONS...]
+  local engine=$1 batch=$2 mode=$3 suffix=$4
+  shift 4
+  local file="$RESULTS/cpu-$SLUG-$engine-b$batch$suffix.json"
   echo "== $engine, batch $batch, $mode ($(date -u +%T)) -> $file"
   "$PY" -m sequencer.cli benchmark --model sequencer2d_s --num-threads 2 --compare-timm --no-memory \
       -b "$batch" --mode "$mode" --rnn-engine "$engine" "$@" --results-file "$file" || status=$?
 }
-run auto 8 both "${ORT[@]}" "${@}"
-run native 8 both "${@}"
-run auto 1 infer "${ORT[@]}" "${@}"
-run native 1 infer "${@}"
+run auto 8 both '' "${ORT[@]}" "${@}"
+run native 8 both '' "${@}"
+run auto 1 infer '' "${ORT[@]}" "${@}"
+run native 1 infer '' "${@}"
+run auto 8 train -malloc --malloc-tuning "${@}"
 exit $status
 

@@ -293,7 +293,8 @@ def test_gpu_script_runs_the_steps_asked_for(tmp_path):
 
 def test_cpu_script_runs_both_engines_and_names_results_after_the_processor(tmp_path):
     """benchmarks/cpu.sh (commands echoed here instead of run): Sequencer2D-S against timm with 'auto' and 'native',
-    batch 8 both modes and batch 1 inference, extra options passed on, results named after the processor."""
+    batch 8 both modes and batch 1 inference, 'auto' training with the tuned allocator, extra options passed on,
+    results named after the processor."""
     import re
     with open('/proc/cpuinfo') as f:
         name = next((ln.split(':', 1)[1] for ln in f if ln.startswith('model name')), None)
@@ -305,14 +306,16 @@ def test_cpu_script_runs_both_engines_and_names_results_after_the_processor(tmp_
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     runs = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith('-m sequencer.cli benchmark')]
-    assert len(runs) == 4
+    assert len(runs) == 5
     common = ('--model sequencer2d_s --num-threads 2 --compare-timm --no-memory').split()
-    want = [('auto', '8', 'both'), ('native', '8', 'both'), ('auto', '1', 'infer'), ('native', '1', 'infer')]
-    for argv, (engine, batch, mode) in zip(runs, want):
+    want = [('auto', '8', 'both', ''), ('native', '8', 'both', ''), ('auto', '1', 'infer', ''),
+            ('native', '1', 'infer', ''), ('auto', '8', 'train', '-malloc')]
+    for argv, (engine, batch, mode, suffix) in zip(runs, want):
         assert argv[3:3 + len(common)] == common, argv
         opts = dict(zip(argv, argv[1:]))
         assert (opts['--rnn-engine'], opts['-b'], opts['--mode'], opts['--iters']) == (engine, batch, mode, '2')
-        assert argv[-2:] == ['--results-file', f'{tmp_path}/cpu-{slug}-{engine}-b{batch}.json'], argv
+        assert ('--malloc-tuning' in argv) == (suffix == '-malloc'), argv
+        assert argv[-2:] == ['--results-file', f'{tmp_path}/cpu-{slug}-{engine}-b{batch}{suffix}.json'], argv
 
 
 def test_cuda_graph_modes_are_recognised():
@@ -331,8 +334,11 @@ def test_cpu_script_names_a_restricted_mkl_and_adds_onnxruntime_to_auto(tmp_path
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     runs = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith('-m sequencer.cli benchmark')]
-    assert len(runs) == 4
+    assert len(runs) == 5
     for argv in runs:
         engine = argv[argv.index('--rnn-engine') + 1]
-        assert argv[-1].endswith(f'-mkl-avx2-{engine}-b{argv[argv.index("-b") + 1]}.json'), argv
-        assert ('--compare-onnxruntime' in argv) == (engine == 'auto'), argv
+        suffix = '-malloc' if '--malloc-tuning' in argv else ''
+        assert argv[-1].endswith(f'-mkl-avx2-{engine}-b{argv[argv.index("-b") + 1]}{suffix}.json'), argv
+        # onnxruntime times inference, in the 'auto' runs that infer
+        infers = argv[argv.index('--mode') + 1] in ('infer', 'both')
+        assert ('--compare-onnxruntime' in argv) == (engine == 'auto' and infers), argv
