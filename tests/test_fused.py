@@ -841,3 +841,40 @@ def test_kernel_backward_consumes_saved_gates_only_when_the_graph_is_freed(monke
     for a, b, w in zip(first, second, want):
         torch.testing.assert_close(a, w, atol=1e-5, rtol=0)
         torch.testing.assert_close(b, w, atol=1e-5, rtol=0)
+
+
+def test_inference_under_no_grad_keeps_nothing_for_a_backward(monkeypatch):
+    """Under no_grad, with the parameters still requiring grad (a model in eval mode as loaded), the compiled
+    recurrence runs without saving its gate activations and cell states and the fused MLP without GELU's
+    derivative: autograd's needs_input_grad follows requires_grad even there, so the fused paths are told grad
+    mode at apply. With grad mode on, both keep what the backward needs."""
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    seen = {'lstm_save': [], 'gelu_deriv': []}
+    lstm_forward, bias_gelu = torch.ops.sequencer_lstm2d.forward, torch.ops.sequencer_mlp.bias_gelu_
+
+    def lstm_spy(*args):
+        seen['lstm_save'].append(args[-1])
+        return lstm_forward(*args)
+
+    def gelu_spy(h, bias, deriv):
+        seen['gelu_deriv'].append(deriv.numel() > 0)
+        return bias_gelu(h, bias, deriv)
+
+    monkeypatch.setattr(torch.ops.sequencer_lstm2d, 'forward', lstm_spy)
+    monkeypatch.setattr(torch.ops.sequencer_mlp, 'bias_gelu_', gelu_spy)
+    model = Sequencer2D(layers=(1, 1, 1, 1), embed_dims=(32, 32, 32, 32), hidden_sizes=(8, 8, 8, 8),
+                        patch_sizes=(4, 2, 1, 1), num_classes=5).eval()
+    set_engine(model, 'fused')
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+    assert seen['lstm_save'] and not any(seen['lstm_save']), seen
+    assert seen['gelu_deriv'] and not any(seen['gelu_deriv']), seen
+    seen['lstm_save'].clear(), seen['gelu_deriv'].clear()
+    y_grad = model(x)
+    assert all(seen['lstm_save']) and all(seen['gelu_deriv']), seen
+    assert torch.allclose(y, y_grad, atol=1e-6)
+    y_grad.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -223,3 +223,98 @@ def test_double_backward_through_onednn_linear(backend):
     ref = torch.autograd.grad(ref_gx.square().sum(), w)[0]
     for got in results:
         assert _rel(got, ref) < 1e-5
+
+
+# ---- weights packed for inference --------------------------------------------------------------------------------
+
+@pytest.fixture
+def packing():
+    """Packing on for one test (oneDNN forced), off and forgotten after it."""
+    gemm.set_backend('onednn')
+    gemm.set_packing(True)
+    gemm.clear_packed()
+    yield
+    gemm.set_packing(None)
+    gemm.set_backend(None)
+    gemm.clear_packed()
+
+
+def _packed_model():
+    torch.manual_seed(0)
+    model = sequencer.create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=10, rnn_engine='fused')
+    return randomize(model, scale=0.1).eval()
+
+
+def test_packed_weights_give_the_same_outputs_and_follow_weight_changes(packing):
+    """Every forward GEMM of the model (input projections, fused MLPs, fc with the residual, patch GEMMs, head)
+    with packed weights gives the unpacked outputs; a weight changed in place or replaced is packed again, and
+    load_state_dict's new weights are used. A change through .data is not seen until clear_packed()."""
+    model = _packed_model()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        gemm.set_packing(False)
+        plain = model(x)
+        gemm.set_packing(True)
+        packed = model(x)
+        n = gemm.packed_count()
+        # the head, the stem, the 1x1 downsamplings (the 2x2 one multiplies by a reordered copy of its weight,
+        # made at each call: not packed), and per block the input projection, fc1, fc2 and fc
+        assert n == 1 + 1 + 2 + 4 * 4, n
+        assert torch.equal(packed, plain)
+        assert torch.equal(model(x), plain) and gemm.packed_count() == n     # reused, not packed again
+
+        def unpacked():
+            gemm.set_packing(False)
+            try:
+                return model(x)
+            finally:
+                gemm.set_packing(True)
+
+        block = model.stages[2].blocks[0]
+        for p in block.parameters():                      # in place (what optimizers and EMA do)
+            p.mul_(1.5)
+        changed = unpacked()
+        assert _rel(changed, plain) > 1e-3
+        assert torch.equal(model(x), changed) and gemm.packed_count() == n
+        model.head.fc.weight = nn.Parameter(model.head.fc.weight * 2)   # replaced
+        assert torch.equal(model(x), unpacked())
+        state = {k: v * 0.5 for k, v in model.state_dict().items()}
+        model.load_state_dict(state)                      # copied in under no_grad: versions move
+        assert torch.equal(model(x), unpacked())
+        before = model(x)
+        block.mlp_channels.fc1.weight.data.mul_(3.0)      # .data bypasses the version counter ...
+        assert torch.equal(model(x), before)
+        gemm.clear_packed()                               # ... until the packed copies are forgotten
+        assert torch.equal(model(x), unpacked()) and not torch.equal(unpacked(), before)
+
+
+def test_packing_only_outside_autograd_and_never_for_activations(packing):
+    """Training (and any forward that records a graph) uses the weights as they are; a GEMM of two activations
+    (a non-Parameter operand) is never packed; at most MAX_PACKED_ROWS copies per weight."""
+    model = _packed_model().train()
+    model(torch.randn(2, 3, 64, 48)).sum().backward()
+    assert gemm.packed_count() == 0
+    a, b = torch.randn(16, 8), torch.randn(8, 4)
+    with torch.no_grad():
+        assert torch.allclose(gemm.mm(a, b, 'forward'), a @ b, atol=1e-5)
+        assert gemm.packed_count() == 0
+        lin = nn.Linear(8, 4)
+        for rows in range(1, gemm.MAX_PACKED_ROWS + 3):
+            x = torch.randn(rows, 8)
+            assert torch.allclose(gemm.linear(x, lin.weight, lin.bias), lin(x), atol=1e-5)
+        assert gemm.packed_count() == gemm.MAX_PACKED_ROWS
+
+
+def test_packing_switches(monkeypatch):
+    gemm.set_packing(None)
+    monkeypatch.delenv('SEQUENCER_PACK_WEIGHTS', raising=False)
+    assert not gemm.packing()
+    monkeypatch.setenv('SEQUENCER_PACK_WEIGHTS', '1')
+    assert gemm.packing() and gemm.describe().endswith('; oneDNN weights packed')
+    with gemm.packing_on():
+        gemm.set_packing(False)
+        assert not gemm.packing()
+    assert gemm.packing()                                 # the block restored the environment's setting
+    monkeypatch.setenv('SEQUENCER_PACK_WEIGHTS', 'maybe')
+    with pytest.raises(UserError, match='SEQUENCER_PACK_WEIGHTS'):
+        gemm.packing()

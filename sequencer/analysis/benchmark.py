@@ -51,6 +51,7 @@ loader alone (``-j`` processes), the synthetic step above of the same model, bat
 step fed by that loader end to end (see ``data_benchmark``), then says which of the two binds.
 """
 import argparse
+import contextlib
 import copy
 import csv
 import ctypes
@@ -152,6 +153,9 @@ def add_arguments(parser: argparse.ArgumentParser):
                              "output is checked against ours first. Needs the export extra")
     parser.add_argument('--gemm', choices=('auto',) + gemm.BACKENDS, default='auto',
                         help='CPU float32 GEMMs of our fast engine: measured choice (auto), MKL, or oneDNN')
+    parser.add_argument('--pack-weights', action='store_true',
+                        help="inference: our fast engine's forward GEMMs on oneDNN use weights packed once into "
+                             "oneDNN's layout (as `sequencer validate` and `predict` do; SEQUENCER_PACK_WEIGHTS=1)")
     parser.add_argument('--matmul-peak', action='store_true',
                         help='measure the machine\'s matrix-multiply peak (a large GEMM in the benchmark precision) '
                              'and report achieved FLOP/s as a fraction of it')
@@ -218,6 +222,9 @@ def _check_args(args) -> Tuple[int, int, int]:
                             f"are torch's own")
         if args.device == 'cuda':
             raise UserError(f"--gemm {args.gemm}: chooses CPU GEMMs; not with --device cuda")
+    if getattr(args, 'pack_weights', False) and (args.rnn_engine == 'native' or args.device == 'cuda'):
+        raise UserError("--pack-weights: packs the weights of our fast engine's CPU GEMMs; not with "
+                        + ('--rnn-engine native' if args.rnn_engine == 'native' else '--device cuda'))
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available to torch on this machine")
     if args.compile_mode is not None:
@@ -749,10 +756,12 @@ def summary(rows: List[Dict]) -> str:
 def run(args) -> int:
     input_size = _check_args(args)
     gemm.set_backend(getattr(args, 'gemm', 'auto'))
+    packing = gemm.packing_on() if getattr(args, 'pack_weights', False) else contextlib.nullcontext()
     try:
-        if getattr(args, 'data', None) is not None:
-            return run_data(args, input_size)
-        return run_synthetic(args, input_size)
+        with packing:
+            if getattr(args, 'data', None) is not None:
+                return run_data(args, input_size)
+            return run_synthetic(args, input_size)
     finally:
         gemm.set_backend(None)
 

@@ -28,6 +28,7 @@ from ..data.datasets import (
 )
 from ..data.loaders import check_input_size
 from ..errors import UserError
+from ..fast import gemm
 from ..models import get_spec
 from ..models.weights import load_state_dict
 from .args import build_validate_parser, parse
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     parser = build_validate_parser()
     parser.set_defaults(model=None)   # None: the training checkpoint's architecture, else DEFAULT_MODEL
     args, _ = parse(parser, argv)
-    validate(args)
+    with gemm.packing_on():   # inference on weights loaded once: oneDNN's GEMMs may keep them packed
+        validate(args)
     return 0
 
 

@@ -17,6 +17,7 @@ from ..data.images import load_image
 from ..engine.args import COUNT
 from ..engine.loading import add_model_arguments, class_names, list_images, model_from_args, resolve_device
 from ..errors import UserError
+from ..fast import gemm
 
 __all__ = ['predict']
 
@@ -79,8 +80,9 @@ def run(args) -> int:
 
     loaded = model_from_args(args, device=device, log=log)
     names = class_names(loaded, args.class_map)
-    results = predict(loaded.model, paths, names, topk=args.topk, batch_size=args.batch_size, device=device,
-                      cfg=loaded.data_config(img_size=args.img_size), log=log)
+    with gemm.packing_on():   # inference on weights loaded once: oneDNN's GEMMs may keep them packed
+        results = predict(loaded.model, paths, names, topk=args.topk, batch_size=args.batch_size, device=device,
+                          cfg=loaded.data_config(img_size=args.img_size), log=log)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

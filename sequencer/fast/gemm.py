@@ -29,12 +29,15 @@ shapes (a few tens of milliseconds) and the faster is cached on disk. ``SEQUENCE
 own MKL is restricted (``MKL_ENABLE_INSTRUCTIONS``), the key says so. Under torch.compile, tracing and export,
 the GEMMs are PyTorch's own ops (the compiler chooses there).
 """
+import contextlib
 import os
 import threading
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import UserError
 from . import autotune
@@ -42,9 +45,10 @@ from . import autotune
 BACKENDS = ('mkl', 'onednn')
 KINDS = ('forward', 'input_grad', 'weight_grad')
 ENV = 'SEQUENCER_GEMM'
+PACK_ENV = 'SEQUENCER_PACK_WEIGHTS'
 
-_forced: Dict[str, Optional[str]] = {'backend': None}
-_lock = threading.Lock()
+_forced: Dict[str, Optional[str]] = {'backend': None, 'packing': None}
+_lock = threading.RLock()
 
 
 def available() -> bool:
@@ -90,16 +94,116 @@ def backend(kind: str) -> str:
 
 
 def describe() -> str:
-    """The backends chosen so far in this process, e.g. ``forward: onednn, input_grad: onednn, weight_grad: mkl``."""
+    """The backends chosen so far in this process, e.g. ``forward: onednn, input_grad: onednn, weight_grad: mkl``,
+    and ``; oneDNN weights packed`` when packing is on."""
+    packed = '; oneDNN weights packed' if available() and packing() else ''
     name = forced()
     if name is not None:
-        return f"{name} (set)"
+        return f"{name} (set)" + packed
     if not available():
         return 'mkl (oneDNN not in this build)'
     if not autotune.enabled():
-        return 'mkl (measuring off)'
+        return 'mkl (measuring off)' + packed
     done = [f"{k}: {autotune.cached_choice(_key(k))}" for k in KINDS if autotune.cached_choice(_key(k))]
-    return (', '.join(done) + ' (measured)') if done else 'not chosen yet'
+    return ((', '.join(done) + ' (measured)') if done else 'not chosen yet') + packed
+
+
+# ---- weights packed once for inference -------------------------------------------------------------------------
+
+# weight -> {(rows, shape): (data_ptr, version, packed)}: oneDNN's blocked copies of the weights of forward GEMMs,
+# made the first time a weight is used with packing on (for that many rows), remade when the weight is replaced or
+# changed in place (its version counter), dropped with the weight
+# (keyed by identity: tensors compare elementwise)
+_packed = WeakIdKeyDictionary()
+_stable = WeakIdKeyDictionary()   # weights that are not Parameters but are kept unchanged -> True
+MAX_PACKED_ROWS = 4   # packed copies kept per weight (one per number of rows; the oldest goes first)
+
+
+def set_packing(on: Optional[bool]) -> None:
+    """Pack the weights of forward GEMMs into oneDNN's layout once and reuse them (inference, oneDNN only); None
+    goes back to ``SEQUENCER_PACK_WEIGHTS`` (off unless set to 1). A weight changed through ``.data`` is not seen
+    (its version counter does not move): call ``clear_packed()`` after such a change."""
+    _forced['packing'] = on
+
+
+@contextlib.contextmanager
+def packing_on():
+    """Packed weights inside the block (``set_packing(True)``), the previous setting after it: for processes
+    that only run inference on weights they loaded (``sequencer validate``, ``predict``)."""
+    before = _forced['packing']
+    _forced['packing'] = True
+    try:
+        yield
+    finally:
+        _forced['packing'] = before
+
+
+def packing() -> bool:
+    """Whether forward GEMMs on oneDNN use packed weights (outside autograd)."""
+    if _forced['packing'] is not None:
+        return _forced['packing']
+    env = os.environ.get(PACK_ENV, '').strip().lower()
+    if env in ('', '0', 'false', 'no', 'off'):
+        return False
+    if env not in ('1', 'true', 'yes', 'on'):
+        raise UserError(f"{PACK_ENV} must be 1 or 0, got {env!r}")
+    return True
+
+
+def clear_packed() -> None:
+    """Forget every packed weight (they are remade on their next use)."""
+    with _lock:
+        _packed.clear()
+
+
+def mark_stable(weight: torch.Tensor) -> torch.Tensor:
+    """Let a tensor that is not a Parameter but is kept and reused as a weight (the fused recurrence's stacked
+    input weights) be packed like one; returns it."""
+    _stable[weight] = True
+    return weight
+
+
+def packed_count() -> int:
+    """How many packed weight copies are held (tests, diagnostics)."""
+    return sum(len(v) for v in list(_packed.values()))
+
+
+def _packable(w: torch.Tensor) -> Optional[torch.Tensor]:
+    """The tensor to key ``w``'s packed copy on: ``w`` itself or the Parameter (or stable weight) it is a whole view
+    of (the same elements in the same order: a convolution's weight seen as a matrix); None when ``w`` is anything
+    else (an activation, a slice, a copy), which is never packed."""
+    owner = w if w._base is None else w._base
+    if not (isinstance(owner, nn.Parameter) or owner in _stable):
+        return None
+    if owner is not w and not (w.data_ptr() == owner.data_ptr() and w.numel() == owner.numel() and (
+            (w.shape == owner.shape and w.stride() == owner.stride())
+            or (w.is_contiguous() and owner.is_contiguous()))):
+        return None
+    return owner
+
+
+def _weight(b: torch.Tensor, rows: int, pack: bool) -> torch.Tensor:
+    """The ``W`` of ``X @ W^T`` for oneDNN from ``b = W^T``: packed for ``rows`` rows when packing is on and the
+    caller says the GEMM is inference (``pack``: no autograd graph keeps this weight for a backward)."""
+    w = b.t()
+    if not pack or torch.is_grad_enabled() or not packing():
+        return w
+    owner = _packable(w)
+    if owner is None:
+        return w
+    version, key = (w.data_ptr(), owner._version), (rows, tuple(w.shape))
+    entries = _packed.get(owner)
+    entry = entries.get(key) if entries is not None else None
+    if entry is not None and entry[:2] == version:
+        return entry[2]
+    with _lock:
+        entries = _packed.setdefault(owner, {})
+        entries.pop(key, None)
+        while len(entries) >= MAX_PACKED_ROWS:
+            entries.pop(next(iter(entries)))
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+        entries[key] = (*version, packed)
+    return packed
 
 
 # ---- the measurement -----------------------------------------------------------------------------------------
@@ -145,11 +249,13 @@ def _row_major(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) == t.shape[1])
 
 
-def _onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``a @ b [+ bias]`` by oneDNN's inner product (``X @ W^T`` with ``X = a``, ``W = b^T``)."""
+def _onednn_mm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               pack: bool = False) -> torch.Tensor:
+    """``a @ b [+ bias]`` by oneDNN's inner product (``X @ W^T`` with ``X = a``, ``W = b^T``, packed when ``pack``
+    and packing is on)."""
     if not _row_major(a):
         a = a.contiguous()
-    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, 'none', [], '')
+    return torch.ops.mkldnn._linear_pointwise(a, _weight(b, a.shape[0], pack), bias, 'none', [], '')
 
 
 def _onednn_weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -177,36 +283,39 @@ def _routed(kind: str, *tensors: torch.Tensor) -> bool:
             and backend(kind) == 'onednn')
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N), a GEMM of ``kind``."""
+def mm(a: torch.Tensor, b: torch.Tensor, kind: str, pack: bool = False) -> torch.Tensor:
+    """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N), a GEMM of ``kind``; ``pack``: a forward GEMM of inference,
+    whose weight ``b^T`` may be used packed (``set_packing``)."""
     if _routed(kind, a, b) and a.shape[0] > 0:
-        return _ONEDNN[kind](a, b)
+        return _onednn_mm(a, b, pack=pack) if kind == 'forward' else _ONEDNN[kind](a, b)
     return torch.mm(a, b)
 
 
-def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pack: bool = False) -> torch.Tensor:
     """``a @ b`` (a 'forward' GEMM) into ``out`` when MKL runs it, else into a fresh tensor; the result is
-    returned."""
+    returned. ``pack``: see ``mm``."""
     if _routed('forward', a, b) and a.shape[0] > 0:
-        return _onednn_mm(a, b)
+        return _onednn_mm(a, b, pack=pack)
     return torch.mm(a, b, out=out)
 
 
-def addmm(bias: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``bias + a @ b``, a 'forward' GEMM with a bias of b's columns (or none)."""
+def addmm(bias: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, pack: bool = False) -> torch.Tensor:
+    """``bias + a @ b``, a 'forward' GEMM with a bias of b's columns (or none). ``pack``: see ``mm``."""
     if _routed('forward', a, b) and a.shape[0] > 0:
-        return _onednn_mm(a, b, bias)
+        return _onednn_mm(a, b, bias, pack)
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
 
-def add_mm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def add_mm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           pack: bool = False) -> torch.Tensor:
     """``c [+ bias] + a @ b`` for a 2-D ``c`` (M, N): with MKL accumulated onto ``c`` in place when there is no
     bias, else onto ``c + bias``; with oneDNN the sum is the GEMM's post-op, into a fresh tensor. The result is
-    returned (``c`` itself only when accumulated in place)."""
+    returned (``c`` itself only when accumulated in place). ``pack``: see ``mm``."""
     if _routed('forward', a, b, c) and a.shape[0] > 0:
         if not _row_major(a):
             a = a.contiguous()
-        return torch.ops.mkldnn._linear_pointwise.binary(a, c.contiguous(), b.t(), bias, 'add')
+        return torch.ops.mkldnn._linear_pointwise.binary(a, c.contiguous(), _weight(b, a.shape[0], pack), bias,
+                                                         'add')
     return (c if bias is None else torch.add(c, bias)).addmm_(a, b)
 
 
@@ -214,11 +323,14 @@ class _Linear(torch.autograd.Function):
     """``F.linear`` whose three GEMMs go through ``mm`` (float32 CPU tensors)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, record):
+        # record: whether autograd records this call (grad mode at apply; needs_input_grad follows requires_grad
+        # even under no_grad)
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return addmm(bias, x2, weight.t()).view(*x.shape[:-1], weight.shape[0])
+        if record:
+            ctx.save_for_backward(x2, weight)
+            ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return addmm(bias, x2, weight.t(), pack=not record).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
@@ -227,7 +339,7 @@ class _Linear(torch.autograd.Function):
         dx = mm(g2, weight, 'input_grad').view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dw = mm(g2.t(), x2, 'weight_grad') if ctx.needs_input_grad[1] else None
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return dx, dw, db, None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -236,5 +348,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             and not torch.is_autocast_enabled('cpu') and (bias is None or bias.dtype == torch.float32)):
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if backend('forward') == 'onednn' or (grad and 'onednn' in (backend('input_grad'), backend('weight_grad'))):
-            return _Linear.apply(x, weight, bias)
+            return _Linear.apply(x, weight, bias, torch.is_grad_enabled())
     return F.linear(x, weight, bias)

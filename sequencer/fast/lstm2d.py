@@ -56,6 +56,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import gemm
 from .runtime import autocast_dtype, autocast_off, cpu_kernel_ok, gpu_path, triton_ok, triton_on_cpu_active
@@ -249,7 +250,10 @@ class _FusedLSTM2D(torch.autograd.Function):
     """Autograd function over x (B, H, W, C) and the flat list of (w_ih, w_hh, b_ih, b_hh) per direction."""
 
     @staticmethod
-    def forward(ctx, x, kinds, hidden, out_dtype, mm_dtype, *params):
+    def forward(ctx, x, kinds, hidden, out_dtype, mm_dtype, record, *params):
+        # record: whether autograd records this call (grad mode was on at apply; needs_input_grad alone does not
+        # say, it follows the inputs' requires_grad even under no_grad); without it nothing is kept for a backward
+        ctx.record = record
         B, H, W, C = x.shape
         D = len(kinds)
         G = 4 * hidden
@@ -285,7 +289,7 @@ class _FusedLSTM2D(torch.autograd.Function):
             xp_buf[R:].zero_()
             # the output, in the native 'cat' layout
             y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=cdt)
-            save = any(ctx.needs_input_grad)
+            save = ctx.record and any(ctx.needs_input_grad)
             saved = _recurrence_torch(xp_buf, w_hh.transpose(1, 2), rows, inv, D, N, hidden, y.view(R, hidden), save)
             del xp_buf, xp
             if save:
@@ -333,7 +337,7 @@ class _FusedLSTM2D(torch.autograd.Function):
                     gb = _from_internal(db[d * G:(d + 1) * G], hidden)
                     grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
                     grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
-        return (dx, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, *grads)
 
 
 def _kind_codes(kinds) -> List[int]:
@@ -392,6 +396,30 @@ def _stacked_weights(params, D: int, dtype: torch.dtype):
     return w_ih, w_hh, bias
 
 
+# first weight of a layer -> (its parameters' identities and versions, (W_ih, W_hh^T, bias)): the stacked weights
+# kept while forward GEMMs use packed weights (``gemm.packing()``), so that W_ih's packed copy is reused
+_kept = WeakIdKeyDictionary()
+
+
+def _kernel_weights(params, D: int, inference: bool) -> Tuple[torch.Tensor, ...]:
+    """(W_ih (D*4h, C), W_hh (D, 4h, h), W_hh^T (D, h, 4h) contiguous, bias (D*4h)) in float32 for the CPU kernel.
+    Stacked at every call, or, for ``inference`` with packed weights, once per layer and again when a parameter is
+    replaced or changed in place."""
+    keep = inference and gemm.packing() and params[0].device.type == 'cpu'
+    if keep:
+        key = tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None)
+        hit = _kept.get(params[0])
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    w_ih, w_hh, bias = _stacked_weights(params, D, torch.float32)
+    weights = (w_ih, w_hh, w_hh.transpose(1, 2).contiguous(),
+               w_ih.new_zeros(w_ih.shape[0]) if bias is None else bias)
+    if keep:
+        _kept[params[0]] = (key, weights)
+        gemm.mark_stable(w_ih)
+    return weights
+
+
 def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
     """Forward through the compiled CPU recurrence (``cpu_kernel``): nn.LSTM's gate order, no plan gathers."""
     B, H, W, C = x.shape
@@ -400,19 +428,16 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
     f32 = torch.float32
     with torch.autocast('cpu', enabled=False):
         has_bias = params[2] is not None
-        w_ih, w_hh, bias = _stacked_weights(params, D, f32)
-        w_hh_t = w_hh.transpose(1, 2).contiguous()
-        if bias is None:
-            bias = w_ih.new_zeros(w_ih.shape[0])
+        save = ctx.record and any(ctx.needs_input_grad)
+        w_ih, w_hh, w_hh_t, bias = _kernel_weights(params, D, inference=not save)
         # the input projection multiplies by ``W_ih.t()`` (a view): as fast as a transposed copy, without it
         x2 = x.reshape(BHW, C)
-        save = any(ctx.needs_input_grad)
         # the bias is added inside the kernel; when training, the kernel turns xp into the gate activations
         # in place, which the backward keeps (a fresh buffer), else xp is scratch
         xp = (torch.empty(BHW, w_ih.shape[0], dtype=f32, device=x.device) if save
               else _scratch('xp', BHW, w_ih.shape[0]))
         if mm_dtype == f32 and x2.dtype == f32:
-            xp = gemm.mm_into(xp, x2, w_ih.t())   # into xp with MKL, a fresh tensor with oneDNN
+            xp = gemm.mm_into(xp, x2, w_ih.t(), pack=not save)   # into xp with MKL, a fresh tensor with oneDNN
         else:
             xp.copy_(torch.mm(x2.to(mm_dtype), w_ih.t().to(mm_dtype)))
         y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=f32)
@@ -452,7 +477,7 @@ def _backward_cpu_kernel(ctx, gy):
         else:
             dx = None
         dw_ih = gemm.mm(dxp.t(), x2, 'weight_grad')                                      # (D*4h, C)
-    return (dx, None, None, None, None, *_param_grads(dw_ih, dw_hh, db if has_bias else None, D, dtypes))
+    return (dx, None, None, None, None, None, *_param_grads(dw_ih, dw_hh, db if has_bias else None, D, dtypes))
 
 
 # ---- the GPU path: Triton recurrences (triton_lstm), the rest as single GEMMs -------------------------------
@@ -478,7 +503,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
             xp = torch.addmm(bias, x2, w_ih.t())                 # (BHW, D*4h): row token*D + d of (R, 4h)
         else:
             xp = torch.mm(x2, w_ih.t())
-        save = any(ctx.needs_input_grad)
+        save = ctx.record and any(ctx.needs_input_grad)
         yz, act, cs = triton_lstm.forward(xp.view(BHW * D, 4 * hidden), w_hh, rows, D, N, hidden, save)
         y = yz[:BHW * D].view(B, H, W, D * hidden)               # the 'cat' layout, no permute
         if save:
@@ -507,7 +532,7 @@ def _backward_triton(ctx, gy):
         h_prev = yz.index_select(0, prev).view(BHW, D, hidden)   # h_{t-1} by token (row R: zeros)
         dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1)).float()   # (D, 4h, h)
         db = dxp.sum(0, dtype=torch.float32) if has_bias else None
-    return (dx, None, None, None, None, *_param_grads(dw_ih, dw_hh, db, D, dtypes))
+    return (dx, None, None, None, None, None, *_param_grads(dw_ih, dw_hh, db, D, dtypes))
 
 
 def _param_grads(dw_ih: torch.Tensor, dw_hh: torch.Tensor, db: Optional[torch.Tensor], D: int,
@@ -562,7 +587,7 @@ def fused_rnn2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         mm_dtype = torch.float32
     if x.dtype == torch.float64:  # double precision throughout (gradient checks)
         mm_dtype = torch.float64
-    y = _FusedLSTM2D.apply(x, kinds, module.hidden_size, out_dtype, mm_dtype, *params)
+    y = _FusedLSTM2D.apply(x, kinds, module.hidden_size, out_dtype, mm_dtype, torch.is_grad_enabled(), *params)
     if module.union == 'add':
         B, H, W, _ = x.shape
         y = y.view(B, H, W, 2, -1).sum(3)

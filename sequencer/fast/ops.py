@@ -37,26 +37,28 @@ class _FusedMlp(torch.autograd.Function):
     With ``into``, residual already holds b2 (b2 is None) and is accumulated onto in place."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, residual, into=False):
+    def forward(ctx, x, w1, b1, w2, b2, residual, into, record):
+        # record: whether autograd records this call (grad mode at apply: needs_input_grad follows the inputs'
+        # requires_grad even under no_grad); without it nothing is kept for a backward and weights may be packed
+        grad = record and any(ctx.needs_input_grad)
         C = x.shape[-1]
         x2 = x.reshape(-1, C)
-        a = gemm.mm(x2, w1.t(), 'forward')             # fc1 without its bias ...
-        grad = any(ctx.needs_input_grad)
+        a = gemm.mm(x2, w1.t(), 'forward', pack=not grad)   # fc1 without its bias ...
         deriv = torch.empty_like(a) if grad else a.new_empty(0)
         torch.ops.sequencer_mlp.bias_gelu_(a, b1, deriv)  # ... a = GELU(a + b1) in place, deriv = GELU'
         if grad:
             ctx.save_for_backward(x2, w1, w2, a, deriv)
             ctx.x_shape = x.shape
         if residual is None:
-            y = gemm.addmm(b2, a, w2.t())
+            y = gemm.addmm(b2, a, w2.t(), pack=not grad)
         elif into:                                     # residual already holds b2: accumulated onto (in place
             r2 = residual.view(-1, w2.shape[0])        # with MKL; oneDNN adds it in the GEMM's post-op)
-            y = gemm.add_mm(r2, a, w2.t())
+            y = gemm.add_mm(r2, a, w2.t(), pack=not grad)
             if y is r2:
                 ctx.mark_dirty(residual)
                 return residual
         else:                                          # the GEMM accumulates onto residual + b2
-            y = gemm.add_mm(residual.reshape(-1, w2.shape[0]), a, w2.t(), b2)
+            y = gemm.add_mm(residual.reshape(-1, w2.shape[0]), a, w2.t(), b2, pack=not grad)
         return y.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
@@ -72,16 +74,18 @@ class _FusedMlp(torch.autograd.Function):
         db1 = torch.ops.sequencer_mlp.gelu_grad_bias_(da, deriv)   # da <- da * GELU', and its column sums
         dw1 = gemm.mm(da.t(), x2, 'weight_grad') if need_w1 else None
         dx = gemm.mm(da, w1, 'input_grad').view(ctx.x_shape) if need_x else None
-        return dx, dw1, db1 if need_b1 else None, dw2, db2, dres, None
+        return dx, dw1, db1 if need_b1 else None, dw2, db2, dres, None, None
 
 
 def fused_mlp(module: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
               bias_in_residual: bool = False) -> torch.Tensor:
     """``module(x)``, or ``residual + module(x)``, through the fused path (see ``FastMlp.fusable``). With
     ``bias_in_residual``, ``residual`` already holds fc2's bias and is accumulated onto in place."""
+    record = torch.is_grad_enabled()
     if bias_in_residual:
-        return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, None, residual, True)
-    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual)
+        return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, None, residual, True, record)
+    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual,
+                           False, record)
 
 
 class _NormResidual(torch.autograd.Function):
@@ -190,12 +194,13 @@ class _LinearResidual(torch.autograd.Function):
     tensor."""
 
     @staticmethod
-    def forward(ctx, residual, x, weight, bias):
+    def forward(ctx, residual, x, weight, bias, record):
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight)
-        ctx.x_shape = x.shape
+        if record:   # grad mode at apply (see _FusedMlp)
+            ctx.save_for_backward(x2, weight)
+            ctx.x_shape = x.shape
         r2 = residual.view(-1, weight.shape[0])
-        y = gemm.add_mm(r2, x2, weight.t(), bias)
+        y = gemm.add_mm(r2, x2, weight.t(), bias, pack=not record)
         if y is not r2:
             return y.view(residual.shape)
         ctx.mark_dirty(residual)
@@ -208,7 +213,7 @@ class _LinearResidual(torch.autograd.Function):
         dx = gemm.mm(g2, weight, 'input_grad').view(ctx.x_shape) if ctx.needs_input_grad[1] else None
         dw = gemm.mm(g2.t(), x2, 'weight_grad') if ctx.needs_input_grad[2] else None
         db = g2.sum(0) if ctx.needs_input_grad[3] else None
-        return g, dx, dw, db
+        return g, dx, dw, db, None
 
 
 def linear_into_ok(fc: nn.Module, x: torch.Tensor) -> bool:
@@ -232,12 +237,12 @@ def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Ten
                 or residual.shape != (*x.shape[:-1], fc.out_features)):
             raise ValueError('linear_residual: bias_in_residual needs a plain nn.Linear with a bias, CPU float32 '
                              'tensors and a residual of the output shape')
-        return _LinearResidual.apply(residual, x, fc.weight, None)
+        return _LinearResidual.apply(residual, x, fc.weight, None, torch.is_grad_enabled())
     if residual is None:
         return fc(x)
     if (linear_into_ok(fc, x) and cpu_float32(residual)
             and residual.shape == (*x.shape[:-1], fc.out_features)):
-        return _LinearResidual.apply(residual.contiguous(), x, fc.weight, fc.bias)
+        return _LinearResidual.apply(residual.contiguous(), x, fc.weight, fc.bias, torch.is_grad_enabled())
     return residual + fc(x)
 
 
