@@ -136,6 +136,12 @@ def test_gemm_backend_in_the_results(tmp_path, capsys):
     assert (ours['impl'], ours['gemm']) == ('sequencer', 'onednn (set)') and theirs['gemm'] is None
     assert 'GEMMs of our fast engine: onednn (set)' in capsys.readouterr().out
     assert gemm.forced() is None   # set for the run only
+    out = tmp_path / 'packed.json'
+    assert main(['benchmark', *TINY, '--mode', 'infer', '--no-memory', '--gemm', 'onednn', '--pack-weights',
+                 '--results-file', str(out)]) == 0
+    (row,) = json.loads(out.read_text())['results']
+    assert row['gemm'] == 'onednn (set); oneDNN weights packed'   # (the packing itself: tests/test_gemm.py)
+    assert not gemm.packing()      # for the run only
     out = tmp_path / 'auto.csv'
     assert main(['benchmark', *TINY, '--mode', 'infer', '--no-memory', '--results-file', str(out)]) == 0
     with open(out) as f:
@@ -171,6 +177,8 @@ def test_timm_counterpart_of_each_model():
     (['--gemm', 'blas'], "argument --gemm: invalid choice: 'blas'"),
     (['--gemm', 'onednn', '--rnn-engine', 'native'], '--gemm onednn: with --rnn-engine native our model is plain'),
     (['--gemm', 'mkl', '--device', 'cuda'], '--gemm mkl: chooses CPU GEMMs; not with --device cuda'),
+    (['--pack-weights', '--rnn-engine', 'native'], "--pack-weights: packs the weights of our fast engine's CPU GEMMs; "
+     "not with --rnn-engine native"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     try:

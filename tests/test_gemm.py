@@ -1,5 +1,7 @@
 """The fast engine's CPU GEMMs on MKL and oneDNN (``sequencer.fast.gemm``): equal results, and a measured choice."""
+import argparse
 import json
+import types
 
 import pytest
 import torch
@@ -318,3 +320,24 @@ def test_packing_switches(monkeypatch):
     monkeypatch.setenv('SEQUENCER_PACK_WEIGHTS', 'maybe')
     with pytest.raises(UserError, match='SEQUENCER_PACK_WEIGHTS'):
         gemm.packing()
+
+
+def test_validate_and_predict_pack_weights(monkeypatch):
+    """`sequencer validate` and `sequencer predict` run inference on weights loaded once: packing is on while they
+    run, and off again after them."""
+    import importlib
+    validate = importlib.import_module('sequencer.engine.validate')
+    predict = importlib.import_module('sequencer.export.predict')   # (the package exports a function of that name)
+    seen = []
+    monkeypatch.setattr(validate, 'validate', lambda args: seen.append(('validate', gemm.packing())) or {})
+    assert validate.main(['some/folder']) == 0
+    loaded = types.SimpleNamespace(model=None, data_config=lambda img_size=None: {})
+    monkeypatch.setattr(predict, 'list_images', lambda paths: ['a.jpg'])
+    monkeypatch.setattr(predict, 'resolve_device', lambda d: torch.device('cpu'))
+    monkeypatch.setattr(predict, 'model_from_args', lambda args, device, log: loaded)
+    monkeypatch.setattr(predict, 'class_names', lambda loaded, class_map: [])
+    monkeypatch.setattr(predict, 'predict', lambda *a, **k: seen.append(('predict', gemm.packing())) or [])
+    args = argparse.Namespace(images=['a.jpg'], device='cpu', class_map=None, topk=5, batch_size=1, img_size=None,
+                              json=True)
+    assert predict.run(args) == 0
+    assert seen == [('validate', True), ('predict', True)] and not gemm.packing()
