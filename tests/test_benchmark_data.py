@@ -73,7 +73,12 @@ def test_training_from_a_train_folder_with_one_loader_process(tmp_path, capsys):
         assert 'RandAugment rand-m9-mstd0.5-inc1' in r['transform'] and 'mixup 0.8 / cutmix 1.0' in r['transform']
     # the loader's counts in whole rounds of its processes: one process, the flags' counts
     assert (by['loader']['warmup'], by['loader']['iters']) == (1, 2)
+    # where a loader process's time goes: decoding, then the recipe's transform step by step
+    stages = result['loader_stages_ms_per_image']
+    assert list(stages)[:4] == ['decode', 'RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment']
+    assert all(v >= 0 for v in stages.values()) and stages['decode'] > 0
     printed = capsys.readouterr().out
+    assert "a loader process's time per image (this process, first images): decode " in printed
     assert f"data: {data}, 16 images, 2 classes; 1 loader process" in printed
     for line in ('loader ', 'synthetic ', 'end to end ', 'pace: ', 'end to end: '):
         assert line in printed, line

@@ -1016,11 +1016,12 @@ def run_data(args, input_size) -> int:
                      warmup=warmup, iters=iters, seconds=seconds, img_per_s=e2e_ips,
                      latency_ms_mean=seconds / iters * 1e3))
 
-    # 4. the verdict
+    # 4. where a loader process's time goes (decoding, each augmentation), and the verdict
+    stages = data_benchmark.stage_times(loaders.host.dataset)
     verdict = data_benchmark.verdict(loader_ips, synthetic_ips, e2e_ips, workers, os.cpu_count())
     for r in rows:   # in every row too, for the CSV
         r.update({k: verdict[k] for k in VERDICT_KEYS})
-    save(verdict=verdict)
+    save(verdict=verdict, loader_stages_ms_per_image=stages)
 
     print(f"{args.model}  {args.mode}  input {'x'.join(map(str, input_size))}  batch {args.batch_size}  "
           f"{args.precision}  {device.type} ({env['device_name']}, {torch.get_num_threads()} threads)  "
@@ -1037,6 +1038,7 @@ def run_data(args, input_size) -> int:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print('  '.join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip())
+    print(data_benchmark.describe_stages(stages))
     print(data_benchmark.describe(verdict))
     if args.results_file:
         print(f"results written to {args.results_file}")

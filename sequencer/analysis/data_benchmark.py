@@ -30,6 +30,7 @@ from ..data.datasets import (
     build_dataset,
     class_names_of,
     make_loader,
+    seeded,
 )
 from ..engine.args import build_train_parser, parse
 from ..engine.train import _per_channel, build_loaders, check_args
@@ -174,6 +175,41 @@ def time_batches(batches: Iterable, warmup: int, iters: int, on_batch: Callable[
         close = getattr(it, 'close', None) or getattr(it, '_shutdown_workers', None)
         if close is not None:
             close()   # the loader's processes stop here, not when the iterator is collected
+
+
+STAGE_IMAGES = 64   # images over which the loader's stages are timed
+
+
+def stage_times(samples, images: int = STAGE_IMAGES) -> Dict[str, float]:
+    """Where a loader process spends its time per image, in milliseconds: reading and decoding the file
+    (``decode``), then each step of the transform in order (named by its class), timed in this process over the
+    first ``images`` samples with their seeded augmentations. Collation and the hand-over between processes are
+    not included (the per-process loader rate includes them)."""
+    transform = samples.transform
+    steps = list(getattr(transform, 'transforms', [transform] if transform is not None else []))
+    names = ['decode']
+    for t in steps:
+        name = type(t).__name__
+        names.append(name if name not in names else f"{name} ({len(names)})")
+    totals = dict.fromkeys(names, 0.0)
+    n = min(images, len(samples))
+    for i in range(n):
+        start = time.perf_counter()
+        x = samples.image(i)
+        totals['decode'] += time.perf_counter() - start
+        with seeded(i):
+            for name, t in zip(names[1:], steps):
+                start = time.perf_counter()
+                x = t(x)
+                totals[name] += time.perf_counter() - start
+    return {k: v / max(n, 1) * 1e3 for k, v in totals.items()}
+
+
+def describe_stages(stages: Dict[str, float]) -> str:
+    total = sum(stages.values()) or 1.0
+    return ("a loader process's time per image (this process, first images): "
+            + ', '.join(f"{k} {v:.2f} ms ({100 * v / total:.0f}%)" for k, v in stages.items())
+            + f"; {total:.2f} ms in all")
 
 
 def verdict(loader: float, synthetic: float, end_to_end: float, workers: int,

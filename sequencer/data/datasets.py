@@ -176,6 +176,10 @@ class Samples(Dataset):
     def __len__(self):
         return len(self.dataset)
 
+    def image(self, index: int):
+        """The decoded image of sample ``index``, before any transform (timing the loader's stages)."""
+        return self._load(index)[0]
+
     def _load(self, index):
         if self._samples is not None:
             path, target = self._samples[index]
