@@ -288,6 +288,11 @@ def test_packed_weights_give_the_same_outputs_and_follow_weight_changes(packing)
         assert torch.equal(model(x), before)
         gemm.clear_packed()                               # ... until the packed copies are forgotten
         assert torch.equal(model(x), unpacked()) and not torch.equal(unpacked(), before)
+        before = model(x)                                 # the same for the recurrence's stacked input weights
+        block.rnn_tokens.rnn_v.weight_ih_l0.data.mul_(3.0)
+        assert torch.equal(model(x), before)
+        gemm.clear_packed()
+        assert torch.equal(model(x), unpacked()) and not torch.equal(unpacked(), before)
 
 
 def test_packing_only_outside_autograd_and_never_for_activations(packing):

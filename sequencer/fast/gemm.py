@@ -115,7 +115,10 @@ def describe() -> str:
 # changed in place (its version counter), dropped with the weight
 # (keyed by identity: tensors compare elementwise)
 _packed = WeakIdKeyDictionary()
-_stable = WeakIdKeyDictionary()   # weights that are not Parameters but are kept unchanged -> True
+# owner -> (key, weights): weights derived from parameters (the recurrence's stacked weights), kept while packing
+# so that their packed copies are reused (``kept``); their tensors -> True in _stable, packable like Parameters
+_kept = WeakIdKeyDictionary()
+_stable = WeakIdKeyDictionary()
 MAX_PACKED_ROWS = 4   # packed copies kept per weight (one per number of rows; the oldest goes first)
 
 
@@ -151,16 +154,26 @@ def packing() -> bool:
 
 
 def clear_packed() -> None:
-    """Forget every packed weight (they are remade on their next use)."""
+    """Forget every packed weight and every kept derived weight (they are remade on their next use)."""
     with _lock:
         _packed.clear()
+        _kept.clear()
+        _stable.clear()
 
 
-def mark_stable(weight: torch.Tensor) -> torch.Tensor:
-    """Let a tensor that is not a Parameter but is kept and reused as a weight (the fused recurrence's stacked
-    input weights) be packed like one; returns it."""
-    _stable[weight] = True
-    return weight
+def kept(owner: torch.Tensor, key: tuple, make) -> tuple:
+    """The tuple of weights ``make()`` derives from parameters (the fused recurrence's stacked weights), kept per
+    ``owner`` while ``key`` (the parameters' identities and versions) stays the same, so that their packed copies
+    are reused; their tensors are packed like Parameters. ``clear_packed`` forgets them."""
+    hit = _kept.get(owner)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    weights = make()
+    with _lock:
+        for t in weights:
+            _stable[t] = True
+        _kept[owner] = (key, weights)
+    return weights
 
 
 def packed_count() -> int:

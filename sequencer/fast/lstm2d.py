@@ -56,7 +56,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import gemm
 from .runtime import autocast_dtype, autocast_off, cpu_kernel_ok, gpu_path, triton_ok, triton_on_cpu_active
@@ -396,28 +395,19 @@ def _stacked_weights(params, D: int, dtype: torch.dtype):
     return w_ih, w_hh, bias
 
 
-# first weight of a layer -> (its parameters' identities and versions, (W_ih, W_hh^T, bias)): the stacked weights
-# kept while forward GEMMs use packed weights (``gemm.packing()``), so that W_ih's packed copy is reused
-_kept = WeakIdKeyDictionary()
-
-
 def _kernel_weights(params, D: int, inference: bool) -> Tuple[torch.Tensor, ...]:
     """(W_ih (D*4h, C), W_hh (D, 4h, h), W_hh^T (D, h, 4h) contiguous, bias (D*4h)) in float32 for the CPU kernel.
-    Stacked at every call, or, for ``inference`` with packed weights, once per layer and again when a parameter is
-    replaced or changed in place."""
-    keep = inference and gemm.packing() and params[0].device.type == 'cpu'
-    if keep:
-        key = tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None)
-        hit = _kept.get(params[0])
-        if hit is not None and hit[0] == key:
-            return hit[1]
-    w_ih, w_hh, bias = _stacked_weights(params, D, torch.float32)
-    weights = (w_ih, w_hh, w_hh.transpose(1, 2).contiguous(),
-               w_ih.new_zeros(w_ih.shape[0]) if bias is None else bias)
-    if keep:
-        _kept[params[0]] = (key, weights)
-        gemm.mark_stable(w_ih)
-    return weights
+    Stacked at every call, or, for ``inference`` with packed weights, kept per layer (``gemm.kept``) and stacked
+    again when a parameter is replaced or changed in place."""
+    def make():
+        w_ih, w_hh, bias = _stacked_weights(params, D, torch.float32)
+        return (w_ih, w_hh, w_hh.transpose(1, 2).contiguous(),
+                w_ih.new_zeros(w_ih.shape[0]) if bias is None else bias)
+
+    if not (inference and gemm.packing() and params[0].device.type == 'cpu'):
+        return make()
+    key = tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None)
+    return gemm.kept(params[0], key, make)
 
 
 def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
