@@ -339,19 +339,20 @@ from sequencer.engine import malloc
 if sys.argv[1] == 'tuned':
     assert malloc.keep_freed_memory() is True
 faults = []
-for size_mb in (8, 64, 64, 8, 64):   # a small and a large block (above glibc's 32 MiB mmap ceiling)
+for size_mb in (8, 64) * 6:   # a small and a large block (above glibc's 32 MiB mmap ceiling), as in training steps
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.empty(size_mb << 18).fill_(1.0)   # size_mb MiB of float32, every page touched
     del t
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(faults[-1])
+print(' '.join(map(str, faults[1::2])))   # the 64 MiB rounds
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc')
 def test_tuned_allocator_reuses_freed_blocks_without_page_faults():
     """With keep_freed_memory, a 64 MiB tensor allocated again after being freed takes its pages from the heap:
-    no new page faults; with glibc's defaults it is mapped again, 16,384 fresh 4 KiB pages."""
+    no new page faults once the heap has grown (the first round or two may still extend it, depending on where
+    small blocks landed); with glibc's defaults it is mapped again every round, 16,384 fresh 4 KiB pages."""
     from sequencer.engine import malloc
     if malloc._glibc() is None:
         pytest.skip('not glibc')
@@ -359,9 +360,9 @@ def test_tuned_allocator_reuses_freed_blocks_without_page_faults():
     for mode in ('default', 'tuned'):
         out = subprocess.run([sys.executable, '-c', _FAULTS, mode], capture_output=True, text=True, check=True,
                              env={**os.environ, 'PYTHONPATH': ROOT})
-        counts[mode] = int(out.stdout.strip().splitlines()[-1])
-    assert counts['default'] > 8000, counts
-    assert counts['tuned'] < 1000, counts
+        counts[mode] = [int(n) for n in out.stdout.strip().splitlines()[-1].split()]
+    assert all(n > 8000 for n in counts['default']), counts
+    assert sum(counts['tuned'][-3:]) < 1000, counts   # the steady state: freed blocks reused
 
 
 def test_cpu_training_keeps_freed_heap_memory_unless_told_not_to(tmp_path, monkeypatch):
