@@ -240,6 +240,26 @@ def test_profile_and_gpu_scripts_run_on_cpu():
             assert proc.returncode != 0 and 'CUDA device' in proc.stderr, (argv, proc.stderr[-500:])
 
 
+def test_prepack_script_times_three_variants_and_records_the_choice(tmp_path):
+    """benchmarks/prepack_ab.py: MKL, plain and packed oneDNN in one process, packed outputs identical to plain,
+    the 'auto' choices recorded, the JSON written."""
+    from sequencer.fast import gemm
+    if not gemm.available():
+        pytest.skip('no oneDNN inner product')
+    out = tmp_path / 'prepack.json'
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'prepack_ab.py'), '--batch-sizes', '1',
+                           '--iters', '1', '--warmup', '0', '--img-size', '64', '--results', str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    run = data['runs']['b1']
+    assert run['packed_outputs_identical_to_plain'] and run['max_relative_difference_to_mkl'] < 1e-4
+    assert all(len(run[f'step_s_{v}']) == 1 for v in ('mkl', 'onednn', 'onednn_packed'))
+    assert set(data['auto_choice'].values()) <= set(gemm.BACKENDS) and set(data['auto_choice']) == {
+        'forward', gemm.PACKED}
+    assert 'identical to plain' in proc.stdout
+
+
 @pytest.mark.slow
 def test_check_compile_script_on_the_gpu_path(tmp_path):
     """benchmarks/check_compile.py --gpu-path: the fused engine's Triton kernels (through Triton's interpreter)

@@ -312,6 +312,72 @@ def test_packing_only_outside_autograd_and_never_for_activations(packing):
         assert gemm.packed_count() == gemm.MAX_PACKED_ROWS
 
 
+def test_packed_inference_is_a_choice_of_its_own(monkeypatch):
+    """With packing on, a forward GEMM of inference follows its own measured choice, MKL against oneDNN with packed
+    weights ('packed_forward'), not the unpacked forward's: here MKL wins unpacked and packed oneDNN wins packed.
+    Training and packing off keep the unpacked choice; the layers' autotune keys name the backend that ran."""
+    monkeypatch.setenv('SEQUENCER_AUTOTUNE', '1')
+    autotune.clear_cache()
+    gemm.clear_packed()
+    timer, calls = _timer('mkl')
+    monkeypatch.setattr(autotune, 'time_call', lambda name, fn, device='cpu': timer(name, fn))
+    for kind in gemm.KINDS:
+        assert gemm.backend(kind) == 'mkl'
+    timer, calls = _timer('onednn')
+    monkeypatch.setattr(autotune, 'time_call', lambda name, fn, device='cpu': timer(name, fn))
+    model = sequencer.create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=10, rnn_engine='auto')
+    model = randomize(model, scale=0.1).eval()
+    x = torch.randn(2, 3, 64, 48)
+    try:
+        with torch.no_grad():
+            plain = model(x)                                # packing off: the forward choice, MKL
+            assert gemm.packed_count() == 0 and not set(calls) & set(gemm.BACKENDS)
+            gemm.set_packing(True)
+            assert gemm.forward_kind(True) == gemm.PACKED and gemm.forward_kind(False) == 'forward'
+            packed = model(x)                               # measured now: packed oneDNN
+            assert set(calls) >= set(gemm.BACKENDS)
+            assert gemm.backend(gemm.PACKED) == 'onednn' and gemm.packed_count() > 0
+            assert _rel(packed, plain) < 1e-5
+        assert gemm.forward_kind(True) == 'forward'         # grad mode on: nothing is packed, the forward choice
+        key = f"gemm packed_forward float32 threads={torch.get_num_threads()}"
+        entry = json.loads(autotune.cache_path().read_text())['entries']
+        (section,) = entry.values()
+        assert section[key]['choice'] == 'onednn' and set(section[key]['ms']) == set(gemm.BACKENDS)
+        assert 'packed_forward: onednn' in gemm.describe() and 'forward: mkl' in gemm.describe()
+        infer = [k for k in autotune.choices() if ' infer ' in k]
+        assert infer and any(k.endswith('gemm=onednn') for k in infer) and any(k.endswith('gemm=mkl') for k in infer)
+    finally:
+        gemm.set_packing(None)
+        gemm.clear_packed()
+
+
+def test_packed_measurement_times_packed_weights(monkeypatch):
+    """The 'packed_forward' measurement (real timer) runs oneDNN on weights packed before the timing: no reorder of
+    a weight inside a timed step."""
+    monkeypatch.setenv('SEQUENCER_AUTOTUNE', '1')
+    autotune.clear_cache()
+    reorders, timing = [], []
+    real = torch.ops.mkldnn._reorder_linear_weight
+
+    def reorder(*a):
+        reorders.append(bool(timing))
+        return real(*a)
+
+    monkeypatch.setattr(gemm.torch.ops.mkldnn, '_reorder_linear_weight', reorder)
+    real_time = autotune.time_call
+
+    def timed(name, fn, device='cpu'):
+        timing.append(name)
+        try:
+            return real_time(name, fn, device)
+        finally:
+            timing.clear()
+
+    monkeypatch.setattr(autotune, 'time_call', timed)
+    assert gemm.backend(gemm.PACKED) in gemm.BACKENDS
+    assert reorders == [False] * len(gemm._SHAPES)
+
+
 def test_packing_switches(monkeypatch):
     gemm.set_packing(None)
     monkeypatch.delenv('SEQUENCER_PACK_WEIGHTS', raising=False)

@@ -22,12 +22,14 @@ gradient, with both operands copied into oneDNN's layout.
 
 The choice is made per kind of GEMM, because that is what the winner was seen to depend on, besides the
 processor: 'forward' (``X @ W^T``, weights in their own layout), 'input_grad' (``dY @ W``) and 'weight_grad'
-(``dY^T @ X``, two activations). The first time a kind runs in a process, the cached choice for this processor,
-torch version and thread count is read (``autotune``), else both backends are timed on two of Sequencer2D-S's
-shapes (a few tens of milliseconds) and the faster is cached on disk. ``SEQUENCER_GEMM=mkl`` / ``onednn``, or
-``set_backend``, forces a backend; ``SEQUENCER_AUTOTUNE=0`` turns measuring off, and MKL runs. Where PyTorch's
-own MKL is restricted (``MKL_ENABLE_INSTRUCTIONS``), the key says so. Under torch.compile, tracing and export,
-the GEMMs are PyTorch's own ops (the compiler chooses there).
+(``dY^T @ X``, two activations), and 'packed_forward': a forward GEMM of inference with packing on
+(``set_packing``), MKL against oneDNN with the weight packed once, which can win where unpacked oneDNN loses (and
+lose where MKL is fastest, as on Intel). The first time a kind runs in a process, the cached choice for this
+processor, torch version and thread count is read (``autotune``), else both backends are timed on two of
+Sequencer2D-S's shapes (a few tens of milliseconds) and the faster is cached on disk. ``SEQUENCER_GEMM=mkl`` /
+``onednn``, or ``set_backend``, forces a backend; ``SEQUENCER_AUTOTUNE=0`` turns measuring off, and MKL runs.
+Where PyTorch's own MKL is restricted (``MKL_ENABLE_INSTRUCTIONS``), the key says so. Under torch.compile,
+tracing and export, the GEMMs are PyTorch's own ops (the compiler chooses there).
 """
 import contextlib
 import os
@@ -44,6 +46,7 @@ from . import autotune
 
 BACKENDS = ('mkl', 'onednn')
 KINDS = ('forward', 'input_grad', 'weight_grad')
+PACKED = 'packed_forward'   # a forward GEMM of inference with packing on: a choice of its own (``forward_kind``)
 ENV = 'SEQUENCER_GEMM'
 PACK_ENV = 'SEQUENCER_PACK_WEIGHTS'
 
@@ -76,8 +79,15 @@ def forced() -> Optional[str]:
     return env
 
 
+def forward_kind(pack: bool) -> str:
+    """The kind whose choice a forward GEMM follows: ``PACKED`` when its weight would be used packed (``pack``: the
+    caller records no graph; grad mode off; packing on), else 'forward'. MKL against oneDNN with packed weights is
+    measured on its own, because packing is what makes oneDNN win on some processors and not on others."""
+    return PACKED if pack and not torch.is_grad_enabled() and packing() else 'forward'
+
+
 def backend(kind: str) -> str:
-    """The backend of GEMMs of ``kind`` (one of ``KINDS``) in this process right now."""
+    """The backend of GEMMs of ``kind`` (one of ``KINDS`` or ``PACKED``) in this process right now."""
     if torch.compiler.is_compiling() or not available():
         return 'mkl'
     name = forced()
@@ -104,7 +114,7 @@ def describe() -> str:
         return 'mkl (oneDNN not in this build)'
     if not autotune.enabled():
         return 'mkl (measuring off)' + packed
-    done = [f"{k}: {autotune.cached_choice(_key(k))}" for k in KINDS if autotune.cached_choice(_key(k))]
+    done = [f"{k}: {autotune.cached_choice(_key(k))}" for k in KINDS + (PACKED,) if autotune.cached_choice(_key(k))]
     return ((', '.join(done) + ' (measured)') if done else 'not chosen yet') + packed
 
 
@@ -229,7 +239,7 @@ def _operands(kind: str, M: int, K: int, N: int, gen: torch.Generator) -> Tuple[
     """The (A, B) of one GEMM of ``kind`` in the layout the fast engine hands over."""
     def rand(*shape):
         return torch.randn(*shape, generator=gen)
-    if kind == 'forward':
+    if kind in ('forward', PACKED):
         return rand(M, K), rand(N, K).t()          # x @ W^T
     if kind == 'input_grad':
         return rand(M, N), rand(N, K)              # dY @ W
@@ -252,7 +262,14 @@ def _measure(kind: str, key: str) -> str:
                 fn(a, b)
         return step
 
-    candidates = {'mkl': run(torch.mm), 'onednn': run(_ONEDNN[kind])}
+    onednn = _ONEDNN[kind]
+    if kind == PACKED:   # oneDNN with each weight packed for its number of rows, once, before the timing
+        packed = {id(b): torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), a.shape[0]) for a, b in operands}
+
+        def onednn(a, b):
+            return torch.ops.mkldnn._linear_pointwise(a, packed[id(b)], None, 'none', [], '')
+
+    candidates = {'mkl': run(torch.mm), 'onednn': run(onednn)}
     return autotune.choose(key, candidates, steps=3, budget_s=0.5, warmup=candidates)
 
 
@@ -283,7 +300,7 @@ def _onednn_weight_grad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # the oneDNN op of each GEMM kind
-_ONEDNN = {'forward': _onednn_mm, 'input_grad': _onednn_mm, 'weight_grad': _onednn_weight_grad}
+_ONEDNN = {'forward': _onednn_mm, PACKED: _onednn_mm, 'input_grad': _onednn_mm, 'weight_grad': _onednn_weight_grad}
 
 
 def _routed(kind: str, *tensors: torch.Tensor) -> bool:
@@ -299,22 +316,24 @@ def _routed(kind: str, *tensors: torch.Tensor) -> bool:
 def mm(a: torch.Tensor, b: torch.Tensor, kind: str, pack: bool = False) -> torch.Tensor:
     """``a @ b`` for 2-D ``a`` (M, K) and ``b`` (K, N), a GEMM of ``kind``; ``pack``: a forward GEMM of inference,
     whose weight ``b^T`` may be used packed (``set_packing``)."""
+    if kind == 'forward':
+        kind = forward_kind(pack)
     if _routed(kind, a, b) and a.shape[0] > 0:
-        return _onednn_mm(a, b, pack=pack) if kind == 'forward' else _ONEDNN[kind](a, b)
+        return _onednn_mm(a, b, pack=pack) if kind in ('forward', PACKED) else _ONEDNN[kind](a, b)
     return torch.mm(a, b)
 
 
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, pack: bool = False) -> torch.Tensor:
     """``a @ b`` (a 'forward' GEMM) into ``out`` when MKL runs it, else into a fresh tensor; the result is
     returned. ``pack``: see ``mm``."""
-    if _routed('forward', a, b) and a.shape[0] > 0:
+    if _routed(forward_kind(pack), a, b) and a.shape[0] > 0:
         return _onednn_mm(a, b, pack=pack)
     return torch.mm(a, b, out=out)
 
 
 def addmm(bias: Optional[torch.Tensor], a: torch.Tensor, b: torch.Tensor, pack: bool = False) -> torch.Tensor:
     """``bias + a @ b``, a 'forward' GEMM with a bias of b's columns (or none). ``pack``: see ``mm``."""
-    if _routed('forward', a, b) and a.shape[0] > 0:
+    if _routed(forward_kind(pack), a, b) and a.shape[0] > 0:
         return _onednn_mm(a, b, bias, pack)
     return torch.mm(a, b) if bias is None else torch.addmm(bias, a, b)
 
@@ -324,7 +343,7 @@ def add_mm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: Optional[tor
     """``c [+ bias] + a @ b`` for a 2-D ``c`` (M, N): with MKL accumulated onto ``c`` in place when there is no
     bias, else onto ``c + bias``; with oneDNN the sum is the GEMM's post-op, into a fresh tensor. The result is
     returned (``c`` itself only when accumulated in place). ``pack``: see ``mm``."""
-    if _routed('forward', a, b, c) and a.shape[0] > 0:
+    if _routed(forward_kind(pack), a, b, c) and a.shape[0] > 0:
         if not _row_major(a):
             a = a.contiguous()
         return torch.ops.mkldnn._linear_pointwise.binary(a, c.contiguous(), _weight(b, a.shape[0], pack), bias,
@@ -360,6 +379,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if (x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32 and x.dim() >= 1 and x.numel() > 0
             and not torch.is_autocast_enabled('cpu') and (bias is None or bias.dtype == torch.float32)):
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if backend('forward') == 'onednn' or (grad and 'onednn' in (backend('input_grad'), backend('weight_grad'))):
+        forward = backend(forward_kind(not torch.is_grad_enabled()))
+        if forward == 'onednn' or (grad and 'onednn' in (backend('input_grad'), backend('weight_grad'))):
             return _Linear.apply(x, weight, bias, torch.is_grad_enabled())
     return F.linear(x, weight, bias)

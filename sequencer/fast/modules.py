@@ -185,7 +185,8 @@ class FastRNN2D(FastModule, RNN2D):
         or timed now on a copy of ``x`` (forward, and with ``grad`` the backward of the sum, gradients taken with
         ``torch.autograd.grad``: no parameter's ``.grad`` is touched)."""
         memo = self.__dict__.setdefault('_measured', {})   # this layer's answers, without rebuilding the key
-        memo_key = (tuple(x.shape), x.dtype, grad, amp, kernel, torch.get_num_threads())
+        memo_key = (tuple(x.shape), x.dtype, grad, amp, kernel, torch.get_num_threads(),
+                    gemm.forward_kind(not grad))
         if memo_key not in memo:
             memo[memo_key] = self._measure(x, grad, amp, kernel)
         return memo[memo_key]
@@ -195,7 +196,7 @@ class FastRNN2D(FastModule, RNN2D):
         device = x.device.type
         if device == 'cpu':
             # the GEMM backends are chosen first (``gemm``: measured once per kind), and named in the key
-            kinds = gemm.KINDS if grad else gemm.KINDS[:1]
+            kinds = gemm.KINDS if grad else (gemm.forward_kind(True),)
             setting = (f"fused={'kernel' if kernel else 'torch'} threads={torch.get_num_threads()} "
                        f"gemm={'+'.join(gemm.backend(k) for k in kinds)}")
         else:
