@@ -5,9 +5,9 @@ With oneDNN running the fast engine's GEMMs (``sequencer.fast.gemm``), the weigh
 ``SEQUENCER_PACK_WEIGHTS=1``, what ``sequencer validate`` and ``predict`` do) each weight is packed once into the
 layout oneDNN's inner product prefers and reused. This script times Sequencer2D-S inference (the fused engine)
 in one process, alternating step by step (the order rotating) between three variants: the GEMMs on MKL, on
-oneDNN with plain weights, and on oneDNN with packed weights (packed by a first step, outside the timing). It checks that packed
-and plain oneDNN give identical outputs before and after the timed steps, and records what 'auto' chooses for
-inference with packing on (the 'packed_forward' measurement, made in a fresh cache).
+oneDNN with plain weights, and on oneDNN with packed weights (packed by a first step, outside the timing). It
+checks that packed and plain oneDNN give identical outputs before and after the timed steps, and records what
+'auto' chooses for inference with packing on (the 'packed_forward' measurement, made in a fresh cache).
 
     python benchmarks/prepack_ab.py [--batch-sizes 1 8] [--iters 20] [--threads 2] [--img-size 224]
         [--results FILE]
