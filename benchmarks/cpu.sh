@@ -7,7 +7,9 @@
 #   auto-b1, native-b1   batch 1, inference
 #   auto-b8-malloc       batch 8, training, with --malloc-tuning (glibc's allocator as `sequencer train` sets it,
 #                        for both models)
-# Each run writes benchmarks/results/cpu-<processor>-<engine>-b<N>.json, <processor> being the `model name` of
+#   gemm-shapes-b8       benchmarks/gemm_shapes.py: the fast engine's GEMMs of a batch-8 training step on MKL and
+#                        oneDNN, against a large GEMM, and their share of the step (what limits training)
+# Each run writes benchmarks/results/cpu-<processor>-<engine>-b<N>.json (and -gemm-shapes-b8.json), <processor> being the `model name` of
 # /proc/cpuinfo in lower case (e.g. intel-xeon-processor); RESULTS_DIR=... writes them elsewhere. Options given
 # to this script are added to every run (e.g. `--warmup 3 --iters 15`; later options win over earlier ones).
 # A run that fails does not stop the others; the exit status is that of the last failure (0 if none).
@@ -44,5 +46,9 @@ run native 8 both '' "${@}"
 run auto 1 infer '' "${ORT[@]}" "${@}"
 run native 1 infer '' "${@}"
 run auto 8 train -malloc --malloc-tuning "${@}"
+# what limits training here: the fast engine's GEMMs of one step on MKL and oneDNN, and their share of the step
+file="$RESULTS/cpu-$SLUG-gemm-shapes-b8.json"
+echo "== GEMMs of a training step, batch 8 ($(date -u +%T)) -> $file"
+"$PY" benchmarks/gemm_shapes.py --batch-size 8 --threads 2 --results "$file" || status=$?
 exit $status
 

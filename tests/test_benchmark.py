@@ -260,6 +260,30 @@ def test_prepack_script_times_three_variants_and_records_the_choice(tmp_path):
     assert 'identical to plain' in proc.stdout
 
 
+def test_gemm_shapes_script_records_every_gemm_of_a_training_step(tmp_path):
+    """benchmarks/gemm_shapes.py: every GEMM of one training step with its kind (each forward GEMM has a weight
+    gradient, and all but the stem's an input gradient: images need none), timed on both backends, the step's
+    share written to JSON."""
+    from sequencer.fast import gemm
+    if not gemm.available():
+        pytest.skip('no oneDNN inner product')
+    out = tmp_path / 'shapes.json'
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'gemm_shapes.py'), '--batch-size', '1',
+                           '--img-size', '64', '--repeats', '1', '--steps', '1', '--reference-size', '128',
+                           '--results', str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    per_kind = {k: sum(r['per_step'] for r in data['gemms'] if r['kind'] == k) for k in gemm.KINDS}
+    # Sequencer2D-S: the stem, 18 blocks of 4 GEMMs (input projection, fc1, fc2, fc), 3 downsamplings, the head
+    assert per_kind == {'forward': 77, 'input_grad': 76, 'weight_grad': 77}, per_kind
+    assert all(r['ms_mkl'] > 0 and r['ms_onednn'] > 0 for r in data['gemms'])
+    assert all(r['a_transposed'] for r in data['gemms'] if r['kind'] == 'weight_grad')
+    summary = data['summary']
+    assert 0 < summary['gemm_share_of_step_chosen'] and set(summary['chosen']) == set(gemm.KINDS)
+    assert 'of the step' in proc.stdout
+
+
 @pytest.mark.slow
 def test_check_compile_script_on_the_gpu_path(tmp_path):
     """benchmarks/check_compile.py --gpu-path: the fused engine's Triton kernels (through Triton's interpreter)
@@ -344,6 +368,8 @@ def test_cpu_script_runs_both_engines_and_names_results_after_the_processor(tmp_
         assert (opts['--rnn-engine'], opts['-b'], opts['--mode'], opts['--iters']) == (engine, batch, mode, '2')
         assert ('--malloc-tuning' in argv) == (suffix == '-malloc'), argv
         assert argv[-2:] == ['--results-file', f'{tmp_path}/cpu-{slug}-{engine}-b{batch}{suffix}.json'], argv
+    (shapes,) = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith('benchmarks/gemm_shapes.py')]
+    assert shapes[-2:] == ['--results', f'{tmp_path}/cpu-{slug}-gemm-shapes-b8.json'], shapes
 
 
 def test_cuda_graph_modes_are_recognised():
