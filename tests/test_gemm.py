@@ -312,6 +312,29 @@ def test_packing_only_outside_autograd_and_never_for_activations(packing):
         assert gemm.packed_count() == gemm.MAX_PACKED_ROWS
 
 
+def test_packing_under_inference_mode(packing):
+    """Under torch.inference_mode the weights are packed as under no_grad (the recurrence's stacked weights
+    included) with the same outputs; a model made under inference_mode (inference tensors: no version counter)
+    runs unpacked rather than failing."""
+    model = _packed_model()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        ref = model(x)
+    n = gemm.packed_count()
+    gemm.clear_packed()
+    with torch.inference_mode():
+        assert torch.equal(model(x), ref) and gemm.packed_count() == n
+        assert torch.equal(model(x), ref) and gemm.packed_count() == n
+    gemm.clear_packed()
+    state = model.state_dict()
+    with torch.inference_mode():
+        made = sequencer.create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=10,
+                                      rnn_engine='fused').eval()
+        made.load_state_dict(state)
+        assert torch.equal(made(x), ref)
+    assert gemm.packed_count() == 0
+
+
 def test_packed_inference_is_a_choice_of_its_own(monkeypatch):
     """With packing on, a forward GEMM of inference follows its own measured choice, MKL against oneDNN with packed
     weights ('packed_forward'), not the unpacked forward's: here MKL wins unpacked and packed oneDNN wins packed.

@@ -178,7 +178,8 @@ def kept(owner: torch.Tensor, key: tuple, make) -> tuple:
     hit = _kept.get(owner)
     if hit is not None and hit[0] == key:
         return hit[1]
-    weights = make()
+    with torch.inference_mode(False):   # tensors with version counters, packable under inference_mode too
+        weights = make()
     with _lock:
         for t in weights:
             _stable[t] = True
@@ -194,9 +195,10 @@ def packed_count() -> int:
 def _packable(w: torch.Tensor) -> Optional[torch.Tensor]:
     """The tensor to key ``w``'s packed copy on: ``w`` itself or the Parameter (or stable weight) it is a whole view
     of (the same elements in the same order: a convolution's weight seen as a matrix); None when ``w`` is anything
-    else (an activation, a slice, a copy), which is never packed."""
+    else (an activation, a slice, a copy), which is never packed, or an inference tensor (made under
+    ``torch.inference_mode``: it has no version counter to follow changes by)."""
     owner = w if w._base is None else w._base
-    if not (isinstance(owner, nn.Parameter) or owner in _stable):
+    if not (isinstance(owner, nn.Parameter) or owner in _stable) or owner.is_inference():
         return None
     if owner is not w and not (w.data_ptr() == owner.data_ptr() and w.numel() == owner.numel() and (
             (w.shape == owner.shape and w.stride() == owner.stride())

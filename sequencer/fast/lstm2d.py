@@ -404,7 +404,8 @@ def _kernel_weights(params, D: int, inference: bool) -> Tuple[torch.Tensor, ...]
         return (w_ih, w_hh, w_hh.transpose(1, 2).contiguous(),
                 w_ih.new_zeros(w_ih.shape[0]) if bias is None else bias)
 
-    if not (inference and gemm.packing() and params[0].device.type == 'cpu'):
+    if not (inference and gemm.packing() and params[0].device.type == 'cpu') or any(
+            p.is_inference() for p in params if p is not None):   # no version counter to follow changes by
         return make()
     key = tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None)
     return gemm.kept(params[0], key, make)
