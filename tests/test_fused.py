@@ -843,6 +843,30 @@ def test_kernel_backward_consumes_saved_gates_only_when_the_graph_is_freed(monke
         torch.testing.assert_close(b, w, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize('engine', ['fused', 'auto'])
+def test_inference_mode_then_no_grad_then_training(engine):
+    """A model run under torch.inference_mode, then under no_grad, with grad, and trained: the kept scratch
+    buffers are normal tensors (an inference tensor could not be written outside inference mode), and every run
+    gives the same outputs."""
+    from sequencer import create_model
+    from sequencer.fast import lstm2d
+    lstm2d.release_workspace()
+    torch.manual_seed(0)
+    model = create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=10, rnn_engine=engine).eval()
+    torch.nn.init.normal_(model.head.fc.weight, std=0.02)
+    x = torch.randn(2, 3, 64, 48)
+    with torch.inference_mode():
+        first = model(x)
+    with torch.no_grad():
+        assert torch.equal(model(x), first)
+    torch.testing.assert_close(model(x), first, atol=0, rtol=0)
+    model.train()
+    model(x).sum().backward()
+    model.eval()
+    with torch.inference_mode():
+        assert torch.equal(model(x), first)
+
+
 def test_inference_under_no_grad_keeps_nothing_for_a_backward(monkeypatch):
     """Under no_grad, with the parameters still requiring grad (a model in eval mode as loaded), the compiled
     recurrence runs without saving its gate activations and cell states and the fused MLP without GELU's

@@ -367,7 +367,8 @@ def _scratch(slot: str, rows: int, cols: int) -> torch.Tensor:
         bufs = _workspace.bufs = {}
     buf = bufs.get(slot)
     if buf is None or buf.numel() < n:
-        buf = bufs[slot] = torch.empty(n, dtype=torch.float32, device='cpu')
+        with torch.inference_mode(False):   # a normal tensor: writable in and out of inference mode
+            buf = bufs[slot] = torch.empty(n, dtype=torch.float32, device='cpu')
     return buf[:n].view(rows, cols)
 
 
