@@ -34,6 +34,7 @@ tracing and export, the GEMMs are PyTorch's own ops (the compiler chooses there)
 import contextlib
 import os
 import threading
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -120,9 +121,9 @@ def describe() -> str:
 
 # ---- weights packed once for inference -------------------------------------------------------------------------
 
-# weight -> {(rows, shape): (data_ptr, version, packed)}: oneDNN's blocked copies of the weights of forward GEMMs,
-# made the first time a weight is used with packing on (for that many rows), remade when the weight is replaced or
-# changed in place (its version counter), dropped with the weight
+# weight -> {(rows, shape): (state, packed)}: oneDNN's blocked copies of the weights of forward GEMMs, made the
+# first time a weight is used with packing on (for that many rows), remade when the weight is replaced, its
+# storage replaced or its values changed in place (``state``), dropped with the weight
 # (keyed by identity: tensors compare elementwise)
 _packed = WeakIdKeyDictionary()
 # owner -> (key, weights): weights derived from parameters (the recurrence's stacked weights), kept while packing
@@ -171,6 +172,13 @@ def clear_packed() -> None:
         _stable.clear()
 
 
+def state(t: torch.Tensor, values: Optional[torch.Tensor] = None) -> tuple:
+    """What says that a weight still holds the values a cached copy was made from: its storage (a weak reference:
+    a storage replaced through ``.data``, as ``model.half().float()`` does, is a new one even where it lands at the
+    old address), where in it ``values`` (default ``t``) start, and ``t``'s version counter (in-place changes)."""
+    return (weakref.ref(t.untyped_storage()), (t if values is None else values).data_ptr(), t._version)
+
+
 def kept(owner: torch.Tensor, key: tuple, make) -> tuple:
     """The tuple of weights ``make()`` derives from parameters (the fused recurrence's stacked weights), kept per
     ``owner`` while ``key`` (the parameters' identities and versions) stays the same, so that their packed copies
@@ -216,18 +224,18 @@ def _weight(b: torch.Tensor, rows: int, pack: bool) -> torch.Tensor:
     owner = _packable(w)
     if owner is None:
         return w
-    version, key = (w.data_ptr(), owner._version), (rows, tuple(w.shape))
+    version, key = state(owner, w), (rows, tuple(w.shape))
     entries = _packed.get(owner)
     entry = entries.get(key) if entries is not None else None
-    if entry is not None and entry[:2] == version:
-        return entry[2]
+    if entry is not None and entry[0] == version:
+        return entry[1]
     with _lock:
         entries = _packed.setdefault(owner, {})
         entries.pop(key, None)
         while len(entries) >= MAX_PACKED_ROWS:
             entries.pop(next(iter(entries)))
         packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
-        entries[key] = (*version, packed)
+        entries[key] = (version, packed)
     return packed
 
 
@@ -361,17 +369,17 @@ class _Linear(torch.autograd.Function):
         # record: whether autograd records this call (grad mode at apply; needs_input_grad follows requires_grad
         # even under no_grad)
         x2 = x.reshape(-1, x.shape[-1])
-        if record:
-            ctx.save_for_backward(x2, weight)
-            ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        if record:   # x itself (not x2, made here without a graph): a double backward differentiates it
+            ctx.save_for_backward(x, weight)
+            ctx.has_bias = bias is not None
         return addmm(bias, x2, weight.t(), pack=not record).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, gy):
-        x2, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         g2 = gy.reshape(-1, weight.shape[0])
-        dx = mm(g2, weight, 'input_grad').view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dw = mm(g2.t(), x2, 'weight_grad') if ctx.needs_input_grad[1] else None
+        dx = mm(g2, weight, 'input_grad').view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = mm(g2.t(), x.reshape(-1, x.shape[-1]), 'weight_grad') if ctx.needs_input_grad[1] else None
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 

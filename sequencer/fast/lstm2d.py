@@ -253,6 +253,8 @@ class _FusedLSTM2D(torch.autograd.Function):
         # record: whether autograd records this call (grad mode was on at apply; needs_input_grad alone does not
         # say, it follows the inputs' requires_grad even under no_grad); without it nothing is kept for a backward
         ctx.record = record
+        if record:   # for a double backward, which differentiates a plain recomputation (``_plain_rnn2d``)
+            ctx.plain = (kinds, hidden, params)   # (x: the first saved tensor of every path)
         B, H, W, C = x.shape
         D = len(kinds)
         G = 4 * hidden
@@ -302,6 +304,8 @@ class _FusedLSTM2D(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        if torch.is_grad_enabled():   # create_graph: a double backward (gradient penalties and the like)
+            return _double_backward(ctx, gy)
         if ctx.kernel:
             return _backward_cpu_kernel(ctx, gy)
         if ctx.triton:
@@ -337,6 +341,40 @@ class _FusedLSTM2D(torch.autograd.Function):
                     grads[4 * d + 2] = gb.to(dtypes[4 * d + 2])
                     grads[4 * d + 3] = gb.to(dtypes[4 * d + 3])
         return (dx, None, None, None, None, None, *grads)
+
+
+def _plain_rnn2d(x: torch.Tensor, kinds, hidden: int, params) -> torch.Tensor:
+    """What ``_FusedLSTM2D`` computes, by nn.LSTM's own (differentiable) op, one direction at a time: vertical
+    directions run along H, horizontal ones along W, reverse ones over the flipped sequence; the outputs in
+    ``kinds`` order, (B, H, W, len(kinds) * hidden)."""
+    B, H, W, C = x.shape
+    outs = []
+    for d, (vertical, reverse) in enumerate(kinds):
+        w_ih, w_hh, b_ih, b_hh = (p if p is None else p.to(x.dtype) for p in params[4 * d:4 * d + 4])
+        grid = x.transpose(1, 2) if vertical else x                     # sequences along the last-but-one axis
+        seq = grid.reshape(-1, grid.shape[2], C)
+        seq = seq.flip(1) if reverse else seq
+        h0 = seq.new_zeros(1, seq.shape[0], hidden)
+        flat = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None else [])
+        out = torch.lstm(seq, (h0, h0), flat, b_ih is not None, 1, 0.0, False, False, True)[0]
+        out = (out.flip(1) if reverse else out).reshape(*grid.shape[:3], hidden)
+        outs.append(out.transpose(1, 2) if vertical else out)
+    return torch.cat(outs, -1)
+
+
+def _double_backward(ctx, gy):
+    """The backward with ``create_graph``: the gradients of a plain recomputation from the saved input and the
+    parameters, themselves differentiable (the compiled and Triton kernels are not)."""
+    kinds, hidden, params = ctx.plain
+    x = ctx.saved_tensors[0]
+    wanted = [t for t, need in zip((x,) + tuple(params), (ctx.needs_input_grad[0],) + ctx.needs_input_grad[6:])
+              if need and t is not None]
+    with torch.enable_grad(), autocast_off(x.device.type):
+        y = _plain_rnn2d(x, kinds, hidden, params)
+        grads = iter(torch.autograd.grad(y, wanted, gy.to(y.dtype), create_graph=True) if wanted else ())
+    dx = next(grads) if ctx.needs_input_grad[0] else None
+    rest = [next(grads) if need and p is not None else None for p, need in zip(params, ctx.needs_input_grad[6:])]
+    return (dx, None, None, None, None, None, *rest)
 
 
 def _kind_codes(kinds) -> List[int]:
@@ -408,7 +446,7 @@ def _kernel_weights(params, D: int, inference: bool) -> Tuple[torch.Tensor, ...]
     if not (inference and gemm.packing() and params[0].device.type == 'cpu') or any(
             p.is_inference() for p in params if p is not None):   # no version counter to follow changes by
         return make()
-    key = tuple((id(p), p.data_ptr(), p._version) for p in params if p is not None)
+    key = tuple((id(p), gemm.state(p)) for p in params if p is not None)
     return gemm.kept(params[0], key, make)
 
 
@@ -499,7 +537,9 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         yz, act, cs = triton_lstm.forward(xp.view(BHW * D, 4 * hidden), w_hh, rows, D, N, hidden, save)
         y = yz[:BHW * D].view(B, H, W, D * hidden)               # the 'cat' layout, no permute
         if save:
-            ctx.save_for_backward(x2, w_ih, w_hh, rows, prev, act, cs, yz)   # yz: y and a zero row
+            # x itself, not x2 (made here, without a graph: a double backward differentiates x); yz: y and a zero
+            # row. Where x is in the products' dtype already (the pre-norm writes it so under autocast), x2 is a view
+            ctx.save_for_backward(x, w_ih, w_hh, rows, prev, act, cs, yz)
             ctx.meta = (kinds, hidden, has_bias, x.shape, x.dtype, [p.dtype if p is not None else None for p in params])
         if out_dtype != y.dtype:
             y = y.to(out_dtype)
@@ -508,7 +548,7 @@ def _forward_triton(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
 
 def _backward_triton(ctx, gy):
     from . import triton_lstm  # optional dependency (triton)
-    x2, w_ih, w_hh, rows, prev, act, cs, yz = ctx.saved_tensors
+    x, w_ih, w_hh, rows, prev, act, cs, yz = ctx.saved_tensors
     kinds, hidden, has_bias, x_shape, x_dtype, dtypes = ctx.meta
     B, H, W, C = x_shape
     D = len(kinds)
@@ -520,7 +560,7 @@ def _backward_triton(ctx, gy):
         gy = gy.reshape(R, hidden).contiguous()
         dxp = triton_lstm.backward(gy, act, cs, w_hh, rows, D, N, hidden).view(BHW, D * G)   # in w_hh's dtype
         dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x_dtype) if ctx.needs_input_grad[0] else None
-        dw_ih = torch.mm(dxp.t(), x2).float()                                                   # (D*4h, C)
+        dw_ih = torch.mm(dxp.t(), x.reshape(BHW, C).to(w_ih.dtype)).float()                      # (D*4h, C)
         h_prev = yz.index_select(0, prev).view(BHW, D, hidden)   # h_{t-1} by token (row R: zeros)
         dw_hh = torch.bmm(dxp.view(BHW, D, G).permute(1, 2, 0), h_prev.transpose(0, 1)).float()   # (D, 4h, h)
         db = dxp.sum(0, dtype=torch.float32) if has_bias else None

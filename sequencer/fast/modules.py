@@ -77,7 +77,7 @@ class FastMlp(FastModule, Mlp):
                 and fc2.bias is not None and isinstance(self.norm, nn.Identity)
                 and type(self.act) is nn.GELU and self.act.approximate == 'none'
                 and _inactive_dropout(self.drop1, self.training) and _inactive_dropout(self.drop2, self.training)
-                and unhooked(fc1, self.act, fc2)):
+                and unhooked(fc1, self.act, fc2, self.norm, self.drop1, self.drop2)):
             return False
         if any(p.dtype != torch.float32 for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)):
             return False
@@ -140,6 +140,9 @@ class FastRNN2D(FastModule, RNN2D):
         of ``x``; later calls read the cached choice)."""
         if self.rnn_layer != 'lstm' or self.num_layers != 1 or functorch_active() or exporting_graph():
             return 'native', 'set'
+        if not torch.compiler.is_compiling() and not unhooked(*(m for m in (self.rnn_v, self.rnn_h) if m is not None)):
+            return 'native', 'set'   # the fused recurrence never calls the hooked nn.LSTM modules (or global hooks;
+            # Dynamo cannot look at an nn.LSTM: compiled graphs keep the fused path, as before)
         if self.engine != 'auto':
             return self.engine, 'set'
         params = self._lstm_params()[1]
@@ -318,7 +321,10 @@ class FastSequencerBlock(FastModule, SequencerBlock):
         """x + branch(norm(x)), the residual handed to the branch; where the branch can accumulate onto a residual
         that already holds its last bias, the norm writes x + bias in its own pass over x."""
         get_bias = getattr(branch, 'residual_bias', None)
-        bias = get_bias(x) if get_bias is not None and x.is_contiguous() else None
+        probe = x   # the branch decides (e.g. its measured engine, per grad mode) for its input, norm(x)
+        if torch.is_grad_enabled() and not x.requires_grad and any(p.requires_grad for p in norm.parameters()):
+            probe = x.detach().requires_grad_()
+        bias = get_bias(probe) if get_bias is not None and x.is_contiguous() else None
         y, r = norm_residual(norm, x, bias, lowp_out=bias is None and self._casts_input(branch, x),
                              gpu_kernels=self.fused_norm)
         if bias is None:

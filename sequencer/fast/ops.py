@@ -5,7 +5,7 @@
   in place and, when gradients are needed, writes the GELU's derivative beside it, so that the backward's
   GELU gradient is one multiplication (done in place together with the column sums of fc1's bias gradient).
   The kernel's erf is accurate to 1.5e-7 (absolute): outputs and gradients agree with timm's ``Mlp`` to
-  float32 rounding. Double backward is not supported (``once_differentiable``).
+  float32 rounding. A double backward (``create_graph``) differentiates a plain recomputation.
 * ``linear_residual``: ``residual + fc(x)`` as one GEMM accumulating onto ``residual + bias`` (the residual add
   makes no pass of its own); with ``bias_in_residual`` the residual already holds the bias and is accumulated onto
   in place.
@@ -20,7 +20,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from . import gemm
 from .runtime import autocast_dtype, cpu_float32, cpu_kernel_ok, gpu_path, tracing, triton_ok, unhooked
@@ -47,8 +46,7 @@ class _FusedMlp(torch.autograd.Function):
         deriv = torch.empty_like(a) if grad else a.new_empty(0)
         torch.ops.sequencer_mlp.bias_gelu_(a, b1, deriv)  # ... a = GELU(a + b1) in place, deriv = GELU'
         if grad:
-            ctx.save_for_backward(x2, w1, w2, a, deriv)
-            ctx.x_shape = x.shape
+            ctx.save_for_backward(x, w1, w2, a, deriv, b1)   # x itself: a double backward differentiates it
         if residual is None:
             y = gemm.addmm(b2, a, w2.t(), pack=not grad)
         elif into:                                     # residual already holds b2: accumulated onto (in place
@@ -62,18 +60,26 @@ class _FusedMlp(torch.autograd.Function):
         return y.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
-        x2, w1, w2, a, deriv = ctx.saved_tensors
+        x, w1, w2, a, deriv, b1 = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w1, need_b1, need_w2, need_b2, need_res = ctx.needs_input_grad[:6]
         dres = gy if need_res else None
         gy = gy.reshape(-1, gy.shape[-1]).contiguous()
+        if torch.is_grad_enabled():   # create_graph (double backward): the gradients of a plain recomputation
+            wanted = [t for t, need in zip((x2, w1, b1, w2), (need_x, need_w1, need_b1, need_w2)) if need]
+            with torch.enable_grad():
+                y = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x2, w1, b1)), w2)
+                grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True) if wanted else ())
+            dx, dw1, db1, dw2 = (next(grads) if need else None for need in (need_x, need_w1, need_b1, need_w2))
+            return (dx if dx is None else dx.view(x.shape), dw1, db1, dw2, gy.sum(0) if need_b2 else None,
+                    dres, None, None)
         dw2 = gemm.mm(gy.t(), a, 'weight_grad') if need_w2 else None
         db2 = gy.sum(0) if need_b2 else None
         da = gemm.mm(gy, w2, 'input_grad')
         db1 = torch.ops.sequencer_mlp.gelu_grad_bias_(da, deriv)   # da <- da * GELU', and its column sums
         dw1 = gemm.mm(da.t(), x2, 'weight_grad') if need_w1 else None
-        dx = gemm.mm(da, w1, 'input_grad').view(ctx.x_shape) if need_x else None
+        dx = gemm.mm(da, w1, 'input_grad').view(x.shape) if need_x else None
         return dx, dw1, db1 if need_b1 else None, dw2, db2, dres, None, None
 
 
@@ -196,9 +202,8 @@ class _LinearResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, x, weight, bias, record):
         x2 = x.reshape(-1, x.shape[-1])
-        if record:   # grad mode at apply (see _FusedMlp)
-            ctx.save_for_backward(x2, weight)
-            ctx.x_shape = x.shape
+        if record:   # grad mode at apply (see _FusedMlp); x itself, so that a double backward differentiates it
+            ctx.save_for_backward(x, weight)
         r2 = residual.view(-1, weight.shape[0])
         y = gemm.add_mm(r2, x2, weight.t(), bias, pack=not record)
         if y is not r2:
@@ -208,10 +213,10 @@ class _LinearResidual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         g2 = g.reshape(-1, weight.shape[0])
-        dx = gemm.mm(g2, weight, 'input_grad').view(ctx.x_shape) if ctx.needs_input_grad[1] else None
-        dw = gemm.mm(g2.t(), x2, 'weight_grad') if ctx.needs_input_grad[2] else None
+        dx = gemm.mm(g2, weight, 'input_grad').view(x.shape) if ctx.needs_input_grad[1] else None
+        dw = gemm.mm(g2.t(), x.reshape(-1, x.shape[-1]), 'weight_grad') if ctx.needs_input_grad[2] else None
         db = g2.sum(0) if ctx.needs_input_grad[3] else None
         return g, dx, dw, db, None
 
