@@ -161,3 +161,49 @@ def test_packed_weights_follow_a_new_storage_at_the_old_address(packing):
         sequencer.set_engine(native, 'native')
         with torch.no_grad():
             assert _rel(model(x), native(x)) < 1e-5
+
+
+@pytest.mark.parametrize('backend', ['mkl', 'onednn'])
+def test_batched_gradients_match_the_plain_model(backend):
+    """Batched gradients (is_grads_batched, as jacobian / hessian with vectorize=True use) run the plain ops in
+    each fused backward: the compiled kernels and oneDNN's ops have no batching rule (they raised)."""
+    x = torch.randn(1, 3, 32, 32)
+    ref = torch.autograd.functional.jacobian(_model('native').train(), x, vectorize=True)
+    gemm.set_backend(backend)
+    try:
+        fused = _model('fused').train()
+        got = torch.autograd.functional.jacobian(fused, x, vectorize=True)
+        xi = x.clone().requires_grad_()
+        out = fused(xi)
+        eye = torch.eye(out.shape[1]).unsqueeze(1)                         # one output class per batched row
+        (batched,) = torch.autograd.grad(out, xi, eye, is_grads_batched=True)
+    finally:
+        gemm.set_backend(None)
+    assert _rel(got, ref) < 1e-4
+    assert _rel(batched.reshape(ref.shape), ref) < 1e-4
+
+
+def test_compiled_graph_reads_parameters_replaced_before_compiling():
+    """torch.compile of a fast model whose LSTM parameters were replaced (load_state_dict(assign=True), a
+    meta-device load) before any eager call uses the new parameters and gives them gradients (it used the
+    ones held at set_engine: wrong outputs, no LSTM gradients)."""
+    ref = _model('native', seed=1)
+    fast = _model('auto', seed=2)
+    fast.load_state_dict(ref.state_dict(), assign=True)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.compile(fast, backend='eager')(x)
+    assert _rel(y, ref(x)) < 1e-5
+    y.square().sum().backward()
+    assert fast.stages[0].blocks[0].rnn_tokens.rnn_v.weight_ih_l0.grad is not None
+
+
+def test_non_strict_export_holds_the_plain_ops():
+    """torch.export (non-strict, its default) of a fast model captures nn.LSTM's ops, not the fused engine's
+    custom ops: the exported program runs with gradients on and equals the plain model."""
+    ref = _model('native')
+    fast = _model('auto')
+    x = torch.randn(2, 3, 32, 32)
+    fast(x)                                                                 # an eager call first
+    program = torch.export.export(fast, (x,))
+    assert 'sequencer_' not in program.graph_module.code
+    assert _rel(program.module()(x), ref(x)) < 1e-6

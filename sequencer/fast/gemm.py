@@ -44,6 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import UserError
 from . import autotune
+from .runtime import plain_backward
 
 BACKENDS = ('mkl', 'onednn')
 KINDS = ('forward', 'input_grad', 'weight_grad')
@@ -378,10 +379,21 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         g2 = gy.reshape(-1, weight.shape[0])
-        dx = mm(g2, weight, 'input_grad').view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = mm(g2.t(), x.reshape(-1, x.shape[-1]), 'weight_grad') if ctx.needs_input_grad[1] else None
+        dx, dw = linear_grads(g2, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
+
+
+def linear_grads(g2: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_x: bool,
+                 need_w: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The input and weight gradients of ``x @ weight.T`` given the output's gradient ``g2`` (2-D), for a
+    backward: through ``mm`` on the chosen backends, or through ``torch.mm`` where the backward must be
+    differentiable or batchable (``plain_backward``)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if plain_backward(g2):
+        return (torch.mm(g2, weight).view(x.shape) if need_x else None), (torch.mm(g2.t(), x2) if need_w else None)
+    return (mm(g2, weight, 'input_grad').view(x.shape) if need_x else None,
+            mm(g2.t(), x2, 'weight_grad') if need_w else None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -58,7 +58,16 @@ import torch
 from torch import nn
 
 from . import gemm
-from .runtime import autocast_dtype, autocast_off, cpu_kernel_ok, gpu_path, triton_ok, triton_on_cpu_active
+from .runtime import (
+    autocast_dtype,
+    autocast_off,
+    cpu_kernel_ok,
+    gpu_path,
+    plain_backward,
+    recompute_leaves,
+    triton_ok,
+    triton_on_cpu_active,
+)
 
 # internal gate order (i, f, o, g) taken from nn.LSTM's (i, f, g, o); the map is its own inverse
 _GATE_ORDER = (0, 1, 3, 2)
@@ -304,7 +313,7 @@ class _FusedLSTM2D(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        if torch.is_grad_enabled():   # create_graph: a double backward (gradient penalties and the like)
+        if plain_backward(gy):   # create_graph (gradient penalties and the like) or batched gradients
             return _double_backward(ctx, gy)
         if ctx.kernel:
             return _backward_cpu_kernel(ctx, gy)
@@ -363,15 +372,17 @@ def _plain_rnn2d(x: torch.Tensor, kinds, hidden: int, params) -> torch.Tensor:
 
 
 def _double_backward(ctx, gy):
-    """The backward with ``create_graph``: the gradients of a plain recomputation from the saved input and the
-    parameters, themselves differentiable (the compiled and Triton kernels are not)."""
+    """The backward with ``create_graph`` or batched gradients (``plain_backward``): the gradients of a plain
+    recomputation from the saved input and the parameters, themselves differentiable and batchable (the compiled
+    and Triton kernels are not)."""
     kinds, hidden, params = ctx.plain
-    x = ctx.saved_tensors[0]
-    wanted = [t for t, need in zip((x,) + tuple(params), (ctx.needs_input_grad[0],) + ctx.needs_input_grad[6:])
-              if need and t is not None]
+    needs = (ctx.needs_input_grad[0],) + ctx.needs_input_grad[6:]
+    x, *params = recompute_leaves((ctx.saved_tensors[0],) + tuple(params), needs)
+    wanted = [t for t, need in zip([x] + params, needs) if need and t is not None]
+    create = torch.is_grad_enabled()
     with torch.enable_grad(), autocast_off(x.device.type):
         y = _plain_rnn2d(x, kinds, hidden, params)
-        grads = iter(torch.autograd.grad(y, wanted, gy.to(y.dtype), create_graph=True) if wanted else ())
+        grads = iter(torch.autograd.grad(y, wanted, gy.to(y.dtype), create_graph=create) if wanted else ())
     dx = next(grads) if ctx.needs_input_grad[0] else None
     rest = [next(grads) if need and p is not None else None for p, need in zip(params, ctx.needs_input_grad[6:])]
     return (dx, None, None, None, None, None, *rest)

@@ -234,20 +234,28 @@ class FastRNN2D(FastModule, RNN2D):
 
     def _lstm_params(self):
         """((vertical, reverse) per direction, (w_ih, w_hh, b_ih, b_hh) per direction) for the fused engine, in
-        the channel order of the plain output (vertical before horizontal, forward before backward). Kept as a
-        plain attribute, refreshed on every eager call: torch.compile cannot trace into ``nn.LSTM`` itself."""
+        the channel order of the plain output (vertical before horizontal, forward before backward).
+
+        Read afresh on every eager call (the parameters of the moment: assigned, parametrized, swapped by
+        ``functional_call``). torch.compile cannot trace ``nn.LSTM`` at all, so a compiled graph reads the
+        ``nn.LSTM``s' parameter dicts, kept from the last eager call or ``set_engine``: parameters replaced in
+        them since (``load_state_dict(assign=True)``, ``to_empty``) are the ones used."""
         if not torch.compiler.is_compiling():
-            kinds, params = [], []
+            kinds, names, dicts, params = [], [], [], []
             for rnn, vertical in ((self.rnn_v, True), (self.rnn_h, False)):
                 if rnn is None:
                     continue
                 for reverse in ((False, True) if rnn.bidirectional else (False,)):
                     sfx = '_l0_reverse' if reverse else '_l0'
                     kinds.append((vertical, reverse))
-                    params += [getattr(rnn, 'weight_ih' + sfx), getattr(rnn, 'weight_hh' + sfx),
-                               getattr(rnn, 'bias_ih' + sfx, None), getattr(rnn, 'bias_hh' + sfx, None)]
-            self.__dict__['_lstm_refs'] = (tuple(kinds), tuple(params))
-        return self.__dict__['_lstm_refs']
+                    for name in ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh'):
+                        names.append(name + sfx)
+                        dicts.append(rnn._parameters)
+                        params.append(getattr(rnn, name + sfx, None))
+            self.__dict__['_lstm_refs'] = (tuple(kinds), tuple(params), tuple(zip(dicts, names)))
+            return tuple(kinds), tuple(params)
+        kinds, kept, where = self.__dict__['_lstm_refs']
+        return kinds, tuple(d[name] if name in d else p for (d, name), p in zip(where, kept))
 
     def casts_input(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` reads x only through its cast to the autocast dtype (the fused engine does, under

@@ -22,7 +22,17 @@ import torch
 from torch import nn
 
 from . import gemm
-from .runtime import autocast_dtype, cpu_float32, cpu_kernel_ok, gpu_path, tracing, triton_ok, unhooked
+from .runtime import (
+    autocast_dtype,
+    cpu_float32,
+    cpu_kernel_ok,
+    gpu_path,
+    plain_backward,
+    recompute_leaves,
+    tracing,
+    triton_ok,
+    unhooked,
+)
 
 
 def plain_linear(fc: nn.Module) -> bool:
@@ -62,18 +72,21 @@ class _FusedMlp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, w1, w2, a, deriv, b1 = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w1, need_b1, need_w2, need_b2, need_res = ctx.needs_input_grad[:6]
         dres = gy if need_res else None
         gy = gy.reshape(-1, gy.shape[-1]).contiguous()
-        if torch.is_grad_enabled():   # create_graph (double backward): the gradients of a plain recomputation
-            wanted = [t for t, need in zip((x2, w1, b1, w2), (need_x, need_w1, need_b1, need_w2)) if need]
+        if plain_backward(gy):   # create_graph or batched gradients: the gradients of a plain recomputation
+            needs = (need_x, need_w1, need_b1, need_w2)
+            leaves = recompute_leaves((x, w1, b1, w2), needs)
+            wanted = [t for t, need in zip(leaves, needs) if need]
             with torch.enable_grad():
-                y = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x2, w1, b1)), w2)
-                grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=True) if wanted else ())
-            dx, dw1, db1, dw2 = (next(grads) if need else None for need in (need_x, need_w1, need_b1, need_w2))
-            return (dx if dx is None else dx.view(x.shape), dw1, db1, dw2, gy.sum(0) if need_b2 else None,
-                    dres, None, None)
+                h = torch.nn.functional.linear(leaves[0].reshape(-1, x.shape[-1]), leaves[1], leaves[2])
+                y = torch.nn.functional.linear(torch.nn.functional.gelu(h), leaves[3])
+                grads = iter(torch.autograd.grad(y, wanted, gy, create_graph=torch.is_grad_enabled())
+                             if wanted else ())
+            dx, dw1, db1, dw2 = (next(grads) if need else None for need in needs)
+            return dx, dw1, db1, dw2, gy.sum(0) if need_b2 else None, dres, None, None
+        x2 = x.reshape(-1, x.shape[-1])
         dw2 = gemm.mm(gy.t(), a, 'weight_grad') if need_w2 else None
         db2 = gy.sum(0) if need_b2 else None
         da = gemm.mm(gy, w2, 'input_grad')
@@ -115,7 +128,7 @@ class _NormResidual(torch.autograd.Function):
     def backward(ctx, g_out, g_res):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         want_rb = ctx.needs_input_grad[4]
-        if torch.is_grad_enabled():   # create_graph (double backward): LayerNorm's own, differentiable backward
+        if plain_backward(g_out, g_res):   # create_graph or batched gradients: LayerNorm's own backward
             dx, dw, db = torch.ops.aten.native_layer_norm_backward(
                 g_out, x, (x.shape[-1],), mean, rstd, weight, bias, list(ctx.needs_input_grad[:3]))
             drb = g_res.reshape(-1, x.shape[-1]).sum(0) if want_rb else None
@@ -215,8 +228,7 @@ class _LinearResidual(torch.autograd.Function):
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         g2 = g.reshape(-1, weight.shape[0])
-        dx = gemm.mm(g2, weight, 'input_grad').view(x.shape) if ctx.needs_input_grad[1] else None
-        dw = gemm.mm(g2.t(), x.reshape(-1, x.shape[-1]), 'weight_grad') if ctx.needs_input_grad[2] else None
+        dx, dw = gemm.linear_grads(g2, x, weight, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         db = g2.sum(0) if ctx.needs_input_grad[3] else None
         return g, dx, dw, db, None
 

@@ -117,6 +117,27 @@ def functorch_active() -> bool:
     return bool(active and active())
 
 
+def plain_backward(*grads: Optional[torch.Tensor]) -> bool:
+    """Whether a fused function's backward must run plain, differentiable and batchable ops: under
+    ``create_graph`` (a double backward), or with batched gradients (``autograd.grad(..., is_grads_batched=True)``,
+    ``jacobian`` / ``hessian`` with ``vectorize=True``), which the compiled kernels and oneDNN ops do not
+    support."""
+    if torch.is_grad_enabled():
+        return True
+    if torch.compiler.is_compiling():   # a traced backward: no batched gradients there
+        return False
+    legacy = getattr(torch._C._functorch, 'is_legacy_batchedtensor', None)   # what is_grads_batched hands over
+    return bool(legacy) and any(g is not None and legacy(g) for g in grads)
+
+
+def recompute_leaves(tensors, needs):
+    """The tensors a ``plain_backward`` recomputation differentiates: themselves under ``create_graph`` (the
+    gradients stay linked to them), detached leaves otherwise (batched gradients: values only)."""
+    if torch.is_grad_enabled():
+        return list(tensors)
+    return [t if t is None else t.detach().requires_grad_(bool(need)) for t, need in zip(tensors, needs)]
+
+
 def tracing() -> bool:
     """torch.compile, export, TorchScript or FX tracing, ONNX export, or a torch.func transform in progress."""
     return (torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing()
@@ -126,8 +147,9 @@ def tracing() -> bool:
 def exporting_graph() -> bool:
     """Tracing for an exported graph (TorchScript tracing, ONNX, torch.export), not for torch.compile: such graphs
     need the standard ops."""
-    return (not torch.compiler.is_compiling()) and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                                                    or _exporting() or _fx_tracing())
+    # non-strict torch.export (and the dynamo ONNX exporter) also reports is_compiling()
+    return _exporting() or ((not torch.compiler.is_compiling())
+                            and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _fx_tracing()))
 
 
 def cpu_float32(*tensors: torch.Tensor) -> bool:

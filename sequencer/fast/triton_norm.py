@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .runtime import plain_backward
 from .triton_lstm import _cdiv, _kernel, _next_pow2, _on, constexpr, tl, triton
 
 
@@ -189,7 +190,7 @@ class NormResidual(torch.autograd.Function):
     def backward(ctx, g_out, g_res):
         x, stats, weight, bias = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():   # create_graph
+        if plain_backward(g_out, g_res):   # create_graph or batched gradients
             C = x.shape[-1]
             stat = (*x.shape[:-1], 1)
             f32 = torch.float32 if x.dtype != weight.dtype else x.dtype   # LayerNorm's kernels take one dtype
