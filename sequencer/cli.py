@@ -2,7 +2,9 @@
 offers ``add_arguments(parser)`` and ``run(args)``; user mistakes end as one line on stderr and exit 2."""
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from .engine.args import Parser
 from .errors import UserError, one_line
@@ -61,17 +63,34 @@ def main(argv=None) -> int:
     return _run(args.command, lambda: importlib.import_module(args._module).run(args))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that what it was writing is cleaned up as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def _run(command: str, work) -> int:
     """``work()``'s exit status; a user mistake is one line and 2, Ctrl-C before a command saves anything (or in
-    one that has nothing to save) one line and 130."""
+    one that has nothing to save) one line and 130, SIGTERM the same and 143. (``train`` installs handlers of its
+    own while it trains, which save the run first.)"""
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return work() or 0
     except UserError as e:
         print(f"sequencer {command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"sequencer {command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"sequencer {command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == '__main__':

@@ -43,8 +43,12 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 
 def check_image_folder(root: str, split_dir: str, class_map: str = ''):
-    """Empty class folders and class-map entries without a folder are errors naming them."""
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    """Images directly in the split folder (no class folders), empty class folders and class-map entries without a
+    folder are errors naming them."""
+    entries = list(os.scandir(split_dir))
+    classes = sorted(e.name for e in entries if e.is_dir())
+    if not classes and any(e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith('.') for e in entries):
+        raise UserError(f"{split_dir}: images directly in the split folder; put them in one folder per class")
     for name in classes:
         folder = os.path.join(split_dir, name)
         if not any(f.lower().endswith(IMAGE_EXTENSIONS) for _, _, files in os.walk(folder) for f in files):
@@ -54,8 +58,14 @@ def check_image_folder(root: str, split_dir: str, class_map: str = ''):
         if not os.path.isfile(path):
             raise UserError(f"{class_map}: class map file not found")
         if path.endswith('.txt'):
-            with open(path, encoding='utf-8') as f:
-                names = [line.strip() for line in f if line.strip()]
+            try:
+                with open(path, encoding='utf-8') as f:
+                    names = [line.strip() for line in f if line.strip()]
+            except UnicodeDecodeError:
+                raise UserError(f"{class_map}: not a UTF-8 text file (a class map has one class name per "
+                                f"line)") from None
+            except OSError as e:
+                raise UserError(f"{class_map}: cannot read class map ({e.strerror})") from None
             missing = [n for n in names if n not in classes]
             if missing:
                 raise UserError(f"{class_map}: names class {missing[0]!r} which has no folder in {split_dir}"

@@ -68,6 +68,9 @@ class Range:
 COUNT, NATURAL = Range(int, 1), Range(int, 0)   # sizes, batches, epochs; processes, epochs that may be 0
 PROB, RATE = Range(float, 0, 1), Range(float, 0, 1, open_high=True)   # probabilities; rates below 1
 NONNEG, POSITIVE = Range(float, 0), Range(float, 0, open_low=True)
+FINITE = Range(float)   # any finite number (not nan / inf)
+POOL_TYPES = ['avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax',
+              'fastcatavgmax']   # timm's SelectAdaptivePool2d types that end in a pooled vector
 INTERPOLATIONS = ['nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos']   # timm's names
 
 
@@ -195,7 +198,7 @@ def _model_args(parser, training: bool):
                             "they are evaluated anyway, as timm's validate.py does, with a note saying so")
         g.add_argument('--pretrained-path', default=None, help='the same as --checkpoint; give one of the two')
     g.add_argument('--num-classes', type=COUNT, default=None, help='classes of the head (default: the dataset\'s)')
-    g.add_argument('--gp', default=None, help="global pool type (default: the model's, avg)")
+    g.add_argument('--gp', default=None, choices=POOL_TYPES, help="global pool type (default: the model's, avg)")
     g.add_argument('--img-size', type=COUNT, default=None, help='image size (default: the model\'s)')
     g.add_argument('--in-chans', type=COUNT, default=None, help='image channels: 3 (RGB) or 1 (grayscale) '
                    '(default: 3)')
@@ -203,7 +206,7 @@ def _model_args(parser, training: bool):
                    help='input dimensions C H W, e.g. 3 392 392 (default: the model\'s)')
     g.add_argument('--crop-pct', default=None, type=POSITIVE, help="evaluation crop fraction (default: the "
                    "model's)")
-    g.add_argument('--mean', type=float, nargs='+', default=None, help="mean pixel value (default: the model's)")
+    g.add_argument('--mean', type=FINITE, nargs='+', default=None, help="mean pixel value (default: the model's)")
     g.add_argument('--std', type=POSITIVE, nargs='+', default=None, help="pixel std (default: the model's)")
     g.add_argument('--interpolation', default='', choices=['', *INTERPOLATIONS],
                    help='resize interpolation (default: the model\'s)')
@@ -247,7 +250,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group('Optimizer')
     g.add_argument('--opt', default='sgd', help='optimizer (timm name: adamw, sgd, lamb, ...)')
     g.add_argument('--opt-eps', type=NONNEG, default=None)
-    g.add_argument('--opt-betas', type=float, nargs='+', default=None)
+    g.add_argument('--opt-betas', type=RATE, nargs='+', default=None)
     g.add_argument('--momentum', type=NONNEG, default=0.9)
     g.add_argument('--weight-decay', type=NONNEG, default=2e-5)
     g.add_argument('--clip-grad', type=POSITIVE, default=None, help='gradient clipping value (off by default)')
@@ -261,13 +264,13 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr-base-size', type=COUNT, default=256)
     g.add_argument('--lr-base-scale', default='', choices=['', 'linear', 'sqrt'],
                    help="lr scaling with batch size (default: sqrt for adam-like, linear otherwise)")
-    g.add_argument('--lr-noise', type=float, nargs='+', default=None)
-    g.add_argument('--lr-noise-pct', type=float, default=0.67)
-    g.add_argument('--lr-noise-std', type=float, default=1.0)
-    g.add_argument('--lr-cycle-mul', type=float, default=1.0)
-    g.add_argument('--lr-cycle-decay', type=float, default=0.5)
+    g.add_argument('--lr-noise', type=NONNEG, nargs='+', default=None)
+    g.add_argument('--lr-noise-pct', type=NONNEG, default=0.67)
+    g.add_argument('--lr-noise-std', type=NONNEG, default=1.0)
+    g.add_argument('--lr-cycle-mul', type=POSITIVE, default=1.0)
+    g.add_argument('--lr-cycle-decay', type=NONNEG, default=0.5)
     g.add_argument('--lr-cycle-limit', type=COUNT, default=1)
-    g.add_argument('--lr-k-decay', type=float, default=1.0)
+    g.add_argument('--lr-k-decay', type=FINITE, default=1.0)
     g.add_argument('--warmup-lr', type=NONNEG, default=1e-5)
     g.add_argument('--min-lr', type=NONNEG, default=0)
     g.add_argument('--epochs', type=COUNT, default=300)
@@ -293,7 +296,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="repeated augmentation: each image of an epoch this many times, the copies spread over the "
                    "processes, each augmented in its own way (timm's RepeatAugSampler; 0: off)")
     g.add_argument('--reprob', type=PROB, default=0., help='random erasing probability')
-    g.add_argument('--remode', default='pixel', help='random erasing mode')
+    g.add_argument('--remode', default='pixel', choices=['const', 'rand', 'pixel'], help='random erasing mode')
     g.add_argument('--recount', type=COUNT, default=1)
     g.add_argument('--resplit', action='store_true',
                    help='random erasing leaves the first half of each batch clean (needs --reprob)')
@@ -302,7 +305,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--cutmix-minmax', type=PROB, nargs=2, default=None)
     g.add_argument('--mixup-prob', type=PROB, default=1.0)
     g.add_argument('--mixup-switch-prob', type=PROB, default=0.5)
-    g.add_argument('--mixup-mode', default='batch')
+    g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'])
     g.add_argument('--mixup-off-epoch', type=NATURAL, default=0)
     g.add_argument('--smoothing', type=RATE, default=0.1, help='label smoothing')
     g.add_argument('--train-interpolation', default='random', choices=['random', *INTERPOLATIONS])

@@ -55,15 +55,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False,
     return g
 
 
-def resolve_device(name: Optional[str] = None) -> torch.device:
+def resolve_device(name: Optional[str] = None, mps: bool = True) -> torch.device:
+    """The ``--device`` to run on: cpu or cuda[:N] (default: cuda when available), mps where ``mps`` and the
+    machine has it; anything else, or cuda on a machine without it, is a ``UserError`` naming the flag."""
     if not name:
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{name!r}: not a device (use cpu or cuda)") from None
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is not None and device.type == 'mps' and mps and torch.backends.mps.is_available():
+        return device
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise UserError(f"--device {name}: not a device this command runs on (use cpu or cuda)")
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UserError(f"{name}: CUDA is not available on this machine")
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == 'cuda' and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -139,7 +147,7 @@ def create_model_checked(name: str, kwargs: Dict, what: str = '', **options) -> 
         return create_model(name, **options, **kwargs)
     except UserError:
         raise
-    except (TypeError, ValueError, ZeroDivisionError) as e:
+    except (TypeError, ValueError, ZeroDivisionError, AssertionError) as e:   # (timm asserts, e.g. a pool type)
         raise UserError(f"{name}: bad model arguments {kwargs}{what} ({first_line(e)})") from None
 
 
@@ -152,8 +160,11 @@ def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pr
     sd, meta = read_checkpoint(checkpoint, use_ema=use_ema) if checkpoint else (None, {})
     run_args = _args_of(meta)
     name = name or meta.get('arch') or run_args.get('model')
+    if not name and not checkpoint:
+        raise UserError("give --model NAME or --checkpoint FILE")
     if not name:
-        raise UserError("--model is required (the checkpoint does not say which architecture it holds)")
+        raise UserError(f"{checkpoint}: --model is required (the checkpoint does not say which architecture it "
+                        f"holds)")
     recorded = meta.get('model_kwargs', run_args.get('model_kwargs'))
     kwargs = dict(recorded) if isinstance(recorded, dict) else {}
     kwargs.update(model_kwargs or {})
@@ -236,10 +247,12 @@ def read_class_map(path: str) -> List[str]:
     """Class names from a timm class-map file: one name per line, the line number being the index
     (``name index`` pairs are also read)."""
     try:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             lines = [line.strip() for line in f if line.strip()]
     except OSError as e:
         raise UserError(f"{path}: cannot read class map ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file (a class map has one class name per line)") from None
     pairs = [line.rsplit(None, 1) for line in lines]
     if lines and all(len(p) == 2 and p[1].isdigit() for p in pairs):
         names = [''] * (max(int(p[1]) for p in pairs) + 1)

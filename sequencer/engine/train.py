@@ -58,7 +58,7 @@ from ..models.weights import CheckpointError, load_state_dict, read_file, unwrap
 from .args import build_train_parser, parse
 from .evaluate import autocast, check_compile_flags, evaluate, torch_compile
 from .io import check_output, save_torch, write_text
-from .loading import create_model_checked
+from .loading import create_model_checked, resolve_device
 from .malloc import keep_freed_memory
 
 SUMMARY_FIELDS = ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
@@ -73,9 +73,7 @@ class Dist:
         self.world = int(os.environ.get('WORLD_SIZE', 1))
         self.rank = int(os.environ.get('RANK', 0))
         self.local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        want_cuda = (device_arg or ('cuda' if torch.cuda.is_available() else 'cpu')).startswith('cuda')
-        if want_cuda and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
+        want_cuda = resolve_device(device_arg, mps=False).type == 'cuda'   # cpu or cuda, else one line
         if want_cuda:
             self.device = torch.device('cuda', self.local_rank if self.world > 1 else torch.cuda.current_device())
             torch.cuda.set_device(self.device)
@@ -115,17 +113,28 @@ class Log:
 
     def __init__(self, main: bool):
         self.main, self.file = main, None
+        self.early: List[str] = []   # lines said before log.txt was opened, written to it when it is
 
     def open(self, path: str):
         if self.main:
             self.file = open(path, 'a', buffering=1)
+            self.file.writelines(self.early)
+            self.early = []
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def __call__(self, msg: str):
         if not self.main:
             return
         print(msg, flush=True)
+        line = f"{datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n"
         if self.file:
-            self.file.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {msg}\n")
+            self.file.write(line)
+        elif len(self.early) < 1000:
+            self.early.append(line)
 
 
 def amp_dtype_for(args, device: torch.device, log: Log) -> Optional[torch.dtype]:
@@ -617,6 +626,9 @@ def check_args(args) -> None:
                         "an epoch itself)")
     if args.resplit and not args.reprob:
         raise UserError("--resplit splits random erasing, which is off: give --reprob too")
+    if args.start_epoch is not None and args.start_epoch >= args.epochs:
+        raise UserError(f"--start-epoch {args.start_epoch}: nothing to train, the run has --epochs {args.epochs} "
+                        f"(epochs 0 to {args.epochs - 1})")
 
 
 def uses_prefetcher(args, device: torch.device) -> bool:
@@ -647,6 +659,9 @@ def train(args) -> Dict:
     run (its progress saved)."""
     run = setup(args)
     result = {}
+    if run.start_epoch >= run.num_epochs:   # resuming a run that has finished
+        run.log(f"nothing to train: the run is at epoch {run.start_epoch} of {run.num_epochs} (raise --epochs to "
+                f"train on)")
     try:
         for epoch in range(run.start_epoch, run.num_epochs):
             train_loss = train_one_epoch(run, epoch)
@@ -700,9 +715,20 @@ def setup(args) -> Run:
     run.model.to(d.device)
     build_loaders(run, ds_train, ds_eval)
     build_optimisation(run)
+    run.folder = run_folder(args, args.resume)
+    run.keeper = Keeper(run.folder, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
+    resumed = resume(run)   # read and checked before the run folder is made: a failed resume leaves nothing
+    created = d.main and not os.path.exists(run.folder)
     open_run_folder(run)
-    resume(run)
-    wrap_model(run)
+    try:
+        finish_resume(run, resumed)
+        wrap_model(run)
+    except BaseException:
+        log.close()
+        if created:   # the folder this run made, holding only what it wrote so far
+            import shutil
+            shutil.rmtree(run.folder, ignore_errors=True)
+        raise
 
     global_batch = args.batch_size * d.world * args.grad_accum_steps
     log(f"{model_label(args)}: {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
@@ -733,6 +759,9 @@ def build_datasets(run: Run):
         raise UserError(f"{args.data_dir}: train and validation class folders differ (only in train: {only_t}; "
                         f"only in validation: {only_e})")
     found = num_classes_of(ds_train)
+    if found is not None and found < 2:
+        raise UserError(f"{args.data_dir}: the training split holds {found} class ({', '.join(classes or [])}); "
+                        f"a classifier needs at least 2 (one folder per class)")
     num_classes = args.num_classes or found or 1000
     if found and num_classes < found:
         raise UserError(f"--num-classes {num_classes} is smaller than the {found} classes of {args.data_dir}")
@@ -832,9 +861,9 @@ def build_optimisation(run: Run):
 
 
 def open_run_folder(run: Run):
-    """The run folder (created, cleared of the temporary files of writes a crash cut short) and log.txt."""
-    args, d = run.args, run.d
-    run.folder = folder = run_folder(args, args.resume)
+    """The run folder ``run.folder`` (created, cleared of the temporary files of writes a crash cut short) and
+    log.txt."""
+    args, d, folder = run.args, run.d, run.folder
     if d.main:
         check_output(folder, '--output' if args.output else 'run folder', folder=True)   # creates it
         for name in os.listdir(folder):
@@ -844,13 +873,12 @@ def open_run_folder(run: Run):
                 except OSError:
                     pass
         run.log.open(os.path.join(folder, 'log.txt'))
-    run.keeper = Keeper(folder, args.checkpoint_hist, decreasing=args.eval_metric == 'loss')
 
 
-def resume(run: Run):
+def resume(run: Run) -> Optional[str]:
     """Continue from ``--resume`` (a file, or 'auto': the newest valid checkpoint of the run folder): weights,
-    optimizer, scaler, EMA, position, summary, best checkpoints and RNG states. summary.csv is rewritten from the
-    checkpoint (a crash after the checkpoint and before the summary left its row out)."""
+    optimizer, scaler, EMA, position, summary, best checkpoints and RNG states, read and checked before the run
+    folder is made (nothing is written here). Returns the checkpoint resumed from, or None."""
     args, d, log = run.args, run.d, run.log
     path = args.resume
     if path == 'auto':
@@ -877,11 +905,20 @@ def resume(run: Run):
         run.partial = tuple(ckpt.get('partial', (0.0, 0)))
         run.rows = list(ckpt.get('summary', []))
         run.keeper.best = [list(b) for b in ckpt.get('best', [])]
+        set_rng_state(ckpt['rng'])
+    return path or None
+
+
+def finish_resume(run: Run, path: Optional[str]):
+    """What resuming writes, once the run folder is open: the best-checkpoint files a crash left out and
+    summary.csv, rewritten from the checkpoint (a crash after the checkpoint and before the summary left its row
+    out); args.yaml; the schedule moved to the starting position."""
+    args, d, log = run.args, run.d, run.log
+    if path:
         if d.main and run.start_batch == 0:
             run.keeper.restore_links(path, run.start_epoch - 1)
         if d.main and run.rows:
             write_summary(run.folder, run.rows)
-        set_rng_state(ckpt['rng'])
         log(f"resumed from {path} at epoch {run.start_epoch}"
             + (f", batch {run.start_batch}" if run.start_batch else ''))
     if args.start_epoch is not None:

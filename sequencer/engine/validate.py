@@ -26,6 +26,7 @@ from ..data.datasets import (
     make_loader,
     num_classes_of,
 )
+from ..data.images import IMAGE_MODES
 from ..data.loaders import check_input_size
 from ..errors import UserError
 from ..fast import gemm
@@ -35,11 +36,11 @@ from .args import build_validate_parser, parse
 from .evaluate import check_compile_flags, check_num_classes, evaluate, torch_compile
 from .io import check_output, write_text
 from .loading import _args_of, _head_width, create_model_checked, read_checkpoint
-from .train import Dist, Log, amp_dtype_for
+from .train import Dist, Log, _per_channel, amp_dtype_for
 
 DEFAULT_MODEL = 'sequencer2d_s'
 # what a training checkpoint records of its run and validate takes where the command line leaves it unset
-RUN_TRANSFORM = ('img_size', 'input_size', 'mean', 'std', 'crop_pct', 'interpolation')
+RUN_TRANSFORM = ('img_size', 'input_size', 'in_chans', 'mean', 'std', 'crop_pct', 'interpolation')
 
 
 def main(argv=None) -> int:
@@ -63,6 +64,8 @@ def _run_settings(args, meta: Dict, log) -> None:
     taken = []
     for key in RUN_TRANSFORM:
         if key in ('img_size', 'input_size') and (args.img_size or args.input_size):
+            continue
+        if key == 'in_chans' and args.input_size:   # its first value is the channels
             continue
         if getattr(args, key, None) in (None, '') and run.get(key) not in (None, ''):
             setattr(args, key, run[key])
@@ -145,6 +148,14 @@ def validate(args) -> Dict:
     size = args.input_size[-1] if args.input_size else args.img_size
     if size:
         kwargs['img_size'] = size
+    channels = args.in_chans or (args.input_size[0] if args.input_size else None)
+    if channels is not None:
+        if channels not in IMAGE_MODES:
+            flag = f"--in-chans {channels}" if args.in_chans else f"--input-size {' '.join(map(str, args.input_size))}"
+            raise UserError(f"{flag}: images are read as RGB (3 channels) or grayscale (1)")
+        kwargs['in_chans'] = channels
+    if args.gp:
+        kwargs['global_pool'] = args.gp
     if weights:
         source = weights
     else:
@@ -160,6 +171,10 @@ def validate(args) -> Dict:
     if sd is not None:
         load_state_dict(model, sd, source=weights)
     cfg = resolve_data_config(vars(args), model=model)
+    channels = channels or 3
+    cfg['input_size'] = (channels, *cfg['input_size'][1:])
+    for key in ('mean', 'std'):
+        cfg[key] = _per_channel(cfg[key], channels)
     check_input_size(model, cfg['input_size'], '--input-size' if args.input_size else '--img-size')
     transform = create_transform(cfg['input_size'], is_training=False, interpolation=cfg['interpolation'],
                                  mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
@@ -168,7 +183,7 @@ def validate(args) -> Dict:
     model.to(d.device)
     if args.torchcompile or args.torchcompile_mode:
         model = torch_compile(model, d.device, args.torchcompile, args.torchcompile_mode)
-    loader = make_loader(Samples(ds, transform, bad_samples=args.bad_samples),
+    loader = make_loader(Samples(ds, transform, bad_samples=args.bad_samples, img_mode=IMAGE_MODES[channels]),
                          ShardSampler(len(ds), d.world, d.rank, shuffle=False, drop_last=False),
                          args.batch_size, args.workers, d.device.type == 'cuda')
     log(f"validating {label} ({weights or 'published weights'})"
