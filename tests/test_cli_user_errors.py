@@ -222,3 +222,18 @@ def test_validate_honours_in_chans_and_gp_or_refuses_them(tmp_path, data, capsys
     finally:
         validate_mod.create_model_checked = real
     assert built[-1]['in_chans'] == 1 and built[-1]['global_pool'] == 'avgmax'
+
+
+# V3
+def test_a_grayscale_run_is_predicted_and_exported_from_its_checkpoint(tmp_path, data, capsys):
+    """A run trained with --in-chans 1: predict and export build a one-channel model from the checkpoint alone
+    (they built an RGB one and refused the weights), and predict reads the images as grayscale."""
+    assert main(_train(data, tmp_path, '--in-chans', '1', name='gray')) == 0
+    ckpt = str(tmp_path / 'runs' / 'gray' / 'last.pth.tar')
+    capsys.readouterr()
+    assert main(['predict', _images(tmp_path), '--checkpoint', ckpt, '--json', '-k', '1']) == 0
+    assert '"topk"' in capsys.readouterr().out
+    script = tmp_path / 'gray.pt'
+    assert main(['export', '--checkpoint', ckpt, '--format', 'torchscript', '--output', str(script)]) == 0
+    out = capsys.readouterr().out
+    assert 'input N x 1 x 32 x 32' in out and 'grayscale' in out, out

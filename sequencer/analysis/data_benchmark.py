@@ -32,8 +32,9 @@ from ..data.datasets import (
     make_loader,
     seeded,
 )
+from ..data.loaders import per_channel
 from ..engine.args import build_train_parser, parse
-from ..engine.train import _per_channel, build_loaders, check_args
+from ..engine.train import build_loaders, check_args
 from ..errors import UserError
 
 # The seed's Sequencer2D-S recipe (configs/sequencer2d_s_in1k.yaml): its augmentations as `sequencer train` flags.
@@ -97,7 +98,7 @@ class DataLoaders:
                  num_classes: int):
         cfg = resolve_data_config(vars(args), model=model)
         for key in ('mean', 'std'):
-            cfg[key] = _per_channel(cfg[key], cfg['input_size'][0])
+            cfg[key] = per_channel(cfg[key], cfg['input_size'][0])
         run = types.SimpleNamespace(args=args, data_cfg=cfg, d=types.SimpleNamespace(device=device, world=1, rank=0))
         build_loaders(run, dataset, dataset)   # exactly what `sequencer train` builds, for both splits
         prefetch = isinstance(run.train_loader, Prefetched)

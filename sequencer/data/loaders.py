@@ -17,8 +17,17 @@ def data_config(model: torch.nn.Module, img_size: Optional[int] = None, input_si
     args = dict(img_size=img_size, input_size=tuple(input_size) if input_size else None, crop_pct=crop_pct,
                 interpolation=interpolation or '', mean=mean, std=std)
     cfg = resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
+    channels = input_size[0] if input_size else getattr(model, 'in_chans', 3)
+    cfg['input_size'] = (channels, *cfg['input_size'][1:])
+    cfg['mean'], cfg['std'] = per_channel(cfg['mean'], channels), per_channel(cfg['std'], channels)
     check_input_size(model, cfg['input_size'], flag)
     return cfg
+
+
+def per_channel(values, channels: int) -> tuple:
+    """Normalisation constants for ``channels`` channels (a model's RGB mean for a grayscale input: their mean)."""
+    values = tuple(values)
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
 
 
 def check_input_size(model: torch.nn.Module, input_size: Sequence[int], flag: str = '--img-size') -> None:

@@ -117,6 +117,12 @@ def _head_width(sd: Dict[str, torch.Tensor]) -> Optional[int]:
     return 0 if not any(k.startswith('head.') for k in convert_state_dict(sd)) else None
 
 
+def _in_chans(sd: Dict[str, torch.Tensor]) -> Optional[int]:
+    """The input channels of a Sequencer state dict: those of its stem's patch embedding."""
+    w = convert_state_dict(sd).get('stem.proj.weight')
+    return int(w.shape[1]) if w is not None and w.dim() == 4 else None
+
+
 def read_checkpoint(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """The state dict of a weight file and the metadata of a training checkpoint (empty for plain weights)."""
     local = resolve_path(path)
@@ -170,6 +176,10 @@ def build_model(name: Optional[str] = None, checkpoint: Optional[str] = None, pr
     kwargs.update(model_kwargs or {})
     if num_classes is None and sd is not None:
         num_classes = _head_width(sd)
+    if 'in_chans' not in kwargs and sd is not None and _in_chans(sd) not in (None, 3):
+        kwargs['in_chans'] = _in_chans(sd)   # a grayscale run's weights
+    if 'global_pool' not in kwargs and run_args.get('gp'):
+        kwargs['global_pool'] = run_args['gp']   # the pooling the run trained with
     model = create_model_checked(name, kwargs, pretrained=pretrained and sd is None, num_classes=num_classes)
     if sd is not None:
         load_state_dict(model, sd, source=checkpoint)

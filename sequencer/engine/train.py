@@ -50,7 +50,7 @@ from ..data.datasets import (
     num_classes_of,
 )
 from ..data.images import IMAGE_MODES
-from ..data.loaders import check_input_size, posterize_keeps_zero_bits
+from ..data.loaders import check_input_size, per_channel, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
 from ..fast import autotune, gemm
 from ..models import get_spec, load_checkpoint
@@ -704,7 +704,7 @@ def setup(args) -> Run:
     run.data_cfg = data_cfg = resolve_data_config(vars(args), model=run.model)
     channels = data_cfg['input_size'][0]
     for key in ('mean', 'std'):
-        data_cfg[key] = _per_channel(data_cfg[key], channels)
+        data_cfg[key] = per_channel(data_cfg[key], channels)
     check_input_size(run.model, data_cfg['input_size'], '--input-size' if args.input_size else '--img-size')
     if d.device.type == 'cpu':   # before anything large is allocated: the OOM killer says nothing
         fixed, per_image = step_memory(run.model, args, data_cfg['input_size'], run.amp_dtype)
@@ -767,12 +767,6 @@ def build_datasets(run: Run):
         raise UserError(f"--num-classes {num_classes} is smaller than the {found} classes of {args.data_dir}")
     run.classes, run.num_classes = classes, num_classes
     return ds_train, ds_eval
-
-
-def _per_channel(values, channels: int) -> tuple:
-    """Normalisation constants for ``channels`` channels (a model's RGB mean for a grayscale input: their mean)."""
-    values = tuple(values)
-    return values if len(values) == channels else (sum(values) / len(values),) * channels
 
 
 def build_loaders(run: Run, ds_train, ds_eval):

@@ -27,7 +27,7 @@ from ..data.datasets import (
     num_classes_of,
 )
 from ..data.images import IMAGE_MODES
-from ..data.loaders import check_input_size
+from ..data.loaders import check_input_size, per_channel
 from ..errors import UserError
 from ..fast import gemm
 from ..models import get_spec
@@ -36,7 +36,7 @@ from .args import build_validate_parser, parse
 from .evaluate import check_compile_flags, check_num_classes, evaluate, torch_compile
 from .io import check_output, write_text
 from .loading import _args_of, _head_width, create_model_checked, read_checkpoint
-from .train import Dist, Log, _per_channel, amp_dtype_for
+from .train import Dist, Log, amp_dtype_for
 
 DEFAULT_MODEL = 'sequencer2d_s'
 # what a training checkpoint records of its run and validate takes where the command line leaves it unset
@@ -174,7 +174,7 @@ def validate(args) -> Dict:
     channels = channels or 3
     cfg['input_size'] = (channels, *cfg['input_size'][1:])
     for key in ('mean', 'std'):
-        cfg[key] = _per_channel(cfg[key], channels)
+        cfg[key] = per_channel(cfg[key], channels)
     check_input_size(model, cfg['input_size'], '--input-size' if args.input_size else '--img-size')
     transform = create_transform(cfg['input_size'], is_training=False, interpolation=cfg['interpolation'],
                                  mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],

@@ -245,7 +245,8 @@ def run(args) -> int:
               f"{info['size']} x {info['size']})")
     if args.no_verify:
         return 0
-    print(f"export: inputs are RGB in [0, 1] normalised with mean {tuple(round(m, 4) for m in cfg['mean'])} and std "
+    kind = 'grayscale' if getattr(model, 'in_chans', 3) == 1 else 'RGB'
+    print(f"export: inputs are {kind} in [0, 1] normalised with mean {tuple(round(m, 4) for m in cfg['mean'])} and std "
           f"{tuple(round(s, 4) for s in cfg['std'])}, resized and centre-cropped to {args.img_size} px "
           f"(crop_pct {cfg['crop_pct']}, {cfg['interpolation']})")
     return 0

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ..data.images import load_image
+from ..data.images import IMAGE_MODES, load_image
 from ..engine.args import COUNT
 from ..engine.loading import add_model_arguments, class_names, list_images, model_from_args, resolve_device
 from ..errors import UserError
@@ -37,12 +37,13 @@ def predict(model: nn.Module, paths: Sequence[str], names: Sequence[str], topk: 
     model.eval()
     transform = timm.data.create_transform(**(cfg or data_config(model, img_size=img_size)), is_training=False)
     k = min(topk, len(names))
+    mode = IMAGE_MODES.get(getattr(model, 'in_chans', 3), 'RGB')
     if k < 1:
         raise UserError(f"--topk must be at least 1, got {topk}")
     results = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]
-        x = torch.stack([transform(load_image(p)) for p in chunk]).to(device)
+        x = torch.stack([transform(load_image(p, mode)) for p in chunk]).to(device)
         probs = model(x).float().softmax(dim=-1).cpu()
         top = probs.topk(k, dim=-1)
         for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):
