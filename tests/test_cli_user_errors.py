@@ -237,3 +237,18 @@ def test_a_grayscale_run_is_predicted_and_exported_from_its_checkpoint(tmp_path,
     assert main(['export', '--checkpoint', ckpt, '--format', 'torchscript', '--output', str(script)]) == 0
     out = capsys.readouterr().out
     assert 'input N x 1 x 32 x 32' in out and 'grayscale' in out, out
+
+
+def test_the_dataset_given_twice_or_a_recipe_naming_a_recipe_is_one_line(tmp_path, data, capsys):
+    """A positional DIR and a different --data-dir (--data-dir silently won); a recipe's data_dir gives way to
+    the command line's DIR; a recipe's own config: key (silently not read)."""
+    other = str(tmp_path / 'elsewhere')
+    assert _exit_code([*_train(data, tmp_path), '--data-dir', other]) == 2
+    _one_line(capsys, 'the dataset given twice', other)
+    from sequencer.engine.args import build_train_parser, parse
+    (tmp_path / 'd.yaml').write_text(f'data_dir: {other}\n')
+    args, _ = parse(build_train_parser(), [data, '-c', str(tmp_path / 'd.yaml')])
+    assert args.data_dir == data
+    (tmp_path / 'n.yaml').write_text('config: other.yaml\n')
+    assert _exit_code(_train(data, tmp_path, '-c', str(tmp_path / 'n.yaml'))) == 2
+    _one_line(capsys, 'n.yaml: config: a recipe cannot name another recipe')

@@ -49,7 +49,7 @@ def test_wrong_kinds_of_values_are_one_line(tmp_path, capsys, command, text, mes
 def test_every_option_refuses_a_value_of_no_kind(tmp_path, command):
     """Table-driven from the parser: no option takes a list of lists; each says so, naming itself."""
     for action in PARSERS[command]()._actions:
-        if action.option_strings == ['-h', '--help']:
+        if action.option_strings == ['-h', '--help'] or action.dest == 'config':   # (no recipe names a recipe)
             continue
         recipe = tmp_path / f'{action.dest}.yaml'
         recipe.write_text(yaml.safe_dump({action.dest: [[1]]}))

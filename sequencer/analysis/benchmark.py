@@ -78,7 +78,7 @@ from ..data.loaders import check_input_size
 from ..engine.args import COUNT, NATURAL, Parser, Range
 from ..engine.io import check_output, write_text
 from ..engine.malloc import keep_freed_memory
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..export import export_onnx
 from ..factory import create_model
 from ..fast import cpu_kernel, gemm
@@ -1053,5 +1053,8 @@ def main(argv=None) -> int:
     try:
         return run(args) or 0
     except UserError as e:
-        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        print(f"benchmark.py: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("benchmark.py: interrupted", file=sys.stderr)
+        return 130

@@ -375,6 +375,8 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> 
             raise UserError(f"{known.config}: not valid YAML ({first_line(e)})") from None
         if not isinstance(cfg, dict):
             raise UserError(f"{known.config}: a recipe must be a mapping of option: value")
+        if 'config' in cfg:
+            raise UserError(f"{known.config}: config: a recipe cannot name another recipe (give one -c)")
         parser.set_defaults(**check_recipe(parser, cfg, known.config))
     args = parser.parse_args(argv)
     channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
@@ -385,5 +387,9 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None) -> 
         low_high = getattr(args, flag[2:].replace('-', '_'), None)
         if low_high and low_high[0] > low_high[1]:
             raise UserError(f"{flag} {low_high[0]} {low_high[1]}: give the smaller value first")
+    if args.data and args.data_dir and args.data != args.data_dir:
+        if args.data_dir != parser.get_default('data_dir'):   # both on the command line (a recipe's gives way)
+            raise UserError(f"the dataset given twice: DIR {args.data} and --data-dir {args.data_dir} (give one)")
+        args.data_dir = args.data
     args.data_dir = args.data_dir or args.data
     return args, yaml.safe_dump({k: v for k, v in sorted(vars(args).items())}, default_flow_style=False)
