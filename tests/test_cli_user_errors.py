@@ -252,3 +252,11 @@ def test_the_dataset_given_twice_or_a_recipe_naming_a_recipe_is_one_line(tmp_pat
     (tmp_path / 'n.yaml').write_text('config: other.yaml\n')
     assert _exit_code(_train(data, tmp_path, '-c', str(tmp_path / 'n.yaml'))) == 2
     _one_line(capsys, 'n.yaml: config: a recipe cannot name another recipe')
+
+
+def test_check_args_refuses_pretrained_for_a_model_without_published_weights(tmp_path, data, capsys):
+    """--check-args (distributed_train.sh's pre-launch check) catches --pretrained on a model without published
+    weights, which the launched processes each failed on."""
+    argv = ['train', data, '--model', 'gru_sequencer2d_s', '--pretrained', '--check-args']
+    assert _exit_code(argv) == 2
+    _one_line(capsys, '--pretrained: gru_sequencer2d_s has no published weights')

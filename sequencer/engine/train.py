@@ -606,7 +606,10 @@ def main(argv=None) -> int:
 def check_args(args) -> None:
     """The checks of the flags that need neither a process group nor the data's contents: one line (a
     UserError) for the first that fails."""
-    get_spec(args.model)   # an unknown name: one line with the closest names
+    spec = get_spec(args.model)   # an unknown name: one line with the closest names
+    if args.pretrained and not args.pretrained_path and not spec.weights:
+        raise UserError(f"--pretrained: {args.model} has no published weights (give --pretrained-path FILE, or "
+                        f"train from scratch)")
     if not args.data_dir and not args.dataset.startswith('torch/'):
         raise UserError("no dataset given: pass the data folder (DIR) or --data-dir")
     if args.data_dir and not args.dataset.startswith(('torch/', 'hfds/', 'hfids/', 'tfds/', 'wds/')) \
