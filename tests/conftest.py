@@ -52,3 +52,16 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> tor
 @pytest.fixture
 def rand_state():
     return randomize
+
+
+@pytest.fixture
+def packing():
+    """Packing on for one test (oneDNN forced), off and forgotten after it."""
+    from sequencer.fast import gemm
+    gemm.set_backend('onednn')
+    gemm.set_packing(True)
+    gemm.clear_packed()
+    yield
+    gemm.set_packing(None)
+    gemm.set_backend(None)
+    gemm.clear_packed()

@@ -123,17 +123,6 @@ def test_partly_frozen_block_with_choices_that_differ_by_grad_mode(monkeypatch):
             assert _rel(p.grad, q.grad) < 1e-4, n
 
 
-@pytest.fixture
-def packing():
-    gemm.set_backend('onednn')
-    gemm.set_packing(True)
-    gemm.clear_packed()
-    yield
-    gemm.set_packing(None)
-    gemm.set_backend(None)
-    gemm.clear_packed()
-
-
 @pytest.mark.skipif(not gemm.available(), reason='this PyTorch build has no oneDNN')
 def test_packed_weights_follow_a_new_storage_at_the_old_address(packing):
     """A weight whose storage is replaced through .data (as model.half().float() does) by one at the same address

@@ -229,18 +229,6 @@ def test_double_backward_through_onednn_linear(backend):
 
 # ---- weights packed for inference --------------------------------------------------------------------------------
 
-@pytest.fixture
-def packing():
-    """Packing on for one test (oneDNN forced), off and forgotten after it."""
-    gemm.set_backend('onednn')
-    gemm.set_packing(True)
-    gemm.clear_packed()
-    yield
-    gemm.set_packing(None)
-    gemm.set_backend(None)
-    gemm.clear_packed()
-
-
 def _packed_model():
     torch.manual_seed(0)
     model = sequencer.create_model('sequencer2d_s', layers=[1, 1, 1, 1], num_classes=10, rnn_engine='fused')
