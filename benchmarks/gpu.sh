@@ -36,12 +36,15 @@
 #          data_jpegs          2,560 random-content 500x375 JPEGs in 10 classes (benchmarks/make_jpegs.py,
 #                              every core)                                           (under 0.5 min)
 #          data_j8, data_j16   eager, 8 and 16 loader processes                      (about 1.5 min each)
+#          data_j8_device      eager, 8 loader processes, --device-augment (decoding, crop, flips and
+#                              RandAugment on the GPU; also times the loader with that GPU work alone)
 #          data_j16_compiled   under torch.compile, 16 loader processes              (about 4 min, compiling)
 #          About 8 minutes in all. The data part runs only when named (not in 'all'); data_jpegs must have
 #          run on the machine before the other data steps.
 # session: what one short device session runs (about 8 minutes): train_fused, infer_eager, infer_auto,
 #          compare_train, compare_infer, tests.
-# session2: a second call where device time is left (about 5 minutes): parity, data_jpegs, data_j8.
+# session2: a second call where device time is left (about 6 minutes): parity, data_jpegs, data_j8,
+#          data_j8_device.
 # The minute figures are estimates (compilation dominates the compiled steps), not measurements.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,8 +59,8 @@ export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 PARTS=(train infer compare diag data)
 STEPS=(train_fused train_fused_plain_norm train_fused_compiled train_native train_fused_cudagraphs mem_b32 mem_b32_gc
        infer_eager infer_compiled infer_auto compare_train compare_infer tests accuracy parity profile_fused
-       profile_timm data_jpegs data_j8 data_j16 data_j16_compiled)
-WHAT=${WHAT//session2/parity,data_jpegs,data_j8}
+       profile_timm data_jpegs data_j8 data_j8_device data_j16 data_j16_compiled)
+WHAT=${WHAT//session2/parity,data_jpegs,data_j8,data_j8_device}
 WHAT=${WHAT//session/train_fused,infer_eager,infer_auto,compare_train,compare_infer,tests}
 IFS=, read -ra ITEMS <<<"$WHAT"
 if [[ ${#ITEMS[@]} -eq 0 ]]; then ITEMS=(""); fi
@@ -111,7 +114,7 @@ bench compare compare_train 240 "${TRAIN[@]}" --rnn-engine fused --compare-timm 
 bench compare compare_infer 150 "${INFER[@]}" --rnn-engine fused --compare-timm "${OTHERS[@]}" --iters 15
 
 step diag tests 300 "$PY" -m pytest -p no:warnings tests/test_fused.py tests/test_triton_norm.py tests/test_numerics.py tests/test_autotune.py \
-    -k "cuda or gpu"
+    tests/test_device_augment.py -k "cuda or gpu"
 step diag accuracy 60 "$PY" benchmarks/gpu_accuracy.py
 step diag parity 420 "$PY" benchmarks/gpu_parity.py --results "$RESULTS/gpu-$SLUG-parity.json" --plot docs/gpu-parity.png
 step diag profile_fused 90 "$PY" benchmarks/profile_step.py --rnn-engine fused --top 30
@@ -121,6 +124,7 @@ JPEGS=${JPEG_DIR:-$OUT/jpegs}
 DATA=(--data "$JPEGS" --precision bf16 --batch-size 256 --mode train)
 step data data_jpegs 120 "$PY" benchmarks/make_jpegs.py "$JPEGS" --classes 10 --per-class 256 --size 500 375
 bench data data_j8 240 "${DATA[@]}" --workers 8
+bench data data_j8_device 240 "${DATA[@]}" --workers 8 --device-augment
 bench data data_j16 240 "${DATA[@]}" --workers 16
 bench data data_j16_compiled 480 "${DATA[@]}" --workers 16 --compile
 echo "logs in $OUT, results in $RESULTS"

@@ -85,6 +85,25 @@ def test_training_from_a_train_folder_with_one_loader_process(tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p not in ('data', 'bench.json')]   # no temporary file left
 
 
+def test_device_augment_times_the_loader_with_the_device_work(tmp_path, capsys):
+    """--device-augment: the loader processes only read files and draw parameters (their stages say so), and a
+    fourth measurement times the loader with the device's decoding and augmentation, which the verdict uses."""
+    data = make_folder(tmp_path / 'data' / 'train')
+    out = tmp_path / 'bench.json'
+    assert main(['benchmark', '--data', str(tmp_path / 'data'), *TINY, '-j', '1', '--device-augment',
+                 '--results-file', str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r['measurement']: r for r in result['results']}
+    assert list(rows) == ['loader', 'loader_and_device', 'synthetic', 'end_to_end']
+    assert all(r['img_per_s'] > 0 for r in rows.values())
+    assert 'the CPU decodes, crops, flips and runs RandAugment' in rows['loader']['transform']
+    assert list(result['loader_stages_ms_per_image']) == ['read', 'Plan']
+    v = result['verdict']
+    assert v['loader_img_per_s'] == pytest.approx(rows['loader_and_device']['img_per_s'])
+    assert 'loader and device' in capsys.readouterr().out
+    assert data.exists()
+
+
 def test_inference_in_process_from_class_folders_to_csv(tmp_path, capsys):
     """-j 0: the main process loads; DIR itself holds the class folders; the evaluation transform; CSV."""
     data = make_folder(tmp_path / 'flat')
@@ -154,6 +173,8 @@ def test_whole_rounds_and_verdict_arithmetic():
     ('ok', ['--compare-timm'], '--compare-timm: not with --data'),
     ('ok', ['--num-classes', '1'], '--num-classes 1: fewer than the 2 classes of {d}/train'),
     (None, ['-j', '2'], '-j/--workers: loader processes are used with --data DIR only'),
+    (None, ['--device-augment'], '--device-augment: augments training batches; give --data DIR'),
+    ('ok', ['--device-augment', '--mode', 'infer'], '--device-augment: augments training batches'),
 ])
 def test_mistakes_exit_2_with_one_line_naming_them(tmp_path, capsys, case, argv, message):
     d = tmp_path / 'd'
@@ -194,18 +215,19 @@ def test_gpu_script_data_part_and_its_jpeg_folder(tmp_path):
         assert proc.returncode == 0, proc.stderr
         return [ln.split()[1] for ln in proc.stdout.splitlines() if ln.startswith('== ') and ' rc=' not in ln]
 
-    assert ran('data') == ['data_jpegs', 'data_j8', 'data_j16', 'data_j16_compiled']
+    assert ran('data') == ['data_jpegs', 'data_j8', 'data_j8_device', 'data_j16', 'data_j16_compiled']
     assert not [s for s in ran('all') if s.startswith('data')]
     jpegs = (out / 'data_jpegs.log').read_text().split()
     assert jpegs[:2] == ['benchmarks/make_jpegs.py', f'{out}/jpegs']
     assert ' '.join(jpegs[2:]) == '--classes 10 --per-class 256 --size 500 375'
-    for name, workers in (('data_j8', '8'), ('data_j16', '16'), ('data_j16_compiled', '16')):
+    for name, workers in (('data_j8', '8'), ('data_j8_device', '8'), ('data_j16', '16'), ('data_j16_compiled', '16')):
         argv = (out / f'{name}.log').read_text().split()
         opts = dict(zip(argv, argv[1:]))
         assert argv[:3] == ['-m', 'sequencer.cli', 'benchmark']
         assert (opts['--data'], opts['--device'], opts['--precision'], opts['--batch-size'], opts['--mode'],
                 opts['--workers']) == (f'{out}/jpegs', 'cuda', 'bf16', '256', 'train', workers)
         assert ('--compile' in argv) == name.endswith('compiled')
+        assert ('--device-augment' in argv) == name.endswith('device')
         assert argv[-2:] == ['--results-file', f'{results}/gpu-nvidia-h100-80gb-hbm3-{name}.json']
 
     folder = tmp_path / 'jpegs'

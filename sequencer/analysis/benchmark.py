@@ -179,6 +179,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('-j', '--workers', type=NATURAL, default=None,
                         help=f"with --data: loader processes (default {data_benchmark.default_workers()}, the "
                              f"training command's; 0 loads in the main process)")
+    parser.add_argument('--device-augment', action='store_true',
+                        help="with --data --mode train: the training command's --device-augment (JPEG decoding, "
+                             "crop, flips and RandAugment on the device); also times the loader with that device "
+                             "work, without the step")
     parser.add_argument('--results-file', default=None,
                         help='also write the results to this .csv or .json file (atomically, after each mode)')
     parser.add_argument('--quiet', '-q', action='store_true', help='no progress lines on stderr')
@@ -191,6 +195,8 @@ def _check_args(args) -> Tuple[int, int, int]:
         args.mode = 'train' if data else 'both'
     if data is None and getattr(args, 'workers', None) is not None:
         raise UserError("-j/--workers: loader processes are used with --data DIR only")
+    if getattr(args, 'device_augment', False) and (data is None or args.mode != 'train'):
+        raise UserError("--device-augment: augments training batches; give --data DIR (and --mode train)")
     if data is not None:
         if args.mode == 'both':
             raise UserError("--mode both: with --data give train or infer (one loader per run)")
@@ -955,7 +961,8 @@ def run_data(args, input_size) -> int:
     warmup, iters = data_benchmark.rounds(max(args.warmup, 1), workers), data_benchmark.rounds(args.iters, workers)
     repeats = data_benchmark.repeats_for(warmup + iters, args.batch_size, len(dataset))
     train_args = data_benchmark.train_arguments(args.data, os.path.relpath(folder, args.data), args.batch_size,
-                                                workers, input_size, args.seed, repeats, device)
+                                                workers, input_size, args.seed, repeats, device,
+                                                device_augment=args.device_augment)
     loaders = data_benchmark.DataLoaders(args.mode, dataset, train_args, model, device, args.num_classes)
     processes = f"{workers} loader process{'es' if workers != 1 else ''}" if workers else 'loading in-process'
     progress.say(f"data: {len(dataset)} images, {classes} classes in {folder}; {loaders.description}; "
@@ -981,6 +988,15 @@ def run_data(args, input_size) -> int:
                      img_per_s=loader_ips, img_per_s_per_process=loader_ips / max(workers, 1),
                      latency_ms_mean=seconds / iters * 1e3))
     save()
+    paced_by = loader_ips
+    if args.device_augment:   # 1b. the loader and the device's decoding and augmentation, still without a step
+        progress.say(f"loader + device augmentation: {warmup} warm-up + {iters} measured batches", force=True)
+        seconds = data_benchmark.time_batches(loaders.feed, warmup, iters, lambda images, targets: None,
+                                              lambda: _sync(device), progress.say, 'loader + device')
+        paced_by = iters * args.batch_size / seconds
+        rows.append(dict(common, measurement='loader_and_device', workers=workers, warmup=warmup, iters=iters,
+                         seconds=seconds, img_per_s=paced_by, latency_ms_mean=seconds / iters * 1e3))
+        save()
 
     # 2. the synthetic step: the same model, batch, precision and device on a fixed random batch
     g = torch.Generator(device='cpu').manual_seed(args.seed)
@@ -1018,7 +1034,7 @@ def run_data(args, input_size) -> int:
 
     # 4. where a loader process's time goes (decoding, each augmentation), and the verdict
     stages = data_benchmark.stage_times(loaders.host.dataset)
-    verdict = data_benchmark.verdict(loader_ips, synthetic_ips, e2e_ips, workers, os.cpu_count())
+    verdict = data_benchmark.verdict(paced_by, synthetic_ips, e2e_ips, workers, os.cpu_count())
     for r in rows:   # in every row too, for the CSV
         r.update({k: verdict[k] for k in VERDICT_KEYS})
     save(verdict=verdict, loader_stages_ms_per_image=stages)

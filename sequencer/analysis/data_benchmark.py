@@ -77,13 +77,15 @@ def find_split(root: str, mode: str) -> Tuple[str, str]:
 
 
 def train_arguments(root: str, split: str, batch_size: int, workers: int, input_size: Sequence[int], seed: int,
-                    repeats: int, device: torch.device) -> argparse.Namespace:
+                    repeats: int, device: torch.device, device_augment: bool = False) -> argparse.Namespace:
     """The arguments ``sequencer train`` would run with: the recipe's augmentations, this benchmark's batch,
     loader processes and input size, every other value the training command's default."""
     argv = [root, '--train-split', split, '-b', str(batch_size), '-j', str(workers), '--input-size',
             *map(str, input_size), '--seed', str(seed), '--epoch-repeats', str(repeats), '--device', device.type]
     for key, value in RECIPE.items():
         argv += ['--' + key.replace('_', '-'), str(value)]
+    if device_augment:
+        argv.append('--device-augment')
     args, _ = parse(build_train_parser(), argv)
     check_args(args)   # e.g. mixup and cutmix pair the images of a batch: an odd batch is refused here
     return args
@@ -110,10 +112,13 @@ class DataLoaders:
             self.mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                                label_smoothing=args.smoothing, num_classes=num_classes)
-            where = 'on the GPU by the prefetcher' if prefetch else 'per image, in the loader'
+            where = f'on the {device.type.upper()} by the prefetcher' if prefetch else 'per image, in the loader'
             self.description = (f"training transform of the Sequencer2D-S recipe: random-resized crop, flip, "
                                 f"RandAugment {args.aa}, random erasing {args.reprob} ({where}), then mixup "
                                 f"{args.mixup} / cutmix {args.cutmix} in the step")
+            if args.device_augment:
+                self.description += (f"; --device-augment: loader processes read files and draw the parameters, "
+                                     f"the {device.type.upper()} decodes, crops, flips and runs RandAugment")
         else:
             # the evaluation samples of the training command, read over the same long epoch as training's
             eval_loader = run.eval_loader.loader if prefetch else run.eval_loader
@@ -125,7 +130,7 @@ class DataLoaders:
                          else self.host)
             self.description = (f"evaluation transform: resize, centre crop {cfg['crop_pct']} "
                                 f"({cfg['interpolation']})")
-        if prefetch:
+        if prefetch and device.type == 'cuda':
             self.description += "; timm's prefetcher copies each batch to the GPU and normalises it there"
         self.prefetch = prefetch
         self.config = cfg
@@ -188,7 +193,7 @@ def stage_times(samples, images: int = STAGE_IMAGES) -> Dict[str, float]:
     not included (the per-process loader rate includes them)."""
     transform = samples.transform
     steps = list(getattr(transform, 'transforms', [transform] if transform is not None else []))
-    names = ['decode']
+    names = ['read' if getattr(transform, 'reads_files', False) else 'decode']   # --device-augment: read only
     for t in steps:
         name = type(t).__name__
         names.append(name if name not in names else f"{name} ({len(names)})")
@@ -197,7 +202,7 @@ def stage_times(samples, images: int = STAGE_IMAGES) -> Dict[str, float]:
     for i in range(n):
         start = time.perf_counter()
         x = samples.image(i)
-        totals['decode'] += time.perf_counter() - start
+        totals[names[0]] += time.perf_counter() - start
         with seeded(i):
             for name, t in zip(names[1:], steps):
                 start = time.perf_counter()

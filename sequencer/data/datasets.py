@@ -31,6 +31,7 @@ from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..errors import UserError, first_line
+from .device_augment import DecodeError, DeviceAugment, EncodedImage, Planned
 from .images import open_image
 from .transfer import TRANSFER_SETS
 
@@ -194,7 +195,9 @@ class Samples(Dataset):
         if self._samples is not None:
             path, target = self._samples[index]
             try:
-                img = open_image(path, self.img_mode)
+                # a transform that reads files itself (--device-augment's Plan) gets the file undecoded
+                img = EncodedImage(path, self.img_mode) if getattr(self.transform, 'reads_files', False) \
+                    else open_image(path, self.img_mode)
             except Exception as e:  # PIL raises many types for broken files
                 raise BadSampleError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
             return img, target, path
@@ -223,11 +226,12 @@ class Samples(Dataset):
 @contextlib.contextmanager
 def seeded(seed: int):
     """Python's, numpy's and torch's CPU generators seeded from ``seed`` inside, the caller's states restored
-    after."""
+    after. Only torch's CPU generator: ``torch.manual_seed`` would also reseed every device's (and take 0.1 ms, a
+    noticeable share of a loader process's time per image)."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed % 2 ** 63)
+    torch.default_generator.manual_seed(seed % 2 ** 63)
     try:
         yield
     finally:
@@ -310,6 +314,8 @@ def collate_skipping(batch):
     skipped = len(batch) - len(kept)
     if not kept:
         return None, None, skipped
+    if isinstance(kept[0][0], Planned):   # --device-augment: files and drawn parameters, decoded on the device
+        return [b[0] for b in kept], torch.tensor([b[1] for b in kept]), skipped
     images, targets = torch.utils.data.default_collate(kept)
     return images, targets, skipped
 
@@ -338,8 +344,9 @@ class Prefetched:
     None for a batch whose every sample was skipped."""
 
     def __init__(self, loader: DataLoader, input_size: Sequence[int], mean, std, device: torch.device,
-                 re_prob: float = 0., re_mode: str = 'const', re_count: int = 1, re_num_splits: int = 0):
-        self.loader, self.input_size = loader, tuple(input_size)
+                 re_prob: float = 0., re_mode: str = 'const', re_count: int = 1, re_num_splits: int = 0,
+                 device_augment: Optional[DeviceAugment] = None):
+        self.loader, self.input_size, self.device_augment = loader, tuple(input_size), device_augment
         self.skipped: collections.deque = collections.deque()   # per batch, in the order the loader made them
         self.prefetcher = PrefetchLoader(_Pairs(self), mean=tuple(mean), std=tuple(std), channels=input_size[0],
                                          device=device, re_prob=re_prob, re_mode=re_mode, re_count=re_count,
@@ -347,11 +354,29 @@ class Prefetched:
 
     def pairs(self):
         for images, targets, skipped in self.loader:
+            if isinstance(images, list):   # --device-augment: decoded and augmented here, on the prefetch stream
+                images, targets, failed = self.on_device(images, targets)
+                skipped += failed
             self.skipped.append(skipped)
             if images is None:   # PrefetchLoader takes tensors: an empty batch stands for "all skipped"
                 images = torch.zeros((0, *self.input_size), dtype=torch.uint8)
                 targets = torch.zeros(0, dtype=torch.long)
             yield images, targets
+
+    def on_device(self, planned, targets):
+        stream = self.prefetcher.stream
+        context = contextlib.nullcontext()
+        if stream is not None:   # after the consumer's queued work, as PrefetchLoader's own copies
+            stream.wait_stream(torch.cuda.current_stream(self.prefetcher.device))
+            context = torch.cuda.stream(stream)
+        with context:
+            try:
+                images, kept, failures = self.device_augment(planned)
+            except DecodeError as e:
+                raise BadSampleError(str(e)) from None
+        if len(kept) < len(planned):
+            targets = targets[torch.tensor(kept, dtype=torch.long)]
+        return (images if kept else None), targets, len(failures)
 
     def __iter__(self):
         self.skipped.clear()

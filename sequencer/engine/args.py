@@ -332,6 +332,10 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-prefetcher', action='store_true',
                    help="on CUDA, without timm's prefetcher (which copies the next batch to the GPU on a side "
                    "stream and normalises and erases it there); on the CPU there is none")
+    g.add_argument('--device-augment', action='store_true',
+                   help="decode the training JPEGs and run the random-resized crop, flips and RandAugment on the "
+                        "training device, whole batches at a time (loader processes only read files and draw timm's "
+                        "random parameters): for when the loader processes cannot keep up with the GPU")
     g.add_argument('--bad-samples', default='fail', choices=['fail', 'skip'],
                    help='unreadable images: fail naming the file, or skip and count them')
     g.add_argument('--nonfinite', default='stop', choices=['stop', 'skip'],

@@ -49,6 +49,7 @@ from ..data.datasets import (
     make_loader,
     num_classes_of,
 )
+from ..data.device_augment import DeviceAugment, Plan
 from ..data.images import IMAGE_MODES
 from ..data.loaders import check_input_size, per_channel, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
@@ -629,6 +630,9 @@ def check_args(args) -> None:
                         "an epoch itself)")
     if args.resplit and not args.reprob:
         raise UserError("--resplit splits random erasing, which is off: give --reprob too")
+    if args.device_augment and args.no_prefetcher:
+        raise UserError("--device-augment and --no-prefetcher: the prefetcher normalises and erases the batches "
+                        "augmented on the device; give one of them")
     if args.start_epoch is not None and args.start_epoch >= args.epochs:
         raise UserError(f"--start-epoch {args.start_epoch}: nothing to train, the run has --epochs {args.epochs} "
                         f"(epochs 0 to {args.epochs - 1})")
@@ -636,8 +640,9 @@ def check_args(args) -> None:
 
 def uses_prefetcher(args, device: torch.device) -> bool:
     """timm's prefetcher (batches copied to the GPU on a side stream, normalised and erased there) on CUDA, as
-    timm's train.py uses it, unless ``--no-prefetcher``. On the CPU there is nothing to overlap."""
-    return device.type == 'cuda' and not args.no_prefetcher
+    timm's train.py uses it, unless ``--no-prefetcher``. On the CPU there is nothing to overlap, except with
+    ``--device-augment``, whose batches the prefetcher normalises and erases wherever they are."""
+    return (device.type == 'cuda' and not args.no_prefetcher) or getattr(args, 'device_augment', False)
 
 
 def exit_status(result: Dict) -> int:
@@ -797,6 +802,10 @@ def build_loaders(run: Run, ds_train, ds_eval):
         cfg['input_size'], is_training=False, interpolation=cfg['interpolation'], mean=cfg['mean'], std=cfg['std'],
         crop_pct=cfg['crop_pct'], crop_mode=cfg.get('crop_mode'), use_prefetcher=prefetch)
     mode = IMAGE_MODES[cfg['input_size'][0]]
+    device_augment = None
+    if args.device_augment:   # the loader processes draw timm's parameters; the device decodes and augments
+        train_tf = Plan(train_tf, cfg['input_size'][0])
+        device_augment = DeviceAugment(train_tf, d.device, skip_bad=args.bad_samples == 'skip')
     run.train_samples = Samples(ds_train, train_tf, seed=args.seed, bad_samples=args.bad_samples, img_mode=mode)
     eval_samples = Samples(ds_eval, eval_tf, seed=args.seed, bad_samples=args.bad_samples, img_mode=mode)
     if args.aug_repeats:
@@ -815,7 +824,8 @@ def build_loaders(run: Run, ds_train, ds_eval):
     erase = dict(re_prob=0. if args.no_aug else args.reprob, re_mode=args.remode, re_count=args.recount,
                  re_num_splits=2 if args.resplit else 0)   # as timm's create_loader
     if prefetch:
-        run.train_loader = Prefetched(run.train_loader, cfg['input_size'], cfg['mean'], cfg['std'], d.device, **erase)
+        run.train_loader = Prefetched(run.train_loader, cfg['input_size'], cfg['mean'], cfg['std'], d.device,
+                                      device_augment=device_augment, **erase)
         run.eval_loader = Prefetched(run.eval_loader, cfg['input_size'], cfg['mean'], cfg['std'], d.device)
     elif args.resplit and erase['re_prob']:
         run.batch_erasing = SplitErasing(args.reprob, args.remode, args.recount, args.seed)
