@@ -325,7 +325,7 @@ def test_gpu_script_runs_the_steps_asked_for(tmp_path):
     assert len(ran('all')) == 17
     assert ran('session') == ['train_fused', 'infer_eager', 'infer_auto', 'compare_train', 'compare_infer', 'tests']
     assert ran('diag') == ['tests', 'accuracy', 'parity', 'profile_fused', 'profile_timm']
-    assert ran('session2') == ['parity', 'data_jpegs', 'data_j8']
+    assert ran('session2') == ['parity', 'data_jpegs', 'data_j8', 'data_j8_device']
     assert ran('train')[:2] == ['train_fused', 'train_fused_plain_norm']
     log = (tmp_path / 'out' / 'train_fused_cudagraphs.log').read_text()
     assert log.startswith('-m sequencer.cli benchmark --model sequencer2d_s --device cuda')

@@ -397,6 +397,10 @@ class DeviceAugment:
     def _decode_one(self, p: Planned):
         try:
             return decode_jpeg(_bytes(p.data), mode=self.read_mode, device=self.device)
+        except RuntimeError:
+            pass
+        try:   # a file the device's decoder does not take (nvJPEG's limits) may still be a valid JPEG
+            return decode_jpeg(_bytes(p.data), mode=self.read_mode).to(self.device)
         except RuntimeError as e:
             reason = str(e).splitlines()[0].rsplit(', ', 1)[-1]   # torchvision prefixes its source file
             message = f"{p.where}: unreadable image ({reason})"
