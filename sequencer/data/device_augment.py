@@ -179,6 +179,12 @@ def _chw(img: Image.Image) -> torch.Tensor:
 # Every op takes a float batch (N, C, H, W) of whole values in [0, 255], its level arguments (N, k) as timm's
 # RandAugment drew them, and returns the batch as Pillow would leave it (whole values in [0, 255]).
 
+def _on(device: torch.device, values, dtype: torch.dtype) -> torch.Tensor:
+    """A small tensor of host values on ``device``, copied without waiting for the device's queued work (a
+    blocking copy would make the prefetch stream wait for the training step)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """Pillow's RGB -> L conversion (ITU-R 601-2, its fixed-point rounding), as (N, 1, H, W)."""
     if x.shape[1] == 1:
@@ -200,8 +206,9 @@ def _lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 def _histogram(x: torch.Tensor) -> torch.Tensor:
     n, c = x.shape[:2]
-    rows = torch.arange(n * c, device=x.device).view(n, c, 1) * 256
-    return torch.bincount((x.reshape(n, c, -1).long() + rows).flatten(), minlength=n * c * 256).view(n, c, 256)
+    index = (x.reshape(n, c, -1).long() + torch.arange(n * c, device=x.device).view(n, c, 1) * 256).flatten()
+    counts = torch.zeros(n * c * 256, dtype=torch.long, device=x.device)   # not bincount: it reads its size back
+    return counts.index_add_(0, index, torch.ones_like(index)).view(n, c, 256)
 
 
 def auto_contrast(x, _args):
@@ -258,7 +265,7 @@ def brightness(x, args):
 
 
 def sharpness(x, args):
-    kernel = torch.tensor([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]], device=x.device, dtype=x.dtype) / 13
+    kernel = _on(x.device, [[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]], x.dtype) / 13
     c = x.shape[1]
     smooth = F.conv2d(x, kernel.expand(c, 1, 3, 3), groups=c)
     degenerate = x.clone()   # ImageFilter.SMOOTH keeps the border pixels, rounds the rest
@@ -335,7 +342,7 @@ def affine(x: torch.Tensor, matrices: torch.Tensor, resample: str, fill: Sequenc
         out = sum(weight[i][..., 0] * weight[k][..., 1] * pixels(base[..., 0] + i - 1, base[..., 1] + k - 1)
                   for i in range(4) for k in range(4))
     out = out.clamp_(0, 255).floor_()   # Pillow truncates
-    fill = torch.tensor(list(fill), device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    fill = _on(x.device, list(fill), x.dtype).view(1, -1, 1, 1)
     return torch.where(inside, out, fill)
 
 
@@ -391,7 +398,7 @@ class DeviceAugment:
                 images[k] = img
         for k, p in enumerate(planned):
             if not p.encoded:
-                images[k] = torch.from_numpy(np.array(p.data)).permute(2, 0, 1).to(self.device)
+                images[k] = torch.from_numpy(np.array(p.data)).permute(2, 0, 1).to(self.device, non_blocking=True)
         return images, failures
 
     def _decode_one(self, p: Planned):
@@ -400,7 +407,7 @@ class DeviceAugment:
         except RuntimeError:
             pass
         try:   # a file the device's decoder does not take (nvJPEG's limits) may still be a valid JPEG
-            return decode_jpeg(_bytes(p.data), mode=self.read_mode).to(self.device)
+            return decode_jpeg(_bytes(p.data), mode=self.read_mode).to(self.device, non_blocking=True)
         except RuntimeError as e:
             reason = str(e).splitlines()[0].rsplit(', ', 1)[-1]   # torchvision prefixes its source file
             message = f"{p.where}: unreadable image ({reason})"
@@ -417,8 +424,9 @@ class DeviceAugment:
     @staticmethod
     def flip(x: torch.Tensor, planned: List[Planned]) -> torch.Tensor:
         for attr, dim in (('hflip', 3), ('vflip', 2)):
-            chosen = torch.tensor([getattr(p, attr) for p in planned], device=x.device)
-            if bool(chosen.any()):
+            chosen = [getattr(p, attr) for p in planned]
+            if any(chosen):
+                chosen = _on(x.device, chosen, torch.bool)
                 x = torch.where(chosen.view(-1, 1, 1, 1), x.flip(dim), x)
         return x
 
@@ -430,9 +438,8 @@ class DeviceAugment:
                 if k < len(o):
                     groups.setdefault((o[k][0], o[k][2]), []).append(n)
             for (name, resample), members in groups.items():
-                index = torch.tensor(members, device=x.device)
-                args = torch.tensor([list(ops[n][k][1]) or [0.] for n in members], dtype=torch.float64,
-                                    device=x.device)
+                index = _on(x.device, members, torch.long)
+                args = _on(x.device, [list(ops[n][k][1]) or [0.] for n in members], torch.float64)
                 part = x.index_select(0, index)
                 if name in AFFINE:
                     out = affine(part, AFFINE[name](args, self.size[1], self.size[0]), resample, self.fill)
