@@ -135,6 +135,17 @@ def test_other_files_bad_files_and_grayscale(tmp_path):
     assert len(failures) == 1 and failures[0].startswith(f"{truncated}: unreadable image")
     with pytest.raises(da.DecodeError, match='truncated.jpg: unreadable image'):
         da.DeviceAugment(plan, torch.device('cpu'))(planned)
+    rotated = str(tmp_path / 'rotated.jpg')   # stored sideways, with the EXIF orientation that turns it upright
+    exif = Image.Exif()
+    exif[da.EXIF_ORIENTATION] = 6
+    photo(9, 64, 40).save(rotated, exif=exif)
+    with seeded(3):
+        upright = plan(da.EncodedImage(rotated, 'RGB'))
+    assert not upright.encoded and upright.data.shape == (64, 40, 3)   # decoded upright, as open_image does
+    with seeded(3):
+        ref = tf(open_image(rotated, 'RGB'))
+    out, _, _ = da.DeviceAugment(plan, torch.device('cpu'))([upright])
+    assert (out[0].float() - ref.float()).abs().mean() < 1.0
     gray = da.Plan(tf, 1)
     with seeded(0):
         out, kept, _ = da.DeviceAugment(gray, torch.device('cpu'))([gray(da.EncodedImage(good[0], 'L'))])

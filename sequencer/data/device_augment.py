@@ -10,8 +10,8 @@ arithmetic (lookup tables exactly; blends and filters to within one level; the g
 coordinates and fill, resampled by ``grid_sample``). Normalisation and random erasing (timm's prefetcher) and
 mixup / cutmix (timm's ``Mixup``) already run on the device batch.
 
-Files that are not RGB or grayscale JPEGs (PNG, CMYK JPEG, ...) are decoded by Pillow in the loader process and
-only augmented on the device. A JPEG whose data turns out to be corrupt is found when its batch is decoded; it is
+Files that are not RGB or grayscale JPEGs stored upright (PNG, CMYK JPEGs, JPEGs with an EXIF rotation) are
+decoded in the loader process as without the flag (``data.images.open_image``), and only augmented on the device. A JPEG whose data turns out to be corrupt is found when its batch is decoded; it is
 skipped (``--bad-samples skip``) or stops the run naming its file, as on the CPU path.
 """
 import copy
@@ -30,7 +30,9 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from ..errors import UserError
+from .images import open_image
 
+EXIF_ORIENTATION = 0x0112
 # Pillow's resampling filters (the values timm's RandAugment passes as ``resample``) by name
 RESAMPLE = {Image.NEAREST: 'nearest', Image.BILINEAR: 'bilinear', Image.BICUBIC: 'bicubic'}
 # torch's resize mode for the crop's interpolation: antialiased as Pillow's resize always is
@@ -53,20 +55,25 @@ class Planned:
 
 
 class EncodedImage:
-    """A file read without decoding it: its bytes, and from its header its size, format and mode."""
+    """A file read without decoding it: its bytes, and from its header its size, format, mode and EXIF
+    orientation."""
 
     def __init__(self, path: str, mode: str):
         with open(path, 'rb') as f:
             self.data = f.read()
-        self._img = Image.open(io.BytesIO(self.data))   # parses the header only
-        self.size, self.format, self.file_mode = self._img.size, self._img.format, self._img.mode
+        img = Image.open(io.BytesIO(self.data))   # parses the header only
+        self.size, self.format, self.file_mode = img.size, img.format, img.mode
+        self.orientation = img.getexif().get(EXIF_ORIENTATION, 1) if self.format == 'JPEG' else 1
         self.path, self.mode = path, mode
 
     def decodable_on_device(self) -> bool:
-        return self.format == 'JPEG' and self.file_mode in ('RGB', 'L')
+        """An RGB or grayscale JPEG stored upright: decoded on the device to what ``open_image`` gives."""
+        return self.format == 'JPEG' and self.file_mode in ('RGB', 'L') and self.orientation == 1
 
     def pixels(self) -> Image.Image:
-        return self._img.convert(self.mode)
+        """Decoded here, as every other image is read (``data.images.open_image``: EXIF orientation applied,
+        16-bit and palette images converted)."""
+        return open_image(io.BytesIO(self.data), self.mode)
 
 
 class _Recorded:
@@ -148,9 +155,10 @@ class Plan:
     def __call__(self, img) -> Planned:
         """``img``: an EncodedImage (a file), or a decoded PIL image (datasets that are not folders)."""
         if isinstance(img, EncodedImage):
-            where, size = img.path, img.size
-            encoded = img.decodable_on_device()
-            data = img.data if encoded else _pixels(img.pixels())
+            where, encoded = img.path, img.decodable_on_device()
+            pixels = None if encoded else img.pixels()
+            size = img.size if encoded else pixels.size   # upright: EXIF rotations may swap the sides
+            data = img.data if encoded else _pixels(pixels)
         else:
             where, size, encoded, data = 'sample', img.size, False, _pixels(img)
         shape_only = torch.empty(()).expand(1, size[1], size[0])   # all get_params reads of an image is its size
