@@ -32,7 +32,7 @@ from ..data.datasets import (
     make_loader,
     seeded,
 )
-from ..data.loaders import per_channel
+from ..data.loaders import fit_channels
 from ..engine.args import build_train_parser, parse
 from ..engine.train import build_loaders, check_args
 from ..errors import UserError
@@ -99,8 +99,7 @@ class DataLoaders:
     def __init__(self, mode: str, dataset, args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
                  num_classes: int):
         cfg = resolve_data_config(vars(args), model=model)
-        for key in ('mean', 'std'):
-            cfg[key] = per_channel(cfg[key], cfg['input_size'][0])
+        fit_channels(cfg, cfg['input_size'][0])
         run = types.SimpleNamespace(args=args, data_cfg=cfg, d=types.SimpleNamespace(device=device, world=1, rank=0))
         build_loaders(run, dataset, dataset)   # exactly what `sequencer train` builds, for both splits
         prefetch = isinstance(run.train_loader, Prefetched)

@@ -43,6 +43,19 @@ class BadSampleError(UserError):
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 
 
+def class_map_lines(path: str, label: Optional[str] = None) -> list:
+    """The non-empty lines of a class-map text file, stripped; a file that cannot be read or is not UTF-8 text
+    is one line naming it (as ``label``, default ``path``)."""
+    label = label or path
+    try:
+        with open(path, encoding='utf-8') as f:
+            return [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise UserError(f"{label}: cannot read class map ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{label}: not a UTF-8 text file (a class map has one class name per line)") from None
+
+
 def check_image_folder(root: str, split_dir: str, class_map: str = ''):
     """Images directly in the split folder (no class folders), empty class folders and class-map entries without a
     folder are errors naming them."""
@@ -59,14 +72,7 @@ def check_image_folder(root: str, split_dir: str, class_map: str = ''):
         if not os.path.isfile(path):
             raise UserError(f"{class_map}: class map file not found")
         if path.endswith('.txt'):
-            try:
-                with open(path, encoding='utf-8') as f:
-                    names = [line.strip() for line in f if line.strip()]
-            except UnicodeDecodeError:
-                raise UserError(f"{class_map}: not a UTF-8 text file (a class map has one class name per "
-                                f"line)") from None
-            except OSError as e:
-                raise UserError(f"{class_map}: cannot read class map ({e.strerror})") from None
+            names = class_map_lines(path, class_map)
             missing = [n for n in names if n not in classes]
             if missing:
                 raise UserError(f"{class_map}: names class {missing[0]!r} which has no folder in {split_dir}"

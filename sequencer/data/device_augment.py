@@ -2,17 +2,19 @@
 
 A loader process then neither decodes nor augments. It reads a file's bytes and its header, and draws the random
 parameters of timm's training transform: the crop box and its interpolation, the flips, RandAugment's ops with
-their magnitudes. The draws are timm's own (its transform objects, called in the same order on the same seeded
-generators), so a sample gets the same augmentation as timm's transform would give it. The device then works on
-whole batches (``DeviceAugment``): JPEG decoding (``torchvision.io.decode_jpeg``: nvJPEG on CUDA), the crop and
-antialiased resize, the flips, and RandAugment's ops, grouped by op, as tensor ops that follow Pillow's
-arithmetic (lookup tables exactly; blends and filters to within one level; the geometric ops with the same
-coordinates and fill, resampled by ``grid_sample``). Normalisation and random erasing (timm's prefetcher) and
-mixup / cutmix (timm's ``Mixup``) already run on the device batch.
+their magnitudes (or the colour jitter's factors). The draws are timm's own (its transform objects, called in
+the same order on the same seeded generators), so a sample gets the same augmentation as timm's transform would
+give it. The device then works on whole batches (``DeviceAugment``): JPEG decoding
+(``torchvision.io.decode_jpeg``: nvJPEG on CUDA), the crop and antialiased resize, the flips, and the ops,
+grouped by op, as tensor ops that follow Pillow's arithmetic (lookup tables, blends and the smoothing filter
+exactly; the geometric ops with Pillow's positions, fill and resampling filters, up to rounding at exact
+edges). Normalisation and random erasing (timm's prefetcher) and mixup / cutmix (timm's ``Mixup``) already run
+on the device batch.
 
 Files that are not RGB or grayscale JPEGs stored upright (PNG, CMYK JPEGs, JPEGs with an EXIF rotation) are
-decoded in the loader process as without the flag (``data.images.open_image``), and only augmented on the device. A JPEG whose data turns out to be corrupt is found when its batch is decoded; it is
-skipped (``--bad-samples skip``) or stops the run naming its file, as on the CPU path.
+decoded in the loader process as without the flag (``data.images.open_image``), and only augmented on the
+device. A JPEG whose data turns out to be corrupt is found when its batch is decoded; it is skipped
+(``--bad-samples skip``) or stops the run naming its file, as on the CPU path.
 """
 import copy
 import io

@@ -7,6 +7,14 @@ from ..errors import UserError
 IMAGE_MODES = {1: 'L', 3: 'RGB'}   # input channels -> the mode images are decoded to
 
 
+def image_mode(channels: int, flag: str) -> str:
+    """The mode images are decoded to for a model of ``channels`` input channels; any other count is one line
+    naming ``flag``."""
+    if channels not in IMAGE_MODES:
+        raise UserError(f"{flag}: images are read as RGB (3 channels) or grayscale (1)")
+    return IMAGE_MODES[channels]
+
+
 def open_image(path, mode: str = 'RGB') -> Image.Image:
     """An image in ``mode`` ('RGB', or 'L' for one-channel models): EXIF orientation applied; grayscale, CMYK,
     RGBA, palette and 16-bit images converted. Truncated files, non-images and decompression bombs raise PIL's

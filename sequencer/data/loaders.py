@@ -17,10 +17,17 @@ def data_config(model: torch.nn.Module, img_size: Optional[int] = None, input_si
     args = dict(img_size=img_size, input_size=tuple(input_size) if input_size else None, crop_pct=crop_pct,
                 interpolation=interpolation or '', mean=mean, std=std)
     cfg = resolve_data_config({k: v for k, v in args.items() if v is not None}, model=model)
-    channels = input_size[0] if input_size else getattr(model, 'in_chans', 3)
-    cfg['input_size'] = (channels, *cfg['input_size'][1:])
-    cfg['mean'], cfg['std'] = per_channel(cfg['mean'], channels), per_channel(cfg['std'], channels)
+    fit_channels(cfg, input_size[0] if input_size else getattr(model, 'in_chans', 3))
     check_input_size(model, cfg['input_size'], flag)
+    return cfg
+
+
+def fit_channels(cfg: Dict, channels: int) -> Dict:
+    """A resolved data config (timm's ``resolve_data_config``) for ``channels`` input channels: its input size,
+    mean and std. Returns ``cfg``, changed in place."""
+    cfg['input_size'] = (channels, *cfg['input_size'][1:])
+    for key in ('mean', 'std'):
+        cfg[key] = per_channel(cfg[key], channels)
     return cfg
 
 

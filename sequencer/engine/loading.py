@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..data.datasets import class_map_lines
 from ..data.images import load_image
 from ..errors import UserError, first_line
 from ..factory import create_model
@@ -256,13 +257,7 @@ def list_images(paths: Sequence[str]) -> List[str]:
 def read_class_map(path: str) -> List[str]:
     """Class names from a timm class-map file: one name per line, the line number being the index
     (``name index`` pairs are also read)."""
-    try:
-        with open(path, encoding='utf-8') as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise UserError(f"{path}: cannot read class map ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file (a class map has one class name per line)") from None
+    lines = class_map_lines(path)
     pairs = [line.rsplit(None, 1) for line in lines]
     if lines and all(len(p) == 2 and p[1].isdigit() for p in pairs):
         names = [''] * (max(int(p[1]) for p in pairs) + 1)

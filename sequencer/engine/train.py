@@ -50,8 +50,8 @@ from ..data.datasets import (
     num_classes_of,
 )
 from ..data.device_augment import DeviceAugment, Plan
-from ..data.images import IMAGE_MODES
-from ..data.loaders import check_input_size, per_channel, posterize_keeps_zero_bits
+from ..data.images import IMAGE_MODES, image_mode
+from ..data.loaders import check_input_size, fit_channels, posterize_keeps_zero_bits
 from ..errors import UserError, first_line
 from ..fast import autotune, gemm
 from ..models import get_spec, load_checkpoint
@@ -621,8 +621,7 @@ def check_args(args) -> None:
         if args.batch_size % 2:
             raise UserError(f"--mixup / --cutmix need an even --batch-size, got {args.batch_size}")
     channels = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    if channels not in IMAGE_MODES:
-        raise UserError(f"--in-chans {channels}: images are read as RGB (3 channels) or grayscale (1)")
+    image_mode(channels, f"--in-chans {channels}")
     if 0 < args.aug_repeats < 1:
         raise UserError(f"--aug-repeats {args.aug_repeats}: give 0 (off) or a number of copies of at least 1")
     if args.aug_repeats and args.epoch_repeats:
@@ -710,9 +709,7 @@ def setup(args) -> Run:
     ds_train, ds_eval = build_datasets(run)
     run.model = build_model(args, run.num_classes, d, log)
     run.data_cfg = data_cfg = resolve_data_config(vars(args), model=run.model)
-    channels = data_cfg['input_size'][0]
-    for key in ('mean', 'std'):
-        data_cfg[key] = per_channel(data_cfg[key], channels)
+    fit_channels(data_cfg, data_cfg['input_size'][0])
     check_input_size(run.model, data_cfg['input_size'], '--input-size' if args.input_size else '--img-size')
     if d.device.type == 'cpu':   # before anything large is allocated: the OOM killer says nothing
         fixed, per_image = step_memory(run.model, args, data_cfg['input_size'], run.amp_dtype)

@@ -26,8 +26,8 @@ from ..data.datasets import (
     make_loader,
     num_classes_of,
 )
-from ..data.images import IMAGE_MODES
-from ..data.loaders import check_input_size, per_channel
+from ..data.images import IMAGE_MODES, image_mode
+from ..data.loaders import check_input_size, fit_channels
 from ..errors import UserError
 from ..fast import gemm
 from ..models import get_spec
@@ -150,9 +150,8 @@ def validate(args) -> Dict:
         kwargs['img_size'] = size
     channels = args.in_chans or (args.input_size[0] if args.input_size else None)
     if channels is not None:
-        if channels not in IMAGE_MODES:
-            flag = f"--in-chans {channels}" if args.in_chans else f"--input-size {' '.join(map(str, args.input_size))}"
-            raise UserError(f"{flag}: images are read as RGB (3 channels) or grayscale (1)")
+        image_mode(channels, f"--in-chans {channels}" if args.in_chans else
+                   f"--input-size {' '.join(map(str, args.input_size))}")
         kwargs['in_chans'] = channels
     if args.gp:
         kwargs['global_pool'] = args.gp
@@ -170,11 +169,8 @@ def validate(args) -> Dict:
                                  rnn_engine=args.rnn_engine)
     if sd is not None:
         load_state_dict(model, sd, source=weights)
-    cfg = resolve_data_config(vars(args), model=model)
     channels = channels or 3
-    cfg['input_size'] = (channels, *cfg['input_size'][1:])
-    for key in ('mean', 'std'):
-        cfg[key] = per_channel(cfg[key], channels)
+    cfg = fit_channels(resolve_data_config(vars(args), model=model), channels)
     check_input_size(model, cfg['input_size'], '--input-size' if args.input_size else '--img-size')
     transform = create_transform(cfg['input_size'], is_training=False, interpolation=cfg['interpolation'],
                                  mean=cfg['mean'], std=cfg['std'], crop_pct=cfg['crop_pct'],
