@@ -79,6 +79,17 @@ def jpeg_files(tmp_path, n=10):
     return files
 
 
+def timm_and_planned(tf, plan, files):
+    """timm's transform of each file, and the plan's draws for it, under the same seed (the k-th file's, k)."""
+    ref, planned = [], []
+    for k, f in enumerate(files):
+        with seeded(k):
+            ref.append(tf(open_image(f, 'RGB')))
+        with seeded(k):
+            planned.append(plan(da.EncodedImage(f, 'RGB')))
+    return ref, planned
+
+
 def test_pipeline_draws_what_timm_draws(tmp_path):
     """The same seeded sample gets the same crop, flip and RandAugment ops as timm's transform gives it: the
     images agree to rounding (a different draw would differ by tens of levels)."""
@@ -86,12 +97,7 @@ def test_pipeline_draws_what_timm_draws(tmp_path):
     tf = create_transform(64, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', interpolation='random',
                           use_prefetcher=True)
     plan = da.Plan(tf, 3)
-    ref, planned = [], []
-    for k, f in enumerate(jpeg_files(tmp_path, 16)):
-        with seeded(k):
-            ref.append(tf(open_image(f, 'RGB')))
-        with seeded(k):
-            planned.append(plan(da.EncodedImage(f, 'RGB')))
+    ref, planned = timm_and_planned(tf, plan, jpeg_files(tmp_path, 16))
     assert all(p.encoded for p in planned) and sum(len(p.ops) for p in planned) > 8
     out, kept, failures = da.DeviceAugment(plan, torch.device('cpu'))(planned)
     assert out.dtype == torch.uint8 and out.shape == (16, 3, 64, 64) and kept == list(range(16)) and not failures
@@ -104,12 +110,7 @@ def test_colour_jitter_draws_what_torchvision_draws(tmp_path):
     command's default --color-jitter 0.4): the same factors in the same order, applied as Pillow does."""
     tf = create_transform(48, is_training=True, color_jitter=0.4, interpolation='bilinear', use_prefetcher=True)
     plan = da.Plan(tf, 3)
-    ref, planned = [], []
-    for k, f in enumerate(jpeg_files(tmp_path, 8)):
-        with seeded(k):
-            ref.append(tf(open_image(f, 'RGB')))
-        with seeded(k):
-            planned.append(plan(da.EncodedImage(f, 'RGB')))
+    ref, planned = timm_and_planned(tf, plan, jpeg_files(tmp_path, 8))
     assert all(len(p.ops) == 3 for p in planned)
     assert {tuple(name for name, _, _ in p.ops) for p in planned} != {da.JITTER}   # the order is drawn too
     out, _, _ = da.DeviceAugment(plan, torch.device('cpu'))(planned)
