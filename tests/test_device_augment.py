@@ -16,6 +16,7 @@ from sequencer.data.datasets import seeded
 from sequencer.data.images import open_image
 from sequencer.data.loaders import posterize_keeps_zero_bits
 from sequencer.errors import UserError
+from sequencer.models.weights import read_file
 
 from imagedata import make_image_folder
 
@@ -192,3 +193,16 @@ def test_cuda_decodes_and_augments_as_the_cpu(tmp_path):
     cuda, kept, _ = da.DeviceAugment(plan, torch.device('cuda'))(planned)
     assert cuda.device.type == 'cuda' and kept == list(range(12))
     assert (cuda.cpu().float() - cpu.float()).abs().mean(dim=(1, 2, 3)).max() < 2.0
+
+
+def test_resume_with_device_augment_is_exact(tmp_path):
+    """Every sample's augmentation is drawn from its own seed, and the batch erasing's generator is saved with
+    the run: a run resumed from its first epoch's checkpoint ends with the same weights as the uninterrupted one."""
+    from test_train import _train_tiny
+    data = make_image_folder(tmp_path / 'data', classes=3, train_per_class=4, val_per_class=2, size=(36, 36))
+    flags = ['-j', '1', '--device-augment', '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.5', '--mixup', '0.5']
+    _train_tiny(tmp_path, data, 'full', *flags, epochs=2)
+    full = tmp_path / 'runs' / 'full'
+    _train_tiny(tmp_path, data, 'resumed', *flags, '--resume', str(full / 'checkpoint-0.pth.tar'), epochs=2)
+    a, b = read_file(full / 'last.pth.tar'), read_file(tmp_path / 'runs' / 'resumed' / 'last.pth.tar')
+    assert all(torch.equal(a['state_dict'][k], b['state_dict'][k]) for k in a['state_dict'])
