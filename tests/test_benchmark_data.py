@@ -159,6 +159,14 @@ def test_whole_rounds_and_verdict_arithmetic():
     v = data_benchmark.verdict(loader=500., synthetic=400., end_to_end=380., workers=0, cpu_count=8)
     assert (v['pace'], v['img_per_s_per_process'], v['workers_needed_estimate']) == ('model', 500., None)
     assert 'pace: model' in data_benchmark.describe(v)
+    # --device-augment: the processes alone keep up, the device's work does not: no process estimate
+    v = data_benchmark.verdict(loader=300., synthetic=400., end_to_end=290., workers=8, cpu_count=16,
+                               processes_alone=2000.)
+    assert (v['pace'], v['workers_needed_estimate']) == ('device augmentation', None)
+    assert 'more loader processes would not help' in data_benchmark.describe(v)
+    v = data_benchmark.verdict(loader=300., synthetic=400., end_to_end=290., workers=8, cpu_count=16,
+                               processes_alone=350.)
+    assert (v['pace'], v['workers_needed_estimate']) == ('loader', math.ceil(0.9 * 400 / (300 / 8)))
 
 
 @pytest.mark.parametrize('case, argv, message', [

@@ -1034,7 +1034,8 @@ def run_data(args, input_size) -> int:
 
     # 4. where a loader process's time goes (decoding, each augmentation), and the verdict
     stages = data_benchmark.stage_times(loaders.host.dataset)
-    verdict = data_benchmark.verdict(paced_by, synthetic_ips, e2e_ips, workers, os.cpu_count())
+    verdict = data_benchmark.verdict(paced_by, synthetic_ips, e2e_ips, workers, os.cpu_count(),
+                                     processes_alone=loader_ips if args.device_augment else None)
     for r in rows:   # in every row too, for the CSV
         r.update({k: verdict[k] for k in VERDICT_KEYS})
     save(verdict=verdict, loader_stages_ms_per_image=stages)

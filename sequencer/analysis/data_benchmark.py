@@ -218,23 +218,35 @@ def describe_stages(stages: Dict[str, float]) -> str:
 
 
 def verdict(loader: float, synthetic: float, end_to_end: float, workers: int,
-            cpu_count: Optional[int]) -> Dict:
+            cpu_count: Optional[int], processes_alone: Optional[float] = None) -> Dict:
     """Which sets the pace, from images per second measured alone: the loader ('loader', slower than the
     synthetic step) or the model ('model'); end to end as a fraction of the synthetic step; and where the loader
     binds, the loader processes that would bring end to end to ``TARGET`` of the synthetic step at the measured
-    rate per process (an estimate: it assumes that the rate grows in proportion to the processes)."""
+    rate per process (an estimate: it assumes that the rate grows in proportion to the processes).
+
+    With ``--device-augment``, ``loader`` is the loader with the device's work and ``processes_alone`` the
+    loader processes' own rate: where they alone keep up, the device's work binds ('device augmentation'), and
+    more processes would not help."""
     per_process = loader / max(workers, 1)
     pace = 'loader' if loader < synthetic else 'model'
+    if pace == 'loader' and processes_alone is not None and processes_alone >= synthetic:
+        pace = 'device augmentation'
     needed = math.ceil(TARGET * synthetic / per_process) if pace == 'loader' else None
     return dict(pace=pace, end_to_end_fraction=end_to_end / synthetic, loader_img_per_s=loader,
                 synthetic_img_per_s=synthetic, end_to_end_img_per_s=end_to_end, img_per_s_per_process=per_process,
-                workers=workers, target_fraction=TARGET, workers_needed_estimate=needed, cpu_count=cpu_count)
+                workers=workers, target_fraction=TARGET, workers_needed_estimate=needed, cpu_count=cpu_count,
+                loader_processes_img_per_s=processes_alone)
 
 
 def describe(v: Dict) -> str:
     """The verdict in words, a few lines."""
     lines = []
-    if v['pace'] == 'loader':
+    if v['pace'] == 'device augmentation':
+        lines.append(f"pace: device augmentation (the loader processes alone make "
+                     f"{v['loader_processes_img_per_s']:.1f} img/s, with the device's decoding and augmentation "
+                     f"{v['loader_img_per_s']:.1f} img/s, slower than the synthetic step's "
+                     f"{v['synthetic_img_per_s']:.1f} img/s; more loader processes would not help)")
+    elif v['pace'] == 'loader':
         lines.append(f"pace: loader (alone {v['loader_img_per_s']:.1f} img/s, slower than the synthetic step's "
                      f"{v['synthetic_img_per_s']:.1f} img/s)")
     else:
