@@ -17,9 +17,9 @@ from torch import nn
 
 from ..data.datasets import build_dataset
 from ..data.loaders import check_input_size
-from ..engine.args import COUNT, NATURAL, POSITIVE
+from ..engine.args import COUNT, POSITIVE
 from ..engine.io import atomic_open, check_output, write_text, write_with
-from ..engine.loading import add_model_arguments, models_from_args, resolve_device
+from ..engine.loading import add_evaluation_arguments, add_model_arguments, models_from_args, resolve_device
 
 __all__ = ['sweep', 'plot_sweep', 'FIELDS']
 
@@ -125,14 +125,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--split', default='validation',
                         help="split folder to use if DATA has several (default: %(default)s, which finds val/)")
     parser.add_argument('--crop-pct', type=POSITIVE, default=None, help="centre-crop fraction (default: the model's)")
-    parser.add_argument('-b', '--batch-size', type=COUNT, default=64, help='batch size (default: %(default)s)')
-    parser.add_argument('-j', '--workers', type=NATURAL, default=2,
-                        help='data loading processes (default: %(default)s)')
-    parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
-                        help='evaluate under autocast with this dtype (default: float32)')
-    parser.add_argument('--log-interval', type=NATURAL, default=50,
-                        help='batches between progress lines, 0 for none (default: %(default)s)')
-    parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
+    add_evaluation_arguments(parser)
 
 
 def run(args) -> int:

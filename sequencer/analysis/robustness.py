@@ -22,9 +22,9 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from ..engine.args import COUNT, NATURAL, POSITIVE
+from ..engine.args import COUNT, POSITIVE
 from ..engine.io import atomic_open, check_output, write_text
-from ..engine.loading import add_model_arguments, model_from_args, resolve_device
+from ..engine.loading import add_evaluation_arguments, add_model_arguments, model_from_args, resolve_device
 from ..errors import UserError
 
 __all__ = ['ALEXNET_ERRORS', 'CORRUPTIONS', 'imagenet_class_index', 'corruption_errors', 'mce', 'evaluate_folder',
@@ -216,14 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="input resolution (default: the run's training resolution, else the model's)")
     parser.add_argument('--crop-pct', type=POSITIVE, default=None,
                         help="centre-crop fraction for A / R / Sketch / V2 (default: the model's; ImageNet-C uses 1.0)")
-    parser.add_argument('-b', '--batch-size', type=COUNT, default=64, help='batch size (default: %(default)s)')
-    parser.add_argument('-j', '--workers', type=NATURAL, default=2,
-                        help='data loading processes (default: %(default)s)')
-    parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
-                        help='evaluate under autocast with this dtype (default: float32)')
-    parser.add_argument('--log-interval', type=NATURAL, default=50,
-                        help='batches between progress lines on A / R / Sketch / V2, 0 for none (default: %(default)s)')
-    parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
+    add_evaluation_arguments(parser, ' on A / R / Sketch / V2')
 
 
 def run(args) -> int:

@@ -19,7 +19,7 @@ from ..data.images import load_image
 from ..errors import UserError, first_line
 from ..factory import create_model
 from ..models.weights import CheckpointError, convert_state_dict, load_state_dict, read_file, resolve_path, unwrap
-from .args import COUNT, ParseKwargs
+from .args import COUNT, NATURAL, ParseKwargs
 
 __all__ = ['add_model_arguments', 'build_model', 'model_from_args', 'resolve_device', 'list_images', 'load_image',
            'class_names', 'LoadedModel']
@@ -54,6 +54,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False,
     if device:
         g.add_argument('--device', default=None, help='cuda or cpu (default: cuda when available)')
     return g
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser, progress_on: str = '') -> None:
+    """The evaluation tools' (``resolution``, ``robustness``) ``-b``, ``-j``, ``--amp-dtype``, ``--log-interval``
+    (progress lines ``progress_on`` what, e.g. ' on A / R') and ``--output``."""
+    parser.add_argument('-b', '--batch-size', type=COUNT, default=64, help='batch size (default: %(default)s)')
+    parser.add_argument('-j', '--workers', type=NATURAL, default=2,
+                        help='data loading processes (default: %(default)s)')
+    parser.add_argument('--amp-dtype', default=None, choices=['float16', 'bfloat16'],
+                        help='evaluate under autocast with this dtype (default: float32)')
+    parser.add_argument('--log-interval', type=NATURAL, default=50,
+                        help=f'batches between progress lines{progress_on}, 0 for none (default: %(default)s)')
+    parser.add_argument('--output', '-o', required=True, metavar='DIR', help='output folder')
 
 
 def resolve_device(name: Optional[str] = None, mps: bool = True) -> torch.device:
