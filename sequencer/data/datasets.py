@@ -28,7 +28,7 @@ from timm.data import create_dataset
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import PrefetchLoader
 from timm.data.random_erasing import RandomErasing
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..errors import UserError, first_line
 from .device_augment import DecodeError, DeviceAugment, EncodedImage, Planned
@@ -233,17 +233,20 @@ class Samples(Dataset):
 def seeded(seed: int):
     """Python's, numpy's and torch's CPU generators seeded from ``seed`` inside, the caller's states restored
     after. Only torch's CPU generator: ``torch.manual_seed`` would also reseed every device's (and take 0.1 ms, a
-    noticeable share of a loader process's time per image)."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    noticeable share of a loader process's time per image). In a loader process, where every sample seeds its
+    own draws and nothing else draws, the states are not kept (another 0.1 ms per image)."""
+    keep = get_worker_info() is None
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if keep else None
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.default_generator.manual_seed(seed % 2 ** 63)
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+        if keep:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
 
 
 class ShardSampler(Sampler):
