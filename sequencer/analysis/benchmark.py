@@ -925,7 +925,7 @@ def run_synthetic(args, input_size) -> int:
     return 0
 
 
-DATA_FIELDS = ('measurement', 'model', 'mode', 'device', 'precision', 'batch_size', 'input_size', 'compile',
+DATA_FIELDS = ('measurement', 'model', 'layers', 'mode', 'device', 'precision', 'batch_size', 'input_size', 'compile',
                'rnn_engine', 'gemm', 'grad_checkpointing', 'workers', 'threads', 'warmup', 'iters', 'seconds',
                'img_per_s', 'img_per_s_per_process', 'latency_ms_mean', 'latency_ms_median', 'latency_ms_p90', 'data',
                'images', 'classes', 'transform', 'pace', 'end_to_end_fraction', 'workers_needed_estimate',
@@ -968,7 +968,8 @@ def run_data(args, input_size) -> int:
     progress.say(f"data: {len(dataset)} images, {classes} classes in {folder}; {loaders.description}; "
                  f"{processes}", force=True)
 
-    common = dict(model=args.model, mode=args.mode, device=device.type, precision=args.precision,
+    common = dict(model=args.model, layers=','.join(map(str, layers)) if layers is not None else None,
+                  mode=args.mode, device=device.type, precision=args.precision,
                   batch_size=args.batch_size, input_size='x'.join(map(str, input_size)), compile=compile_,
                   grad_checkpointing=args.grad_checkpointing, threads=torch.get_num_threads(), data=folder,
                   images=len(dataset), classes=classes, transform=loaders.description,
