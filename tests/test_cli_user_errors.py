@@ -161,6 +161,15 @@ def test_a_failed_resume_leaves_no_run_folder(tmp_path, data, capsys, monkeypatc
     assert not (tmp_path / 'runs' / 'wrong').exists()
 
 
+def test_tensorboard_missing_is_refused_before_the_run_folder(tmp_path, data, capsys, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'tensorboard' else real(name, *a))
+    assert _exit_code(_train(data, tmp_path, '--log-tensorboard')) == 2
+    _one_line(capsys, '--log-tensorboard needs the tensorboard package')
+    assert not (tmp_path / 'runs').exists()
+
+
 # V12
 def test_predict_without_model_or_checkpoint_says_to_give_one(tmp_path, capsys):
     assert _exit_code(['predict', _images(tmp_path)]) == 2

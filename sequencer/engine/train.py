@@ -17,6 +17,7 @@ same weights and summary rows as one never interrupted (on CPU with a fixed seed
 """
 import contextlib
 import csv
+import importlib.util
 import io
 import math
 import os
@@ -629,6 +630,9 @@ def check_args(args) -> None:
                         "an epoch itself)")
     if args.resplit and not args.reprob:
         raise UserError("--resplit splits random erasing, which is off: give --reprob too")
+    if args.log_tensorboard and importlib.util.find_spec('tensorboard') is None:   # before any run folder is made
+        raise UserError("--log-tensorboard needs the tensorboard package (pip install tensorboard, or the "
+                        "tensorboard extra of this package)")
     if args.device_augment and args.no_prefetcher:
         raise UserError("--device-augment and --no-prefetcher: the prefetcher normalises and erases the batches "
                         "augmented on the device; give one of them")
