@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from test_train import ROOT, TINY, run
 from timm.data import auto_augment, create_transform
+from torchvision.transforms.functional import pil_to_tensor
 
 from sequencer.data import device_augment as da
 from sequencer.data.datasets import seeded
@@ -32,7 +33,7 @@ def photo(seed, w=96, h=80):
 
 
 def batch(images):
-    return torch.stack([da._chw(im) for im in images]).float()
+    return torch.stack([pil_to_tensor(im) for im in images]).float()
 
 
 PIXEL_CASES = [('auto_contrast', ()), ('equalize', ()), ('invert', ()), ('solarize', (128,)), ('solarize', (20,)),

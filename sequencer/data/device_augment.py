@@ -81,8 +81,7 @@ class EncodedImage:
 class _Recorded:
     """What RandAugment's ops are applied to in a loader process: each op, once drawn, is recorded here."""
 
-    def __init__(self, size: Tuple[int, int]):
-        self.size = size    # (width, height), as a PIL image's
+    def __init__(self):
         self.ops: List[Tuple[str, tuple, Optional[str]]] = []
 
 
@@ -169,7 +168,7 @@ class Plan:
         interp = random.choice(interp) if isinstance(interp, (list, tuple)) else interp
         hflip = bool(self.hflip) and torch.rand(1).item() < self.hflip   # torchvision's flips: torch's generator
         vflip = bool(self.vflip) and torch.rand(1).item() < self.vflip
-        ops = self.randaugment(_Recorded(self.size[::-1])).ops if self.randaugment is not None else []
+        ops = self.randaugment(_Recorded()).ops if self.randaugment is not None else []
         if self.jitter is not None:   # its factors and their order, as ColorJitter draws them
             cj = self.jitter
             order, *factors = cj.get_params(cj.brightness, cj.contrast, cj.saturation, None)
@@ -179,10 +178,6 @@ class Plan:
 
 def _pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], -1)
-
-
-def _chw(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(_pixels(img).copy()).permute(2, 0, 1).contiguous()
 
 
 # ---- the device's half -------------------------------------------------------------------------------------
