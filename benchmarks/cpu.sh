@@ -16,6 +16,8 @@
 # With onnxruntime installed (the export extra), the 'auto' runs time it too on our exported model (inference).
 # MKL_ENABLE_INSTRUCTIONS=AVX2 (say) restricts PyTorch's MKL to that instruction set, which makes its sgemm slow
 # on an AVX-512 processor, as it is on some AMD ones: the results' names then end in -mkl-avx2.
+# AS_AVX2=1 runs everything as on an AVX2 processor: PyTorch's own kernels, MKL, oneDNN and our CPU kernel
+# (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, SEQUENCER_CPU_ISA); names end in -as-avx2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS_DIR:-benchmarks/results}
@@ -25,7 +27,10 @@ CPU=$(grep -m 1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2-)
 if [[ -z ${CPU// /} ]]; then CPU=$(lscpu 2>/dev/null | grep -m 1 '^Model name' | cut -d: -f2-); fi
 if [[ -z ${CPU// /} ]]; then CPU=$(uname -m); fi
 SLUG=$(printf '%s' "$CPU" | tr '[:upper:]' '[:lower:]' | sed -E 's/\((r|tm)\)//g; s/[^a-z0-9]+/-/g; s/^-+|-+$//g')
-if [[ -n ${MKL_ENABLE_INSTRUCTIONS:-} ]]; then
+if [[ ${AS_AVX2:-0} == 1 ]]; then
+  export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 SEQUENCER_CPU_ISA=x86_64_v3
+  SLUG="$SLUG-as-avx2"
+elif [[ -n ${MKL_ENABLE_INSTRUCTIONS:-} ]]; then
   SLUG="$SLUG-mkl-$(printf '%s' "$MKL_ENABLE_INSTRUCTIONS" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g')"
 fi
 ORT=()

@@ -324,3 +324,25 @@ def test_measuring_inside_a_checkpointed_forward(monkeypatch):
     assert 'measured' in autotune.describe(fast)
     for (name, p), q in zip(fast.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_instruction_set_limits_get_a_cache_section_of_their_own(monkeypatch):
+    """Libraries held below the processor's instruction set (e.g. MKL restricted to AVX2) run at other speeds, so
+    their choices are measured and kept apart from the unrestricted process's; benchmarks record the limits."""
+    from sequencer.analysis.benchmark import environment
+    for name in cpu_kernel.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(autotune, '_PROCESSOR', {})
+    plain = autotune.processor_id()
+    assert 'isa_limits' not in environment(torch.device('cpu'))
+    autotune.choose('layer A', _candidates(), timer=FakeTimer(fused=0.02, native=0.01))
+
+    monkeypatch.setenv('MKL_ENABLE_INSTRUCTIONS', 'AVX2')
+    monkeypatch.setattr(autotune, '_PROCESSOR', {})
+    autotune._memory.clear()
+    assert autotune.processor_id() == plain + ' [MKL_ENABLE_INSTRUCTIONS=AVX2]'
+    assert environment(torch.device('cpu'))['isa_limits'] == {'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}
+    timer = FakeTimer(fused=0.01, native=0.02)
+    assert autotune.choose('layer A', _candidates(), timer=timer) == 'fused'   # measured again, not read back
+    assert timer.calls
+    assert len(json.loads(autotune.cache_path().read_text())['entries']) == 2

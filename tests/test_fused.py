@@ -902,3 +902,81 @@ def test_inference_under_no_grad_keeps_nothing_for_a_backward(monkeypatch):
     assert torch.allclose(y, y_grad, atol=1e-6)
     y_grad.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+V4_FLAGS = {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2', 'fma', 'bmi2'}
+
+
+@pytest.mark.parametrize('flags, request_, first', [
+    (V4_FLAGS, None, 'x86_64_v4'),
+    (V4_FLAGS, 'x86_64_v3', 'x86_64_v3'),
+    (V4_FLAGS, 'x86-64-v3', 'x86_64_v3'),
+    (V4_FLAGS, 'baseline', 'x86_64'),
+    ({'avx2', 'fma', 'bmi2'}, None, 'x86_64_v3'),
+    ({'sse2'}, None, 'x86_64'),
+])
+def test_cpu_kernel_level_follows_the_cpu_and_the_request(monkeypatch, flags, request_, first):
+    """The kernel is built for the widest x86-64 level the CPU runs, or the lower one SEQUENCER_CPU_ISA asks for;
+    the baseline builds (with and without OpenMP) always follow as fallbacks."""
+    monkeypatch.setattr(cpu_kernel.platform, 'machine', lambda: 'x86_64')
+    monkeypatch.setattr(cpu_kernel, '_cpu_flags', lambda: set(flags))
+    if request_ is None:
+        monkeypatch.delenv(cpu_kernel.ISA_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu_kernel.ISA_ENV, request_)
+    names = [name for name, _, _ in cpu_kernel._variants()]
+    assert names[0] == first and names[-2:] == ['x86_64', 'x86_64_noomp']
+    assert cpu_kernel.isa_level() == first
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize('request_, message', [
+    ('x86_64_v4', 'this CPU does not run that x86-64 level (it runs x86_64_v3, baseline)'),
+    ('avx9', "SEQUENCER_CPU_ISA must be 'auto', 'x86_64_v4', 'x86_64_v3' or 'baseline', got 'avx9'"),
+])
+def test_cpu_kernel_level_request_that_cannot_be_built_is_refused(monkeypatch, request_, message):
+    from sequencer.errors import UserError
+    monkeypatch.setattr(cpu_kernel.platform, 'machine', lambda: 'x86_64')
+    monkeypatch.setattr(cpu_kernel, '_cpu_flags', lambda: {'avx2', 'fma', 'bmi2'})
+    monkeypatch.setenv(cpu_kernel.ISA_ENV, request_)
+    with pytest.raises(UserError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        cpu_kernel._variants()
+
+
+def test_build_kernel_command_refuses_a_bad_level_in_one_line():
+    env = dict(os.environ, **{cpu_kernel.ISA_ENV: 'avx9'})
+    r = subprocess.run([sys.executable, '-m', 'sequencer.cli', 'build-kernel'], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "sequencer build-kernel: error: SEQUENCER_CPU_ISA must be 'auto', 'x86_64_v4', 'x86_64_v3' or 'baseline', "
+        "got 'avx9'"]
+
+
+# the tests of the compiled kernels (recurrence, MLP, pre-norm) against the torch code they replace
+KERNEL_TESTS = ['tests/test_fused.py::test_cpu_kernel_matches_torch_implementation_at_model_shapes',
+                'tests/test_fused.py::test_whole_model_fused_equals_native',
+                'tests/test_fused_mlp.py::test_fused_mlp_matches_timm',
+                'tests/test_fused_mlp.py::test_kernel_gelu_and_derivative_match_torch',
+                'tests/test_fused_residual.py::test_norm_backward_kernel_matches_layer_norm_backward_plus_residual',
+                'tests/test_fused_residual.py::test_norm_forward_kernel_matches_layer_norm_and_adds_the_bias']
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cpu_kernel.cpu_level() != 'x86_64_v4', reason='needs an AVX-512 (x86-64-v4) processor')
+def test_avx2_build_of_the_kernels_passes_the_kernel_tests():
+    """On an AVX-512 processor, the kernels built for AVX2 (as they run on an AVX2-only processor) are built under
+    their own name and pass the kernel tests."""
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    env = dict(os.environ, **{cpu_kernel.ISA_ENV: 'x86_64_v3'})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, '-m', 'sequencer.cli', 'build-kernel'], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert 'CPU LSTM kernel sequencer_lstm2d_x86_64_v3: ready' in r.stdout
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-p', 'no:cacheprovider', '-o', 'addopts=', *KERNEL_TESTS],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stdout[-3000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    assert ' passed' in summary and 'skipped' not in summary, r.stdout

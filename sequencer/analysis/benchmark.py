@@ -705,7 +705,10 @@ def environment(device: torch.device) -> Dict:
                sequencer=__version__, torch=torch.__version__, timm=timm.__version__,
                python=platform.python_version(), cpu=cpu, cpu_isa=cpu_kernel.isa_level(), cpu_count=os.cpu_count(),
                torch_threads=torch.get_num_threads(), device=device.type,
-               device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu)
+               device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu,
+               aten_cpu_capability=torch.backends.cpu.get_cpu_capability())
+    if cpu_kernel.isa_limits():   # instruction sets held below the processor's (e.g. as on an AVX2 processor)
+        env['isa_limits'] = cpu_kernel.isa_limits()
     return env
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from . import cpu_kernel
 
 ENV = 'SEQUENCER_AUTOTUNE'
 CACHE_ENV = 'SEQUENCER_CACHE_DIR'
@@ -77,28 +78,26 @@ _PROCESSOR: Dict[str, str] = {}
 
 
 def processor_id(device: str = 'cpu') -> str:
-    """The processor's model: /proc/cpuinfo's 'model name' with its x86-64 level (v3: AVX2 + FMA, v4: AVX-512) on
-    CPU, ``torch.cuda.get_device_name`` on CUDA."""
+    """The processor's model: /proc/cpuinfo's 'model name' with its x86-64 level (v3: AVX2 + FMA, v4: AVX-512)
+    and any instruction-set limits set in the environment (``cpu_kernel.ISA_LIMITS``) on CPU,
+    ``torch.cuda.get_device_name`` on CUDA."""
     if device not in _PROCESSOR:
         if device == 'cuda':
             name = torch.cuda.get_device_name()
         else:
-            name, flags = '', set()
+            name = ''
             try:
                 with open('/proc/cpuinfo') as f:
-                    for line in f:
-                        field, _, value = line.partition(':')
-                        if field.strip() == 'model name' and not name:
-                            name = value.strip()
-                        elif field.strip() == 'flags' and not flags:
-                            flags = set(value.split())
+                    name = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), '')
             except OSError:
                 pass
             name = name or platform.processor() or platform.machine() or 'unknown CPU'
-            if {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2', 'fma', 'bmi2'} <= flags:
-                name += ' [x86-64-v4]'
-            elif {'avx2', 'fma', 'bmi2'} <= flags:
-                name += ' [x86-64-v3]'
+            level = cpu_kernel.cpu_level()
+            if level:
+                name += f" [{level.replace('_', '-')}]"
+            limits = cpu_kernel.isa_limits()
+            if limits:   # libraries held to a lower instruction set choose differently: a section of their own
+                name += ' [' + ', '.join(f'{k}={v}' for k, v in sorted(limits.items())) + ']'
         _PROCESSOR[device] = name
     return _PROCESSOR[device]
 

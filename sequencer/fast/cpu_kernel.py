@@ -9,7 +9,8 @@ in well under a second. ``sequencer build-kernel`` builds it ahead of time and s
 
 The build targets the widest x86-64 level the CPU supports (v4: AVX-512, v3: AVX2 + FMA) with OpenMP,
 each variant cached under its own name, and falls back to the baseline flags, then to a build without
-OpenMP, if a build fails. Without a compiler
+OpenMP, if a build fails. ``SEQUENCER_CPU_ISA=x86_64_v3`` (or ``baseline``) builds for a lower level than the
+CPU's, e.g. to run this kernel as it runs on an AVX2 processor. Without a compiler
 (or with ``SEQUENCER_CPU_KERNEL=0`` in the environment) the fused engine runs its torch implementation
 instead -- the same numbers, more slowly -- and 'auto' picks the native engine for CPU inference.
 """
@@ -24,13 +25,38 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..errors import UserError
+
 CSRC = Path(__file__).resolve().parent / 'csrc'
 SOURCES = [CSRC / 'lstm2d_cpu.cpp', CSRC / 'mlp_cpu.cpp', CSRC / 'norm_cpu.cpp']   # and cpu_math.h
 ENV = 'SEQUENCER_CPU_KERNEL'
+ISA_ENV = 'SEQUENCER_CPU_ISA'
+# x86-64 levels, widest first: (name, /proc/cpuinfo flags it needs, compiler flags)
+LEVELS = [
+    ('x86_64_v4', {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2', 'fma', 'bmi2'},
+     ['-march=x86-64-v4', '-mprefer-vector-width=512']),
+    ('x86_64_v3', {'avx2', 'fma', 'bmi2'}, ['-march=x86-64-v3']),
+]
 BASE_FLAGS = ['-O3', '-fno-trapping-math', '-fno-math-errno']
 
 _lock = threading.Lock()
 _state = {'tried': False, 'ok': False, 'error': None, 'name': None}
+
+
+# environment variables that hold a library below the processor's instruction set (e.g. to run as on an AVX2
+# processor): PyTorch's own kernels, MKL, oneDNN, this kernel
+ISA_LIMITS = ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'ONEDNN_MAX_CPU_ISA', ISA_ENV)
+
+
+def isa_limits() -> dict:
+    """The ``ISA_LIMITS`` variables set in this process's environment, with their values."""
+    return {k: os.environ[k] for k in ISA_LIMITS if os.environ.get(k, '').strip()}
+
+
+def cpu_level() -> Optional[str]:
+    """The widest x86-64 level of ``LEVELS`` this CPU runs (whatever ``SEQUENCER_CPU_ISA`` says), or None."""
+    flags = _cpu_flags()
+    return next((name for name, needs, _ in LEVELS if needs <= flags), None)
 
 
 def _cpu_flags() -> set:
@@ -56,16 +82,36 @@ def _variants() -> List[Tuple[str, List[str], List[str]]]:
     compilers without OpenMP support, such as Apple's clang)."""
     omp = ['-fopenmp']
     out = []
+    cap = _requested_level()
     if platform.machine() in ('x86_64', 'AMD64'):
         flags = _cpu_flags()
-        if {'avx512f', 'avx512bw', 'avx512cd', 'avx512dq', 'avx512vl', 'avx2', 'fma', 'bmi2'} <= flags:
-            out.append(('x86_64_v4', ['-march=x86-64-v4', '-mprefer-vector-width=512', *omp], omp))
-        elif {'avx2', 'fma', 'bmi2'} <= flags:
-            out.append(('x86_64_v3', ['-march=x86-64-v3', *omp], omp))
+        runnable = [(name, march) for name, needs, march in LEVELS if needs <= flags]
+        names = [name for name, _ in runnable]
+        if cap not in (None, 'baseline') and cap not in names:
+            raise UserError(f"{ISA_ENV}={cap}: this CPU does not run that x86-64 level (it runs "
+                            f"{', '.join(names + ['baseline'])})")
+        if cap is not None:
+            runnable = [] if cap == 'baseline' else runnable[names.index(cap):]
+        out.extend((name, [*march, *omp], omp) for name, march in runnable[:1])
+    elif cap not in (None, 'baseline'):
+        raise UserError(f"{ISA_ENV}={cap}: x86-64 levels apply to x86-64 processors only, not "
+                        f"{platform.machine()}")
     base = platform.machine().lower() or 'generic'
     out.append((base, omp, omp))
     out.append((f'{base}_noomp', [], []))
     return out
+
+
+def _requested_level() -> Optional[str]:
+    """The level ``SEQUENCER_CPU_ISA`` asks for ('x86_64_v4', 'x86_64_v3' or 'baseline'), None when unset."""
+    names = [name for name, _, _ in LEVELS]
+    value = os.environ.get(ISA_ENV, '').strip().lower().replace('-', '_')
+    if value in ('', 'auto'):
+        return None
+    if value not in names + ['baseline']:
+        raise UserError(f"{ISA_ENV} must be 'auto', {', '.join(repr(n) for n in names)} or 'baseline', "
+                        f"got {value!r}")
+    return value
 
 
 def enabled() -> bool:
@@ -99,6 +145,7 @@ def load(verbose: bool = False, raise_errors: bool = False) -> bool:
     with _lock:
         if _state['tried'] and (_state['ok'] or not raise_errors):
             return _state['ok']
+        variants = _variants() if enabled() else []   # a bad SEQUENCER_CPU_ISA raises here, every time
         _state['tried'] = True
         if not enabled():
             _state['error'] = f'disabled by {ENV}=0'
@@ -106,7 +153,7 @@ def load(verbose: bool = False, raise_errors: bool = False) -> bool:
                 raise RuntimeError(_state['error'])
             return False
         errors = []
-        for suffix, flags, ldflags in _variants():
+        for suffix, flags, ldflags in variants:
             try:
                 _build(f'sequencer_lstm2d_{suffix}', flags, ldflags, verbose)
                 _register_fake_ops()
