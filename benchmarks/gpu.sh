@@ -17,7 +17,8 @@
 #          mem_b32, mem_b32_gc     training peak memory at batch 32, without / with gradient checkpointing
 # infer: inference, batch 256, bf16:
 #          infer_eager, infer_compiled   both models eager; both under torch.compile (fused engine)
-#          infer_auto   both models eager, ours with the default engine ('auto': cuDNN for eager inference)
+#          infer_auto   both models eager, ours with the default engine ('auto': cuDNN or the Triton kernels,
+#                       whichever was faster the first time a layer shape ran)
 # compare: Sequencer2D-S against timm's sequencer2d_s (same weights), ConvNeXt-T and Swin-T, all eager, bf16,
 #          batch 256, in one run each:
 #          compare_train, compare_infer   ours with the fused engine

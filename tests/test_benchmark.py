@@ -396,3 +396,31 @@ def test_cpu_script_names_a_restricted_mkl_and_adds_onnxruntime_to_auto(tmp_path
         # onnxruntime times inference, in the 'auto' runs that infer
         infers = argv[argv.index('--mode') + 1] in ('infer', 'both')
         assert ('--compare-onnxruntime' in argv) == (engine == 'auto' and infers), argv
+
+
+def test_cpu_script_as_avx2_holds_every_library_to_avx2(tmp_path):
+    """AS_AVX2=1: every run sees PyTorch's kernels, MKL, oneDNN and ours held to AVX2, and the results' names say
+    so (a stand-in python prints its environment's limits with its arguments)."""
+    fake = tmp_path / 'python'
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'echo "$ATEN_CPU_CAPABILITY $MKL_ENABLE_INSTRUCTIONS $ONEDNN_MAX_CPU_ISA $SEQUENCER_CPU_ISA $*"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), RESULTS_DIR=str(tmp_path), AS_AVX2='1')
+    for name in ('ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'ONEDNN_MAX_CPU_ISA', 'SEQUENCER_CPU_ISA'):
+        env.pop(name, None)
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'cpu.sh')], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    runs = [ln.split() for ln in proc.stdout.splitlines() if '--results' in ln]
+    assert len(runs) == 6   # five benchmarks and the GEMM shapes (the import check prints too, without --results)
+    for argv in runs:
+        assert argv[:4] == ['avx2', 'AVX2', 'AVX2', 'x86_64_v3'], argv
+        assert '-as-avx2-' in argv[-1], argv
+
+
+def test_instruction_set_limits_are_printed_and_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('MKL_ENABLE_INSTRUCTIONS', 'AVX2')
+    out = tmp_path / 'limited.json'
+    assert main(['benchmark', *TINY, '--mode', 'infer', '--no-memory', '--results-file', str(out)]) == 0
+    assert json.loads(out.read_text())['environment']['isa_limits'] == {'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}
+    assert "instruction sets held below this processor's: MKL_ENABLE_INSTRUCTIONS=AVX2" in capsys.readouterr().out

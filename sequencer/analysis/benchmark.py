@@ -908,6 +908,10 @@ def run_synthetic(args, input_size) -> int:
           f"{device.type} ({env['device_name']}, {torch.get_num_threads()} threads)  compile={compile_}  "
           f"engine ({', '.join(engines)})  grad_checkpointing={args.grad_checkpointing}  {macs / 1e9:.2f} GMACs/img"
           + (f"  matmul peak {peak:.1f} GFLOP/s" if peak else ''))
+    if device.type == 'cpu' and env.get('isa_limits'):
+        print('instruction sets held below this processor\'s: '
+              + ', '.join(f'{k}={v}' for k, v in env['isa_limits'].items())
+              + (' (not onnxruntime\'s kernels)' if ort_info else ''))
     gemm_labels = list(dict.fromkeys(g for g in gemms if g))
     if gemm_labels:
         print(f"GEMMs of our fast engine: {gemm_labels[-1]}")
