@@ -1,8 +1,10 @@
 """Where one training (or inference) step of a model spends its time: torch.profiler's table of the most
 expensive operators and kernels, by self time on the device (CUDA) or on the CPU.
 
-    python benchmarks/profile_step.py [--model sequencer2d_s] [--device cuda] [--batch-size 256]
-        [--precision bf16] [--rnn-engine fused] [--mode train|infer] [--top 30] [--timm]
+    python benchmarks/profile_step.py [--model sequencer2d_s] [--device cuda|cpu] [--batch-size N]
+        [--precision fp32|bf16|fp16] [--rnn-engine fused] [--mode train|infer] [--top 30] [--timm]
+
+Defaults follow the device: batch 256 under bf16 autocast on CUDA, batch 8 in float32 on the CPU.
 
 ``--timm`` profiles timm's model of the same name instead (same architecture, native LSTMs).
 """
@@ -16,9 +18,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', default='sequencer2d_s')
     p.add_argument('--device', default='cuda', choices=('cpu', 'cuda'))
-    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--batch-size', type=int, default=None, help='default: 256 on CUDA, 8 on the CPU')
     p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default='bf16')
+    p.add_argument('--precision', choices=('fp32', 'bf16', 'fp16'), default=None,
+                   help='default: bf16 on CUDA, fp32 on the CPU')
     p.add_argument('--rnn-engine', choices=('auto', 'native', 'fused'), default='fused')
     p.add_argument('--mode', choices=('train', 'infer'), default='train')
     p.add_argument('--top', type=int, default=30)
@@ -27,6 +30,9 @@ def main(argv=None):
     if args.device == 'cuda' and not torch.cuda.is_available():
         sys.exit('profile_step.py: no CUDA device')
     dev = torch.device(args.device)
+    cuda = dev.type == 'cuda'
+    args.batch_size = args.batch_size or (256 if cuda else 8)
+    args.precision = args.precision or ('bf16' if cuda else 'fp32')
     if args.timm:
         import timm
         model = timm.create_model(args.model)
