@@ -154,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument('--gemm', choices=('auto',) + gemm.BACKENDS, default='auto',
                         help='CPU float32 GEMMs of our fast engine: measured choice (auto), MKL, or oneDNN')
     parser.add_argument('--pack-weights', action='store_true',
-                        help="inference: our fast engine's forward GEMMs on oneDNN use weights packed once into "
+                        help="inference: our fast engine keeps the recurrence's stacked weights instead of rebuilding "
+                             "them at every call, and its forward GEMMs on oneDNN use weights packed once into "
                              "oneDNN's layout (as `sequencer validate` and `predict` do; SEQUENCER_PACK_WEIGHTS=1)")
     parser.add_argument('--matmul-peak', action='store_true',
                         help='measure the machine\'s matrix-multiply peak (a large GEMM in the benchmark precision) '
