@@ -696,20 +696,16 @@ def _percentile(values: Sequence[float], q: float) -> float:
 # ---- environment and output -------------------------------------------------------------------------
 
 def environment(device: torch.device) -> Dict:
-    cpu = platform.processor() or ''
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), cpu)
-    except OSError:
-        pass
+    cpu = cpu_kernel.cpu_model_name() or platform.processor() or ''
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                sequencer=__version__, torch=torch.__version__, timm=timm.__version__,
                python=platform.python_version(), cpu=cpu, cpu_isa=cpu_kernel.isa_level(), cpu_count=os.cpu_count(),
                torch_threads=torch.get_num_threads(), device=device.type,
                device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu,
                aten_cpu_capability=torch.backends.cpu.get_cpu_capability())
-    if cpu_kernel.isa_limits():   # instruction sets held below the processor's (e.g. as on an AVX2 processor)
-        env['isa_limits'] = cpu_kernel.isa_limits()
+    limits = cpu_kernel.isa_limits()
+    if limits:   # instruction sets held below the processor's (e.g. as on an AVX2 processor)
+        env['isa_limits'] = limits
     return env
 
 

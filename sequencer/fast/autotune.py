@@ -85,13 +85,7 @@ def processor_id(device: str = 'cpu') -> str:
         if device == 'cuda':
             name = torch.cuda.get_device_name()
         else:
-            name = ''
-            try:
-                with open('/proc/cpuinfo') as f:
-                    name = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), '')
-            except OSError:
-                pass
-            name = name or platform.processor() or platform.machine() or 'unknown CPU'
+            name = cpu_kernel.cpu_model_name() or platform.processor() or platform.machine() or 'unknown CPU'
             level = cpu_kernel.cpu_level()
             if level:
                 name += f" [{level.replace('_', '-')}]"

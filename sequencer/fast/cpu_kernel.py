@@ -55,19 +55,33 @@ def isa_limits() -> dict:
 
 def cpu_level() -> Optional[str]:
     """The widest x86-64 level of ``LEVELS`` this CPU runs (whatever ``SEQUENCER_CPU_ISA`` says), or None."""
+    return next((name for name, _ in _runnable_levels()), None)
+
+
+def _runnable_levels() -> List[Tuple[str, List[str]]]:
+    """(name, compiler flags) of the ``LEVELS`` this CPU runs, widest first; none off x86-64."""
+    if platform.machine() not in ('x86_64', 'AMD64'):
+        return []
     flags = _cpu_flags()
-    return next((name for name, needs, _ in LEVELS if needs <= flags), None)
+    return [(name, march) for name, needs, march in LEVELS if needs <= flags]
+
+
+def _cpuinfo_field(prefix: str) -> Optional[str]:
+    """The value of /proc/cpuinfo's first line starting with ``prefix`` (None without one, or off Linux)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line.split(':', 1)[1].strip() for line in f if line.startswith(prefix)), None)
+    except OSError:
+        return None
+
+
+def cpu_model_name() -> str:
+    """/proc/cpuinfo's 'model name' (e.g. 'Intel(R) Xeon(R) Processor'), '' where there is none."""
+    return _cpuinfo_field('model name') or ''
 
 
 def _cpu_flags() -> set:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('flags'):
-                    return set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo_field('flags') or '').split())
 
 
 def isa_level() -> str:
@@ -83,19 +97,14 @@ def _variants() -> List[Tuple[str, List[str], List[str]]]:
     omp = ['-fopenmp']
     out = []
     cap = _requested_level()
-    if platform.machine() in ('x86_64', 'AMD64'):
-        flags = _cpu_flags()
-        runnable = [(name, march) for name, needs, march in LEVELS if needs <= flags]
-        names = [name for name, _ in runnable]
-        if cap not in (None, 'baseline') and cap not in names:
-            raise UserError(f"{ISA_ENV}={cap}: this CPU does not run that x86-64 level (it runs "
-                            f"{', '.join(names + ['baseline'])})")
-        if cap is not None:
-            runnable = [] if cap == 'baseline' else runnable[names.index(cap):]
-        out.extend((name, [*march, *omp], omp) for name, march in runnable[:1])
-    elif cap not in (None, 'baseline'):
-        raise UserError(f"{ISA_ENV}={cap}: x86-64 levels apply to x86-64 processors only, not "
-                        f"{platform.machine()}")
+    runnable = _runnable_levels()
+    names = [name for name, _ in runnable]
+    if cap not in (None, 'baseline') and cap not in names:
+        raise UserError(f"{ISA_ENV}={cap}: this CPU does not run that x86-64 level (it runs "
+                        f"{', '.join(names + ['baseline'])})")
+    if cap is not None:
+        runnable = [] if cap == 'baseline' else runnable[names.index(cap):]
+    out.extend((name, [*march, *omp], omp) for name, march in runnable[:1])
     base = platform.machine().lower() or 'generic'
     out.append((base, omp, omp))
     out.append((f'{base}_noomp', [], []))
