@@ -102,7 +102,11 @@ def test_state_dict_keys_and_values_are_the_same_whatever_the_engine(engine):
     set_engine(model, engine)
     after = model.state_dict()
     assert list(after) == list(before)
-    assert all(after[k].data_ptr() == before[k].data_ptr() and torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    # the same storage, except the LSTM parameters of CPU float32 layers: views of one buffer per kind
+    # (lstm2d.flatten_weights, tests/test_flat_weights.py)
+    moved = {k for k in before if after[k].data_ptr() != before[k].data_ptr()}
+    assert moved == ({k for k in before if '.rnn_v.' in k or '.rnn_h.' in k} if engine != 'native' else set())
     assert [id(p) for p in model.parameters()] == params   # the very same Parameter objects
     other = set_engine(_tiny(num_classes=5), 'native')
     randomize(other, seed=3)

@@ -181,9 +181,9 @@ def state(t: torch.Tensor, values: Optional[torch.Tensor] = None) -> tuple:
 
 
 def kept(owner: torch.Tensor, key: tuple, make) -> tuple:
-    """The tuple of weights ``make()`` derives from parameters (the fused recurrence's stacked weights), kept per
-    ``owner`` while ``key`` (the parameters' identities and versions) stays the same, so that their packed copies
-    are reused; their tensors are packed like Parameters. ``clear_packed`` forgets them."""
+    """The tuple of weights (or None) ``make()`` derives from parameters (the fused recurrence's stacked weights),
+    kept per ``owner`` while ``key`` (the parameters' identities and versions) stays the same, so that their packed
+    copies are reused; their tensors are packed like Parameters. ``clear_packed`` forgets them."""
     hit = _kept.get(owner)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -191,7 +191,8 @@ def kept(owner: torch.Tensor, key: tuple, make) -> tuple:
         weights = make()
     with _lock:
         for t in weights:
-            _stable[t] = True
+            if t is not None:
+                _stable[t] = True
         _kept[owner] = (key, weights)
     return weights
 

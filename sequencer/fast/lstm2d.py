@@ -52,10 +52,11 @@ single GEMMs in the autocast dtype (bf16 / fp16 tensor cores) or float32, while 
 float32. The kernels are torch ops, so compiled graphs keep them (``_forward_triton``).
 """
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import gemm
 from .runtime import (
@@ -428,37 +429,123 @@ def release_workspace() -> None:
 
 def _stacked_weights(params, D: int, dtype: torch.dtype):
     """(W_ih (D*4h, C), W_hh (D, 4h, h), b_ih + b_hh (D*4h) or None) of all directions in ``dtype``, in
-    nn.LSTM's layout (concatenated, not reordered; the bias summed in float32).
-
-    Rebuilt on every call (about 0.25 ms per 384-wide layer on a 2-core CPU, 5-10% of a batch-1 inference of
-    Sequencer2D-S): a cache would have to notice every way a weight can change, ``param.data`` writes included,
-    which bypass the version counter. With packing on (an opt-in, see ``_kernel_weights``) they are kept.
-    """
-    f32 = torch.float32
+    nn.LSTM's layout (concatenated, not reordered; the bias summed in float32): copies, made on every call."""
     with torch.no_grad():
         w_ih = torch.cat([params[4 * d] for d in range(D)]).to(dtype)
         w_hh = torch.stack([params[4 * d + 1] for d in range(D)]).to(dtype)
-        bias = None
-        if params[2] is not None:
-            bias = (torch.cat([params[4 * d + 2] for d in range(D)]).to(f32)
-                    + torch.cat([params[4 * d + 3] for d in range(D)]).to(f32)).to(dtype)
-    return w_ih, w_hh, bias
+    return w_ih, w_hh, _summed_bias(params, D, dtype)
 
 
-def _kernel_weights(params, D: int, inference: bool) -> Tuple[torch.Tensor, ...]:
-    """(W_ih (D*4h, C), W_hh (D, 4h, h), W_hh^T (D, h, 4h) contiguous, bias (D*4h)) in float32 for the CPU kernel.
-    Stacked at every call, or, for ``inference`` with packed weights, kept per layer (``gemm.kept``) and stacked
-    again when a parameter is replaced or changed in place."""
+def _summed_bias(params, D: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """b_ih + b_hh of all directions (D*4h), summed in float32, in ``dtype``; None without biases."""
+    if params[2] is None:
+        return None
+    f32 = torch.float32
+    with torch.no_grad():
+        return (torch.cat([params[4 * d + 2] for d in range(D)]).to(f32)
+                + torch.cat([params[4 * d + 3] for d in range(D)]).to(f32)).to(dtype)
+
+
+# ---- the recurrences' parameters as views of stacked buffers (CPU inference reads them without copying) --------
+
+class _Flat(NamedTuple):
+    w_ih: torch.Tensor                  # (D*4h, C): direction d's W_ih is rows d*4h ... (d+1)*4h
+    w_hh: torch.Tensor                  # (D, 4h, h)
+    b_ih: Optional[torch.Tensor]        # (D*4h,)
+    b_hh: Optional[torch.Tensor]        # (D*4h,)
+    ptrs: Tuple[int, ...]               # where each parameter's data starts (0: no bias)
+
+
+# the first direction's W_ih (a Parameter) -> its layer's buffers; keyed by identity, dropped with the parameter (a
+# deep copy of the model has new parameters, not in here: it stacks on every call until flattened again)
+_flat = WeakIdKeyDictionary()
+
+
+def _ptrs(params) -> Tuple[int, ...]:
+    return tuple(0 if p is None else p.data_ptr() for p in params)
+
+
+def flat_weights(params) -> Optional[_Flat]:
+    """The stacked buffers that ``params`` (``FastRNN2D._lstm_params()``'s) are views of right now, else None.
+
+    Every parameter must still start where ``flatten_weights`` put it: a parameter replaced, assigned a new
+    ``.data``, moved, cast, parametrized or swapped by ``functional_call`` starts elsewhere (the buffers are alive,
+    so no other tensor starts inside them), and the layer then stacks copies as before. Values written in place,
+    ``.data`` writes included, are the buffers' own: nothing can go stale."""
+    if not params or params[0] is None or torch.compiler.is_compiling():
+        return None
+    flat = _flat.get(params[0])
+    if flat is None or flat.ptrs != _ptrs(params):
+        return None
+    return flat
+
+
+def flatten_weights(module: nn.Module) -> bool:
+    """Make the LSTM parameters of ``module`` (an ``RNN2D`` of single-layer LSTMs) views of one stacked buffer per
+    kind (W_ih, W_hh, b_ih, b_hh; directions in the fused engine's order), in place, as cuDNN's
+    ``flatten_parameters`` does for ``nn.LSTM``: the fused CPU kernel's inference then reads the stacked weights
+    where they are instead of copying them at every call (5-10% of a batch-1 inference of Sequencer2D-S). The same
+    Parameter objects, values, state_dict keys and checkpoints; only where their data lives changes.
+
+    CPU float32 parameters only, not in shared memory (``share_memory()`` is kept); elsewhere nothing changes and
+    False is returned. ``set_engine`` and ``FastRNN2D._apply`` (``.to()``, ``.float()``, ...) call it."""
+    if getattr(module, 'rnn_layer', None) != 'lstm' or getattr(module, 'num_layers', 0) != 1:
+        return False
+    params = module._lstm_params()[1]
+    if not params:
+        return False
+    if flat_weights(params) is not None:
+        return True
+    present = [p for p in params if p is not None]
+    if (len(present) not in (len(params), len(params) // 2)
+            or not all(isinstance(p, nn.Parameter) and p.device.type == 'cpu' and p.dtype == torch.float32
+                       and p.is_contiguous() and not p.is_inference() and not p.is_shared() for p in present)):
+        return False
+    with torch.no_grad(), torch.inference_mode(False):
+        bufs: List[Optional[torch.Tensor]] = []
+        for k in range(4):   # w_ih, w_hh, b_ih, b_hh of every direction
+            group = params[k::4]
+            if group[0] is None:
+                bufs.append(None)
+                continue
+            buf = torch.stack(group) if k == 1 else torch.cat(group)
+            for p, view in zip(group, buf.unbind(0) if k == 1 else buf.split(group[0].shape[0])):
+                p.data = view
+            bufs.append(buf)
+    _flat[params[0]] = _Flat(*bufs, _ptrs(params))
+    return True
+
+
+def _kernel_weights(params, D: int, inference: bool) -> Tuple[Optional[torch.Tensor], ...]:
+    """(W_ih (D*4h, C), W_hh (D, 4h, h) or None, W_hh^T (D, h, 4h) contiguous, bias (D*4h)) in float32 for the CPU
+    kernel. Training: copies, made at every call (the backward keeps W_ih and W_hh). Inference (no W_hh): with
+    packed weights kept per layer (``gemm.kept``) and made again when a parameter is replaced or changed in place;
+    else W_ih read from the flattened parameters where they are (``flatten_weights``), else stacked; W_hh^T is
+    always one copy."""
     def make():
         w_ih, w_hh, bias = _stacked_weights(params, D, torch.float32)
         return (w_ih, w_hh, w_hh.transpose(1, 2).contiguous(),
                 w_ih.new_zeros(w_ih.shape[0]) if bias is None else bias)
 
-    if not (inference and gemm.packing() and params[0].device.type == 'cpu') or any(
-            p.is_inference() for p in params if p is not None):   # no version counter to follow changes by
+    if not inference:
         return make()
-    key = tuple((id(p), gemm.state(p)) for p in params if p is not None)
-    return gemm.kept(params[0], key, make)
+
+    def make_inference(flat=None):
+        with torch.no_grad():
+            if flat is not None:
+                w_ih, w_hh_t = flat.w_ih, flat.w_hh.transpose(1, 2).contiguous()
+                bias = None if flat.b_ih is None else flat.b_ih + flat.b_hh
+            else:   # W_hh^T in one copy, no W_hh
+                w_ih = torch.cat([params[4 * d] for d in range(D)]).float()
+                w_hh_t = torch.stack([params[4 * d + 1].t() for d in range(D)]).float()
+                bias = _summed_bias(params, D, torch.float32)
+        return w_ih, None, w_hh_t, w_ih.new_zeros(w_ih.shape[0]) if bias is None else bias
+
+    if gemm.packing() and params[0].device.type == 'cpu' and not any(
+            p.is_inference() for p in params if p is not None):   # (no version counter to follow changes by)
+        key = tuple((id(p), gemm.state(p)) for p in params if p is not None)
+        return gemm.kept(params[0], key, make_inference)
+    return make_inference(flat_weights(params))
 
 
 def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):

@@ -257,6 +257,13 @@ class FastRNN2D(FastModule, RNN2D):
         kinds, kept, where = self.__dict__['_lstm_refs']
         return kinds, tuple(d[name] if name in d else p for (d, name), p in zip(where, kept))
 
+    def _apply(self, fn, recurse=True):
+        """``nn.Module._apply`` (``.to()``, ``.float()``, ``.cpu()``, ...), then the LSTM parameters flattened again
+        where they are CPU float32 (``lstm2d.flatten_weights``), as ``nn.LSTM`` does for cuDNN."""
+        module = super()._apply(fn, recurse)
+        lstm2d.flatten_weights(self)
+        return module
+
     def casts_input(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` reads x only through its cast to the autocast dtype (the fused engine does, under
         autocast), so that a pre-norm may hand x over in that dtype."""
@@ -417,6 +424,7 @@ def set_engine(model: nn.Module, engine: str = 'auto', *, fused_mlp: bool = True
         if isinstance(m, FastRNN2D):
             m.engine = engine
             m._lstm_params()   # the references a graph compiled before any eager call reads
+            lstm2d.flatten_weights(m)
         elif isinstance(m, FastMlp):
             m.fused = fused_mlp
         elif isinstance(m, FastSequencerBlock):
