@@ -130,6 +130,7 @@ def test_casts_and_moves_flatten_again_and_shared_memory_is_kept():
         ref = model(x)
     model.double()
     assert all(_flat(layer) is None for layer in _layers(model))   # float64: nothing to flatten
+    assert all(lstm2d._flat.get(layer._lstm_params()[1][0]) is None for layer in _layers(model))   # buffers let go
     model.float()
     assert all(_flat(layer) is not None for layer in _layers(model))
     with torch.no_grad():
