@@ -240,6 +240,20 @@ def test_profile_and_gpu_scripts_run_on_cpu():
             assert proc.returncode != 0 and 'CUDA device' in proc.stderr, (argv, proc.stderr[-500:])
 
 
+def test_call_overhead_script_checks_outputs_and_writes_every_variant(tmp_path):
+    """benchmarks/call_overhead.py: timm's block and ours (native, fused, fused through Function.apply) give the
+    same output, and each variant's times per round are written."""
+    out = tmp_path / 'overhead.json'
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'call_overhead.py'), '--rounds', '2',
+                           '--number', '3', '--results', str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data['summary']) == {'timm', 'native', 'fused', 'fused, Function.apply'}
+    assert all(len(t) == 2 and all(v > 0 for v in t) for t in data['per_round_us'].values())
+    assert "of timm's median" in proc.stdout
+
+
 def test_prepack_script_times_three_variants_and_records_the_choice(tmp_path):
     """benchmarks/prepack_ab.py: MKL, plain and packed oneDNN in one process, packed outputs identical to plain,
     the 'auto' choices recorded, the JSON written."""

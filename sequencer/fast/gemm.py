@@ -44,7 +44,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import UserError
 from . import autotune
-from .runtime import plain_backward
+from .runtime import apply, plain_backward
 
 BACKENDS = ('mkl', 'onednn')
 KINDS = ('forward', 'input_grad', 'weight_grad')
@@ -404,5 +404,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         forward = backend(forward_kind(not torch.is_grad_enabled()))
         if forward == 'onednn' or (grad and 'onednn' in (backend('input_grad'), backend('weight_grad'))):
-            return _Linear.apply(x, weight, bias, torch.is_grad_enabled())
+            return apply(_Linear, x, weight, bias, torch.is_grad_enabled())
     return F.linear(x, weight, bias)

@@ -60,6 +60,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import gemm
 from .runtime import (
+    apply,
     autocast_dtype,
     autocast_off,
     cpu_kernel_ok,
@@ -720,7 +721,7 @@ def fused_rnn2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         mm_dtype = torch.float32
     if x.dtype == torch.float64:  # double precision throughout (gradient checks)
         mm_dtype = torch.float64
-    y = _FusedLSTM2D.apply(x, kinds, module.hidden_size, out_dtype, mm_dtype, torch.is_grad_enabled(), *params)
+    y = apply(_FusedLSTM2D, x, kinds, module.hidden_size, out_dtype, mm_dtype, torch.is_grad_enabled(), *params)
     if module.union == 'add':
         B, H, W, _ = x.shape
         y = y.view(B, H, W, 2, -1).sum(3)

@@ -241,21 +241,26 @@ class FastRNN2D(FastModule, RNN2D):
         ``nn.LSTM``s' parameter dicts, kept from the last eager call or ``set_engine``: parameters replaced in
         them since (``load_state_dict(assign=True)``, ``to_empty``) are the ones used."""
         if not torch.compiler.is_compiling():
-            kinds, names, dicts, params = [], [], [], []
-            for rnn, vertical in ((self.rnn_v, True), (self.rnn_h, False)):
-                if rnn is None:
-                    continue
-                for reverse in ((False, True) if rnn.bidirectional else (False,)):
-                    sfx = '_l0_reverse' if reverse else '_l0'
-                    kinds.append((vertical, reverse))
-                    for name in ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh'):
-                        names.append(name + sfx)
-                        dicts.append(rnn._parameters)
-                        params.append(getattr(rnn, name + sfx, None))
-            self.__dict__['_lstm_refs'] = (tuple(kinds), tuple(params), tuple(zip(dicts, names)))
-            return tuple(kinds), tuple(params)
-        kinds, kept, where = self.__dict__['_lstm_refs']
-        return kinds, tuple(d[name] if name in d else p for (d, name), p in zip(where, kept))
+            modules = self._modules
+            rnns = (modules.get('rnn_v'), modules.get('rnn_h'))
+            refs = self.__dict__.get('_lstm_refs')
+            if refs is None or refs[3] != _rnn_signature(rnns):
+                kinds, where = [], []
+                for rnn, vertical in zip(rnns, (True, False)):
+                    if rnn is None:
+                        continue
+                    for reverse in ((False, True) if rnn.bidirectional else (False,)):
+                        sfx = '_l0_reverse' if reverse else '_l0'
+                        kinds.append((vertical, reverse))
+                        where += [(rnn, rnn._parameters, name + sfx)
+                                  for name in ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh')]
+                refs = (tuple(kinds), (), tuple(where), _rnn_signature(rnns))
+            # a registered parameter is read from its module's dict; others (parametrized) through getattr
+            params = tuple(d[name] if name in d else getattr(rnn, name, None) for rnn, d, name in refs[2])
+            self.__dict__['_lstm_refs'] = (refs[0], params, refs[2], refs[3])
+            return refs[0], params
+        kinds, kept, where, _ = self.__dict__['_lstm_refs']
+        return kinds, tuple(d[name] if name in d else p for (_, d, name), p in zip(where, kept))
 
     def _apply(self, fn, recurse=True):
         """``nn.Module._apply`` (``.to()``, ``.float()``, ``.cpu()``, ...), then the LSTM parameters flattened again
@@ -291,6 +296,12 @@ class FastRNN2D(FastModule, RNN2D):
         if bias_in_residual:
             raise ValueError('FastRNN2D: bias_in_residual needs the fc layer')
         return y if residual is None else residual + y
+
+
+def _rnn_signature(rnns) -> Tuple:
+    """What the parameter table of ``FastRNN2D._lstm_params`` depends on: the recurrences, their parameter dicts and
+    their directions."""
+    return tuple((id(rnn), id(rnn._parameters), rnn.bidirectional) if rnn is not None else None for rnn in rnns)
 
 
 def _keep(t: torch.Tensor) -> torch.Tensor:

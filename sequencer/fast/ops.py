@@ -23,6 +23,7 @@ from torch import nn
 
 from . import gemm
 from .runtime import (
+    apply,
     autocast_dtype,
     cpu_float32,
     cpu_kernel_ok,
@@ -102,8 +103,8 @@ def fused_mlp(module: nn.Module, x: torch.Tensor, residual: Optional[torch.Tenso
     ``bias_in_residual``, ``residual`` already holds fc2's bias and is accumulated onto in place."""
     record = torch.is_grad_enabled()
     if bias_in_residual:
-        return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, None, residual, True, record)
-    return _FusedMlp.apply(x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual,
+        return apply(_FusedMlp, x, module.fc1.weight, module.fc1.bias, module.fc2.weight, None, residual, True, record)
+    return apply(_FusedMlp, x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual,
                            False, record)
 
 
@@ -254,12 +255,12 @@ def linear_residual(fc: nn.Module, x: torch.Tensor, residual: Optional[torch.Ten
                 or residual.shape != (*x.shape[:-1], fc.out_features)):
             raise ValueError('linear_residual: bias_in_residual needs a plain nn.Linear with a bias, CPU float32 '
                              'tensors and a residual of the output shape')
-        return _LinearResidual.apply(residual, x, fc.weight, None, torch.is_grad_enabled())
+        return apply(_LinearResidual, residual, x, fc.weight, None, torch.is_grad_enabled())
     if residual is None:
         return fc(x)
     if (linear_into_ok(fc, x) and cpu_float32(residual)
             and residual.shape == (*x.shape[:-1], fc.out_features)):
-        return _LinearResidual.apply(residual.contiguous(), x, fc.weight, fc.bias, torch.is_grad_enabled())
+        return apply(_LinearResidual, residual.contiguous(), x, fc.weight, fc.bias, torch.is_grad_enabled())
     return residual + fc(x)
 
 
