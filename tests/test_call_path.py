@@ -66,14 +66,22 @@ def test_inputs_that_require_gradients_under_no_grad_give_no_graph(applied):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_forward_mode_ad_and_grad_mode_keep_the_functions(applied):
-    """Where a graph or forward-mode AD could be recorded, the Functions are applied as before."""
-    model = _model()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad(), forward_ad.dual_level():
-        model(x)
-    assert applied.get('_FusedLSTM2D') == 4
-    assert runtime._forward_ad_level() == -1
+@pytest.mark.parametrize('grad', [False, True])
+def test_forward_mode_ad_runs_the_plain_ops_and_gives_native_tangents(applied, grad):
+    """Inside a ``forward_ad.dual_level`` the fast modules run the plain ops (the fused functions and kernels have
+    no forward-mode formulas: their tangents were dropped silently), so the tangents are the paper's model's
+    (oneDNN's LSTM has no forward-mode formula either: PyTorch's own LSTM runs here, for both)."""
+    fused = _model()
+    native = sequencer.set_engine(copy.deepcopy(fused), 'native')
+    x, t = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    tangents = {}
+    for name, model in (('native', native), ('fused', fused)):
+        with torch.set_grad_enabled(grad), torch.backends.mkldnn.flags(enabled=False), forward_ad.dual_level():
+            tangents[name] = forward_ad.unpack_dual(model(forward_ad.make_dual(x, t))).tangent
+    assert not applied, applied
+    assert tangents['fused'] is not None
+    torch.testing.assert_close(tangents['fused'], tangents['native'], rtol=1e-5, atol=1e-5)
+    assert runtime._forward_ad_level() == -1 and not runtime.functorch_active()
 
 
 def test_the_residual_accumulated_in_place_bumps_its_version(monkeypatch):

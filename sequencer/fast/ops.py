@@ -105,7 +105,7 @@ def fused_mlp(module: nn.Module, x: torch.Tensor, residual: Optional[torch.Tenso
     if bias_in_residual:
         return apply(_FusedMlp, x, module.fc1.weight, module.fc1.bias, module.fc2.weight, None, residual, True, record)
     return apply(_FusedMlp, x, module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias, residual,
-                           False, record)
+                 False, record)
 
 
 class _NormResidual(torch.autograd.Function):

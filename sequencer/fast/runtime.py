@@ -93,15 +93,15 @@ class _Unrecorded:
 def apply(fn, *args):
     """``fn.apply(*args)`` for an autograd Function whose forward takes a ``record`` flag (records nothing without
     it). Where no graph can be recorded (grad mode off, no forward-mode AD, not traced), ``fn.forward`` runs
-    directly: the same tensors, without the Function's bookkeeping (about 15 us per call, which is most of a
-    batch-1 layer's cost at small sizes)."""
-    if (torch.is_grad_enabled() or _forward_ad_level() >= 0 or torch.compiler.is_compiling()
-            or functorch_active()):
+    directly: the same tensors, without the Function's bookkeeping (about 15 us per call; see
+    ``benchmarks/call_overhead.py``)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or functorch_active():
         return fn.apply(*args)
     return fn.forward(_Unrecorded(len(args)), *args)
 
 
 def _forward_ad_level() -> int:
+    """The innermost open ``forward_ad.dual_level`` (-1: none)."""
     return getattr(torch.autograd.forward_ad, '_current_level', -1)
 
 
@@ -142,10 +142,11 @@ def _fx_tracing() -> bool:
 
 
 def functorch_active() -> bool:
-    """A torch.func transform (grad, vmap, jvp, ...) in progress: the fast paths' autograd functions do not
-    support them."""
+    """A torch.func transform (grad, vmap, jvp, ...) or a forward-mode AD level (``torch.autograd.forward_ad``) in
+    progress: the fast paths' autograd functions and compiled kernels support neither (tangents would be dropped),
+    so the plain ops run."""
     active = getattr(torch._C, '_are_functorch_transforms_active', None)
-    return bool(active and active())
+    return bool(active and active()) or _forward_ad_level() >= 0
 
 
 def plain_backward(*grads: Optional[torch.Tensor]) -> bool:
