@@ -66,6 +66,20 @@ def test_autocast(dtype):
     assert out.shape == (1, 7) and out.dtype == dtype and torch.isfinite(out.float()).all()
 
 
+@pytest.mark.parametrize('name', ['sequencer2d_s', 'sequencer2d_vertical', 'v_sequencer_s'])
+@pytest.mark.parametrize('engine', ['auto', 'native', 'fused'])
+def test_an_empty_batch(name, engine):
+    """A batch of no images (the last shard of an uneven split) gives no logits and zero gradients, with every
+    engine (timm's own model fails there: its recurrences reshape with -1)."""
+    model = create_model(name, layers=(1, 1, 1, 1), num_classes=5, rnn_engine=engine).train()
+    out = model(torch.randn(0, 3, 64, 48))
+    assert out.shape == (0, 5)
+    out.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(torch.randn(0, 3, 64, 48)).shape == (0, 5)
+
+
 @pytest.mark.parametrize('engine', ['auto', 'native', 'fused'])
 def test_meta_device(engine):
     """Shapes without memory or compute (deferred initialisation, shape inference): the meta device, where

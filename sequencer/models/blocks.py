@@ -77,10 +77,10 @@ class RNN2D(nn.Module):
         outs: List[torch.Tensor] = []
         if self.rnn_v is not None:   # down every column
             v, _ = self.rnn_v(x.permute(0, 2, 1, 3).reshape(B * W, H, C))
-            outs.append(v.reshape(B, W, H, -1).permute(0, 2, 1, 3))
+            outs.append(v.reshape(B, W, H, v.shape[-1]).permute(0, 2, 1, 3))
         if self.rnn_h is not None:   # along every row
             h, _ = self.rnn_h(x.reshape(B * H, W, C))
-            outs.append(h.reshape(B, H, W, -1))
+            outs.append(h.reshape(B, H, W, h.shape[-1]))   # (not -1: B may be 0)
         if self.union == 'cat':
             x = torch.cat(outs, dim=-1)
         elif self.union == 'add':
@@ -122,7 +122,7 @@ class RNN1D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         y, _ = self.rnn(x.reshape(B, H * W, C))
-        return y.reshape(B, H, W, -1)
+        return y.reshape(B, H, W, y.shape[-1])
 
 
 class SequencerBlock(nn.Module):
