@@ -150,3 +150,30 @@ def test_a_unidirectional_layer_and_a_changed_direction_rebuild_the_table():
     kinds, params = layer._lstm_params()
     assert kinds == ((True, False), (False, False), (False, True)) and len(params) == 12
     assert params[8] is layer.rnn_h.weight_ih_l0_reverse
+
+
+def test_a_block_decides_each_branch_once_per_call(monkeypatch):
+    """The block asks each branch once (``residual_bias``) and then runs the path that answer chose
+    (``forward_into``): the recurrence's engine and the MLP's fused path are not decided twice."""
+    from sequencer.fast import FastMlp
+    model = _model()
+    calls = {'engine_decision': 0, 'fusable': 0}
+    real_decision, real_fusable = FastRNN2D.engine_decision, FastMlp.fusable
+
+    def decision(self, *args, **kwargs):
+        calls['engine_decision'] += 1
+        return real_decision(self, *args, **kwargs)
+
+    def fusable(self, x):
+        calls['fusable'] += 1
+        return real_fusable(self, x)
+
+    monkeypatch.setattr(FastRNN2D, 'engine_decision', decision)
+    monkeypatch.setattr(FastMlp, 'fusable', fusable)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    assert calls == {'engine_decision': 4, 'fusable': 4}, calls   # 4 blocks
+    native = sequencer.set_engine(copy.deepcopy(model), 'native')
+    with torch.no_grad():
+        torch.testing.assert_close(out, native(x), rtol=1e-5, atol=1e-5)

@@ -71,21 +71,20 @@ def test_the_fused_paths_run(monkeypatch):
     block = _block().train()
     x = torch.randn(2, 4, 4, 24, requires_grad=True)
     seen = {'addmm_': 0}
-    real_mlp_forward, real_addmm_ = FastMlp.forward, torch.Tensor.addmm_
+    real_mlp_into, real_addmm_ = FastMlp.forward_into, torch.Tensor.addmm_
 
-    def spy(self, y, residual=None, **kwargs):
-        seen['mlp_residual'] = residual is not None
-        seen['mlp_bias_in_residual'] = kwargs.get('bias_in_residual', False)
-        return real_mlp_forward(self, y, residual, **kwargs)
+    def spy(self, y, residual):   # the block hands the residual, holding fc2's bias, to the MLP's fused path
+        seen['mlp_into'] = residual is not None
+        return real_mlp_into(self, y, residual)
 
     def addmm_spy(self, *args, **kwargs):
         seen['addmm_'] += 1
         return real_addmm_(self, *args, **kwargs)
 
-    monkeypatch.setattr(FastMlp, 'forward', spy)
+    monkeypatch.setattr(FastMlp, 'forward_into', spy)
     monkeypatch.setattr(torch.Tensor, 'addmm_', addmm_spy)
     out = block(x)
-    assert seen['mlp_residual'] and seen['mlp_bias_in_residual'] and seen['addmm_'] >= 2
+    assert seen.get('mlp_into') and seen['addmm_'] >= 2
 
     names = []
 

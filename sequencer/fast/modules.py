@@ -88,6 +88,12 @@ class FastMlp(FastModule, Mlp):
         onto in place (``forward(x, residual, bias_in_residual=True)``); else None."""
         return self.fc2.bias if self.fusable(x) else None
 
+    def forward_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``forward(x, residual, bias_in_residual=True)`` without deciding again: for a caller to whom
+        ``residual_bias`` just gave fc2's bias for an input like x, and who wrote it into ``residual``
+        (``FastSequencerBlock``)."""
+        return fused_mlp(self, x, residual, bias_in_residual=True)
+
     def casts_input(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` reads x only through a plain, hook-free fc1 (under autocast: only its cast to the
         autocast dtype), so that a pre-norm may hand x over in that dtype."""
@@ -104,7 +110,7 @@ class FastMlp(FastModule, Mlp):
             if residual is None or not (self.fusable(x) and res_ok and residual.is_contiguous()):
                 raise ValueError('FastMlp: bias_in_residual needs a float32 CPU residual of the output shape and '
                                  'the fused path (see residual_bias)')
-            return fused_mlp(self, x, residual, bias_in_residual=True)
+            return self.forward_into(x, residual)
         if self.fusable(x) and res_ok:
             return fused_mlp(self, x, residual)
         y = Mlp.forward(self, x)
@@ -281,6 +287,12 @@ class FastRNN2D(FastModule, RNN2D):
             return self.fc.bias
         return None
 
+    def forward_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``forward(x, residual, bias_in_residual=True)`` without deciding the engine again: for a caller to whom
+        ``residual_bias`` just gave fc's bias for an input like x, and who wrote it into ``residual``
+        (``FastSequencerBlock``)."""
+        return linear_residual(self.fc, lstm2d.fused_rnn2d(self, x), residual, bias_in_residual=True)
+
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 bias_in_residual: bool = False) -> torch.Tensor:
         """The mixed tokens, or ``residual +`` them; with ``bias_in_residual`` the residual already holds fc's
@@ -290,9 +302,11 @@ class FastRNN2D(FastModule, RNN2D):
                 raise ValueError('FastRNN2D: bias_in_residual needs the fused engine (see residual_bias)')
             y = RNN2D.forward(self, x)
             return y if residual is None else residual + y
+        if bias_in_residual and self.fc is not None:
+            return self.forward_into(x, residual)
         y = lstm2d.fused_rnn2d(self, x)
         if self.fc is not None:
-            return linear_residual(self.fc, y, residual, bias_in_residual)
+            return linear_residual(self.fc, y, residual)
         if bias_in_residual:
             raise ValueError('FastRNN2D: bias_in_residual needs the fc layer')
         return y if residual is None else residual + y
@@ -355,7 +369,8 @@ class FastSequencerBlock(FastModule, SequencerBlock):
                              gpu_kernels=self.fused_norm)
         if bias is None:
             return branch(y, residual=r)
-        return branch(y, residual=r, bias_in_residual=True)
+        # residual_bias decided for this input (and the branches have no hooks): the path is not decided again
+        return branch.forward_into(y, r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tracing() and not torch.compiler.is_compiling():
