@@ -249,8 +249,11 @@ class FastRNN2D(FastModule, RNN2D):
         if not torch.compiler.is_compiling():
             modules = self._modules
             rnns = (modules.get('rnn_v'), modules.get('rnn_h'))
+            signature = _rnn_signature(rnns)
             refs = self.__dict__.get('_lstm_refs')
-            if refs is None or refs[3] != _rnn_signature(rnns):
+            if refs is not None and refs[3] == signature:
+                kinds, where = refs[0], refs[2]
+            else:
                 kinds, where = [], []
                 for rnn, vertical in zip(rnns, (True, False)):
                     if rnn is None:
@@ -260,11 +263,11 @@ class FastRNN2D(FastModule, RNN2D):
                         kinds.append((vertical, reverse))
                         where += [(rnn, rnn._parameters, name + sfx)
                                   for name in ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh')]
-                refs = (tuple(kinds), (), tuple(where), _rnn_signature(rnns))
+                kinds, where = tuple(kinds), tuple(where)
             # a registered parameter is read from its module's dict; others (parametrized) through getattr
-            params = tuple(d[name] if name in d else getattr(rnn, name, None) for rnn, d, name in refs[2])
-            self.__dict__['_lstm_refs'] = (refs[0], params, refs[2], refs[3])
-            return refs[0], params
+            params = tuple(d[name] if name in d else getattr(rnn, name, None) for rnn, d, name in where)
+            self.__dict__['_lstm_refs'] = (kinds, params, where, signature)
+            return kinds, params
         kinds, kept, where, _ = self.__dict__['_lstm_refs']
         return kinds, tuple(d[name] if name in d else p for (_, d, name), p in zip(where, kept))
 

@@ -77,10 +77,10 @@ class RNN2D(nn.Module):
         outs: List[torch.Tensor] = []
         if self.rnn_v is not None:   # down every column
             v, _ = self.rnn_v(x.permute(0, 2, 1, 3).reshape(B * W, H, C))
-            outs.append(v.reshape(B, W, H, v.shape[-1]).permute(0, 2, 1, 3))
+            outs.append(v.reshape(B, W, H, v.shape[-1]).permute(0, 2, 1, 3))   # (not -1: B may be 0)
         if self.rnn_h is not None:   # along every row
             h, _ = self.rnn_h(x.reshape(B * H, W, C))
-            outs.append(h.reshape(B, H, W, h.shape[-1]))   # (not -1: B may be 0)
+            outs.append(h.reshape(B, H, W, h.shape[-1]))
         if self.union == 'cat':
             x = torch.cat(outs, dim=-1)
         elif self.union == 'add':
