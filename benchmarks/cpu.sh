@@ -9,8 +9,9 @@
 #                        for both models)
 #   gemm-shapes-b8       benchmarks/gemm_shapes.py: the fast engine's GEMMs of a batch-8 training step on MKL and
 #                        oneDNN, against a large GEMM, and their share of the step (what limits training)
-# Each run writes benchmarks/results/cpu-<processor>-<engine>-b<N>.json (and -gemm-shapes-b8.json), <processor> being the `model name` of
-# /proc/cpuinfo in lower case (e.g. intel-xeon-processor); RESULTS_DIR=... writes them elsewhere. Options given
+# Each run writes benchmarks/results/cpu-<processor>-<engine>-b<N>.json (and -gemm-shapes-b8.json), <processor>
+# being the `model name` of /proc/cpuinfo in lower case with its family and model numbers (e.g.
+# amd-epyc-family-25-model-17); RESULTS_DIR=... writes them elsewhere. Options given
 # to this script are added to every run (e.g. `--warmup 3 --iters 15`; later options win over earlier ones).
 # A run that fails does not stop the others; the exit status is that of the last failure (0 if none).
 # With onnxruntime installed (the export extra), the 'auto' runs time it too on our exported model (inference).
@@ -27,6 +28,11 @@ CPU=$(grep -m 1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2-)
 if [[ -z ${CPU// /} ]]; then CPU=$(lscpu 2>/dev/null | grep -m 1 '^Model name' | cut -d: -f2-); fi
 if [[ -z ${CPU// /} ]]; then CPU=$(uname -m); fi
 SLUG=$(printf '%s' "$CPU" | tr '[:upper:]' '[:lower:]' | sed -E 's/\((r|tm)\)//g; s/[^a-z0-9]+/-/g; s/^-+|-+$//g')
+# one model name can cover several micro-architectures (a virtual machine's 'AMD EPYC' is Zen 4 or Zen 5): the
+# family and model numbers go into the name too, e.g. amd-epyc-family-25-model-17
+FAMILY=$(grep -m 1 '^cpu family' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | tr -d ' ')
+MODEL=$(grep -m 1 -P '^model\s*:' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | tr -d ' ')
+if [[ $FAMILY =~ ^[0-9]+$ && $MODEL =~ ^[0-9]+$ ]]; then SLUG="$SLUG-family-$FAMILY-model-$MODEL"; fi
 if [[ ${AS_AVX2:-0} == 1 ]]; then
   export ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 SEQUENCER_CPU_ISA=x86_64_v3
   SLUG="$SLUG-as-avx2"

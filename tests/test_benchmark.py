@@ -360,13 +360,16 @@ def test_gpu_script_runs_the_steps_asked_for(tmp_path):
 def test_cpu_script_runs_both_engines_and_names_results_after_the_processor(tmp_path):
     """benchmarks/cpu.sh (commands echoed here instead of run): Sequencer2D-S against timm with 'auto' and 'native',
     batch 8 both modes and batch 1 inference, 'auto' training with the tuned allocator, extra options passed on,
-    results named after the processor."""
+    results named after the processor: its model name, family and model numbers."""
     import re
     with open('/proc/cpuinfo') as f:
-        name = next((ln.split(':', 1)[1] for ln in f if ln.startswith('model name')), None)
-    if name is None:
+        fields = dict(ln.split(':', 1) for ln in f.read().split('\n\n')[0].splitlines() if ':' in ln)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if 'model name' not in fields:
         pytest.skip('no model name in /proc/cpuinfo')
-    slug = re.sub(r'[^a-z0-9]+', '-', re.sub(r'\((r|tm)\)', '', name.lower())).strip('-')
+    slug = re.sub(r'[^a-z0-9]+', '-', re.sub(r'\((r|tm)\)', '', fields['model name'].lower())).strip('-')
+    if fields.get('cpu family', '').isdigit() and fields.get('model', '').isdigit():   # e.g. -family-25-model-17
+        slug += f"-family-{fields['cpu family']}-model-{fields['model']}"
     env = dict(os.environ, PYTHON='echo', RESULTS_DIR=str(tmp_path))
     proc = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'cpu.sh'), '--iters', '2'], env=env,
                           capture_output=True, text=True, timeout=60)

@@ -980,3 +980,53 @@ def test_avx2_build_of_the_kernels_passes_the_kernel_tests():
     assert r.returncode == 0, r.stdout[-3000:]
     summary = r.stdout.strip().splitlines()[-1]
     assert ' passed' in summary and 'skipped' not in summary, r.stdout
+
+
+ZEN = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: {family}
+model\t\t: {model}
+model name\t: AMD EPYC
+flags\t\t: fpu sse2 avx2 fma bmi2 avx512f avx512bw avx512_bf16{more}
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 99
+model\t\t: 99
+model name\t: another
+"""
+
+
+def test_processor_identity_tells_apart_processors_sold_under_one_name(tmp_path, monkeypatch):
+    """A virtual machine's 'AMD EPYC' is Zen 4 (family 25) or Zen 5 (family 26): the family and model numbers are
+    read from the first processor's block of /proc/cpuinfo (not the 'model name' line, which also starts with
+    'model'), name the processor in benchmark results and key the autotune cache apart."""
+    from sequencer.analysis.benchmark import environment
+    from sequencer.fast import autotune
+    seen = {}
+    for family, model, more in ((25, 17, ''), (26, 2, ' avx512_vnni amx_tile')):
+        info = tmp_path / f'cpuinfo-{family}'
+        info.write_text(ZEN.format(family=family, model=model, more=more))
+        monkeypatch.setattr(cpu_kernel, 'CPUINFO', str(info))
+        monkeypatch.setattr(autotune, '_PROCESSOR', {})
+        assert cpu_kernel.cpu_model_name() == 'AMD EPYC'
+        assert cpu_kernel.cpu_description() == f'AMD EPYC (family {family}, model {model})'
+        sig = cpu_kernel.cpu_signature()
+        assert (sig['vendor'], sig['family'], sig['model']) == ('AuthenticAMD', family, model)
+        assert sig['features'] == ['avx2', 'fma', 'avx512f'] + ['avx512_vnni'] * bool(more) + ['avx512_bf16'] + \
+            ['amx_tile'] * bool(more)
+        env = environment(torch.device('cpu'))
+        assert (env['cpu'], env['cpu_family'], env['cpu_model_number']) == ('AMD EPYC', family, model)
+        assert env['device_name'] == cpu_kernel.cpu_description()
+        seen[family] = autotune.processor_id()
+        assert seen[family].startswith(f'AMD EPYC (family {family}, model {model})')
+    assert seen[25] != seen[26]
+
+    # where /proc/cpuinfo has no such fields (other architectures) or cannot be read, nothing is made up
+    bare = tmp_path / 'cpuinfo-bare'
+    bare.write_text('processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\n')
+    for path in (str(bare), str(tmp_path / 'missing')):
+        monkeypatch.setattr(cpu_kernel, 'CPUINFO', path)
+        assert cpu_kernel.cpu_signature() == {} and cpu_kernel.cpu_model_name() == ''
+        assert '(family' not in cpu_kernel.cpu_description()
+        assert 'cpu_family' not in environment(torch.device('cpu'))

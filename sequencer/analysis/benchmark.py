@@ -703,6 +703,12 @@ def environment(device: torch.device) -> Dict:
                torch_threads=torch.get_num_threads(), device=device.type,
                device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu,
                aten_cpu_capability=torch.backends.cpu.get_cpu_capability())
+    sig = cpu_kernel.cpu_signature()   # vendor, family and model numbers: what the model name may not tell apart
+    for key in ('vendor', 'family', 'model', 'features'):
+        if key in sig:
+            env[f'cpu_{key}' if key != 'model' else 'cpu_model_number'] = sig[key]
+    if device.type != 'cuda':
+        env['device_name'] = cpu_kernel.cpu_description()
     limits = cpu_kernel.isa_limits()
     if limits:   # instruction sets held below the processor's (e.g. as on an AVX2 processor)
         env['isa_limits'] = limits

@@ -34,7 +34,6 @@ and later processes read it back and measure nothing.
 """
 import json
 import os
-import platform
 import threading
 import time
 import warnings
@@ -78,14 +77,14 @@ _PROCESSOR: Dict[str, str] = {}
 
 
 def processor_id(device: str = 'cpu') -> str:
-    """The processor's model: /proc/cpuinfo's 'model name' with its x86-64 level (v3: AVX2 + FMA, v4: AVX-512)
-    and any instruction-set limits set in the environment (``cpu_kernel.ISA_LIMITS``) on CPU,
-    ``torch.cuda.get_device_name`` on CUDA."""
+    """The processor's model: /proc/cpuinfo's 'model name' with its family and model numbers and its x86-64 level
+    (v3: AVX2 + FMA, v4: AVX-512) and any instruction-set limits set in the environment
+    (``cpu_kernel.ISA_LIMITS``) on CPU, ``torch.cuda.get_device_name`` on CUDA."""
     if device not in _PROCESSOR:
         if device == 'cuda':
             name = torch.cuda.get_device_name()
         else:
-            name = cpu_kernel.cpu_model_name() or platform.processor() or platform.machine() or 'unknown CPU'
+            name = cpu_kernel.cpu_description()
             level = cpu_kernel.cpu_level()
             if level:
                 name += f" [{level.replace('_', '-')}]"

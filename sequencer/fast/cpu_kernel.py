@@ -21,7 +21,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +30,7 @@ from ..errors import UserError
 CSRC = Path(__file__).resolve().parent / 'csrc'
 SOURCES = [CSRC / 'lstm2d_cpu.cpp', CSRC / 'mlp_cpu.cpp', CSRC / 'norm_cpu.cpp']   # and cpu_math.h
 ENV = 'SEQUENCER_CPU_KERNEL'
+CPUINFO = '/proc/cpuinfo'
 ISA_ENV = 'SEQUENCER_CPU_ISA'
 # x86-64 levels, widest first: (name, /proc/cpuinfo flags it needs, compiler flags)
 LEVELS = [
@@ -66,22 +67,63 @@ def _runnable_levels() -> List[Tuple[str, List[str]]]:
     return [(name, march) for name, needs, march in LEVELS if needs <= flags]
 
 
-def _cpuinfo_field(prefix: str) -> Optional[str]:
-    """The value of /proc/cpuinfo's first line starting with ``prefix`` (None without one, or off Linux)."""
+def _cpuinfo() -> Dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ('model name', 'cpu family', 'flags', ...); empty without
+    one, or off Linux."""
+    fields: Dict[str, str] = {}
     try:
-        with open('/proc/cpuinfo') as f:
-            return next((line.split(':', 1)[1].strip() for line in f if line.startswith(prefix)), None)
+        with open(CPUINFO) as f:
+            for line in f:
+                if not line.strip():
+                    if fields:
+                        break
+                    continue
+                key, sep, value = line.partition(':')
+                if sep:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
-        return None
+        pass
+    return fields
 
 
 def cpu_model_name() -> str:
     """/proc/cpuinfo's 'model name' (e.g. 'Intel(R) Xeon(R) Processor'), '' where there is none."""
-    return _cpuinfo_field('model name') or ''
+    return _cpuinfo().get('model name', '')
+
+
+# the instruction-set extensions named in benchmark results: what the GEMMs (fp32 and bf16) can use
+FEATURES = ('avx2', 'fma', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_bf16')
+
+
+def cpu_signature() -> Dict[str, object]:
+    """The processor's vendor and its family and model numbers, as /proc/cpuinfo gives them, with which of
+    ``FEATURES`` it has; empty where /proc/cpuinfo has no such fields. A model name can cover several
+    micro-architectures (a virtual machine's 'AMD EPYC' may be Zen 4, family 25, or Zen 5, family 26), whose
+    speeds differ: these numbers tell them apart."""
+    info = _cpuinfo()
+    out: Dict[str, object] = {}
+    if info.get('vendor_id'):
+        out['vendor'] = info['vendor_id']
+    for key, name in (('cpu family', 'family'), ('model', 'model')):
+        if info.get(key, '').isdigit():
+            out[name] = int(info[key])
+    if 'flags' in info:
+        flags = set(info['flags'].split())
+        out['features'] = [f for f in FEATURES if f in flags]
+    return out
+
+
+def cpu_description() -> str:
+    """The model name with its family and model numbers where known, e.g. 'AMD EPYC (family 25, model 17)'."""
+    sig = cpu_signature()
+    name = cpu_model_name() or platform.processor() or platform.machine() or 'unknown CPU'
+    if 'family' in sig and 'model' in sig:
+        name += f" (family {sig['family']}, model {sig['model']})"
+    return name
 
 
 def _cpu_flags() -> set:
-    return set((_cpuinfo_field('flags') or '').split())
+    return set(_cpuinfo().get('flags', '').split())
 
 
 def isa_level() -> str:
