@@ -1030,3 +1030,48 @@ def test_processor_identity_tells_apart_processors_sold_under_one_name(tmp_path,
         assert cpu_kernel.cpu_signature() == {} and cpu_kernel.cpu_model_name() == ''
         assert '(family' not in cpu_kernel.cpu_description()
         assert 'cpu_family' not in environment(torch.device('cpu'))
+
+
+def test_cpu_kernel_backward_gemms_run_in_the_autocast_dtype():
+    """Under CPU bf16 autocast the compiled recurrence's input gradient and dW_ih are bf16 GEMMs (as a Linear
+    layer's and nn.LSTM's are there, and the GPU path's), not float32 ones: every matrix product of the backward
+    outside the kernel takes bf16 operands. Gradients come back in the parameters' and the input's dtypes, close
+    to the native engine's under the same autocast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+
+    class Products(TorchDispatchMode):   # the operand dtypes of every matrix product dispatched while active
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.mkldnn._linear_pointwise):
+                self.dtypes.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() == 2))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    m = RNN2D(16, 4, with_fc=False)
+    x = torch.randn(2, 5, 6, 16)
+    grads = {}
+    for engine in ('native', 'fused'):
+        set_engine(m, engine)
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = m(xi)
+        products = Products()
+        with products:
+            y.float().sum().backward()
+        grads[engine] = (xi.grad, {k: p.grad for k, p in m.named_parameters()})
+        if engine == 'fused':
+            assert len(products.dtypes) == 2, products.dtypes   # the input gradient and dW_ih
+            assert all(set(d) == {torch.bfloat16} for d in products.dtypes), products.dtypes
+    (dx_n, g_n), (dx_f, g_f) = grads['native'], grads['fused']
+    assert dx_f.dtype == x.dtype
+    torch.testing.assert_close(dx_f, dx_n, rtol=0, atol=3e-2 * dx_n.abs().max().item())
+    for k, g in g_f.items():
+        assert g.dtype == torch.float32, k
+        torch.testing.assert_close(g, g_n[k], rtol=0, atol=3e-2 * g_n[k].abs().max().item(), msg=k)

@@ -33,8 +33,10 @@ results agree with ``nn.LSTM`` to float32 rounding (about 1e-6).
 
 Numerics under autocast: the input projection runs in the autocast dtype (as a Linear layer would);
 the recurrence (state, cell, recurrent matmul) runs in float32; the output is returned in the autocast
-dtype, which is what ``nn.LSTM`` returns under autocast. Gradients are computed in float32 and returned
-in the dtypes of the input and the parameters.
+dtype, which is what ``nn.LSTM`` returns under autocast. The recurrence's gradients are computed in float32; the
+input gradient and ``dW_ih`` are GEMMs in the autocast dtype on the gate gradients (on CPU and GPU alike, as a
+Linear layer's backward under autocast), and gradients are returned in the dtypes of the input and the
+parameters.
 
 On CPU in float32 the recurrence runs in a compiled kernel (``sequencer/fast/csrc/lstm2d_cpu.cpp``, built on
 first use by ``cpu_kernel``): one call per BiLSTM2D runs every step of every direction, the cell is one
@@ -570,8 +572,9 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
               else _scratch('xp', BHW, w_ih.shape[0]))
         if mm_dtype == f32 and x2.dtype == f32:
             xp = gemm.mm_into(xp, x2, w_ih.t(), pack=not save)   # into xp with MKL, a fresh tensor with oneDNN
-        else:
-            xp.copy_(torch.mm(x2.to(mm_dtype), w_ih.t().to(mm_dtype)))
+        else:   # under autocast: the products in its dtype (as a Linear layer's), the recurrence in float32
+            w_ih = w_ih.to(mm_dtype)
+            xp.copy_(torch.mm(x2.to(mm_dtype), w_ih.t()))
         y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=f32)
         cs = torch.ops.sequencer_lstm2d.forward(
             xp, bias, w_hh_t, B, H, W, _kind_codes(kinds), hidden, y.view(BHW, D * hidden), save)
@@ -580,7 +583,7 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
             # per layer) rather than rebuilt
             w_ih_saved = w_ih if ctx.needs_input_grad[0] else w_ih.new_empty(0)
             ctx.save_for_backward(x, w_hh, xp, cs, y, w_ih_saved)
-            ctx.meta = (kinds, hidden, has_bias, [p.dtype if p is not None else None for p in params])
+            ctx.meta = (kinds, hidden, has_bias, mm_dtype, [p.dtype if p is not None else None for p in params])
         if out_dtype != f32:
             y = y.to(out_dtype)
     return y
@@ -588,7 +591,7 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
 
 def _backward_cpu_kernel(ctx, gy):
     x, w_hh, gates, cs, y, w_ih = ctx.saved_tensors
-    kinds, hidden, has_bias, dtypes = ctx.meta
+    kinds, hidden, has_bias, mm_dtype, dtypes = ctx.meta
     B, H, W, C = x.shape
     D = len(kinds)
     G = 4 * hidden
@@ -603,12 +606,20 @@ def _backward_cpu_kernel(ctx, gy):
         db = gy.new_empty(D * G if has_bias else 0)    # the bias gradient, summed inside the kernel
         torch.ops.sequencer_lstm2d.backward(gy, dxp, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
                                             _kind_codes(kinds), hidden, dw_hh, db)
-        x2 = x.reshape(BHW, C).to(f32)
-        if ctx.needs_input_grad[0]:
-            dx = gemm.mm(dxp, w_ih, 'input_grad').view(B, H, W, C).to(x.dtype)     # w_ih: (D*4h, C)
+        if mm_dtype != f32:
+            # under autocast the input and weight gradients' GEMMs run in its dtype, as for a Linear layer (and
+            # nn.LSTM, and the GPU path): the gate gradients cast once, float32 accumulation inside the GEMMs
+            dxp = dxp.to(mm_dtype)
+            x2 = x.reshape(BHW, C).to(mm_dtype)
+            dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
+            dw_ih = torch.mm(dxp.t(), x2).to(f32)
         else:
-            dx = None
-        dw_ih = gemm.mm(dxp.t(), x2, 'weight_grad')                                      # (D*4h, C)
+            x2 = x.reshape(BHW, C).to(f32)
+            if ctx.needs_input_grad[0]:
+                dx = gemm.mm(dxp, w_ih, 'input_grad').view(B, H, W, C).to(x.dtype)     # w_ih: (D*4h, C)
+            else:
+                dx = None
+            dw_ih = gemm.mm(dxp.t(), x2, 'weight_grad')                                      # (D*4h, C)
     return (dx, None, None, None, None, None, *_param_grads(dw_ih, dw_hh, db if has_bias else None, D, dtypes))
 
 
