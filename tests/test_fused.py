@@ -879,7 +879,7 @@ def test_inference_under_no_grad_keeps_nothing_for_a_backward(monkeypatch):
     lstm_forward, bias_gelu = torch.ops.sequencer_lstm2d.forward, torch.ops.sequencer_mlp.bias_gelu_
 
     def lstm_spy(*args):
-        seen['lstm_save'].append(args[-1])
+        seen['lstm_save'].append(args[9])   # (xp, bias, whh_t, B, H, W, kinds, hidden, y, save, xin)
         return lstm_forward(*args)
 
     def gelu_spy(h, bias, deriv):
@@ -1075,3 +1075,45 @@ def test_cpu_kernel_backward_gemms_run_in_the_autocast_dtype():
     for k, g in g_f.items():
         assert g.dtype == torch.float32, k
         torch.testing.assert_close(g, g_n[k], rtol=0, atol=3e-2 * g_n[k].abs().max().item(), msg=k)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_cpu_kernel_reads_and_writes_low_precision_gates_as_a_cast_would(dtype):
+    """Under autocast the kernel reads the input projections in their low-precision dtype (``xin``) and writes the
+    gate gradients in it (``dxp``): the same numbers as widening them to float32 first and rounding the float32
+    gradients afterwards (Tensor.to), with the saved activations left intact and no float32 copies."""
+    if not cpu_kernel.enabled():
+        pytest.skip(f'{cpu_kernel.ENV}=0')
+    assert cpu_kernel.load(raise_errors=True), cpu_kernel.error()
+    ops = torch.ops.sequencer_lstm2d
+    B, H, W, h, kinds = 2, 3, 5, 4, [0, 1, 2, 3]
+    D, G = len(kinds), 4 * h
+    gen = torch.Generator().manual_seed(0)
+    xin = torch.randn(B * H * W, D * G, generator=gen).to(dtype)
+    bias, whh = torch.randn(D * G, generator=gen), torch.randn(D, G, h, generator=gen) * 0.3
+    gy = torch.randn(B * H * W, D * h, generator=gen)
+
+    def forward(xp, low):
+        y = torch.empty(B * H * W, D * h)
+        cs = ops.forward(xp, bias, whh.transpose(1, 2).contiguous(), B, H, W, kinds, h, y, True, low)
+        return y, cs, xp
+
+    y32, cs32, act32 = forward(xin.float(), None)
+    y16, cs16, act16 = forward(torch.empty(B * H * W, D * G), xin)
+    # (cs has rows that directions shorter than the longest never write: compared through the backward below)
+    assert torch.equal(y16, y32) and torch.equal(act16, act32)
+
+    def backward(gates, cs, low):
+        dwhh, db = torch.empty_like(whh), torch.empty(D * G)
+        ops.backward(gy, gates, cs, whh, y32, B, H, W, kinds, h, dwhh, db, low)
+        return dwhh, db
+
+    gates32 = act32.clone()
+    dwhh32, db32 = backward(gates32, cs32, None)                 # gate gradients in place over the activations
+    dxp = torch.empty(act16.shape, dtype=dtype)
+    dwhh16, db16 = backward(act16, cs16, dxp)
+    assert torch.equal(dxp, gates32.to(dtype)) and torch.equal(act16, act32)   # activations untouched
+    assert torch.equal(dwhh16, dwhh32) and torch.equal(db16, db32)
+
+    with pytest.raises(RuntimeError, match='xin must be a contiguous bfloat16 or float16 CPU tensor'):
+        forward(torch.empty(B * H * W, D * G), xin.float())

@@ -242,14 +242,14 @@ def _register_fake_ops() -> None:
         return T, len(kinds), N, 4 * hidden
 
     @torch.library.register_fake('sequencer_lstm2d::forward')
-    def _forward(xp, bias, whh_t, B, H, W, kinds, hidden, y, save):
+    def _forward(xp, bias, whh_t, B, H, W, kinds, hidden, y, save, xin=None):
         if not save:
             return xp.new_empty(0)
         T, D, N, G = dims(B, H, W, kinds, hidden)
         return xp.new_empty(T, D, N, hidden)
 
     @torch.library.register_fake('sequencer_lstm2d::backward')
-    def _backward(gy, gates, cs, whh, y, B, H, W, kinds, hidden, dwhh, db):
+    def _backward(gy, gates, cs, whh, y, B, H, W, kinds, hidden, dwhh, db, dxp=None):
         return None
 
     @torch.library.register_fake('sequencer_norm::layer_norm_backward_residual')

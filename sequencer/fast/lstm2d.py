@@ -570,14 +570,16 @@ def _forward_cpu_kernel(ctx, x, kinds, hidden, out_dtype, mm_dtype, params):
         # in place, which the backward keeps (a fresh buffer), else xp is scratch
         xp = (torch.empty(BHW, w_ih.shape[0], dtype=f32, device=x.device) if save
               else _scratch('xp', BHW, w_ih.shape[0]))
+        xin = None
         if mm_dtype == f32 and x2.dtype == f32:
             xp = gemm.mm_into(xp, x2, w_ih.t(), pack=not save)   # into xp with MKL, a fresh tensor with oneDNN
-        else:   # under autocast: the products in its dtype (as a Linear layer's), the recurrence in float32
-            w_ih = w_ih.to(mm_dtype)
-            xp.copy_(torch.mm(x2.to(mm_dtype), w_ih.t()))
+        else:   # under autocast: the products in its dtype (as a Linear layer's), which the kernel reads as they
+            w_ih = w_ih.to(mm_dtype)   # are; the recurrence in float32
+            xin = torch.mm(x2.to(mm_dtype), w_ih.t())
         y = torch.empty(B, H, W, D * hidden, device=x.device, dtype=f32)
         cs = torch.ops.sequencer_lstm2d.forward(
-            xp, bias, w_hh_t, B, H, W, _kind_codes(kinds), hidden, y.view(BHW, D * hidden), save)
+            xp, bias, w_hh_t, B, H, W, _kind_codes(kinds), hidden, y.view(BHW, D * hidden), save, xin)
+        del xin
         if save:
             # the backward's input gradient multiplies by this concatenation of W_ih again: kept (0.6-2.4 MB
             # per layer) rather than rebuilt
@@ -599,21 +601,25 @@ def _backward_cpu_kernel(ctx, gy):
     f32 = torch.float32
     with torch.autocast('cpu', enabled=False):
         gy = gy.to(f32).reshape(BHW, D * hidden).contiguous()
-        # the kernel replaces the saved activations by the gate gradients (token order) in place; a graph
-        # kept for another backward (retain_graph) needs them again, and gets a copy instead
-        dxp = gates.clone() if _graph_kept() else gates
+        low = mm_dtype != f32
         dw_hh = torch.empty_like(w_hh)                # (D, 4h, h), accumulated step by step inside the kernel
         db = gy.new_empty(D * G if has_bias else 0)    # the bias gradient, summed inside the kernel
-        torch.ops.sequencer_lstm2d.backward(gy, dxp, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
-                                            _kind_codes(kinds), hidden, dw_hh, db)
-        if mm_dtype != f32:
+        if low:
             # under autocast the input and weight gradients' GEMMs run in its dtype, as for a Linear layer (and
-            # nn.LSTM, and the GPU path): the gate gradients cast once, float32 accumulation inside the GEMMs
-            dxp = dxp.to(mm_dtype)
+            # nn.LSTM, and the GPU path), float32 accumulation inside the GEMMs: the kernel writes the gate
+            # gradients in that dtype, and the saved activations stay as they are
+            dxp = torch.empty(gates.shape, dtype=mm_dtype, device=gates.device)
+            torch.ops.sequencer_lstm2d.backward(gy, gates, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
+                                                _kind_codes(kinds), hidden, dw_hh, db, dxp)
             x2 = x.reshape(BHW, C).to(mm_dtype)
             dx = torch.mm(dxp, w_ih).view(B, H, W, C).to(x.dtype) if ctx.needs_input_grad[0] else None
             dw_ih = torch.mm(dxp.t(), x2).to(f32)
         else:
+            # the kernel replaces the saved activations by the gate gradients (token order) in place; a graph
+            # kept for another backward (retain_graph) needs them again, and gets a copy instead
+            dxp = gates.clone() if _graph_kept() else gates
+            torch.ops.sequencer_lstm2d.backward(gy, dxp, cs, w_hh, y.view(BHW, D * hidden), B, H, W,
+                                                _kind_codes(kinds), hidden, dw_hh, db)
             x2 = x.reshape(BHW, C).to(f32)
             if ctx.needs_input_grad[0]:
                 dx = gemm.mm(dxp, w_ih, 'input_grad').view(B, H, W, C).to(x.dtype)     # w_ih: (D*4h, C)

@@ -135,12 +135,41 @@ void recurrent_mm(const Grid& g, int64_t t, bool backward, const at::Tensor& src
   }
 }
 
-// With save, xp's rows become the gate activations (in place) and the cell states are returned.
+// A low-precision (bf16 / fp16) tensor of the same shape as `like`, contiguous, on the CPU; false when undefined.
+bool check_low_precision(const c10::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
+  if (!t.has_value() || !t->defined()) return false;
+  TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->sizes() == like.sizes() &&
+                  (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf),
+              "sequencer_lstm2d: ", name, " must be a contiguous bfloat16 or float16 CPU tensor shaped like ", name,
+              "'s float32 counterpart");
+  return true;
+}
+
+// dst[0:n] = src[0:n] as float (the low-precision type's own conversion)
+template <typename LP>
+SEQUENCER_INLINE void widen(const LP* SEQUENCER_RESTRICT src, float* SEQUENCER_RESTRICT dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// dst[0:n] = src[0:n] rounded to the low-precision type (round to nearest even, as Tensor.to does)
+template <typename LP>
+SEQUENCER_INLINE void narrow_to(const float* SEQUENCER_RESTRICT src, LP* SEQUENCER_RESTRICT dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<LP>(src[j]);
+}
+
+// With save, xp's rows become the gate activations (in place) and the cell states are returned. With xin (the
+// input projections in bf16 / fp16, as computed under autocast), the projections are read from xin instead of xp
+// (and xp only receives the activations): no float32 copy of them is made first.
 at::Tensor lstm2d_forward(at::Tensor xp, const at::Tensor& bias, const at::Tensor& whh_t, int64_t B, int64_t H,
-                          int64_t W, at::IntArrayRef kinds, int64_t hidden, at::Tensor y, bool save) {
+                          int64_t W, at::IntArrayRef kinds, int64_t hidden, at::Tensor y, bool save,
+                          const c10::optional<at::Tensor>& xin) {
   Grid g(B, H, W, kinds, hidden);
   const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
   check_inputs(xp, "xp", 2);
+  const bool low = check_low_precision(xin, xp, "xin");
+  const bool half = low && xin->scalar_type() == at::kHalf;
+  const at::BFloat16* xbf = low && !half ? xin->data_ptr<at::BFloat16>() : nullptr;
+  const at::Half* xhf = half ? xin->data_ptr<at::Half>() : nullptr;
   check_inputs(bias, "bias", 1);
   check_inputs(whh_t, "whh_t", 3);
   check_inputs(y, "y", 2);
@@ -165,7 +194,7 @@ at::Tensor lstm2d_forward(at::Tensor xp, const at::Tensor& bias, const at::Tenso
   for (int64_t t = 0; t < T; ++t) {
     if (t > 0) recurrent_mm(g, t, false, hs, whh_t, rec);
     at::parallel_for(0, D * N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> a(G);
+      std::vector<float> a(G), wide(low ? G : 0);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t d = row / N, n = row - d * N;
         const Dir& dir = g.dirs[d];
@@ -174,12 +203,25 @@ at::Tensor lstm2d_forward(at::Tensor xp, const at::Tensor& bias, const at::Tenso
         const int64_t nt = next_token(g, row, end, t, N);
         if (nt >= 0) {
           const int64_t nd = (row + kPrefetchRows) / N;
-          prefetch_floats(xpp + nt * xs + nd * G, G, save);
+          if (!low || save) prefetch_floats(xpp + nt * xs + nd * G, G, save);
+          if (low) {   // G 16-bit values: G / 2 floats' worth of bytes
+            const void* lp = xbf != nullptr ? static_cast<const void*>(xbf + nt * xs + nd * G)
+                                            : static_cast<const void*>(xhf + nt * xs + nd * G);
+            prefetch_floats(static_cast<const float*>(lp), G / 2, false);
+          }
           prefetch_floats(yp + nt * ys + nd * h, h, true);
         }
-        float* x = xpp + tok * xs + d * G;
+        float* xrow = xpp + tok * xs + d * G;
+        const float* x = xrow;
+        if (xbf != nullptr) {
+          widen(xbf + tok * xs + d * G, wide.data(), G);
+          x = wide.data();
+        } else if (xhf != nullptr) {
+          widen(xhf + tok * xs + d * G, wide.data(), G);
+          x = wide.data();
+        }
         const float* bb = bp + d * G;
-        float* act = save ? x : a.data();   // in place: this token's gates are not read again
+        float* act = save ? xrow : a.data();   // in place: this token's gates are not read again
         if (t > 0) {
           const float* r = recp + row * G;
           for (int64_t j = 0; j < G; ++j) act[j] = x[j] + bb[j] + r[j];
@@ -217,9 +259,11 @@ at::Tensor lstm2d_forward(at::Tensor xp, const at::Tensor& bias, const at::Tenso
 // gradients. Also computes the recurrent weight gradient dwhh (D, 4h, h) = sum_t dG_t^T h_{t-1}, one batched
 // GEMM per step while that step's gate gradients are in cache, and the bias gradient db (D*4h) unless db is
 // empty.
+// With dxp (bf16 / fp16, shaped like gates), the gate gradients are written there, rounded, and gates is left as
+// it is (the GEMMs that read them run in that dtype under autocast: no float32 copy to cast afterwards).
 void lstm2d_backward(const at::Tensor& gy, at::Tensor gates, const at::Tensor& cs, const at::Tensor& whh,
                      const at::Tensor& y, int64_t B, int64_t H, int64_t W, at::IntArrayRef kinds, int64_t hidden,
-                     at::Tensor dwhh, at::Tensor db) {
+                     at::Tensor dwhh, at::Tensor db, const c10::optional<at::Tensor>& dxp) {
   Grid g(B, H, W, kinds, hidden);
   const int64_t D = g.D, h = hidden, G = 4 * hidden, T = g.T, N = g.N;
   check_inputs(gy, "gy", 2);
@@ -235,6 +279,10 @@ void lstm2d_backward(const at::Tensor& gy, at::Tensor gates, const at::Tensor& c
               whh.size(0) == D && whh.size(1) == G && whh.size(2) == h,
               "sequencer_lstm2d.backward: inconsistent shapes");
   TORCH_CHECK(db.numel() == 0 || db.size(0) == D * 4 * hidden, "sequencer_lstm2d.backward: db shape");
+  const bool low = check_low_precision(dxp, gates, "dxp");
+  const bool half = low && dxp->scalar_type() == at::kHalf;
+  at::BFloat16* dbf = low && !half ? dxp->data_ptr<at::BFloat16>() : nullptr;
+  at::Half* dhf = half ? dxp->data_ptr<at::Half>() : nullptr;
   auto opts = gy.options();
   // the bias gradient (sum of the gate gradients over all tokens) accumulates while the gate gradients
   // are hot: rows split into one chunk per thread, each with its own partial sums (deterministic)
@@ -294,7 +342,13 @@ void lstm2d_backward(const at::Tensor& gy, at::Tensor gates, const at::Tensor& c
           float* dgt = dgsp + row * G;
           for (int64_t j = 0; j < h; ++j) tc[j] = tanh_f(c[j]);
           cell_backward(h, dh.data(), tc.data(), act, c_prev, dc, dgt);
-          std::memcpy(dxpp + tok * xs + d * G, dgt, sizeof(float) * G);
+          if (dbf != nullptr) {
+            narrow_to(dgt, dbf + tok * xs + d * G, G);
+          } else if (dhf != nullptr) {
+            narrow_to(dgt, dhf + tok * xs + d * G, G);
+          } else {
+            std::memcpy(dxpp + tok * xs + d * G, dgt, sizeof(float) * G);
+          }
           if (want_db) {
             float* a = acc + d * G;
             for (int64_t j = 0; j < G; ++j) a[j] += dgt[j];
@@ -322,9 +376,9 @@ void lstm2d_backward(const at::Tensor& gy, at::Tensor gates, const at::Tensor& c
 
 TORCH_LIBRARY(sequencer_lstm2d, m) {
   m.def("forward(Tensor(a!) xp, Tensor bias, Tensor whh_t, int B, int H, int W, int[] kinds, int hidden, "
-        "Tensor(b!) y, bool save) -> Tensor");
+        "Tensor(b!) y, bool save, Tensor? xin=None) -> Tensor");
   m.def("backward(Tensor gy, Tensor(a!) gates, Tensor cs, Tensor whh, Tensor y, int B, int H, int W, int[] kinds, "
-        "int hidden, Tensor(b!) dwhh, Tensor(c!) db) -> ()");
+        "int hidden, Tensor(b!) dwhh, Tensor(c!) db, Tensor(d!)? dxp=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sequencer_lstm2d, CPU, m) {
