@@ -42,7 +42,8 @@ On CPU in float32 the recurrence runs in a compiled kernel (``sequencer/fast/csr
 first use by ``cpu_kernel``): one call per BiLSTM2D runs every step of every direction, the cell is one
 fused, vectorised pass that reads the input gates and writes the output at each token's position (so
 the gathers of the torch implementation disappear too), the bias is added there (the input GEMM has no
-broadcast copy), and the gates keep nn.LSTM's order. Its backward writes the gate gradients in token
+broadcast copy), and the gates keep nn.LSTM's order. Under autocast it reads the input projections in the
+autocast dtype and writes the gate gradients in it (no float32 copies). Its backward writes the gate gradients in token
 order, and the input / weight gradients are the same single GEMMs as below. Its ops stay in
 torch.compile graphs when the kernel was loaded before tracing. The torch implementation documented
 here runs in float64, inside ``cpu_kernel_disabled()``, where the kernel cannot be built, and under
