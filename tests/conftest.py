@@ -20,6 +20,19 @@ def _cpu_kernel_built():
     yield
 
 
+@pytest.fixture(scope='session', autouse=True)
+def _engine_rule_table_in_shared_fixtures(tmp_path_factory):
+    """The same for module- and session-scoped fixtures (a reference training run, say), which are set up before
+    the per-test fixture below: without it they would measure (and choose, on processors where MKL and oneDNN are
+    close, other GEMM backends than the tests' subprocesses, which run by the rule table) and write to the user's
+    cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv('SEQUENCER_AUTOTUNE', '0')
+    patch.setenv('SEQUENCER_CACHE_DIR', str(tmp_path_factory.mktemp('sequencer_cache')))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def _engine_rule_table(tmp_path, monkeypatch):
     """'auto' decides by the rule table (``sequencer.fast.rules``), without timing layers on first use, and
